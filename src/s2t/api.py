@@ -1,0 +1,231 @@
+"""The Python API: :class:`S2TGenerator`, a ``generate()`` that feels like transformers.
+
+>>> gen = S2TGenerator("qwen2.5-coder-0.5b-instruct", llm="qwen2.5-coder-1.5b-instruct")
+>>> out = gen.generate(["What is 7 * 6?"], method="s2t", trigger="entropy", threshold=1.0)
+>>> out[0].text, out[0].cost.llm_forward_calls
+
+Models may be names (loaded here) or already-loaded ``PreTrainedModel`` objects. The LLM is
+loaded only when a method needs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from s2t.builtin_models import cache_root
+from s2t.engine import CostRecord, Method, decode
+from s2t.methods import build_method, calibrate, needs_calibration
+from s2t.models import LoadedModel, check_same_vocabulary, load_model, stop_token_ids
+from s2t.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
+
+logger = logging.getLogger(__name__)
+
+LLM_ALONE = "llm"  # the method name for decoding with the LLM alone (a baseline, not an S2T method)
+
+
+@dataclass
+class GenerationOutput:
+    """A generated answer: its text, new token ids, why it stopped, and what it cost."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    cost: CostRecord
+    trigger_steps: list[int]
+
+
+ModelArg = str | PreTrainedModel | LoadedModel
+
+
+class S2TGenerator:
+    """Decode questions with an SLM, optionally helped by an LLM, with any S2T method.
+
+    Args:
+        slm: model name/path/Hub id, a loaded ``PreTrainedModel`` (then pass ``tokenizer``), or a ``LoadedModel``.
+        llm: the same kinds of argument, or None. A name is loaded on first use by a method that needs it.
+        tokenizer: the tokenizer for already-loaded models (shared by SLM and LLM).
+        dtype, device: for models loaded here (``llm_dtype``/``llm_device_map`` for the LLM).
+    """
+
+    def __init__(
+        self,
+        slm: ModelArg,
+        llm: ModelArg | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        llm_dtype: str | None = None,
+        llm_device_map: str | None = None,
+    ):
+        self.slm = self._as_loaded(slm, tokenizer, dtype=dtype, device=device)
+        self._llm_arg = llm
+        self._llm: LoadedModel | None = None
+        self._llm_kwargs = {"dtype": llm_dtype or dtype, "device": device, "device_map": llm_device_map}
+        self._tokenizer = tokenizer
+        if llm is not None and not isinstance(llm, str):
+            self._llm = self._as_loaded(llm, tokenizer)
+            check_same_vocabulary(self.slm, self._llm)
+
+    @staticmethod
+    def _as_loaded(model: ModelArg, tokenizer=None, **load_kwargs) -> LoadedModel:
+        if isinstance(model, LoadedModel):
+            return model
+        if isinstance(model, PreTrainedModel):
+            if tokenizer is None:
+                raise ValueError("pass tokenizer= when giving an already-loaded PreTrainedModel")
+            return LoadedModel(model.name_or_path or type(model).__name__, model, tokenizer)
+        return load_model(model, **load_kwargs)
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.slm.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.slm.tokenizer)
+
+    @property
+    def llm(self) -> LoadedModel:
+        """The LLM, loaded on first access (and checked against the SLM's vocabulary)."""
+        if self._llm is None:
+            if self._llm_arg is None:
+                raise ValueError("this method needs an LLM; pass llm= to S2TGenerator")
+            self._llm = self._as_loaded(self._llm_arg, self._tokenizer, **self._llm_kwargs)
+            check_same_vocabulary(self.slm, self._llm)
+        return self._llm
+
+    @property
+    def llm_loaded(self) -> bool:
+        return self._llm is not None
+
+    def encode(self, questions: Sequence[str], system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[list[int]]:
+        return [build_prompt(self.tokenizer, q, system_prompt) for q in questions]
+
+    def make_method(self, method: str | Method = "greedy", **method_kwargs) -> Method:
+        if isinstance(method, Method):
+            return method
+        return build_method(method, **method_kwargs)
+
+    def calibrate(
+        self,
+        method: Method,
+        calibration_questions: Sequence[str],
+        *,
+        max_new_tokens: int = 256,
+        batch_size: int = 8,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        use_cache: bool = True,
+    ) -> float:
+        """Calibrate ``method``'s trigger on training questions; thresholds are cached on disk."""
+        key = self._calibration_key(method, calibration_questions, max_new_tokens, system_prompt)
+        cache_file = cache_root() / "calibration.json"
+        cached = json.loads(cache_file.read_text()) if use_cache and cache_file.is_file() else {}
+        if key in cached:
+            method.trigger.threshold = cached[key]
+            return cached[key]
+        prompts = self.encode(calibration_questions, system_prompt)
+        llm = self.llm.model if method.trigger.needs_llm else None
+        threshold = calibrate(method, self.slm.model, prompts, llm=llm, **self._decode_kwargs(max_new_tokens), batch_size=batch_size)
+        if use_cache:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            fresh = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+            fresh[key] = threshold
+            cache_file.write_text(json.dumps(fresh, indent=1))
+        return threshold
+
+    def _calibration_key(self, method, questions, max_new_tokens, system_prompt) -> str:
+        llm_name = self._llm.name if self._llm else self._llm_arg if isinstance(self._llm_arg, str) else None
+        blob = json.dumps(
+            [self.slm.name, llm_name if method.trigger.needs_llm else None, method.trigger.name,
+             method.quantile, method.min_step, max_new_tokens, system_prompt, list(questions)],
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    def _decode_kwargs(self, max_new_tokens: int, model: LoadedModel | None = None) -> dict:
+        model = model or self.slm
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else stop_token_ids(model)[0]
+        return {
+            "vocab_size": self.vocab_size,
+            "stop_ids": stop_token_ids(model),
+            "pad_id": pad,
+            "max_new_tokens": max_new_tokens,
+        }
+
+    def generate(
+        self,
+        questions: Sequence[str],
+        method: str | Method = "greedy",
+        *,
+        max_new_tokens: int = 512,
+        batch_size: int = 8,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        seeds: Sequence[int] | None = None,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        calibration_questions: Sequence[str] | None = None,
+        progress: bool = False,
+        **method_kwargs,
+    ) -> list[GenerationOutput]:
+        """Answer each question with ``method``; returns texts, token ids and cost records.
+
+        ``method`` is a :class:`~s2t.engine.Method` or a name: ``greedy``, ``s2t``, ``takeover``,
+        ``random-select``, or ``llm`` (the LLM alone). Other keyword arguments (``trigger``,
+        ``threshold``, ``quantile``, ``k``, ``ratio``, ``min_step``) build the named method.
+        A method whose trigger has no threshold is calibrated on ``calibration_questions``.
+        """
+        prompts = self.encode(questions, system_prompt)
+        seeds = list(seeds) if seeds is not None else [seed * 1_000_003 + i for i in range(len(prompts))]
+        if method == LLM_ALONE:
+            decoder, llm, method_obj = self.llm, None, build_method("greedy")
+        else:
+            method_obj = self.make_method(method, **method_kwargs)
+            if needs_calibration(method_obj):
+                if not calibration_questions:
+                    raise ValueError(
+                        f"the {method_obj.trigger.name!r} trigger has no threshold: pass threshold=, or "
+                        "calibration_questions= (training problems) to calibrate it as a quantile"
+                    )
+                self.calibrate(method_obj, calibration_questions, batch_size=batch_size)
+            decoder, llm = self.slm, (self.llm.model if method_obj.needs_llm else None)
+
+        outputs: list[GenerationOutput] = []
+        bar = tqdm(total=len(prompts), desc=f"decoding ({method if isinstance(method, str) else method.name})",
+                   unit="prompt", disable=not progress)
+        for start in range(0, len(prompts), batch_size):
+            gens = decode(
+                decoder.model,
+                prompts[start : start + batch_size],
+                method_obj,
+                llm=llm,
+                temperature=temperature,
+                top_p=top_p,
+                seeds=seeds[start : start + batch_size],
+                **self._decode_kwargs(max_new_tokens, decoder),
+            )
+            for g in gens:
+                if method == LLM_ALONE:
+                    g.cost = _as_llm_cost(g.cost)
+                text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+                outputs.append(GenerationOutput(text, g.token_ids, g.finish_reason, g.cost, g.trigger_steps))
+            bar.update(len(gens))
+        bar.close()
+        return outputs
+
+
+def _as_llm_cost(cost: CostRecord) -> CostRecord:
+    """The LLM decoding alone: its forward passes belong in the LLM columns."""
+    return CostRecord(
+        generated_tokens=cost.generated_tokens,
+        llm_forward_calls=cost.slm_forward_calls,
+        llm_forward_tokens=cost.slm_forward_tokens,
+        wall_time_s=cost.wall_time_s,
+    )

@@ -1,0 +1,192 @@
+"""Final-answer extraction, grading with math-verify, and majority voting.
+
+Extraction follows the usual conventions: the last ``\\boxed{...}`` (what our prompts ask
+for), else GSM8K's ``#### <number>``, else the last number in the text (lm-evaluation-harness'
+"flexible extract"). Correctness is decided by math-verify, which compares the answers as
+mathematical objects (so "18.00", "\\$18" and "18" agree, and "0.5" equals "\\frac{1}{2}").
+
+math-verify guards parsing and comparison with ``signal.alarm`` timeouts, which only work on
+the main thread; elsewhere it raises. We therefore pass timeouts only on the main thread, so
+grading also works inside worker threads (thread pools, Ray actors' threads).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+from math_verify import parse, verify
+from math_verify.errors import TimeoutException
+
+# Seconds math-verify may spend parsing or comparing one expression (main thread only).
+MATH_VERIFY_TIMEOUT_S = 5
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+# A number with either proper thousands groups ("12,345.6") or none ("12345.6"). A minus sign
+# counts only when it is not a binary minus ("5-3" ends in 3, not -3).
+_NUMBER = re.compile(r"(?:(?<![\w)\]}])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+
+
+@dataclass(frozen=True)
+class GradeResult:
+    """The answer extracted from a completion and whether it matches the gold answer."""
+
+    extracted: str | None
+    correct: bool
+
+
+def _boxed_contents(text: str) -> list[str]:
+    """Contents of every complete ``\\boxed{...}`` / ``\\boxed x`` in ``text``, in order.
+
+    An unclosed box (a truncated generation) is skipped rather than guessed at.
+    """
+    contents: list[str] = []
+    pattern = "|".join(re.escape(command) for command in _BOX_COMMANDS)
+    for match in re.finditer(pattern, text):
+        rest = text[match.end() :]
+        if rest.startswith("{"):
+            depth = 0
+            for position, char in enumerate(rest):
+                if char == "{":
+                    depth += 1
+                elif char == "}":
+                    depth -= 1
+                    if depth == 0:
+                        contents.append(rest[1:position].strip())
+                        break
+        elif rest[:1].isspace():
+            # "\boxed 5": the argument runs to the next whitespace or closing math delimiter.
+            token = re.match(r"\s+([^\s$]+)", rest)
+            if token:
+                contents.append(token.group(1).rstrip("."))
+    return [content for content in contents if content]
+
+
+def _last_number(text: str) -> str | None:
+    """The last number in ``text`` as written (commas kept), or None."""
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def extract_answer(text: str) -> str | None:
+    """Extract the final answer from a model completion.
+
+    Tries, in order: the content of the last complete ``\\boxed{...}`` (nested braces allowed,
+    also ``\\boxed 5``); the first number after the last ``####``; the last number anywhere
+    (negatives, decimals and thousands commas allowed, a trailing period dropped).
+    Returns None when nothing answer-like is found.
+    """
+    if not isinstance(text, str) or not text:
+        return None
+    boxed = _boxed_contents(text)
+    if boxed:
+        return boxed[-1]
+    if "####" in text:
+        after = _NUMBER.search(text.rsplit("####", 1)[1])
+        if after:
+            return after.group(0)
+    return _last_number(text)
+
+
+def normalize_number(answer: str) -> str:
+    """Canonical form of an answer for voting: "18", "18.00", "$18" and "18." all become "18".
+
+    Strips whitespace, dollar signs (plain or ``\\$``), a trailing period and thousands commas;
+    a value that then parses as a decimal number is written without trailing zeros or exponent
+    ("1,000.50" -> "1000.5"). Anything else (e.g. ``\\frac{1}{2}``) is only stripped, because
+    symbolic equivalence is the grader's job, not the vote's.
+    """
+    text = answer.strip()
+    candidate = text.replace("\\$", "").replace("$", "").replace(" ", "").rstrip(".")
+    if re.fullmatch(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?", candidate):
+        candidate = candidate.replace(",", "")
+    try:
+        value = Decimal(candidate)
+    except InvalidOperation:
+        return text
+    if not value.is_finite():
+        return text
+    value = value.normalize()
+    if value == 0:
+        value = Decimal(0)  # "-0" and "0.00" vote with "0"
+    return format(value, "f")
+
+
+def _timeouts() -> int | None:
+    """math-verify's timeout for this thread: signal-based timeouts only work on the main thread."""
+    return MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+def _parse(expression: str) -> list:
+    """math-verify ``parse`` that never raises (its TimeoutException is a BaseException)."""
+    try:
+        return parse(expression, parsing_timeout=_timeouts())
+    except (Exception, TimeoutException):
+        return []
+
+
+def _parse_gold(gold: str) -> list:
+    # Boxing the gold makes math-verify read it as one LaTeX answer; plain text is the fallback
+    # for golds that are not valid LaTeX inside a box.
+    for wrapped in (f"\\boxed{{{gold}}}", f"${gold}$", gold):
+        parsed = _parse(wrapped)
+        if parsed:
+            return parsed
+    return []
+
+
+def _verify_extracted(gold: str, extracted: str | None, text: str) -> bool:
+    gold_parsed = _parse_gold(str(gold).strip())
+    if not gold_parsed:
+        return False
+    candidates = [f"\\boxed{{{extracted}}}"] if extracted is not None else []
+    candidates.append(text)
+    for candidate in candidates:
+        prediction = _parse(candidate)
+        if not prediction:
+            continue
+        try:
+            # Gold first: math-verify's comparison is not symmetric (e.g. intervals, sets).
+            return bool(verify(gold_parsed, prediction, timeout_seconds=_timeouts()))
+        except (Exception, TimeoutException):
+            return False
+    return False
+
+
+def is_correct(gold: str, prediction_text: str) -> bool:
+    """Whether ``prediction_text`` (a completion or a bare answer) states the ``gold`` answer.
+
+    The extracted answer is compared in ``\\boxed{}`` form; if nothing can be extracted or
+    parsed, math-verify reads the full text. Never raises: unparsable input is simply wrong.
+    """
+    if not isinstance(prediction_text, str):
+        return False
+    return _verify_extracted(gold, extract_answer(prediction_text), prediction_text)
+
+
+def grade(gold: str, text: str) -> GradeResult:
+    """Extract the answer from ``text`` and grade it against ``gold``."""
+    if not isinstance(text, str):
+        return GradeResult(extracted=None, correct=False)
+    extracted = extract_answer(text)
+    return GradeResult(extracted=extracted, correct=_verify_extracted(gold, extracted, text))
+
+
+def majority_vote(answers: list[str | None]) -> str | None:
+    """The most common answer after :func:`normalize_number`, ignoring None.
+
+    Ties go to the class that appears first in ``answers``; the returned string is that class's
+    first original spelling (so it can be graded like any single answer). None if all are None.
+    """
+    present = [answer for answer in answers if answer is not None]
+    if not present:
+        return None
+    keys = [normalize_number(answer) for answer in present]
+    counts = Counter(keys)
+    best = max(counts.values())
+    # keys is in input order, so the first key reaching the top count is the earliest-occurring winner.
+    winner_index = next(index for index, key in enumerate(keys) if counts[key] == best)
+    return present[winner_index]

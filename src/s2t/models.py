@@ -1,0 +1,132 @@
+"""The one place that loads models and tokenizers.
+
+A model argument may be a built-in offline name (see :mod:`s2t.builtin_models`), a local
+Hugging Face directory, a ``.gguf`` file, or a Hub id. Weights are loaded from safetensors
+and remote code is never trusted unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from s2t.builtin_models import BUILTIN_MODELS, prepare_builtin, prepare_gguf_file
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SLM = "qwen2.5-coder-0.5b-instruct"
+DEFAULT_LLM = "qwen2.5-coder-1.5b-instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model argument could not be resolved or loaded."""
+
+
+class TokenizerMismatchError(ValueError):
+    """The SLM and the LLM do not share a vocabulary, so their candidates cannot be compared."""
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and the name it was asked for by."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn a model argument into something ``from_pretrained`` accepts (a directory or a Hub id)."""
+    if name in BUILTIN_MODELS:
+        return str(prepare_builtin(name))
+    path = Path(os.path.expanduser(name))
+    if path.suffix == ".gguf":
+        return str(prepare_gguf_file(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{name!r} is a directory but has no config.json: not a Hugging Face model")
+        return str(path)
+    if path.exists():
+        raise ModelLoadError(f"{name!r} is a file but not a .gguf file; pass a model directory, a .gguf or a Hub id")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"model path {name!r} does not exist")
+    return name
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    name: str,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer for inference (eval mode, no gradients needed).
+
+    ``device_map="auto"`` spreads a large model over the available GPUs; otherwise the model
+    goes to ``device`` (default: CUDA when available, else CPU).
+    """
+    path = resolve_model_path(name)
+    torch_dtype = parse_dtype(dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch_dtype,
+            device_map=device_map,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as e:
+        raise ModelLoadError(
+            f"could not load model {name!r}: it is not a built-in name ({', '.join(BUILTIN_MODELS)}), "
+            f"not a local directory or .gguf file, and the Hugging Face Hub could not provide it "
+            f"(offline, or no such repository, or no safetensors weights). Original error: {e}"
+        ) from e
+    if device_map is None:
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer)
+
+
+def check_same_vocabulary(slm: LoadedModel, llm: LoadedModel) -> None:
+    """Fail fast when the two tokenizers differ: a candidate id would mean different text in each."""
+    if slm.tokenizer.get_vocab() != llm.tokenizer.get_vocab():
+        raise TokenizerMismatchError(
+            f"the SLM {slm.name!r} ({len(slm.tokenizer)} tokens, {type(slm.tokenizer).__name__}) and the LLM "
+            f"{llm.name!r} ({len(llm.tokenizer)} tokens, {type(llm.tokenizer).__name__}) use different "
+            "tokenizers; S2T needs a shared vocabulary (cross-tokenizer pairs are not supported yet)"
+        )
+
+
+def stop_token_ids(loaded: LoadedModel) -> list[int]:
+    """Token ids that end generation: the generation config's EOS ids plus the tokenizer's EOS."""
+    ids: set[int] = set()
+    eos = getattr(loaded.model.generation_config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(eos)
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(loaded.tokenizer.eos_token_id)
+    return sorted(ids)

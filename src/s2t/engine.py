@@ -30,7 +30,7 @@ from transformers.generation.logits_process import (
 )
 
 from s2t.policies.candidates import TopK
-from s2t.policies.selectors import SLMSelector, Selector, StepContext
+from s2t.policies.selectors import Selector, SLMSelector, StepContext
 from s2t.policies.triggers import NeverTrigger, Trigger
 
 
@@ -211,7 +211,9 @@ def decode(
 
         if temperature > 0:
             probs = torch.softmax(warpers(ids, slm_logits.clone()), dim=-1)
-            default = torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(row_gens)])
+            default = torch.stack(
+                [torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(row_gens)]
+            )
         else:
             default = slm_logits.argmax(-1)
         token = default

@@ -57,7 +57,9 @@ def resolve_model_path(name: str) -> str:
             raise ModelLoadError(f"{name!r} is a directory but has no config.json: not a Hugging Face model")
         return str(path)
     if path.exists():
-        raise ModelLoadError(f"{name!r} is a file but not a .gguf file; pass a model directory, a .gguf or a Hub id")
+        raise ModelLoadError(
+            f"{name!r} is a file but not a .gguf file; pass a model directory, a .gguf or a Hub id"
+        )
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"model path {name!r} does not exist")
     return name

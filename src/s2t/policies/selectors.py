@@ -75,11 +75,12 @@ class RandomSelector(Selector):
     name = "random"
 
     def select(self, ctx: StepContext) -> torch.Tensor:
-        picks = []
-        for row, g in enumerate(ctx.generators):
+        index = torch.zeros(len(ctx.generators), dtype=torch.long)
+        # Draw only for rows that fired, so a sequence's random stream does not depend on its batch.
+        for row in ctx.fired.nonzero().flatten().tolist():
             valid = ctx.candidates.valid[row].nonzero().flatten().cpu()
-            picks.append(valid[torch.randint(len(valid), (), generator=g)])
-        index = torch.stack(picks).to(ctx.candidates.ids.device)
+            index[row] = valid[torch.randint(len(valid), (), generator=ctx.generators[row])]
+        index = index.to(ctx.candidates.ids.device)
         return ctx.candidates.ids.gather(-1, index[:, None]).squeeze(-1)
 
 

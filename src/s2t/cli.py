@@ -1,0 +1,228 @@
+"""The ``s2t`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from s2t.models import DEFAULT_LLM, DEFAULT_SLM
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Select to Think: SLMs that select among their own top-K.",
+)
+console = Console()
+
+SLMOpt = Annotated[str, typer.Option(help="SLM: built-in name, local directory, .gguf file or Hub id.")]
+LLMOpt = Annotated[str, typer.Option(help="LLM (same kinds as --slm); loaded only if a method needs it.")]
+TriggerOpt = Annotated[str, typer.Option(help="Trigger: never, always, kl, entropy, margin, random.")]
+ThresholdOpt = Annotated[
+    float | None, typer.Option(help="Trigger threshold (else calibrated as --quantile).")
+]
+QuantileOpt = Annotated[
+    float | None,
+    typer.Option(help="Calibrate the threshold as this quantile on training problems (default 0.95)."),
+]
+KOpt = Annotated[int, typer.Option("--k", "-k", help="Candidate set size: the SLM's top-K.")]
+RatioOpt = Annotated[float | None, typer.Option(help="Keep candidates with p > ratio * p_max.")]
+DtypeOpt = Annotated[str | None, typer.Option(help="float32 (default), bfloat16 or float16.")]
+DataDirOpt = Annotated[
+    str | None,
+    typer.Option(help="Directory with <dataset>/<split>.jsonl files (else $S2T_DATA_DIR, else the Hub)."),
+]
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    if not verbose:
+        # transformers' per-load "Loading weights" bars are noise next to our own progress output
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+@app.command()
+def prepare(
+    models: Annotated[
+        list[str] | None, typer.Argument(help="Built-in model names (default: the default pair).")
+    ] = None,
+) -> None:
+    """Fetch and convert built-in offline models into the cache (done automatically on first use)."""
+    import time
+
+    from s2t.builtin_models import BUILTIN_MODELS, prepare_builtin
+
+    for name in models or [DEFAULT_SLM, DEFAULT_LLM]:
+        if name not in BUILTIN_MODELS:
+            _fail(f"unknown built-in model {name!r}; built-in models are: {', '.join(BUILTIN_MODELS)}")
+        start = time.perf_counter()
+        path = prepare_builtin(name)
+        console.print(f"{name}: {path} ({time.perf_counter() - start:.0f} s)")
+
+
+@app.command()
+def generate(
+    question: Annotated[str | None, typer.Argument(help="The question to answer.")] = None,
+    problem: Annotated[
+        str | None, typer.Option(help="Answer a dataset problem by id instead, e.g. gsm8k/test/0.")
+    ] = None,
+    method: Annotated[
+        str, typer.Option(help="Comma-separated: greedy, s2t, takeover, random-select, llm.")
+    ] = "greedy,s2t",
+    slm: SLMOpt = DEFAULT_SLM,
+    llm: LLMOpt = DEFAULT_LLM,
+    trigger: TriggerOpt = "entropy",
+    threshold: ThresholdOpt = None,
+    quantile: QuantileOpt = None,
+    k: KOpt = 8,
+    ratio: RatioOpt = None,
+    min_step: Annotated[int, typer.Option(help="No trigger in the first N steps.")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 512,
+    calibration_problems: Annotated[int, typer.Option(help="GSM8K *train* problems used to calibrate.")] = 8,
+    data_dir: DataDirOpt = None,
+    dtype: DtypeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Answer one question with each method and print the answers and their costs."""
+    from s2t.api import S2TGenerator
+    from s2t.grading import extract_answer, is_correct
+    from s2t.methods import needs_calibration
+
+    methods = [m.strip() for m in method.split(",") if m.strip()]
+    gold = None
+    try:
+        if (question is None) == (problem is None):
+            raise ValueError("give either a QUESTION or --problem ID")
+        if problem is not None:
+            found = _problem_by_id(problem, data_dir)
+            question, gold = found.question, found.answer
+            console.print(f"[bold]{found.id}:[/] {question}\n[dim]gold answer: {gold}[/]")
+        gen = S2TGenerator(slm, llm=llm, dtype=dtype)
+        results = {}
+        for name in methods:
+            kwargs = (
+                {}
+                if name in ("greedy", "llm")
+                else dict(
+                    trigger=trigger,
+                    threshold=threshold,
+                    quantile=quantile,
+                    k=k,
+                    ratio=ratio,
+                    min_step=min_step,
+                )
+            )
+            m = name if name == "llm" else gen.make_method(name, **kwargs)
+            if name != "llm" and needs_calibration(m):
+                calib = _calibration_questions(calibration_problems, data_dir)
+                with console.status(
+                    f"calibrating the {trigger} trigger on {len(calib)} GSM8K train problems"
+                ):
+                    gen.calibrate(m, calib)
+            with console.status(f"decoding with {name}"):
+                out = gen.generate([question], m, max_new_tokens=max_new_tokens)[0]
+            results[name] = (out, m)
+    except (ValueError, RuntimeError, KeyError, FileNotFoundError) as e:
+        _fail(str(e))
+
+    if as_json:
+        payload = {
+            name: {
+                "text": out.text,
+                "answer": extract_answer(out.text),
+                "finish_reason": out.finish_reason,
+                "cost": out.cost.to_dict(),
+                "method": m if isinstance(m, str) else m.describe(),
+            }
+            for name, (out, m) in results.items()
+        }
+        print(json.dumps(payload, indent=2))
+        return
+    for name, (out, m) in results.items():
+        desc = "LLM alone" if isinstance(m, str) else _describe(m)
+        console.rule(f"[bold]{name}[/] ({desc})")
+        console.print(out.text.strip(), markup=False, highlight=False)
+        verdict = (
+            ""
+            if gold is None
+            else ("  [green]correct[/]" if is_correct(gold, out.text) else "  [red]wrong[/]")
+        )
+        console.print(
+            f"[bold]answer:[/] {extract_answer(out.text)}{verdict}   [dim]finish: {out.finish_reason}[/]"
+        )
+    console.print(cost_table({name: out.cost for name, (out, _) in results.items()}))
+
+
+def _describe(method) -> str:
+    if method.name == "greedy":
+        return "SLM greedy"
+    t = method.trigger
+    return (
+        f"trigger {t.name}"
+        + (f" ≥ {t.threshold:.4g}" if t.threshold is not None else "")
+        + (f" (q={method.quantile})" if method.quantile else "")
+        + f", K={method.candidates.k}, selector {method.selector.name}"
+    )
+
+
+def cost_table(costs: dict) -> Table:
+    """Costs per sequence, one column per method (fits a narrow terminal)."""
+    table = Table(title="cost per sequence")
+    table.add_column("")
+    for name in costs:
+        table.add_column(name, justify="right")
+    rows = {
+        "generated tokens": lambda c: str(c.generated_tokens),
+        "SLM forward calls": lambda c: str(c.slm_forward_calls),
+        "SLM forward tokens": lambda c: str(c.slm_forward_tokens),
+        "LLM forward calls": lambda c: str(c.llm_forward_calls),
+        "LLM forward tokens": lambda c: str(c.llm_forward_tokens),
+        "triggers": lambda c: str(c.triggers),
+        "overrides (≠ SLM top-1)": lambda c: str(c.overrides),
+        "trigger rate": lambda c: f"{c.trigger_rate:.1%}",
+        "wall time (s)": lambda c: f"{c.wall_time_s:.1f}",
+        "tokens / s": lambda c: f"{c.generated_tokens / c.wall_time_s:.2f}" if c.wall_time_s else "-",
+    }
+    for label, cell in rows.items():
+        table.add_row(label, *(cell(c) for c in costs.values()))
+    return table
+
+
+def _problem_by_id(problem_id: str, data_dir: str | None):
+    from s2t.data import load_problems
+
+    parts = problem_id.split("/")
+    if len(parts) != 3 or not parts[2].isdigit():
+        raise ValueError(
+            f"problem id must look like DATASET/SPLIT/INDEX (e.g. gsm8k/test/0); got {problem_id!r}"
+        )
+    found = load_problems(parts[0], parts[1], limit=1, offset=int(parts[2]), data_dir=data_dir)
+    if not found:
+        raise ValueError(f"no problem {problem_id!r}: index out of range")
+    return found[0]
+
+
+def _calibration_questions(n: int, data_dir: str | None) -> list[str]:
+    from s2t.data import load_problems
+
+    if n < 1:
+        raise ValueError("--calibration-problems must be >= 1 (or give --threshold)")
+    return [p.question for p in load_problems("gsm8k", "train", limit=n, data_dir=data_dir)]
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,164 @@
+"""The decoding engine: S2T degenerates to its baselines exactly, batching and lazy LLM calls change nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from s2t.engine import Method, decode
+from s2t.methods import build_method, calibrate
+from s2t.policies import EntropyTrigger, LLMSelector, SLMSelector, TopK
+from s2t.prompts import build_prompt
+
+QUESTIONS = [
+    "Janet's ducks lay 16 eggs per day.",
+    "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many?",
+    "2 + 2?",
+]
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    return [build_prompt(tokenizer, q) for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def kw(tokenizer):
+    return dict(
+        vocab_size=len(tokenizer),
+        stop_ids=[tokenizer.eos_token_id],
+        pad_id=tokenizer.pad_token_id,
+        max_new_tokens=24,
+    )
+
+
+def tokens(gens):
+    return [g.token_ids for g in gens]
+
+
+def test_prompts_have_different_lengths_so_padding_is_exercised(prompts):
+    assert len({len(p) for p in prompts}) == len(prompts)
+
+
+def test_s2t_with_k1_reproduces_greedy(slm, llm, prompts, kw):
+    greedy = decode(slm.model, prompts, **kw)
+    for trigger in ("always", "entropy"):
+        method = build_method("s2t", trigger=trigger, threshold=0.0 if trigger == "entropy" else None, k=1)
+        s2t = decode(slm.model, prompts, method, llm=llm.model, **kw)
+        assert tokens(s2t) == tokens(greedy)
+        assert all(g.cost.triggers == kw["max_new_tokens"] - method.min_step for g in s2t)
+        assert all(g.cost.overrides == 0 for g in s2t)
+
+
+def test_takeover_always_reproduces_llm_greedy(slm, llm, prompts, kw):
+    method = build_method("takeover", trigger="always", min_step=0)
+    takeover = decode(slm.model, prompts, method, llm=llm.model, **kw)
+    assert tokens(takeover) == tokens(decode(llm.model, prompts, **kw))
+    assert any(g.cost.overrides > 0 for g in takeover), "tiny SLM and LLM should disagree somewhere"
+
+
+@pytest.mark.parametrize("name", ["greedy", "s2t", "takeover", "random-select"])
+def test_batched_decoding_equals_one_prompt_at_a_time(slm, llm, prompts, kw, name):
+    method = build_method(name, trigger="entropy", threshold=2.0, k=4)
+    batched = decode(slm.model, prompts, method, llm=llm.model, seeds=[7, 8, 9], **kw)
+    single = [
+        decode(slm.model, [p], method, llm=llm.model, seeds=[s], **kw)[0] for p, s in zip(prompts, [7, 8, 9])
+    ]
+    assert tokens(batched) == tokens(single)
+    for b, s in zip(batched, single):
+        assert (b.cost.llm_forward_calls, b.cost.llm_forward_tokens) == (
+            s.cost.llm_forward_calls,
+            s.cost.llm_forward_tokens,
+        )
+        assert b.trigger_steps == s.trigger_steps
+
+
+def test_sampling_is_per_sequence_reproducible_and_batch_independent(slm, prompts, kw):
+    batched = decode(slm.model, prompts, temperature=0.7, top_p=0.8, seeds=[1, 2, 3], **kw)
+    single = [
+        decode(slm.model, [p], temperature=0.7, top_p=0.8, seeds=[s], **kw)[0]
+        for p, s in zip(prompts, [1, 2, 3])
+    ]
+    assert tokens(batched) == tokens(single)
+    other = decode(slm.model, prompts, temperature=0.7, top_p=0.8, seeds=[4, 5, 6], **kw)
+    assert tokens(other) != tokens(batched)
+
+
+class RecordingLLMSelector(LLMSelector):
+    def __init__(self):
+        self.seen = []
+
+    def select(self, ctx):
+        self.seen.append(ctx.llm_logits[ctx.fired].clone())
+        return super().select(ctx)
+
+
+class EagerEntropyTrigger(EntropyTrigger):
+    """Same firing rule, but claims to need the LLM every step: the LLM then runs at every step."""
+
+    needs_llm = True
+
+
+def test_lazy_llm_catch_up_equals_always_running_llm(slm, llm, prompts, kw):
+    lazy_sel, eager_sel = RecordingLLMSelector(), RecordingLLMSelector()
+    lazy = decode(slm.model, prompts, Method(EntropyTrigger(2.0), TopK(8), lazy_sel), llm=llm.model, **kw)
+    eager = decode(
+        slm.model, prompts, Method(EagerEntropyTrigger(2.0), TopK(8), eager_sel), llm=llm.model, **kw
+    )
+    assert tokens(lazy) == tokens(eager)
+    assert sum(g.cost.triggers for g in lazy) > 0
+    assert len(lazy_sel.seen) == len(eager_sel.seen)
+    for a, b in zip(lazy_sel.seen, eager_sel.seen):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for g_lazy, g_eager, p in zip(lazy, eager, prompts):
+        # lazily, the LLM is called once per trigger and reads up to the last trigger only
+        assert g_lazy.cost.llm_forward_calls == g_lazy.cost.triggers
+        if g_lazy.trigger_steps:
+            assert g_lazy.cost.llm_forward_tokens == len(p) + g_lazy.trigger_steps[-1]
+        assert g_eager.cost.llm_forward_calls == g_eager.cost.generated_tokens
+
+
+def test_generation_stops_at_a_stop_token(slm, prompts, kw):
+    free = decode(slm.model, prompts[:1], **kw)[0]
+    stop_token = free.token_ids[4]
+    first = free.token_ids.index(stop_token)
+    stopped = decode(slm.model, prompts[:1], **dict(kw, stop_ids=[stop_token]))[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == free.token_ids[: first + 1]
+    assert free.finish_reason == "length" and len(free.token_ids) == kw["max_new_tokens"]
+
+
+def test_reserved_rows_above_the_tokenizer_vocabulary_are_never_generated(slm, prompts, kw, tokenizer):
+    model = slm.model
+    with torch.no_grad():
+        saved = model.lm_head.weight[len(tokenizer) :].clone()
+        # make the reserved rows dominate every logit
+        model.lm_head.weight[len(tokenizer) :] = model.lm_head.weight[: len(tokenizer)].abs().max() * 50
+    try:
+        gens = decode(model, prompts, **kw)
+        assert max(max(g.token_ids) for g in gens) < len(tokenizer)
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight[len(tokenizer) :] = saved
+
+
+def test_calibrated_quantile_gives_the_matching_trigger_rate(slm, prompts, kw):
+    method = Method(EntropyTrigger(), TopK(4), SLMSelector(), min_step=3)
+    threshold = calibrate(method, slm.model, prompts, quantile=0.8, **kw)
+    assert method.trigger.threshold == threshold
+    gens = decode(slm.model, prompts, method, **kw)
+    steps = sum(len(g.token_ids) - 3 for g in gens)
+    rate = sum(g.cost.triggers for g in gens) / steps
+    assert abs(rate - 0.2) < 0.06
+
+
+def test_cost_record_counts_forward_passes(slm, prompts, kw):
+    g = decode(slm.model, prompts[:1], **kw)[0]
+    assert g.cost.slm_forward_calls == kw["max_new_tokens"]  # prefill + one per token except the last
+    assert g.cost.slm_forward_tokens == len(prompts[0]) + kw["max_new_tokens"] - 1
+    assert g.cost.llm_forward_calls == 0 and g.cost.llm_forward_tokens == 0
+
+
+def test_method_needing_an_llm_without_one_is_refused(slm, prompts, kw):
+    with pytest.raises(ValueError, match="needs an LLM"):
+        decode(slm.model, prompts, build_method("s2t", threshold=1.0), **kw)

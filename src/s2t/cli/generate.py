@@ -1,58 +1,28 @@
-"""The ``s2t`` command line: a thin layer over the Python API."""
+"""``s2t generate`` and ``s2t prepare``: answer one question with several methods."""
 
 from __future__ import annotations
 
 import json
-import logging
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from s2t.models import DEFAULT_LLM, DEFAULT_SLM
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="Select to Think: SLMs that select among their own top-K.",
+from s2t.cli.app import (
+    DataDirOpt,
+    DtypeOpt,
+    KOpt,
+    LLMOpt,
+    QuantileOpt,
+    RatioOpt,
+    SLMOpt,
+    ThresholdOpt,
+    TriggerOpt,
+    app,
+    console,
+    fail,
 )
-console = Console()
-
-SLMOpt = Annotated[str, typer.Option(help="SLM: built-in name, local directory, .gguf file or Hub id.")]
-LLMOpt = Annotated[str, typer.Option(help="LLM (same kinds as --slm); loaded only if a method needs it.")]
-TriggerOpt = Annotated[str, typer.Option(help="Trigger: never, always, kl, entropy, margin, random.")]
-ThresholdOpt = Annotated[
-    float | None, typer.Option(help="Trigger threshold (else calibrated as --quantile).")
-]
-QuantileOpt = Annotated[
-    float | None,
-    typer.Option(help="Calibrate the threshold as this quantile on training problems (default 0.95)."),
-]
-KOpt = Annotated[int, typer.Option("--k", "-k", help="Candidate set size: the SLM's top-K.")]
-RatioOpt = Annotated[float | None, typer.Option(help="Keep candidates with p > ratio * p_max.")]
-DtypeOpt = Annotated[str | None, typer.Option(help="float32 (default), bfloat16 or float16.")]
-DataDirOpt = Annotated[
-    str | None,
-    typer.Option(help="Directory with <dataset>/<split>.jsonl files (else $S2T_DATA_DIR, else the Hub)."),
-]
-
-
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
-
-
-@app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    if not verbose:
-        # transformers' per-load "Loading weights" bars are noise next to our own progress output
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+from s2t.models import DEFAULT_LLM, DEFAULT_SLM
 
 
 @app.command()
@@ -68,7 +38,7 @@ def prepare(
 
     for name in models or [DEFAULT_SLM, DEFAULT_LLM]:
         if name not in BUILTIN_MODELS:
-            _fail(f"unknown built-in model {name!r}; built-in models are: {', '.join(BUILTIN_MODELS)}")
+            fail(f"unknown built-in model {name!r}; built-in models are: {', '.join(BUILTIN_MODELS)}")
         start = time.perf_counter()
         path = prepare_builtin(name)
         console.print(f"{name}: {path} ({time.perf_counter() - start:.0f} s)")
@@ -137,7 +107,7 @@ def generate(
                 out = gen.generate([question], m, max_new_tokens=max_new_tokens)[0]
             results[name] = (out, m)
     except (ValueError, RuntimeError, KeyError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
 
     if as_json:
         payload = {
@@ -222,7 +192,3 @@ def _calibration_questions(n: int, data_dir: str | None) -> list[str]:
     if n < 1:
         raise ValueError("--calibration-problems must be >= 1 (or give --threshold)")
     return [p.question for p in load_problems("gsm8k", "train", limit=n, data_dir=data_dir)]
-
-
-if __name__ == "__main__":
-    app()

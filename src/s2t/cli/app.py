@@ -1,0 +1,51 @@
+"""The ``s2t`` Typer application and the options its commands share."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Select to Think: SLMs that select among their own top-K.",
+)
+console = Console()
+
+SLMOpt = Annotated[str, typer.Option(help="SLM: built-in name, local directory, .gguf file or Hub id.")]
+LLMOpt = Annotated[str, typer.Option(help="LLM (same kinds as --slm); loaded only if a method needs it.")]
+TriggerOpt = Annotated[str, typer.Option(help="Trigger: never, always, kl, entropy, margin, random.")]
+ThresholdOpt = Annotated[
+    float | None, typer.Option(help="Trigger threshold (else calibrated as --quantile).")
+]
+QuantileOpt = Annotated[
+    float | None,
+    typer.Option(help="Calibrate the threshold as this quantile on training problems (default 0.95)."),
+]
+KOpt = Annotated[int, typer.Option("--k", "-k", help="Candidate set size: the SLM's top-K.")]
+RatioOpt = Annotated[float | None, typer.Option(help="Keep candidates with p > ratio * p_max.")]
+DtypeOpt = Annotated[str | None, typer.Option(help="float32 (default), bfloat16 or float16.")]
+DataDirOpt = Annotated[
+    str | None,
+    typer.Option(help="Directory with <dataset>/<split>.jsonl files (else $S2T_DATA_DIR, else the Hub)."),
+]
+
+
+def fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    if not verbose:
+        # transformers' per-load "Loading weights" bars are noise next to our own progress output
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )

@@ -1,0 +1,111 @@
+"""Resumable run directories: the one place that writes results.
+
+A run directory holds ``config.json`` (what was asked for) and append-only JSONL files with
+one record per finished unit of work (a problem, a (method, problem) pair, ...). Records are
+flushed as they complete, so a killed run loses at most the unit in flight; re-running with
+the same config skips what is finished. A different config for the same directory is
+refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigMismatchError(ValueError):
+    """A run directory already holds results made with a different configuration."""
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON so that readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """Records of a JSONL results file; a torn last line (an interrupted write) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                logger.warning("%s: ignoring a torn last line (interrupted write)", path)
+                return
+            raise ValueError(f"{path}:{number}: malformed results line: {e}") from e
+
+
+class RunDirectory:
+    """A results directory bound to one configuration.
+
+    ``ignore_keys`` names config entries that may change between resumptions without
+    changing the results (e.g. ``limit``, ``batch_size``, ``workers``).
+    """
+
+    def __init__(self, path: str | os.PathLike, config: dict, ignore_keys: Iterable[str] = ()):
+        self.path = Path(path)
+        self.config = json.loads(json.dumps(config, default=str))
+        self.ignore_keys = set(ignore_keys)
+        self.path.mkdir(parents=True, exist_ok=True)
+        config_file = self.path / "config.json"
+        if config_file.is_file():
+            existing = json.loads(config_file.read_text())
+            diff = self._differences(existing, self.config)
+            if diff:
+                raise ConfigMismatchError(
+                    f"{self.path} already holds results for a different configuration ({'; '.join(diff)}). "
+                    "Use a new --out directory, or the same arguments to resume."
+                )
+        write_json_atomic(config_file, self.config)
+
+    def _differences(self, old: dict, new: dict) -> list[str]:
+        keys = (set(old) | set(new)) - self.ignore_keys
+        return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(keys) if old.get(k) != new.get(k)]
+
+    def records(self, name: str = "results.jsonl") -> list[dict]:
+        return list(read_jsonl(self.path / name))
+
+    def append(self, record: dict, name: str = "results.jsonl") -> None:
+        """Append one finished record and make it durable before returning."""
+        target = self.path / name
+        self._repair_torn_tail(target)
+        with open(target, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    @staticmethod
+    def _repair_torn_tail(target: Path) -> None:
+        """Drop an unterminated last line left by a killed writer, so new records start on a fresh line."""
+        if not target.is_file() or target.stat().st_size == 0:
+            return
+        with open(target, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return
+            data = f.seek(0) or f.read()
+            cut = data.rfind(b"\n") + 1
+            f.seek(cut)
+            f.truncate()
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        write_json_atomic(self.path / name, obj)
+        return self.path / name

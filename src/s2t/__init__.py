@@ -1,1 +1,17 @@
-"""select-to-think."""
+"""select-to-think: SLMs that select among their own top-K next-token candidates (S2T)."""
+
+from s2t.api import GenerationOutput, S2TGenerator
+from s2t.engine import CostRecord, Generation, Method, decode
+from s2t.methods import build_method, calibrate
+
+__all__ = [
+    "CostRecord",
+    "Generation",
+    "GenerationOutput",
+    "Method",
+    "S2TGenerator",
+    "build_method",
+    "calibrate",
+    "decode",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,489 @@
+"""Local sufficiency: is the LLM's choice among the SLM's top-K where the two disagree?
+
+For an SLM/LLM pair sharing a tokenizer, :func:`analyze` takes one trajectory per problem
+(the SLM's greedy answer, the LLM's, or the dataset's reference solution), teacher-forces the
+whole prompt + trajectory through both models in one forward pass per batch, and at every
+answer position records the rank of the LLM's top-1 token in the SLM's ranking, the KL
+divergence over the SLM's top-64 and the SLM's top-64 entropy. At *divergence points* (the two
+top-1 tokens differ, or the KL is above a run-wide quantile) it reports hit@K, the share of
+points where the LLM's token is within the SLM's top-K, with bootstrap intervals that resample
+problems.
+
+Note that at ``top1`` divergence points the LLM's token is never the SLM's top-1, so hit@1 is
+0 there by construction (up to exact ties); hit@1 is informative at ``kl`` points, as in the
+paper's figure.
+
+Results go to a :class:`~s2t.runs.RunDirectory`: ``problems.jsonl`` gets one record per problem
+as it finishes (trajectory and per-position statistics), so a re-run with the same arguments
+skips finished problems. Everything reported is computed from those records, which is why a
+resumed run gives the same summary as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from s2t.data import Problem
+from s2t.engine import decode, left_pad
+from s2t.models import LoadedModel, check_same_vocabulary, stop_token_ids
+from s2t.policies.triggers import EntropyTrigger, KLTrigger, check_quantile
+from s2t.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
+from s2t.runs import RunDirectory
+from s2t.stats import ConfidenceInterval, ratio_bootstrap_ci
+
+logger = logging.getLogger(__name__)
+
+TRAJECTORIES = ("slm", "llm", "reference")
+DIVERGENCES = ("top1", "kl")
+DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)
+SEGMENTS = ("first", "middle", "last")  # thirds of the answer, by relative position
+PROBLEMS_FILE = "problems.jsonl"
+POINTS_FILE = "points.jsonl"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "hitk.png"
+_KL_DECIMALS = 6  # stored per-position statistics are rounded: compact, and identical on resume
+_ENTROPY_DECIMALS = 4
+
+
+@dataclass
+class PositionStatistics:
+    """Per answer position of one trajectory: both models' top-1, the LLM top-1's SLM rank, KL, entropy.
+
+    Position ``t`` holds the predictions for answer token ``t`` (from the logits one column before it).
+    """
+
+    slm_top1: list[int]
+    llm_top1: list[int]
+    rank: list[int]  # 1 + number of tokens with a strictly higher SLM logit than the LLM's top-1
+    kl: list[float]  # KL(p_SLM || p_LLM) over the SLM's top-64, both renormalised
+    entropy: list[float]  # entropy of the SLM's top-64, renormalised
+
+    def __len__(self) -> int:
+        return len(self.rank)
+
+
+@dataclass
+class AnalysisSummary:
+    """hit@K at divergence points, with problem-level bootstrap intervals (None where undefined)."""
+
+    slm: str
+    llm: str
+    dataset: str
+    split: str
+    trajectory: str
+    divergence: str
+    n_problems: int
+    n_positions: int
+    n_divergence_points: int
+    divergence_share: ConfidenceInterval | None
+    hit_at_k: dict[int, ConfidenceInterval | None]
+    miss: ConfidenceInterval | None  # share of points with rank > max K
+    by_position: dict[str, dict]  # segment -> {"n_points": int, "hit_at_k": {K: CI or None}}
+    kl_threshold: float | None = None
+    config: dict = field(default_factory=dict)
+    out_dir: Path | None = None
+
+    @property
+    def ks(self) -> list[int]:
+        return sorted(self.hit_at_k)
+
+    def to_dict(self) -> dict:
+        """The JSON form written to ``summary.json`` (and read by :mod:`s2t.reporting.hitk`)."""
+        return {
+            "pair": {"slm": self.slm, "llm": self.llm},
+            "dataset": self.dataset,
+            "split": self.split,
+            "trajectory": self.trajectory,
+            "divergence": self.divergence,
+            "kl_threshold": self.kl_threshold,
+            "n_problems": self.n_problems,
+            "n_positions": self.n_positions,
+            "n_divergence_points": self.n_divergence_points,
+            "divergence_share": _ci_dict(self.divergence_share),
+            "hit_at_k": [{"k": k, **_ci_dict(self.hit_at_k[k])} for k in self.ks],
+            "miss": {"k_max": max(self.ks), **_ci_dict(self.miss)},
+            "by_position": {
+                segment: {
+                    "n_points": table["n_points"],
+                    "hit_at_k": [{"k": k, **_ci_dict(table["hit_at_k"][k])} for k in self.ks],
+                }
+                for segment, table in self.by_position.items()
+            },
+            "config": self.config,
+        }
+
+
+def _ci_dict(ci: ConfidenceInterval | None) -> dict:
+    if ci is None:
+        return {"estimate": None, "low": None, "high": None}
+    return {"estimate": ci.estimate, "low": ci.low, "high": ci.high}
+
+
+def _pad_id(tokenizer, stop_ids: Sequence[int]) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+
+
+@torch.inference_mode()
+def score_trajectories(
+    slm: LoadedModel,
+    llm: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+) -> list[PositionStatistics]:
+    """Teacher-force each prompt + answer through both models in one forward pass per model.
+
+    Rows are left-padded so that they all end in the last column; the model reads
+    ``prompt + answer[:-1]``, so the last ``len(answer)`` logit columns of a row predict its
+    answer tokens and only ``max(len(answer))`` columns of logits are materialised. Logits above
+    the tokenizer's vocabulary (reserved/padded rows) are ignored.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"need one answer per prompt; got {len(prompts)} prompts, {len(answers)} answers")
+    vocab_size = len(slm.tokenizer)
+    results: list[PositionStatistics | None] = [None] * len(prompts)
+    rows = [i for i, a in enumerate(answers) if len(a) > 0]
+    for i, a in enumerate(answers):
+        if len(a) == 0:
+            results[i] = PositionStatistics([], [], [], [], [])
+    if not rows:
+        return results  # type: ignore[return-value]
+    if any(len(prompts[i]) == 0 for i in rows):
+        raise ValueError("every prompt needs at least one token")
+
+    pad_id = _pad_id(slm.tokenizer, stop_token_ids(slm))
+    sequences = [list(prompts[i]) + list(answers[i][:-1]) for i in rows]
+    lengths = [len(answers[i]) for i in rows]
+    ids, mask = left_pad(sequences, pad_id)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    keep = max(lengths)
+
+    def forward(loaded: LoadedModel) -> torch.Tensor:
+        device = loaded.device
+        out = loaded.model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=False,
+            logits_to_keep=keep,
+        )
+        return out.logits  # (rows, keep, padded vocab), in the model's dtype
+
+    slm_logits = forward(slm)
+    llm_logits = forward(llm)
+    kl_statistic, entropy_statistic = KLTrigger(), EntropyTrigger()
+    for row, (i, length) in enumerate(zip(rows, lengths)):
+        # one row at a time in float32: never (rows, keep, vocab) float32 at once
+        s = slm_logits[row, keep - length :, :vocab_size].float()
+        q = llm_logits[row, keep - length :, :vocab_size].to(s.device).float()
+        slm_top1 = s.argmax(-1)
+        llm_top1 = q.argmax(-1)
+        rank = 1 + (s > s.gather(-1, llm_top1[:, None])).sum(-1)
+        results[i] = PositionStatistics(
+            slm_top1=slm_top1.tolist(),
+            llm_top1=llm_top1.tolist(),
+            rank=rank.tolist(),
+            kl=[round(x, _KL_DECIMALS) for x in kl_statistic.statistic(s, q).clamp(min=0).tolist()],
+            entropy=[round(x, _ENTROPY_DECIMALS) for x in entropy_statistic.statistic(s, None).tolist()],
+        )
+        del s, q
+    del slm_logits, llm_logits
+    return results  # type: ignore[return-value]
+
+
+def _trajectories(
+    problems: Sequence[Problem],
+    prompts: list[list[int]],
+    trajectory: str,
+    slm: LoadedModel,
+    llm: LoadedModel,
+    max_new_tokens: int,
+) -> tuple[list[list[int]], list[str]]:
+    """Answer token ids and finish reasons for one batch of problems."""
+    tokenizer = slm.tokenizer
+    if trajectory == "reference":
+        answers, reasons = [], []
+        for p in problems:
+            # the reference as the assistant's answer: its text, then the end-of-turn token
+            ids = tokenizer(p.solution, add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                ids = ids + [tokenizer.eos_token_id]
+            answers.append(ids)
+            reasons.append("reference")
+        return answers, reasons
+    decoder = slm if trajectory == "slm" else llm
+    stop_ids = stop_token_ids(decoder)
+    gens = decode(
+        decoder.model,
+        prompts,
+        vocab_size=len(tokenizer),
+        stop_ids=stop_ids,
+        pad_id=_pad_id(tokenizer, stop_ids),
+        max_new_tokens=max_new_tokens,
+    )
+    return [g.token_ids for g in gens], [g.finish_reason for g in gens]
+
+
+def _check_arguments(trajectory, divergence, kl_quantile, ks, max_new_tokens, batch_size, vocab_size):
+    if trajectory not in TRAJECTORIES:
+        raise ValueError(f"trajectory must be one of {', '.join(TRAJECTORIES)}; got {trajectory!r}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
+    check_quantile(kl_quantile)
+    if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
+        raise ValueError(f"ks must be a non-empty list of integers >= 1; got {list(ks)}")
+    if max(ks) > vocab_size:
+        raise ValueError(f"K = {max(ks)} exceeds the vocabulary size ({vocab_size})")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+
+
+def analyze(
+    slm: LoadedModel,
+    llm: LoadedModel,
+    problems: Sequence[Problem],
+    *,
+    trajectory: str = "slm",
+    divergence: str = "top1",
+    kl_quantile: float = 0.95,
+    ks: Sequence[int] = DEFAULT_KS,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    seed: int = 0,
+    n_resamples: int = 10000,
+) -> AnalysisSummary:
+    """hit@K of the LLM's top-1 within the SLM's top-K at divergence points, over ``problems``.
+
+    Args:
+        slm, llm: the pair; they must share a vocabulary.
+        problems: the problems to analyse (ids must be unique).
+        trajectory: whose text is teacher-forced: ``slm`` (its greedy answer), ``llm`` (the
+            LLM's greedy answer) or ``reference`` (the dataset's solution).
+        divergence: ``top1`` (the two top-1 tokens differ) or ``kl`` (KL over the SLM's top-64
+            above the ``kl_quantile`` quantile of all positions of the run).
+        ks: the K of hit@K; "miss" is the share of points with rank > max(ks).
+        out_dir: a run directory; a re-run with the same arguments resumes. None: in memory only.
+        seed, n_resamples: of the bootstrap that resamples problems.
+    """
+    check_same_vocabulary(slm, llm)
+    vocab_size = len(slm.tokenizer)
+    ks = sorted(set(ks))
+    _check_arguments(trajectory, divergence, kl_quantile, ks, max_new_tokens, batch_size, vocab_size)
+    if not problems:
+        raise ValueError("no problems to analyse")
+    if len({p.id for p in problems}) != len(problems):
+        raise ValueError("problem ids must be unique")
+    if trajectory == "reference":
+        missing = [p.id for p in problems if not p.solution]
+        if missing:
+            raise ValueError(
+                f"trajectory 'reference' needs reference solutions, but {len(missing)} problems have none "
+                f"(e.g. {missing[0]}); use trajectory 'slm' or 'llm'"
+            )
+
+    dataset, split = problems[0].dataset, problems[0].split
+    config = {
+        "slm": slm.name,
+        "llm": llm.name,
+        "slm_dtype": str(slm.model.dtype),
+        "llm_dtype": str(llm.model.dtype),
+        "dataset": dataset,
+        "split": split,
+        "first_problem": problems[0].id,
+        "limit": len(problems),
+        "trajectory": trajectory,
+        "divergence": divergence,
+        "kl_quantile": kl_quantile,
+        "max_new_tokens": max_new_tokens,
+        "system_prompt": system_prompt,
+        "seed": seed,
+        "batch_size": batch_size,
+    }
+    run = RunDirectory(out_dir, config, ignore_keys={"batch_size", "limit"}) if out_dir is not None else None
+    records: dict[str, dict] = {}
+    if run is not None:
+        for record in run.records(PROBLEMS_FILE):
+            records[record["id"]] = record
+    todo = [p for p in problems if p.id not in records]
+
+    bar = tqdm(
+        total=len(problems),
+        initial=len(problems) - len(todo),
+        desc=f"local sufficiency ({trajectory} trajectories)",
+        unit="problem",
+        disable=not progress,
+    )
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        prompts = [build_prompt(slm.tokenizer, p.question, system_prompt) for p in batch]
+        answers, reasons = _trajectories(batch, prompts, trajectory, slm, llm, max_new_tokens)
+        for problem, answer, reason, stats in zip(
+            batch, answers, reasons, score_trajectories(slm, llm, prompts, answers)
+        ):
+            record = _problem_record(problem, answer, reason, stats, divergence)
+            records[problem.id] = record
+            if run is not None:
+                run.append(record, PROBLEMS_FILE)
+            bar.update(1)
+    bar.close()
+
+    selected = [records[p.id] for p in problems]
+    summary = summarize(
+        selected,
+        divergence=divergence,
+        kl_quantile=kl_quantile,
+        ks=ks,
+        seed=seed,
+        n_resamples=n_resamples,
+    )
+    summary = AnalysisSummary(
+        slm=slm.name, llm=llm.name, dataset=dataset, split=split, trajectory=trajectory, **summary
+    )
+    summary.config = {k: v for k, v in config.items() if k != "limit"} | {"n_problems": len(problems)}
+    summary.config["ks"] = ks
+    if run is not None:
+        summary.out_dir = run.path
+        _write_points(run.path / POINTS_FILE, selected, divergence, summary.kl_threshold, slm.tokenizer)
+        run.write_json(SUMMARY_FILE, summary.to_dict())
+        from s2t.reporting.hitk import plot_hitk
+
+        plot_hitk(summary.to_dict(), run.path / PLOT_FILE)
+    return summary
+
+
+def _problem_record(
+    problem: Problem, answer: list[int], finish_reason: str, stats: PositionStatistics, divergence: str
+) -> dict:
+    """One finished problem: its trajectory, all-position statistics, and (top1) its divergence points."""
+    record = {
+        "id": problem.id,
+        "n_positions": len(answer),
+        "finish_reason": finish_reason,
+        "trajectory": list(answer),
+        "slm_top1": stats.slm_top1,
+        "llm_top1": stats.llm_top1,
+        "rank": stats.rank,
+        "kl": stats.kl,
+        "entropy": stats.entropy,
+    }
+    if divergence == "top1":
+        record["points"] = divergence_points(record, "top1")
+    # kl points depend on a quantile over the whole run: derived from "kl" at summary time
+    return record
+
+
+def divergence_points(record: dict, divergence: str, kl_threshold: float | None = None) -> list[dict]:
+    """The divergence points of one problem record (``kl`` needs the run-wide threshold)."""
+    n = record["n_positions"]
+    points = []
+    for t in range(n):
+        if divergence == "top1":
+            diverges = record["slm_top1"][t] != record["llm_top1"][t]
+        elif kl_threshold is None:
+            raise ValueError("the kl divergence needs a threshold")
+        else:
+            diverges = record["kl"][t] > kl_threshold
+        if diverges:
+            points.append(
+                {
+                    "position": t,
+                    "relative_position": t / n,
+                    "rank": record["rank"][t],
+                    "kl": record["kl"][t],
+                    "entropy": record["entropy"][t],
+                    "slm_token": record["slm_top1"][t],
+                    "llm_token": record["llm_top1"][t],
+                }
+            )
+    return points
+
+
+def kl_threshold_for(records: Sequence[dict], quantile: float) -> float | None:
+    """The ``quantile`` of the KL over every position of ``records`` (None when there are none)."""
+    values = np.fromiter((x for r in records for x in r["kl"]), dtype=float)
+    return float(np.quantile(values, quantile)) if values.size else None
+
+
+def segment_of(relative_position: float) -> str:
+    """first / middle / last third of the answer."""
+    return SEGMENTS[min(int(relative_position * 3), 2)]
+
+
+def summarize(
+    records: Sequence[dict],
+    *,
+    divergence: str,
+    kl_quantile: float = 0.95,
+    ks: Sequence[int] = DEFAULT_KS,
+    seed: int = 0,
+    n_resamples: int = 10000,
+) -> dict:
+    """Counts, divergence share, hit@K, miss share and the by-position table, from problem records."""
+    ks = sorted(ks)
+    threshold = kl_threshold_for(records, kl_quantile) if divergence == "kl" else None
+    if divergence == "kl":
+        points = [divergence_points(r, "kl", threshold) if threshold is not None else [] for r in records]
+    else:
+        points = [divergence_points(r, "top1") for r in records]
+    positions = [r["n_positions"] for r in records]
+    n_points = [len(p) for p in points]
+
+    def ci(numerators, denominators) -> ConfidenceInterval | None:
+        if sum(denominators) == 0:
+            return None
+        return ratio_bootstrap_ci(numerators, denominators, n_resamples=n_resamples, seed=seed)
+
+    def hits(point_lists, k) -> list[int]:
+        return [sum(p["rank"] <= k for p in pts) for pts in point_lists]
+
+    by_position = {}
+    for segment in SEGMENTS:
+        in_segment = [[p for p in pts if segment_of(p["relative_position"]) == segment] for pts in points]
+        counts = [len(pts) for pts in in_segment]
+        by_position[segment] = {
+            "n_points": sum(counts),
+            "hit_at_k": {k: ci(hits(in_segment, k), counts) for k in ks},
+        }
+    return {
+        "divergence": divergence,
+        "kl_threshold": threshold,
+        "n_problems": len(records),
+        "n_positions": sum(positions),
+        "n_divergence_points": sum(n_points),
+        "divergence_share": ci(n_points, positions),
+        "hit_at_k": {k: ci(hits(points, k), n_points) for k in ks},
+        "miss": ci([sum(p["rank"] > ks[-1] for p in pts) for pts in points], n_points),
+        "by_position": by_position,
+    }
+
+
+def _write_points(
+    path: Path, records: Sequence[dict], divergence: str, kl_threshold: float | None, tokenizer
+) -> None:
+    """Rewrite the per-point file from the problem records (a derived file: always consistent)."""
+    lines = []
+    for record in records:
+        if divergence == "kl" and kl_threshold is None:
+            continue
+        for point in divergence_points(record, divergence, kl_threshold):
+            point = {"problem_id": record["id"], **point}
+            point["slm_text"] = tokenizer.decode([point["slm_token"]])
+            point["llm_text"] = tokenizer.decode([point["llm_token"]])
+            lines.append(point)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for point in lines:
+            f.write(json.dumps(point) + "\n")
+    tmp.replace(path)

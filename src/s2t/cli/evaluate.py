@@ -1,0 +1,98 @@
+"""``s2t eval`` and ``s2t report``: benchmark evaluation with baselines, statistics and costs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from s2t.cli.app import (
+    DtypeOpt,
+    KOpt,
+    LLMOpt,
+    QuantileOpt,
+    RatioOpt,
+    SLMOpt,
+    ThresholdOpt,
+    TriggerOpt,
+    app,
+    console,
+    fail,
+)
+from s2t.models import DEFAULT_LLM, DEFAULT_SLM
+
+
+def _default_out(dataset: str, split: str, limit: int | None, offset: int) -> str:
+    span = f"{offset}-{offset + limit}" if limit else f"{offset}-all"
+    return str(Path("runs") / f"eval-{dataset}-{split}-{span}")
+
+
+@app.command("eval")
+def eval_command(
+    methods: Annotated[
+        str,
+        typer.Option(help="Comma-separated: greedy, llm, s2t, takeover, random-select, maj@K, s2t-local."),
+    ] = "greedy,s2t",
+    dataset: Annotated[
+        str, typer.Option(help="Registered dataset (gsm8k, math500, aime25, olympiadbench).")
+    ] = "gsm8k",
+    split: Annotated[str, typer.Option(help="Dataset split to evaluate.")] = "test",
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N problems (after --offset).")] = 100,
+    offset: Annotated[int, typer.Option(help="Skip this many problems first.")] = 0,
+    data_file: Annotated[str | None, typer.Option(help="A local JSONL with question/answer fields.")] = None,
+    out: Annotated[str | None, typer.Option(help="Run directory (resumed if it exists).")] = None,
+    slm: SLMOpt = DEFAULT_SLM,
+    llm: LLMOpt = DEFAULT_LLM,
+    trigger: TriggerOpt = "entropy",
+    threshold: ThresholdOpt = None,
+    quantile: QuantileOpt = 0.95,
+    k: KOpt = 8,
+    ratio: RatioOpt = None,
+    min_step: Annotated[int, typer.Option(help="No trigger in the first N steps.")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 512,
+    calibration_problems: Annotated[
+        int, typer.Option(help="GSM8K *train* problems used to calibrate the trigger.")
+    ] = 8,
+    batch_size: Annotated[int, typer.Option(help="Problems decoded together.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed for sampling (maj@k) and random controls.")] = 0,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Evaluate methods on a benchmark; results stream into a resumable run directory."""
+    from s2t.data import DatasetUnavailableError
+    from s2t.evaluate import EvalConfig, evaluate
+    from s2t.reporting.eval_report import markdown_table
+    from s2t.runs import ConfigMismatchError
+
+    out = out or _default_out(dataset, split, limit, offset)
+    try:
+        config = EvalConfig(
+            slm=slm, llm=llm, dataset=dataset, split=split, limit=limit, offset=offset, data_file=data_file,
+            methods=[m.strip() for m in methods.split(",") if m.strip()], max_new_tokens=max_new_tokens,
+            trigger=trigger, threshold=threshold, quantile=quantile, k=k, ratio=ratio, min_step=min_step,
+            calibration_problems=calibration_problems, seed=seed, dtype=dtype, batch_size=batch_size,
+        )  # fmt: skip
+        console.print(f"run directory: {out}")
+        payload = evaluate(config, out)
+    except (
+        ValueError,
+        RuntimeError,
+        KeyError,
+        FileNotFoundError,
+        ConfigMismatchError,
+        DatasetUnavailableError,
+    ) as e:
+        fail(str(e))
+    console.print(markdown_table(payload["methods"]), markup=False, highlight=False)
+    console.print(f"wrote {out}/summary.json, {out}/report.md, {out}/accuracy_vs_cost.png")
+
+
+@app.command()
+def report(run_dir: Annotated[str, typer.Argument(help="An eval run directory.")]) -> None:
+    """Recompute an eval run's summary, table and plot from its results (also while it runs)."""
+    from s2t.reporting.eval_report import markdown_table, write_report
+
+    if not (Path(run_dir) / "config.json").is_file():
+        fail(f"{run_dir} is not an eval run directory (no config.json)")
+    payload = write_report(run_dir)
+    console.print(markdown_table(payload["methods"]), markup=False, highlight=False)

@@ -1,0 +1,286 @@
+"""Evaluation: run methods over benchmark problems, grade them, and record every result.
+
+Each finished (method, problem) is appended to ``results.jsonl`` in the run directory as soon
+as its batch completes; a killed run resumes where it stopped, and a different configuration
+for the same directory is refused. Trigger thresholds are calibrated on *training* problems
+(never on the problems being evaluated) once per run and stored in ``calibration.json`` so
+that a resumed run uses exactly the same threshold.
+
+Methods: ``greedy`` (SLM), ``llm`` (LLM greedy), ``s2t``, ``takeover``, ``random-select``
+(all sharing one trigger configuration) and ``maj@k`` (k samples at temperature 0.7,
+top-p 0.8, majority vote over extracted answers; pass@k is recorded beside it, labelled).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from s2t.api import LLM_ALONE, S2TGenerator
+from s2t.data import Problem, load_problems
+from s2t.engine import CostRecord
+from s2t.grading import grade, majority_vote
+from s2t.methods import METHOD_SELECTORS, build_method, needs_calibration
+from s2t.models import DEFAULT_LLM, DEFAULT_SLM
+from s2t.runs import RunDirectory
+
+logger = logging.getLogger(__name__)
+
+MAJ_PATTERN = re.compile(r"^maj@(\d+)$")
+SINGLE_METHODS = ("greedy", LLM_ALONE, *[m for m in METHOD_SELECTORS if m != "greedy"])
+
+
+@dataclass
+class EvalConfig:
+    """Everything that determines an evaluation's results (stored as the run's config.json)."""
+
+    slm: str = DEFAULT_SLM
+    llm: str = DEFAULT_LLM
+    dataset: str = "gsm8k"
+    split: str = "test"
+    limit: int | None = 100
+    offset: int = 0
+    data_file: str | None = None
+    methods: list[str] = field(default_factory=lambda: ["greedy", "s2t"])
+    max_new_tokens: int = 512
+    trigger: str = "entropy"
+    threshold: float | None = None
+    quantile: float | None = 0.95
+    k: int = 8
+    ratio: float | None = None
+    min_step: int = 3
+    calibration_dataset: str = "gsm8k"
+    calibration_split: str = "train"
+    calibration_problems: int = 8
+    sample_temperature: float = 0.7
+    sample_top_p: float = 0.8
+    seed: int = 0
+    dtype: str | None = None
+    batch_size: int = 8
+
+    def __post_init__(self):
+        for m in self.methods:
+            check_method_name(m)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+        if self.calibration_problems < 1 and self.threshold is None:
+            raise ValueError("calibration_problems must be >= 1 unless a threshold is given")
+
+    def method_kwargs(self) -> dict:
+        return dict(
+            trigger=self.trigger,
+            threshold=self.threshold,
+            quantile=None if self.threshold is not None else self.quantile,
+            k=self.k,
+            ratio=self.ratio,
+            min_step=self.min_step,
+        )
+
+
+# Config entries that do not change results, so a run may resume with other values.
+RESUMABLE_KEYS = {"limit", "batch_size", "methods"}
+
+
+def check_method_name(name: str) -> None:
+    if name in SINGLE_METHODS or name == "s2t-local":
+        return
+    match = MAJ_PATTERN.match(name)
+    if match and int(match.group(1)) >= 1:
+        return
+    raise ValueError(f"unknown method {name!r}; choose from {', '.join(SINGLE_METHODS)}, s2t-local, maj@K")
+
+
+def sample_seed(seed: int, problem_id: str, sample: int) -> int:
+    """A per-(problem, sample) seed that does not depend on batching or resumption."""
+    return zlib.crc32(f"{seed}/{problem_id}/{sample}".encode())
+
+
+def _cost_dict(cost: CostRecord) -> dict:
+    return cost.to_dict()
+
+
+def _sum_costs(costs: Sequence[CostRecord]) -> dict:
+    total = CostRecord()
+    for c in costs:
+        for name in ("generated_tokens", "slm_forward_calls", "slm_forward_tokens", "llm_forward_calls",
+                     "llm_forward_tokens", "triggers", "overrides", "wall_time_s"):  # fmt: skip
+            setattr(total, name, getattr(total, name) + getattr(c, name))
+    return total.to_dict()
+
+
+class Evaluator:
+    """Runs an :class:`EvalConfig` into a run directory, resuming what is already there."""
+
+    def __init__(
+        self,
+        config: EvalConfig,
+        out_dir: str | Path,
+        generator: S2TGenerator | None = None,
+        progress: bool = True,
+        problems: Sequence[Problem] | None = None,
+    ):
+        self.config = config
+        self.run = RunDirectory(out_dir, asdict(config), ignore_keys=RESUMABLE_KEYS)
+        self.progress = progress
+        self._generator = generator
+        self.problems = list(problems) if problems is not None else self._load_problems()
+
+    @property
+    def generator(self) -> S2TGenerator:
+        if self._generator is None:
+            c = self.config
+            self._generator = S2TGenerator(c.slm, llm=c.llm, dtype=c.dtype)
+        return self._generator
+
+    def _load_problems(self) -> list[Problem]:
+        c = self.config
+        return load_problems(c.dataset, c.split, limit=c.limit, offset=c.offset, data_file=c.data_file)
+
+    def finished(self) -> set[tuple[str, str]]:
+        return {(r["method"], r["problem_id"]) for r in self.run.records()}
+
+    def run_all(self, on_record: Callable[[dict], None] | None = None) -> list[dict]:
+        """Evaluate every configured method on every problem not yet finished; returns all records."""
+        done = self.finished()
+        for method in self.config.methods:
+            todo = [p for p in self.problems if (method, p.id) not in done]
+            if not todo:
+                continue
+            bar = tqdm(total=len(self.problems), initial=len(self.problems) - len(todo), desc=method,
+                       unit="problem", disable=not self.progress, dynamic_ncols=True)  # fmt: skip
+            for record in self.run_method(method, todo):
+                self.run.append(record)
+                if on_record:
+                    on_record(record)
+                bar.update(1)
+                bar.set_postfix(acc=f"{self._running_accuracy(method):.0%}")
+            bar.close()
+        return self.run.records()
+
+    def _running_accuracy(self, method: str) -> float:
+        recs = [r for r in self.run.records() if r["method"] == method]
+        return sum(r["correct"] for r in recs) / max(len(recs), 1)
+
+    def run_method(self, method: str, problems: Sequence[Problem]):
+        """Yield one graded record per problem, batch by batch."""
+        match = MAJ_PATTERN.match(method)
+        if match:
+            yield from self._run_majority(int(match.group(1)), problems)
+            return
+        method_obj = self._method(method)
+        bs = self.config.batch_size
+        for start in range(0, len(problems), bs):
+            batch = problems[start : start + bs]
+            outs = self.generator.generate(
+                [p.question for p in batch],
+                method_obj,
+                max_new_tokens=self.config.max_new_tokens,
+                batch_size=bs,
+                seeds=[sample_seed(self.config.seed, p.id, 0) for p in batch],
+            )
+            for p, out in zip(batch, outs):
+                g = grade(p.answer, out.text)
+                yield {
+                    "method": method,
+                    "problem_id": p.id,
+                    "gold": p.answer,
+                    "extracted": g.extracted,
+                    "correct": g.correct,
+                    "finish_reason": out.finish_reason,
+                    "trigger_steps": out.trigger_steps,
+                    "cost": _cost_dict(out.cost),
+                    "text": out.text,
+                }
+
+    def _run_majority(self, k: int, problems: Sequence[Problem]):
+        c = self.config
+        greedy = build_method("greedy")
+        # Whole problems per batch: k samples of one problem never straddle two batches.
+        per_batch = max(1, c.batch_size // k)
+        for start in range(0, len(problems), per_batch):
+            batch = problems[start : start + per_batch]
+            questions = [p.question for p in batch for _ in range(k)]
+            seeds = [sample_seed(c.seed, p.id, j) for p in batch for j in range(k)]
+            outs = self.generator.generate(
+                questions, greedy, max_new_tokens=c.max_new_tokens, batch_size=max(c.batch_size, k),
+                temperature=c.sample_temperature, top_p=c.sample_top_p, seeds=seeds,
+            )  # fmt: skip
+            for i, p in enumerate(batch):
+                samples = outs[i * k : (i + 1) * k]
+                grades = [grade(p.answer, s.text) for s in samples]
+                answers = [g.extracted for g in grades]
+                voted = majority_vote(answers)
+                vote_index = answers.index(voted) if voted is not None else None
+                yield {
+                    "method": f"maj@{k}",
+                    "problem_id": p.id,
+                    "gold": p.answer,
+                    "extracted": voted,
+                    "correct": bool(vote_index is not None and grades[vote_index].correct),
+                    "pass_at_k": any(g.correct for g in grades),
+                    "sample_answers": answers,
+                    "sample_correct": [g.correct for g in grades],
+                    "finish_reason": [s.finish_reason for s in samples],
+                    "cost": _sum_costs([s.cost for s in samples]),
+                }
+
+    def _method(self, name: str):
+        if name == LLM_ALONE:
+            return LLM_ALONE
+        if name == "s2t-local":
+            raise ValueError(
+                "s2t-local needs a trained selector (see `s2t train`); not available in this run"
+            )
+        method = build_method(name, **self.config.method_kwargs())
+        if needs_calibration(method):
+            self._calibrate(method)
+        return method
+
+    def _calibrate(self, method) -> None:
+        """Calibrate on training problems once per run; reuse the stored threshold on resume."""
+        c = self.config
+        cal_file = self.run.path / "calibration.json"
+        key = f"{c.trigger}@{c.quantile}"
+        stored = {}
+        if cal_file.is_file():
+            import json
+
+            stored = json.loads(cal_file.read_text())
+        if key not in stored:
+            problems = load_problems(c.calibration_dataset, c.calibration_split, limit=c.calibration_problems)
+            evaluated = {p.id for p in self.problems}
+            overlap = evaluated & {p.id for p in problems}
+            if overlap:
+                raise ValueError(
+                    f"calibration problems overlap the evaluated problems ({sorted(overlap)[:3]}...): "
+                    "thresholds must be chosen on training problems only"
+                )
+            threshold = self.generator.calibrate(
+                method,
+                [p.question for p in problems],
+                max_new_tokens=c.max_new_tokens,
+                batch_size=c.batch_size,
+            )
+            stored[key] = {
+                "trigger": c.trigger,
+                "quantile": c.quantile,
+                "threshold": threshold,
+                "problems": [p.id for p in problems],
+            }
+            self.run.write_json("calibration.json", stored)
+        method.trigger.threshold = stored[key]["threshold"]
+
+
+def evaluate(config: EvalConfig, out_dir: str | Path, progress: bool = True, **kwargs) -> dict:
+    """Run (or resume) an evaluation and write its report; returns the summary."""
+    from s2t.reporting.eval_report import write_report
+
+    evaluator = Evaluator(config, out_dir, progress=progress, **kwargs)
+    evaluator.run_all()
+    return write_report(evaluator.run.path)

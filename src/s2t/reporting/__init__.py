@@ -1,0 +1,1 @@
+"""Reports: tables, JSON summaries and plots, one module per kind of run."""

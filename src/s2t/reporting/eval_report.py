@@ -1,0 +1,153 @@
+"""Evaluation report: per-method accuracy with CIs, paired tests, costs; JSON, Markdown and a plot.
+
+Everything is computed from a run directory's ``config.json`` and ``results.jsonl``, so a
+report can be regenerated at any time, also while a run is still going.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from s2t.runs import read_jsonl, write_json_atomic
+from s2t.stats import bootstrap_ci, mcnemar_exact
+
+MAJ = re.compile(r"^maj@\d+$")
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else float("nan")
+
+
+def summarize(records: list[dict], methods: list[str] | None = None, seed: int = 0) -> dict:
+    """Per-method accuracy (95% bootstrap CI), McNemar p-values vs greedy and vs maj@k, and costs."""
+    by_method: dict[str, dict[str, dict]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], {})[r["problem_id"]] = r
+    order = [m for m in (methods or []) if m in by_method] + sorted(set(by_method) - set(methods or []))
+    maj = next((m for m in order if MAJ.match(m)), None)
+    greedy_time = _mean(r["cost"]["wall_time_s"] for r in by_method.get("greedy", {}).values())
+
+    summary = {}
+    for m in order:
+        recs = by_method[m]
+        correct = [bool(r["correct"]) for r in recs.values()]
+        ci = bootstrap_ci(correct, seed=seed)
+        costs = [r["cost"] for r in recs.values()]
+        tokens = sum(c["generated_tokens"] for c in costs)
+        entry = {
+            "n": len(recs),
+            "correct": sum(correct),
+            "accuracy": ci.estimate,
+            "ci_low": ci.low,
+            "ci_high": ci.high,
+            "mean_generated_tokens": _mean(c["generated_tokens"] for c in costs),
+            "mean_slm_forward_tokens": _mean(c["slm_forward_tokens"] for c in costs),
+            "mean_llm_forward_tokens": _mean(c["llm_forward_tokens"] for c in costs),
+            "mean_llm_forward_calls": _mean(c["llm_forward_calls"] for c in costs),
+            "trigger_rate": sum(c["triggers"] for c in costs) / tokens if tokens else 0.0,
+            "override_rate": sum(c["overrides"] for c in costs) / tokens if tokens else 0.0,
+            "mean_wall_time_s": _mean(c["wall_time_s"] for c in costs),
+        }
+        entry["time_ratio_vs_greedy"] = entry["mean_wall_time_s"] / greedy_time if greedy_time else None
+        if MAJ.match(m):
+            passed = [bool(r["pass_at_k"]) for r in recs.values()]
+            p_ci = bootstrap_ci(passed, seed=seed)
+            entry["pass_at_k"] = {"accuracy": p_ci.estimate, "ci_low": p_ci.low, "ci_high": p_ci.high}
+        for label, other in (("greedy", "greedy"), ("maj", maj)):
+            if other is None or other == m or other not in by_method:
+                continue
+            common = sorted(set(recs) & set(by_method[other]))
+            if not common:
+                continue
+            test = mcnemar_exact(
+                [recs[i]["correct"] for i in common], [by_method[other][i]["correct"] for i in common]
+            )
+            entry[f"vs_{label}"] = {
+                "method": other,
+                "n_paired": len(common),
+                "accuracy_diff": _mean(recs[i]["correct"] for i in common)
+                - _mean(by_method[other][i]["correct"] for i in common),
+                "only_this_correct": test.n10,
+                "only_other_correct": test.n01,
+                "p_value": test.p_value,
+            }
+        summary[m] = entry
+    return summary
+
+
+def _fmt_p(entry: dict, key: str) -> str:
+    return f"{entry[key]['p_value']:.3g}" if key in entry else "–"
+
+
+def markdown_table(summary: dict) -> str:
+    lines = [
+        "| method | accuracy (95% CI) | n | p vs greedy | p vs maj@k | gen. tokens | LLM tokens | LLM calls"
+        " | trigger rate | time / problem (s) | time vs greedy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, e in summary.items():
+        ratio = f"{e['time_ratio_vs_greedy']:.2f}×" if e.get("time_ratio_vs_greedy") else "–"
+        lines.append(
+            f"| {m} | {e['accuracy']:.1%} ({e['ci_low']:.1%}–{e['ci_high']:.1%}) | {e['n']} | {_fmt_p(e, 'vs_greedy')}"
+            f" | {_fmt_p(e, 'vs_maj')} | {e['mean_generated_tokens']:.0f} | {e['mean_llm_forward_tokens']:.0f}"
+            f" | {e['mean_llm_forward_calls']:.1f} | {e['trigger_rate']:.1%} | {e['mean_wall_time_s']:.1f} | {ratio} |"
+        )
+    extra = [
+        f"- {m}: pass@k (any of k samples correct; *not* comparable to accuracy) = "
+        f"{e['pass_at_k']['accuracy']:.1%} ({e['pass_at_k']['ci_low']:.1%}–{e['pass_at_k']['ci_high']:.1%})"
+        for m, e in summary.items()
+        if "pass_at_k" in e
+    ]
+    notes = [
+        "",
+        "p-values: exact McNemar test on the problems both methods finished. Costs are per problem, as if "
+        "decoded alone; maj@k costs add up its k samples. LLM tokens: tokens the LLM had to read.",
+    ]
+    return "\n".join(lines + ([""] + extra if extra else []) + notes) + "\n"
+
+
+def plot_accuracy_vs_cost(summary: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for m, e in summary.items():
+        x = e["mean_wall_time_s"]
+        ax.errorbar(x, e["accuracy"] * 100, yerr=[[100 * (e["accuracy"] - e["ci_low"])], [100 * (e["ci_high"] - e["accuracy"])]],
+                    fmt="o", capsize=4)  # fmt: skip
+        ax.annotate(m, (x, e["accuracy"] * 100), textcoords="offset points", xytext=(6, 4))
+    ax.set_xscale("log")
+    ax.set_xlabel("wall time per problem (s, log scale)")
+    ax.set_ylabel("accuracy (%)  [95% bootstrap CI]")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: str | Path) -> dict:
+    """Recompute ``summary.json``, ``report.md`` and ``accuracy_vs_cost.png`` from a run directory."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    records = list(read_jsonl(run_dir / "results.jsonl"))
+    summary = summarize(records, config.get("methods"), seed=config.get("seed", 0))
+    calibration = run_dir / "calibration.json"
+    payload = {
+        "config": config,
+        "calibration": json.loads(calibration.read_text()) if calibration.is_file() else None,
+        "methods": summary,
+    }
+    write_json_atomic(run_dir / "summary.json", payload)
+    header = f"# {config.get('dataset')} {config.get('split')}: {config.get('slm')} (SLM), {config.get('llm')} (LLM)\n\n"
+    (run_dir / "report.md").write_text(header + markdown_table(summary))
+    if summary:
+        plot_accuracy_vs_cost(summary, run_dir / "accuracy_vs_cost.png")
+    return payload

@@ -1,0 +1,157 @@
+"""Evaluation harness: grading records, majority vote, resumption, config safety, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from s2t.api import S2TGenerator
+from s2t.cli import app
+from s2t.evaluate import EvalConfig, Evaluator, evaluate
+from s2t.reporting.eval_report import summarize
+from s2t.runs import ConfigMismatchError
+
+QUESTIONS = [("How many eggs are left? 16 - 3 - 4", "9"), ("What is 2 + 2?", "4"), ("Double 21.", "42"),
+             ("Half of 48?", "24"), ("5 times 3?", "15")]  # fmt: skip
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("\n".join(json.dumps({"question": q, "answer": f"work\n#### {a}"}) for q, a in QUESTIONS))
+    return str(path)
+
+
+@pytest.fixture()
+def generator(slm, llm):
+    return S2TGenerator(slm, llm=llm)
+
+
+def config(data_file, **overrides):
+    base = dict(dataset="tiny", split="test", data_file=data_file, limit=None, max_new_tokens=10,
+                methods=["greedy", "s2t", "takeover", "llm", "maj@3"], trigger="margin", threshold=0.9,
+                batch_size=2)  # fmt: skip
+    base.update(overrides)
+    return EvalConfig(**base)
+
+
+def test_every_method_problem_pair_is_recorded_and_graded(tmp_path, data_file, generator):
+    payload = evaluate(config(data_file), tmp_path / "run", progress=False, generator=generator)
+    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 5 * 5
+    assert {r["method"] for r in records} == {"greedy", "s2t", "takeover", "llm", "maj@3"}
+    maj = [r for r in records if r["method"] == "maj@3"]
+    assert all(len(r["sample_answers"]) == 3 and "pass_at_k" in r for r in maj)
+    greedy = payload["methods"]["greedy"]
+    assert greedy["n"] == 5 and greedy["mean_llm_forward_tokens"] == 0
+    assert payload["methods"]["llm"]["mean_slm_forward_tokens"] == 0
+    assert payload["methods"]["s2t"]["vs_greedy"]["n_paired"] == 5
+    assert "pass_at_k" in payload["methods"]["maj@3"]
+    for name in ("summary.json", "report.md", "accuracy_vs_cost.png"):
+        assert (tmp_path / "run" / name).is_file()
+
+
+def test_resumed_run_gives_the_same_summary_as_an_uninterrupted_one(tmp_path, data_file, generator):
+    full = evaluate(
+        config(data_file, methods=["greedy", "s2t"]), tmp_path / "a", progress=False, generator=generator
+    )
+
+    # an interrupted run: stop after 3 records, with a torn half-written line at the end
+    ev = Evaluator(
+        config(data_file, methods=["greedy", "s2t"]), tmp_path / "b", progress=False, generator=generator
+    )
+    seen = []
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_three(record):
+        seen.append(record)
+        if len(seen) == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        ev.run_all(on_record=stop_after_three)
+    with open(tmp_path / "b" / "results.jsonl", "a") as f:
+        f.write('{"method": "greedy", "probl')
+    resumed = Evaluator(config(data_file, methods=["greedy", "s2t"]), tmp_path / "b", progress=False,
+                        generator=generator)  # fmt: skip
+    new = []
+    resumed.run_all(on_record=new.append)
+    assert len(new) == 10 - 3, "finished work must not be redone"
+    from s2t.reporting.eval_report import write_report
+
+    again = write_report(tmp_path / "b")
+    strip = lambda p: {m: {k: v for k, v in e.items() if "wall" not in k and "time" not in k}  # noqa: E731
+                       for m, e in p["methods"].items()}  # fmt: skip
+    assert strip(again) == strip(full)
+
+
+def test_a_changed_config_for_the_same_run_directory_is_refused(tmp_path, data_file, generator):
+    evaluate(config(data_file, methods=["greedy"]), tmp_path / "run", progress=False, generator=generator)
+    with pytest.raises(ConfigMismatchError, match="max_new_tokens"):
+        Evaluator(
+            config(data_file, methods=["greedy"], max_new_tokens=11), tmp_path / "run", generator=generator
+        )
+    # adding methods or raising the limit is a resumption, not a different experiment
+    Evaluator(config(data_file, methods=["greedy", "s2t"]), tmp_path / "run", generator=generator)
+
+
+def test_calibration_uses_training_problems_and_refuses_overlap(tmp_path, data_file, generator, monkeypatch):
+    data_dir = tmp_path / "data"
+    (data_dir / "gsm8k").mkdir(parents=True)
+    (data_dir / "gsm8k" / "train.jsonl").write_text(open(data_file).read())
+    monkeypatch.setenv("S2T_DATA_DIR", str(data_dir))
+    cfg = config(
+        data_file, methods=["s2t"], trigger="entropy", threshold=None, quantile=0.8, calibration_problems=3
+    )
+    payload = evaluate(cfg, tmp_path / "run", progress=False, generator=generator)
+    assert payload["calibration"]["entropy@0.8"]["problems"] == [f"gsm8k/train/{i}" for i in range(3)]
+    # evaluating on the very problems used for calibration is refused
+    cfg = config(None, dataset="gsm8k", split="train", methods=["s2t"], trigger="entropy", threshold=None,
+                 calibration_problems=3, limit=2)  # fmt: skip
+    with pytest.raises(ValueError, match="overlap"):
+        evaluate(cfg, tmp_path / "run2", progress=False, generator=generator)
+
+
+def test_unknown_method_is_refused(data_file):
+    with pytest.raises(ValueError, match="unknown method"):
+        config(data_file, methods=["greedy", "maj@0"])
+
+
+def test_summary_statistics_match_hand_computed_values():
+    def rec(method, pid, correct):
+        cost = dict(generated_tokens=10, slm_forward_tokens=20, llm_forward_tokens=0, llm_forward_calls=0,
+                    triggers=1, overrides=0, wall_time_s=1.0 if method == "greedy" else 2.0)  # fmt: skip
+        return {"method": method, "problem_id": pid, "correct": correct, "cost": cost}
+
+    greedy = [True, False, False, False, False, True]
+    s2t = [True, True, True, True, True, True]
+    records = [rec("greedy", i, c) for i, c in enumerate(greedy)] + [
+        rec("s2t", i, c) for i, c in enumerate(s2t)
+    ]
+    summary = summarize(records, ["greedy", "s2t"])
+    assert summary["greedy"]["accuracy"] == pytest.approx(2 / 6)
+    assert summary["s2t"]["vs_greedy"]["only_this_correct"] == 4
+    assert summary["s2t"]["vs_greedy"]["p_value"] == pytest.approx(2 * 0.5**4)
+    assert summary["s2t"]["time_ratio_vs_greedy"] == pytest.approx(2.0)
+    assert summary["s2t"]["trigger_rate"] == pytest.approx(0.1)
+
+
+def test_cli_eval_runs_and_resumes(tmp_path, data_file, tiny_pair_dir):
+    args = ["eval", "--data-file", data_file, "--dataset", "tiny", "--methods", "greedy,s2t", "--slm",
+            tiny_pair_dir["slm"], "--llm", tiny_pair_dir["llm"], "--trigger", "margin", "--threshold", "0.9",
+            "--max-new-tokens", "6", "--limit", "3", "--out", str(tmp_path / "run")]  # fmt: skip
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "| greedy |" in first.stdout
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0
+    lines = (tmp_path / "run" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    changed = CliRunner().invoke(
+        app, [*args[:-4], "--limit", "3", "--k", "4", "--out", str(tmp_path / "run")]
+    )
+    assert changed.exit_code == 2 and "different configuration" in changed.stdout

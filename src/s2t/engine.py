@@ -217,13 +217,17 @@ def decode(
         else:
             default = slm_logits.argmax(-1)
         token = default
+        advanced = None  # next-step SLM logits, when the selector already advanced the SLM
         if fired.any():
             candidates = method.candidates(slm_logits)
             if method.selector.needs_llm and llm_logits is None:
                 llm_logits = llm_stream.advance(ids, mask)
                 _charge_llm(costs, rows, fired, prompt_lengths, step)
-            ctx = StepContext(slm_logits, candidates, fired, llm_logits, row_gens, engine=None)
+            ctx = StepContext(
+                slm_logits, candidates, fired, llm_logits, row_gens, default, slm_stream, ids, mask
+            )
             chosen = method.selector.select(ctx)
+            advanced = ctx.next_slm_logits
             token = torch.where(fired, chosen, default)
             for i in fired.nonzero().flatten().tolist():
                 r = int(rows[i])
@@ -240,9 +244,17 @@ def decode(
         done = torch.isin(token, stop)
         for r in rows[done].tolist():
             finish[r] = "stop"
+        if advanced is not None:
+            read = ctx.slm_tokens_read.tolist()
+            for i, r in enumerate(rows.tolist()):
+                costs[r].slm_forward_calls += 1
+                costs[r].slm_forward_tokens += int(read[i])
+
         if done.any():
             keep = (~done).nonzero().flatten()
-            rows, ids, mask, slm_logits = rows[keep], ids[keep], mask[keep], slm_logits[keep]
+            rows, ids, mask = rows[keep], ids[keep], mask[keep]
+            if advanced is not None:
+                advanced = advanced[keep]
             if len(rows) == 0:
                 break
             slm_stream.keep_rows(keep)
@@ -250,6 +262,9 @@ def decode(
                 llm_stream.keep_rows(keep)
         if step == max_new_tokens - 1:
             break
+        if advanced is not None:
+            slm_logits = advanced
+            continue
         slm_logits = slm_stream.advance(ids, mask)
         for r in rows.tolist():
             costs[r].slm_forward_calls += 1

@@ -24,7 +24,17 @@ class StepContext:
     fired: torch.Tensor  # (batch,) bool
     llm_logits: torch.Tensor | None = None  # (batch, vocab), present when the selector needs the LLM
     generators: list[torch.Generator] = field(default_factory=list)
-    engine: Any = None  # the running decode, for selectors that score candidates with the SLM itself
+    default_tokens: torch.Tensor | None = (
+        None  # (batch,) the token each row takes where the trigger did not fire
+    )
+    # For selectors that score candidates with the SLM itself (S2T-Local): the SLM's ModelStream and the
+    # batch's token history. Such a selector may advance the SLM by the chosen token; it then sets
+    # ``next_slm_logits`` (batch, vocab) and ``slm_tokens_read`` (batch,) and the engine skips its own step.
+    slm_stream: Any = None
+    ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    next_slm_logits: torch.Tensor | None = None
+    slm_tokens_read: torch.Tensor | None = None
 
 
 class Selector:

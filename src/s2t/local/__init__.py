@@ -1,0 +1,1 @@
+"""S2T-Local: a candidate selector learned inside the SLM, so inference needs no LLM."""

@@ -1,0 +1,160 @@
+"""The learned S2T-Local selector: reserved output rows of the SLM read as 16 score bins.
+
+To score a candidate c, the SLM reads prefix + [c]; the logits of the reserved rows at that
+position, softmaxed, give a distribution over 16 bins with values linspace(0, 1, 16), and the
+candidate's score is the expected bin value. The candidate with the highest score is chosen.
+All K candidates are scored in one forward pass over the prefix's KV cache
+(:mod:`s2t.local.scoring`), and that pass is also the SLM's decoding step for the next token.
+
+The rows are kept beside the model (``bins``) rather than written into its ``lm_head``: this
+is the same computation, leaves the loaded model untouched, and lets one SLM serve several
+selectors. Checkpoints are safetensors plus a JSON config that pins the base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
+
+from s2t.local.scoring import candidate_hidden_states, keep_candidate
+from s2t.policies.selectors import Selector, StepContext
+
+NUM_BINS = 16
+WEIGHTS_NAME = "selector.safetensors"
+CONFIG_NAME = "selector_config.json"
+
+
+class SelectorCheckpointError(ValueError):
+    """A selector checkpoint is missing, corrupted, or belongs to another base model."""
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """A short hash of a model's architecture and a sample of its weights.
+
+    Two loads of the same checkpoint (any dtype) agree; different models do not.
+    """
+    config = model.config
+    arch = [type(model).__name__, config.hidden_size, config.num_hidden_layers, config.vocab_size]
+    emb = model.get_input_embeddings().weight
+    sample = emb[: min(64, emb.shape[0]), : min(64, emb.shape[1])].detach().float().cpu()
+    digest = hashlib.sha256(json.dumps(arch).encode())
+    digest.update(torch.round(sample * 1e3).to(torch.int32).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def reserved_ids(model: PreTrainedModel, vocab_size: int, n: int = NUM_BINS) -> list[int]:
+    """The first ``n`` output rows above the tokenizer's vocabulary (never generated)."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows - vocab_size < n:
+        raise ValueError(
+            f"the model has only {rows - vocab_size} output rows above the tokenizer's {vocab_size} tokens; "
+            f"S2T-Local needs {n} reserved rows"
+        )
+    return list(range(vocab_size, vocab_size + n))
+
+
+@dataclass
+class LocalSelectorConfig:
+    base_model: str
+    base_fingerprint: str
+    vocab_size: int
+    hidden_size: int
+    reserved_ids: list[int]
+    num_bins: int = NUM_BINS
+    score_temperature: float = 0.1  # scores in [0, 1] are divided by this before softmax losses
+    training: dict = field(default_factory=dict)  # how it was trained: data, split, problem ids, metrics
+
+
+class LocalSelector(Selector):
+    """Choose among candidates by the learned bin score; needs no LLM."""
+
+    name = "local"
+    needs_llm = False
+
+    def __init__(self, bins: torch.Tensor, config: LocalSelectorConfig):
+        if bins.shape != (config.num_bins, config.hidden_size):
+            raise SelectorCheckpointError(
+                f"bins have shape {tuple(bins.shape)}, expected ({config.num_bins}, {config.hidden_size})"
+            )
+        self.bins = bins.float()
+        self.config = config
+        self.bin_values = torch.linspace(0, 1, config.num_bins)
+
+    @classmethod
+    def initial(cls, model: PreTrainedModel, base_model: str, vocab_size: int) -> LocalSelector:
+        """A selector initialised from the model's own reserved output rows (before training)."""
+        ids = reserved_ids(model, vocab_size)
+        bins = model.get_output_embeddings().weight[ids].detach().float().cpu().clone()
+        config = LocalSelectorConfig(base_model, model_fingerprint(model), vocab_size, bins.shape[1], ids)
+        return cls(bins, config)
+
+    def scores(self, hidden: torch.Tensor, bins: torch.Tensor | None = None) -> torch.Tensor:
+        """Expected bin value in [0, 1] for hidden states (..., hidden)."""
+        bins = self.bins if bins is None else bins
+        probs = torch.softmax(hidden.float() @ bins.to(hidden.device).T, dim=-1)
+        return probs @ self.bin_values.to(hidden.device)
+
+    def check_base(self, model: PreTrainedModel) -> None:
+        found = model_fingerprint(model)
+        if found != self.config.base_fingerprint:
+            raise SelectorCheckpointError(
+                f"this selector was trained on base model {self.config.base_model!r} (fingerprint "
+                f"{self.config.base_fingerprint}); the given SLM has fingerprint {found}. Use the same SLM."
+            )
+
+    def select(self, ctx: StepContext) -> torch.Tensor:
+        stream = ctx.slm_stream
+        if stream is None:
+            raise RuntimeError("the local selector needs the engine's SLM stream")
+        model = stream.model
+        batch, k = ctx.candidates.ids.shape
+        candidates = ctx.candidates.ids.clone()
+        idle = ~ctx.fired
+        # Rows that did not fire take their default token; placing it in every column makes this
+        # forward pass their ordinary decoding step.
+        candidates[idle] = ctx.default_tokens[idle, None]
+        prefix = stream.seen
+        hidden = candidate_hidden_states(model, stream.cache, ctx.mask, candidates)
+        scores = self.scores(hidden).cpu().masked_fill(~ctx.candidates.valid, float("-inf"))
+        index = torch.where(ctx.fired, scores.argmax(-1), torch.zeros(batch, dtype=torch.long))
+        keep_candidate(stream.cache, prefix, index)
+        stream.seen = prefix + 1
+        chosen_hidden = hidden[torch.arange(batch), index.to(hidden.device)]
+        with torch.inference_mode():
+            logits = model.get_output_embeddings()(chosen_hidden)
+        ctx.next_slm_logits = logits[:, : stream.vocab_size].float().cpu()
+        ctx.slm_tokens_read = torch.where(ctx.fired, torch.full((batch,), k), torch.ones(batch, dtype=torch.long))
+        return candidates[torch.arange(batch), index]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "base_model": self.config.base_model, "num_bins": self.config.num_bins}
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"bins": self.bins.contiguous()}, str(directory / WEIGHTS_NAME))
+        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, model: PreTrainedModel | None = None) -> LocalSelector:
+        """Load a selector; with ``model``, refuse it unless it was trained on that very SLM."""
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+            raise SelectorCheckpointError(f"{directory} is not a selector checkpoint ({CONFIG_NAME} + {WEIGHTS_NAME})")
+        try:
+            config = LocalSelectorConfig(**json.loads((directory / CONFIG_NAME).read_text()))
+            bins = load_file(str(directory / WEIGHTS_NAME))["bins"]
+        except (SafetensorError, json.JSONDecodeError, TypeError, KeyError, OSError) as e:
+            raise SelectorCheckpointError(f"corrupted selector checkpoint in {directory}: {e}") from e
+        selector = cls(bins, config)
+        if model is not None:
+            selector.check_base(model)
+        return selector

@@ -36,6 +36,7 @@ from s2t.engine import decode, left_pad
 from s2t.models import LoadedModel, check_same_vocabulary, stop_token_ids
 from s2t.policies.triggers import EntropyTrigger, KLTrigger, check_quantile
 from s2t.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
+from s2t.reporting.hitk import plot_hitk
 from s2t.runs import RunDirectory
 from s2t.stats import ConfidenceInterval, ratio_bootstrap_ci
 
@@ -340,7 +341,7 @@ def analyze(
     bar.close()
 
     selected = [records[p.id] for p in problems]
-    summary = summarize(
+    statistics = summarize(
         selected,
         divergence=divergence,
         kl_quantile=kl_quantile,
@@ -349,7 +350,7 @@ def analyze(
         n_resamples=n_resamples,
     )
     summary = AnalysisSummary(
-        slm=slm.name, llm=llm.name, dataset=dataset, split=split, trajectory=trajectory, **summary
+        slm=slm.name, llm=llm.name, dataset=dataset, split=split, trajectory=trajectory, **statistics
     )
     summary.config = {k: v for k, v in config.items() if k != "limit"} | {"n_problems": len(problems)}
     summary.config["ks"] = ks
@@ -357,8 +358,6 @@ def analyze(
         summary.out_dir = run.path
         _write_points(run.path / POINTS_FILE, selected, divergence, summary.kl_threshold, slm.tokenizer)
         run.write_json(SUMMARY_FILE, summary.to_dict())
-        from s2t.reporting.hitk import plot_hitk
-
         plot_hitk(summary.to_dict(), run.path / PLOT_FILE)
     return summary
 

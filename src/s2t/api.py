@@ -221,7 +221,14 @@ class S2TGenerator:
             unit="prompt",
             disable=not progress,
         )
+        steps = tqdm(total=max_new_tokens, desc="  tokens", unit="step", leave=False, disable=not progress)
+
+        def show_step(step: int, active: int) -> None:
+            steps.update(1)
+            steps.set_postfix(active=active, refresh=False)
+
         for start in range(0, len(prompts), batch_size):
+            steps.reset()
             gens = decode(
                 decoder.model,
                 prompts[start : start + batch_size],
@@ -230,6 +237,7 @@ class S2TGenerator:
                 temperature=temperature,
                 top_p=top_p,
                 seeds=seeds[start : start + batch_size],
+                on_step=show_step if progress else None,
                 **self._decode_kwargs(max_new_tokens, decoder),
             )
             for g in gens:
@@ -238,6 +246,7 @@ class S2TGenerator:
                 text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
                 outputs.append(GenerationOutput(text, g.token_ids, g.finish_reason, g.cost, g.trigger_steps))
             bar.update(len(gens))
+        steps.close()
         bar.close()
         return outputs
 

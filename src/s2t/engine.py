@@ -18,7 +18,7 @@ and the wall time (the batch's time shared evenly between its sequences).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -150,12 +150,14 @@ def decode(
     top_p: float = 1.0,
     seeds: Sequence[int] | None = None,
     record_statistics: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[Generation]:
     """Decode a batch of token-id prompts with ``method`` (default: SLM greedy).
 
     ``vocab_size`` is the tokenizer's size: logits beyond it (padding or reserved rows of the
     output embedding) are never chosen. ``seeds`` gives each sequence its own random stream
     (sampling, random trigger, random selector) so that results do not depend on batching.
+    ``on_step(step, active_sequences)`` is called after every step (for progress displays).
     """
     method = method or Method(name="greedy")
     if not prompts:
@@ -244,6 +246,8 @@ def decode(
         done = torch.isin(token, stop)
         for r in rows[done].tolist():
             finish[r] = "stop"
+        if on_step is not None:
+            on_step(step, int((~done).sum()))
         if advanced is not None:
             read = ctx.slm_tokens_read.tolist()
             for i, r in enumerate(rows.tolist()):

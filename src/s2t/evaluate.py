@@ -183,6 +183,7 @@ class Evaluator:
                 max_new_tokens=self.config.max_new_tokens,
                 batch_size=bs,
                 seeds=[sample_seed(self.config.seed, p.id, 0) for p in batch],
+                progress=self.progress,
             )
             for p, out in zip(batch, outs):
                 g = grade(p.answer, out.text)
@@ -209,7 +210,7 @@ class Evaluator:
             seeds = [sample_seed(c.seed, p.id, j) for p in batch for j in range(k)]
             outs = self.generator.generate(
                 questions, greedy, max_new_tokens=c.max_new_tokens, batch_size=max(c.batch_size, k),
-                temperature=c.sample_temperature, top_p=c.sample_top_p, seeds=seeds,
+                temperature=c.sample_temperature, top_p=c.sample_top_p, seeds=seeds, progress=self.progress,
             )  # fmt: skip
             for i, p in enumerate(batch):
                 samples = outs[i * k : (i + 1) * k]

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from s2t.cli.app import DataDirOpt, DtypeOpt, LLMOpt, SLMOpt, app, console, fail
+from s2t.cli.app import DataDirOpt, DtypeOpt, SLMOpt, app, console, fail
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM
 
 
@@ -38,7 +38,9 @@ def default_out_dir(
 @app.command()
 def analyze(
     slm: SLMOpt = DEFAULT_SLM,
-    llm: LLMOpt = DEFAULT_LLM,
+    llm: Annotated[
+        str, typer.Option(help="LLM (same kinds as --slm); must share the SLM's tokenizer.")
+    ] = DEFAULT_LLM,
     dataset: Annotated[str, typer.Option(help="Dataset name (gsm8k, math500, ...).")] = "gsm8k",
     split: Annotated[str, typer.Option(help="Dataset split.")] = "test",
     limit: Annotated[int | None, typer.Option(help="Analyse at most this many problems.")] = 50,

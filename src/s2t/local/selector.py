@@ -130,7 +130,9 @@ class LocalSelector(Selector):
         with torch.inference_mode():
             logits = model.get_output_embeddings()(chosen_hidden)
         ctx.next_slm_logits = logits[:, : stream.vocab_size].float().cpu()
-        ctx.slm_tokens_read = torch.where(ctx.fired, torch.full((batch,), k), torch.ones(batch, dtype=torch.long))
+        ctx.slm_tokens_read = torch.where(
+            ctx.fired, torch.full((batch,), k), torch.ones(batch, dtype=torch.long)
+        )
         return candidates[torch.arange(batch), index]
 
     def describe(self) -> dict:
@@ -148,7 +150,9 @@ class LocalSelector(Selector):
         """Load a selector; with ``model``, refuse it unless it was trained on that very SLM."""
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
-            raise SelectorCheckpointError(f"{directory} is not a selector checkpoint ({CONFIG_NAME} + {WEIGHTS_NAME})")
+            raise SelectorCheckpointError(
+                f"{directory} is not a selector checkpoint ({CONFIG_NAME} + {WEIGHTS_NAME})"
+            )
         try:
             config = LocalSelectorConfig(**json.loads((directory / CONFIG_NAME).read_text()))
             bins = load_file(str(directory / WEIGHTS_NAME))["bins"]

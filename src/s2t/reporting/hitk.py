@@ -16,6 +16,13 @@ def _as_dict(summary) -> dict:
     return summary if isinstance(summary, dict) else summary.to_dict()
 
 
+def _model_label(name: str) -> str:
+    """A local path's last component; built-in names and Hub ids as they are."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return Path(name.rstrip("/")).name or name
+    return name
+
+
 def _percent(entry: dict) -> str:
     if entry.get("estimate") is None:
         return "-"
@@ -35,7 +42,7 @@ def hitk_table(summary) -> Table:
     threshold = f", KL > {s['kl_threshold']:.4g}" if s.get("kl_threshold") is not None else ""
     table = Table(
         title=(
-            f"hit@K: {s['pair']['llm']}'s top-1 in {s['pair']['slm']}'s top-K\n"
+            f"hit@K: {_model_label(s['pair']['llm'])}'s top-1 in {_model_label(s['pair']['slm'])}'s top-K\n"
             f"{s['dataset']}/{s['split']}, {s['trajectory']} trajectories, {s['n_problems']} problems, "
             f"{s['n_divergence_points']} {s['divergence']} divergence points{threshold} "
             f"({_percent(share)} of {s['n_positions']} positions, 95% CI {_interval(share)})"
@@ -82,21 +89,21 @@ def plot_hitk(summary, path: str | os.PathLike) -> Path:
             ax.annotate(
                 f"hit@8 = {at8['estimate']:.1%}",
                 xy=(8, 100 * at8["estimate"]),
-                xytext=(10, -25),
+                xytext=(12, -28) if at8["estimate"] > 0.5 else (-20, 28),
                 textcoords="offset points",
                 arrowprops={"arrowstyle": "->"},
             )
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
-        ax.legend(loc="lower right")
+        ax.legend(loc="best", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no divergence points", ha="center", va="center", transform=ax.transAxes)
     ax.set_ylim(0, 102)
     ax.set_xlabel("K (SLM's top-K)")
     ax.set_ylabel("LLM's top-1 in SLM's top-K (%)")
     ax.set_title(
-        f"{s['pair']['slm']} vs {s['pair']['llm']}\n{s['dataset']}/{s['split']}, "
-        f"{s['n_divergence_points']} {s['divergence']} divergence points",
+        f"{_model_label(s['pair']['slm'])} vs {_model_label(s['pair']['llm'])}\n{s['dataset']}/{s['split']}, {s['trajectory']} "
+        f"trajectories, {s['n_divergence_points']} {s['divergence']} divergence points",
         fontsize=9,
     )
     ax.grid(alpha=0.3)

@@ -1,0 +1,325 @@
+"""Collect S2T-Local training groups on *training* problems.
+
+A group is one decision point: the context (a problem's prompt + trajectory prefix), the SLM's
+top-K candidates there, the SLM's and the LLM's probabilities on them, and trigger statistics.
+
+Two modes:
+- ``teacher-forced`` (default, cheap): the SLM decodes greedily; the LLM reads the whole
+  trajectory in one forward pass; groups are the positions where the SLM and the LLM disagree
+  on the top-1 token or where the SLM's entropy is high.
+- ``on-policy`` (as the paper): S2T decoding with the LLM selector over the SLM's top-K; groups
+  are the triggered steps, on the trajectory S2T actually produced.
+
+For every problem the SLM also reads all candidates of all its groups in one more forward over
+the trajectory's KV cache (a 4D mask: each candidate sees its own prefix and itself), which
+gives the candidate hidden states that the head-mode trainer needs, plus per-position features
+(hidden state, entropy, margin, divergence label) for learning an LLM-free trigger.
+
+Per problem, tensors go to ``features/<index>.safetensors`` and a record (trajectory, group
+metadata) is appended to ``problems.jsonl``; a run resumes by skipping recorded problems.
+Collection refuses evaluation splits: nothing from a test split can leak into training.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from s2t.data import Problem, load_problems
+from s2t.engine import Method, decode
+from s2t.models import (
+    DEFAULT_LLM,
+    DEFAULT_SLM,
+    LoadedModel,
+    check_same_vocabulary,
+    load_model,
+    stop_token_ids,
+)
+from s2t.policies import EntropyTrigger, LLMSelector, TopK
+from s2t.policies.triggers import TOP_N_FOR_STATISTICS
+from s2t.prompts import build_prompt
+from s2t.runs import RunDirectory
+
+logger = logging.getLogger(__name__)
+
+EVALUATION_SPLITS = {"test", "validation", "dev"}
+MODES = ("teacher-forced", "on-policy")
+
+
+class LeakageError(ValueError):
+    """Training data would include problems from an evaluation split."""
+
+
+@dataclass
+class CollectConfig:
+    slm: str = DEFAULT_SLM
+    llm: str = DEFAULT_LLM
+    dataset: str = "gsm8k"
+    split: str = "train"
+    limit: int | None = 300
+    offset: int = 0
+    data_file: str | None = None
+    mode: str = "teacher-forced"
+    k: int = 16
+    entropy_quantile: float = 0.9  # teacher-forced: also keep positions whose SLM entropy is in the top 10%
+    on_policy_threshold: float | None = None  # on-policy: entropy threshold of the S2T trigger
+    min_step: int = 3
+    max_new_tokens: int = 512
+    batch_size: int = 8
+    dtype: str | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.split.lower() in EVALUATION_SPLITS:
+            raise LeakageError(
+                f"refusing to collect training data on the {self.dataset!r} {self.split!r} split: "
+                "it is an evaluation split (collect on train problems; see design.md §2.1)"
+            )
+        if not 1 <= self.k:
+            raise ValueError(f"K must be >= 1; got {self.k}")
+
+
+def _softmax_top(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.softmax(logits.float(), dim=-1)
+    return probs.topk(n, dim=-1)
+
+
+def _entropy_top64(logits: torch.Tensor) -> torch.Tensor:
+    return EntropyTrigger().statistic(logits, None)
+
+
+@torch.inference_mode()
+def trajectory_forward(model, prompt: Sequence[int], trajectory: Sequence[int], vocab_size: int, cache=None):
+    """Teacher-force prompt + trajectory in one forward pass.
+
+    Returns (hidden (T, H), logits (T, vocab)) at the positions that predict each trajectory token.
+    Pass a ``DynamicCache`` to keep the sequence's KV for :func:`candidate_hidden_states_at`.
+    """
+    ids = torch.tensor([list(prompt) + list(trajectory)], device=model.device)
+    out = model.model(input_ids=ids, past_key_values=cache, use_cache=cache is not None)
+    hidden = out.last_hidden_state[0, len(prompt) - 1 : len(prompt) - 1 + len(trajectory)]
+    return hidden, model.get_output_embeddings()(hidden)[:, :vocab_size].float()
+
+
+@torch.inference_mode()
+def candidate_hidden_states_at(
+    model, cache, prompt_length: int, sequence_length: int, positions: Sequence[int], candidates: torch.Tensor
+) -> torch.Tensor:
+    """Hidden states (M, K, H) of every group's candidates, in one forward over the trajectory's cache.
+
+    Candidate (m, j) stands at answer position ``positions[m]`` (in place of that trajectory token):
+    it attends to the tokens before that position and to itself, with that position's id.
+    """
+    from s2t.local.scoring import candidate_attention_mask
+
+    m, k = candidates.shape
+    if m == 0:
+        return torch.zeros(0, k, model.config.hidden_size)
+    allowed = torch.zeros(m * k, sequence_length, dtype=torch.bool, device=model.device)
+    position_ids = torch.empty(m * k, dtype=torch.long, device=model.device)
+    for i, pos in enumerate(positions):
+        allowed[i * k : (i + 1) * k, : prompt_length + pos] = True
+        position_ids[i * k : (i + 1) * k] = prompt_length + pos
+    full = torch.ones(1, sequence_length, dtype=torch.long, device=model.device)
+    block = candidate_attention_mask(full, m * k, model)
+    if block.dtype == torch.bool:
+        block[0, 0, :, :sequence_length] = allowed
+    else:
+        block[0, 0, :, :sequence_length] = torch.where(allowed, 0.0, torch.finfo(block.dtype).min)
+    out = model.model(
+        input_ids=candidates.reshape(1, m * k).to(model.device),
+        attention_mask=block,
+        position_ids=position_ids[None],
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out.last_hidden_state[0].reshape(m, k, -1)
+
+
+class RecordingLLMSelector(LLMSelector):
+    """The S2T selector, recording each decision (for on-policy collection)."""
+
+    def __init__(self):
+        self.decisions: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def select(self, ctx):
+        chosen = super().select(ctx)
+        llm_probs = torch.softmax(ctx.llm_logits.float(), -1).gather(-1, ctx.candidates.ids)
+        for i in ctx.fired.nonzero().flatten().tolist():
+            self.decisions.append((i, ctx.candidates.ids[i].clone(), llm_probs[i].clone()))
+        return chosen
+
+
+class Collector:
+    def __init__(self, config: CollectConfig, out_dir: str | Path, slm: LoadedModel | None = None,
+                 llm: LoadedModel | None = None, problems: Sequence[Problem] | None = None, progress: bool = True):  # fmt: skip
+        self.config = config
+        self.run = RunDirectory(
+            out_dir, {**asdict(config), "kind": "s2t-local-groups"}, ignore_keys={"limit", "batch_size"}
+        )
+        self.slm = slm or load_model(config.slm, dtype=config.dtype)
+        self.llm = llm or load_model(config.llm, dtype=config.dtype)
+        check_same_vocabulary(self.slm, self.llm)
+        self.vocab_size = len(self.slm.tokenizer)
+        if problems is None:
+            problems = load_problems(
+                config.dataset, config.split, config.limit, config.offset, config.data_file
+            )
+        for p in problems:
+            if p.split.lower() in EVALUATION_SPLITS:
+                raise LeakageError(
+                    f"problem {p.id} comes from an evaluation split; refusing to collect on it"
+                )
+        self.problems = list(problems)
+        self.progress = progress
+        (self.run.path / "features").mkdir(exist_ok=True)
+
+    def done_ids(self) -> set[str]:
+        return {r["problem_id"] for r in self.run.records("problems.jsonl")}
+
+    def run_all(self) -> int:
+        done = self.done_ids()
+        todo = [p for p in self.problems if p.id not in done]
+        bar = tqdm(total=len(self.problems), initial=len(self.problems) - len(todo), desc="collecting",
+                   unit="problem", disable=not self.progress, dynamic_ncols=True)  # fmt: skip
+        bs = self.config.batch_size
+        for start in range(0, len(todo), bs):
+            batch = todo[start : start + bs]
+            for record in self._collect_batch(batch):
+                self.run.append(record, "problems.jsonl")
+                bar.update(1)
+        bar.close()
+        return len(todo)
+
+    def _decode(self, prompts, method, llm):
+        c = self.config
+        tok = self.slm.tokenizer
+        return decode(self.slm.model, prompts, method, llm=llm, vocab_size=self.vocab_size,
+                      stop_ids=stop_token_ids(self.slm), pad_id=tok.pad_token_id if tok.pad_token_id is not None
+                      else stop_token_ids(self.slm)[0], max_new_tokens=c.max_new_tokens)  # fmt: skip
+
+    def _collect_batch(self, batch: Sequence[Problem]):
+        c = self.config
+        prompts = [build_prompt(self.slm.tokenizer, p.question) for p in batch]
+        recorded: dict[int, list] = {}
+        if c.mode == "teacher-forced":
+            gens = self._decode(prompts, None, None)
+        else:
+            selector = RecordingLLMSelector()
+            trigger = EntropyTrigger(c.on_policy_threshold)
+            gens = self._decode(
+                prompts, Method(trigger, TopK(c.k), selector, c.min_step, "collect"), self.llm.model
+            )
+            # decisions are recorded in step order; map batch rows back to their problems
+            steps = [list(g.trigger_steps) for g in gens]
+            cursor = [0] * len(gens)
+            for row, ids, probs in selector.decisions:
+                recorded.setdefault(row, []).append((steps[row][cursor[row]], ids, probs))
+                cursor[row] += 1
+        for row, (problem, prompt, gen) in enumerate(zip(batch, prompts, gens)):
+            yield self._featurize(problem, prompt, gen.token_ids, recorded.get(row))
+
+    def _featurize(self, problem: Problem, prompt: list[int], trajectory: list[int], on_policy) -> dict:
+        c = self.config
+        from transformers import DynamicCache
+
+        t = len(trajectory)
+        slm_cache = DynamicCache()
+        pos_hidden, slm_logits = trajectory_forward(
+            self.slm.model, prompt, trajectory, self.vocab_size, slm_cache
+        )
+        _, llm_logits = trajectory_forward(self.llm.model, prompt, trajectory, self.vocab_size)
+        slm_logits, llm_logits = slm_logits.cpu(), llm_logits.cpu()
+        slm_top1, llm_top1 = slm_logits.argmax(-1), llm_logits.argmax(-1)
+        entropy = _entropy_top64(slm_logits)
+        top2 = torch.softmax(slm_logits, -1).topk(2, -1).values
+        margin = top2[:, 0] - top2[:, 1]
+        divergent = slm_top1 != llm_top1
+        eligible = torch.arange(t) >= c.min_step
+
+        if on_policy is not None:
+            positions = [s for s, _, _ in on_policy]
+            cand_ids = (
+                torch.stack([ids for _, ids, _ in on_policy])
+                if on_policy
+                else torch.zeros(0, c.k, dtype=torch.long)
+            )
+        else:
+            cutoff = torch.quantile(entropy[eligible], c.entropy_quantile) if eligible.any() else float("inf")
+            chosen = eligible & (divergent | (entropy >= cutoff))
+            positions = chosen.nonzero().flatten().tolist()
+            cand_ids = (
+                slm_logits[positions].topk(c.k, -1).indices
+                if positions
+                else torch.zeros(0, c.k, dtype=torch.long)
+            )
+        slm_probs = (
+            torch.softmax(slm_logits[positions], -1).gather(-1, cand_ids)
+            if positions
+            else torch.zeros(0, c.k)
+        )
+        llm_probs = (
+            torch.softmax(llm_logits[positions], -1).gather(-1, cand_ids)
+            if positions
+            else torch.zeros(0, c.k)
+        )
+
+        cand_hidden = candidate_hidden_states_at(
+            self.slm.model, slm_cache, len(prompt), len(prompt) + t, positions, cand_ids
+        )
+        index = problem.id.rsplit("/", 1)[-1]
+        tensors = {
+            "candidate_hidden": cand_hidden.half().cpu().contiguous(),
+            "candidate_ids": cand_ids.contiguous(),
+            "candidate_slm_probs": slm_probs.contiguous(),
+            "candidate_llm_probs": llm_probs.contiguous(),
+            "group_positions": torch.tensor(positions, dtype=torch.long),
+            "position_hidden": pos_hidden.half().cpu().contiguous(),
+            "position_entropy": entropy.contiguous(),
+            "position_margin": margin.contiguous(),
+            "position_slm_topk_probs": torch.softmax(slm_logits, -1).topk(c.k, -1).values.contiguous(),
+            "position_divergent": divergent.contiguous(),
+            "position_llm_top1_rank": (slm_logits > slm_logits.gather(-1, llm_top1[:, None])).sum(-1) + 1,
+        }
+        save_file(tensors, str(self.run.path / "features" / f"{problem.split}-{index}.safetensors"))
+        llm_best = llm_probs.argmax(-1) if positions else torch.zeros(0, dtype=torch.long)
+        return {
+            "problem_id": problem.id,
+            "dataset": problem.dataset,
+            "split": problem.split,
+            "features": f"features/{problem.split}-{index}.safetensors",
+            "prompt_ids": prompt,
+            "trajectory_ids": trajectory,
+            "n_positions": t,
+            "n_divergent": int(divergent[eligible].sum()),
+            "groups": [
+                {
+                    "position": pos,
+                    "candidate_ids": cand_ids[i].tolist(),
+                    "slm_probs": [round(float(x), 6) for x in slm_probs[i]],
+                    "llm_probs": [round(float(x), 6) for x in llm_probs[i]],
+                    "llm_best": int(llm_best[i]),
+                    "entropy": round(float(entropy[pos]), 5),
+                    "margin": round(float(margin[pos]), 5),
+                    "divergent": bool(divergent[pos]),
+                }
+                for i, pos in enumerate(positions)
+            ],
+        }
+
+
+def collect(config: CollectConfig, out_dir: str | Path, **kwargs) -> Path:
+    """Collect (or resume collecting) S2T-Local training groups; returns the run directory."""
+    collector = Collector(config, out_dir, **kwargs)
+    collector.run_all()
+    return collector.run.path
+
+
+__all__ = ["CollectConfig", "Collector", "LeakageError", "collect", "TOP_N_FOR_STATISTICS"]

@@ -1,0 +1,128 @@
+"""S2T-Local: one-pass candidate scoring, collection without leakage, training, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from s2t.data import Problem
+from s2t.engine import Method, ModelStream, decode, left_pad
+from s2t.local.collect import CollectConfig, Collector, LeakageError
+from s2t.local.scoring import candidate_hidden_states
+from s2t.local.selector import LocalSelector, SelectorCheckpointError
+from s2t.local.train import TrainConfig, train
+from s2t.policies import EntropyTrigger, TopK
+from s2t.prompts import build_prompt
+from tests.conftest import make_model
+
+QUESTIONS = ["How many eggs are left?", "Natalia sold clips to 48 of her friends.", "What is 2 + 2?", "Double 21."]
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    return [build_prompt(tokenizer, q) for q in QUESTIONS[:3]]
+
+
+def test_one_pass_masked_scoring_equals_scoring_each_candidate_alone(slm, prompts, tokenizer):
+    model = slm.model
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    stream = ModelStream(model, len(tokenizer))
+    stream.advance(ids, mask)
+    candidates = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]])
+    hidden = candidate_hidden_states(model, stream.cache, mask, candidates)
+    logits = model.lm_head(hidden)
+    for b, prompt in enumerate(prompts):
+        for j in range(4):
+            alone = model(input_ids=torch.tensor([prompt + [int(candidates[b, j])]])).logits[0, -1]
+            torch.testing.assert_close(logits[b, j], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_local_selector_decoding_is_batch_independent_and_degenerates_to_greedy(slm, prompts, tokenizer):
+    kw = dict(vocab_size=len(tokenizer), stop_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id,
+              max_new_tokens=16)  # fmt: skip
+    selector = LocalSelector.initial(slm.model, "tiny", len(tokenizer))
+    torch.manual_seed(0)
+    selector.bins = torch.randn_like(selector.bins)
+    method = Method(EntropyTrigger(0.0), TopK(4), selector)
+    batched = decode(slm.model, prompts, method, **kw)
+    single = [decode(slm.model, [p], method, **kw)[0] for p in prompts]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+    assert sum(g.cost.overrides for g in batched) > 0
+    assert all(g.cost.llm_forward_calls == 0 for g in batched)
+    # equal scores everywhere: argmax is the first candidate, i.e. the SLM's greedy token
+    selector.bins = torch.zeros_like(selector.bins)
+    assert [g.token_ids for g in decode(slm.model, prompts, method, **kw)] == [
+        g.token_ids for g in decode(slm.model, prompts, **kw)
+    ]
+
+
+def _problems(split="train"):
+    return [Problem(f"tiny/{split}/{i}", q, "4", "tiny", split) for i, q in enumerate(QUESTIONS)]
+
+
+def test_collection_refuses_evaluation_splits(slm, llm):
+    with pytest.raises(LeakageError, match="evaluation split"):
+        CollectConfig(dataset="gsm8k", split="test")
+    with pytest.raises(LeakageError, match="evaluation split"):
+        Collector(CollectConfig(slm="s", llm="l", limit=None), "unused", slm=slm, llm=llm, problems=_problems("test"))
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory, slm, llm):
+    out = tmp_path_factory.mktemp("groups")
+    cfg = CollectConfig(slm="tiny-slm", llm="tiny-llm", dataset="tiny", k=4, max_new_tokens=14, batch_size=2)
+    collector = Collector(cfg, out, slm=slm, llm=llm, problems=_problems(), progress=False)
+    assert collector.run_all() == 4
+    return out
+
+
+def test_collected_groups_match_the_llm_and_resume_without_recomputing(collected, slm, llm):
+    records = [json.loads(line) for line in (collected / "problems.jsonl").read_text().splitlines()]
+    assert [r["problem_id"] for r in records] == [f"tiny/train/{i}" for i in range(4)]
+    assert all(r["split"] == "train" for r in records)
+    groups = [g for r in records for g in r["groups"]]
+    assert groups and all(len(g["candidate_ids"]) == 4 for g in groups)
+    # a divergence group's LLM probabilities are the LLM's real next-token probabilities there
+    rec = next(r for r in records if r["groups"])
+    g = rec["groups"][0]
+    context = rec["prompt_ids"] + rec["trajectory_ids"][: g["position"]]
+    probs = torch.softmax(llm.model(input_ids=torch.tensor([context])).logits[0, -1, : len(slm.tokenizer)], -1)
+    torch.testing.assert_close(probs[g["candidate_ids"]], torch.tensor(g["llm_probs"]), atol=1e-4, rtol=1e-3)
+    cfg = CollectConfig(slm="tiny-slm", llm="tiny-llm", dataset="tiny", k=4, max_new_tokens=14, batch_size=2)
+    assert Collector(cfg, collected, slm=slm, llm=llm, problems=_problems(), progress=False).run_all() == 0
+
+
+def test_on_policy_collection_records_triggered_steps(tmp_path, slm, llm):
+    cfg = CollectConfig(slm="s", llm="l", dataset="tiny", mode="on-policy", on_policy_threshold=0.0, k=4,
+                        max_new_tokens=8, batch_size=2)  # fmt: skip
+    Collector(cfg, tmp_path, slm=slm, llm=llm, problems=_problems()[:2], progress=False).run_all()
+    records = [json.loads(line) for line in (tmp_path / "problems.jsonl").read_text().splitlines()]
+    for r in records:
+        assert [g["position"] for g in r["groups"]] == list(range(3, len(r["trajectory_ids"])))
+        # on-policy: the LLM's best candidate is the token S2T actually took
+        for g in r["groups"]:
+            assert r["trajectory_ids"][g["position"]] == g["candidate_ids"][g["llm_best"]]
+
+
+def test_head_training_saves_a_selector_that_reloads_to_identical_scores(collected, slm, tmp_path):
+    cfg = TrainConfig(groups=str(collected), out=str(tmp_path / "sel"), epochs=3, val_fraction=0.25)
+    trained = train(cfg, slm=slm, progress=False)
+    assert trained.config.training["train_problem_ids"]
+    reloaded = LocalSelector.from_pretrained(tmp_path / "sel", model=slm.model)
+    hidden = torch.randn(5, 4, slm.model.config.hidden_size)
+    torch.testing.assert_close(reloaded.scores(hidden), trained.scores(hidden))
+
+
+def test_selector_refuses_another_base_model_and_corrupted_files(collected, slm, tokenizer, tmp_path):
+    cfg = TrainConfig(groups=str(collected), out=str(tmp_path / "sel"), epochs=1, val_fraction=0.0)
+    train(cfg, slm=slm, progress=False)
+    other = make_model(tokenizer, seed=5)
+    with pytest.raises(SelectorCheckpointError, match="trained on base model"):
+        LocalSelector.from_pretrained(tmp_path / "sel", model=other)
+    (tmp_path / "sel" / "selector.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SelectorCheckpointError, match="corrupted"):
+        LocalSelector.from_pretrained(tmp_path / "sel")
+    with pytest.raises(SelectorCheckpointError, match="not a selector checkpoint"):
+        LocalSelector.from_pretrained(tmp_path / "nothing-here")

@@ -17,7 +17,12 @@ from s2t.policies import EntropyTrigger, TopK
 from s2t.prompts import build_prompt
 from tests.conftest import make_model
 
-QUESTIONS = ["How many eggs are left?", "Natalia sold clips to 48 of her friends.", "What is 2 + 2?", "Double 21."]
+QUESTIONS = [
+    "How many eggs are left?",
+    "Natalia sold clips to 48 of her friends.",
+    "What is 2 + 2?",
+    "Double 21.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +71,13 @@ def test_collection_refuses_evaluation_splits(slm, llm):
     with pytest.raises(LeakageError, match="evaluation split"):
         CollectConfig(dataset="gsm8k", split="test")
     with pytest.raises(LeakageError, match="evaluation split"):
-        Collector(CollectConfig(slm="s", llm="l", limit=None), "unused", slm=slm, llm=llm, problems=_problems("test"))
+        Collector(
+            CollectConfig(slm="s", llm="l", limit=None),
+            "unused",
+            slm=slm,
+            llm=llm,
+            problems=_problems("test"),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +99,9 @@ def test_collected_groups_match_the_llm_and_resume_without_recomputing(collected
     rec = next(r for r in records if r["groups"])
     g = rec["groups"][0]
     context = rec["prompt_ids"] + rec["trajectory_ids"][: g["position"]]
-    probs = torch.softmax(llm.model(input_ids=torch.tensor([context])).logits[0, -1, : len(slm.tokenizer)], -1)
+    probs = torch.softmax(
+        llm.model(input_ids=torch.tensor([context])).logits[0, -1, : len(slm.tokenizer)], -1
+    )
     torch.testing.assert_close(probs[g["candidate_ids"]], torch.tensor(g["llm_probs"]), atol=1e-4, rtol=1e-3)
     cfg = CollectConfig(slm="tiny-slm", llm="tiny-llm", dataset="tiny", k=4, max_new_tokens=14, batch_size=2)
     assert Collector(cfg, collected, slm=slm, llm=llm, problems=_problems(), progress=False).run_all() == 0
@@ -126,3 +139,29 @@ def test_selector_refuses_another_base_model_and_corrupted_files(collected, slm,
         LocalSelector.from_pretrained(tmp_path / "sel")
     with pytest.raises(SelectorCheckpointError, match="not a selector checkpoint"):
         LocalSelector.from_pretrained(tmp_path / "nothing-here")
+
+
+def test_s2t_local_evaluation_needs_no_llm_and_refuses_leaky_problems(collected, slm, tmp_path):
+    from s2t.api import S2TGenerator
+    from s2t.evaluate import EvalConfig, evaluate
+
+    train(TrainConfig(groups=str(collected), out=str(tmp_path / "sel"), epochs=2, val_fraction=0.0), slm=slm,
+          progress=False)  # fmt: skip
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("\n".join(json.dumps({"question": q, "answer": "#### 4"}) for q in QUESTIONS[:2]))
+    gen = S2TGenerator(slm, llm="/nonexistent/llm/never/loaded")
+    cfg = EvalConfig(slm="tiny", llm="none", dataset="tiny", split="test", data_file=str(test_file), limit=None,
+                     methods=["greedy", "s2t-local"], trigger="entropy", threshold=0.5, k=4, max_new_tokens=8,
+                     selector=str(tmp_path / "sel"))  # fmt: skip
+    payload = evaluate(cfg, tmp_path / "run", progress=False, generator=gen)
+    assert not gen.llm_loaded
+    assert payload["methods"]["s2t-local"]["n"] == 2
+    assert payload["methods"]["s2t-local"]["mean_llm_forward_tokens"] == 0
+    # evaluating on the selector's own training problems is refused
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("\n".join(json.dumps({"question": q, "answer": "#### 4"}) for q in QUESTIONS))
+    leaky = EvalConfig(
+        **{**cfg.__dict__, "split": "train", "data_file": str(train_file), "methods": ["s2t-local"]}
+    )
+    with pytest.raises(ValueError, match="refusing a leaky evaluation"):
+        evaluate(leaky, tmp_path / "run2", progress=False, generator=gen)

@@ -63,6 +63,7 @@ class EvalConfig:
     seed: int = 0
     dtype: str | None = None
     batch_size: int = 8
+    selector: str | None = None  # a trained S2T-Local selector directory (for the s2t-local method)
 
     def __post_init__(self):
         for m in self.methods:
@@ -120,13 +121,18 @@ class Evaluator:
     def __init__(
         self,
         config: EvalConfig,
-        out_dir: str | Path,
+        out_dir: str | Path | None,
         generator: S2TGenerator | None = None,
         progress: bool = True,
         problems: Sequence[Problem] | None = None,
     ):
+        """``out_dir=None`` makes an evaluator that only computes records (:meth:`run_method`) and
+        writes nothing: a distributed worker whose driver owns the run directory
+        (:mod:`s2t.distributed`). It cannot calibrate, so give it the calibrated threshold."""
         self.config = config
-        self.run = RunDirectory(out_dir, asdict(config), ignore_keys=RESUMABLE_KEYS)
+        self.run = (
+            RunDirectory(out_dir, asdict(config), ignore_keys=RESUMABLE_KEYS) if out_dir is not None else None
+        )
         self.progress = progress
         self._generator = generator
         self.problems = list(problems) if problems is not None else self._load_problems()
@@ -143,7 +149,21 @@ class Evaluator:
         return load_problems(c.dataset, c.split, limit=c.limit, offset=c.offset, data_file=c.data_file)
 
     def finished(self) -> set[tuple[str, str]]:
+        if self.run is None:
+            return set()
         return {(r["method"], r["problem_id"]) for r in self.run.records()}
+
+    def calibrate(self) -> float | None:
+        """Calibrate the trigger now (once per run, stored in ``calibration.json``); returns the threshold.
+
+        All trigger-based methods share one trigger configuration, so one threshold serves them all;
+        None when no configured method has a trigger to calibrate. Distributed runs call this on the
+        driver before fanning out and hand the threshold to the workers.
+        """
+        for name in self.config.methods:
+            if name == "s2t-local" or (name in METHOD_SELECTORS and name != "greedy"):
+                return self._method(name).trigger.threshold
+        return self.config.threshold
 
     def run_all(self, on_record: Callable[[dict], None] | None = None) -> list[dict]:
         """Evaluate every configured method on every problem not yet finished; returns all records."""
@@ -234,18 +254,43 @@ class Evaluator:
     def _method(self, name: str):
         if name == LLM_ALONE:
             return LLM_ALONE
-        if name == "s2t-local":
+        selector = self._local_selector() if name == "s2t-local" else None
+        method = build_method(name, selector=selector, **self.config.method_kwargs())
+        if name == "s2t-local" and method.needs_llm:
             raise ValueError(
-                "s2t-local needs a trained selector (see `s2t train`); not available in this run"
+                f"s2t-local runs without an LLM; the {method.trigger.name!r} trigger needs one: "
+                "use an SLM-only trigger (entropy, margin, random)"
             )
-        method = build_method(name, **self.config.method_kwargs())
         if needs_calibration(method):
             self._calibrate(method)
         return method
 
+    def _local_selector(self):
+        """The trained selector, checked against the SLM and against test-set leakage."""
+        from s2t.local.selector import LocalSelector
+
+        if not self.config.selector:
+            raise ValueError(
+                "the s2t-local method needs a trained selector: pass --selector DIR (see `s2t train`)"
+            )
+        selector = LocalSelector.from_pretrained(self.config.selector, model=self.generator.slm.model)
+        training = selector.config.training
+        seen = set(training.get("train_problem_ids", [])) | set(training.get("validation_problem_ids", []))
+        leaked = seen & {p.id for p in self.problems}
+        if leaked:
+            raise ValueError(
+                f"the selector was trained on {len(leaked)} of the evaluated problems (e.g. {sorted(leaked)[0]}): "
+                "refusing a leaky evaluation"
+            )
+        return selector
+
     def _calibrate(self, method) -> None:
         """Calibrate on training problems once per run; reuse the stored threshold on resume."""
         c = self.config
+        if self.run is None:
+            raise RuntimeError(
+                "an evaluator without a run directory cannot calibrate: give it the calibrated threshold"
+            )
         cal_file = self.run.path / "calibration.json"
         key = f"{c.trigger}@{c.quantile}"
         stored = {}

@@ -41,6 +41,8 @@ def build_method(
     if name == "greedy":
         return Method(NeverTrigger(), TopK(1), make_selector("slm"), min_step, name="greedy")
     if name not in METHOD_SELECTORS and selector is None:
+        if name == "s2t-local":
+            raise ValueError("the s2t-local method needs a trained selector (selector=LocalSelector...)")
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHOD_SELECTORS)}")
     if quantile is not None:
         check_quantile(quantile)

@@ -57,6 +57,17 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(help="Problems decoded together.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed for sampling (maj@k) and random controls.")] = 0,
     dtype: DtypeOpt = None,
+    selector: Annotated[
+        str | None, typer.Option(help="Trained S2T-Local selector directory (s2t-local).")
+    ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(help="Ray workers (one model pair each; one GPU each when the cluster has GPUs)."),
+    ] = 1,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join ('auto', host:port); default: start Ray locally."),
+    ] = None,
 ) -> None:
     """Evaluate methods on a benchmark; results stream into a resumable run directory."""
     from s2t.data import DatasetUnavailableError
@@ -71,9 +82,15 @@ def eval_command(
             methods=[m.strip() for m in methods.split(",") if m.strip()], max_new_tokens=max_new_tokens,
             trigger=trigger, threshold=threshold, quantile=quantile, k=k, ratio=ratio, min_step=min_step,
             calibration_problems=calibration_problems, seed=seed, dtype=dtype, batch_size=batch_size,
+            selector=selector,
         )  # fmt: skip
         console.print(f"run directory: {out}")
-        payload = evaluate(config, out)
+        if workers > 1:
+            from s2t.distributed import evaluate_distributed
+
+            payload = evaluate_distributed(config, out, workers=workers, ray_address=ray_address)
+        else:
+            payload = evaluate(config, out)
     except (
         ValueError,
         RuntimeError,

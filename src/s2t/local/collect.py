@@ -161,6 +161,15 @@ class Collector:
     def __init__(self, config: CollectConfig, out_dir: str | Path, slm: LoadedModel | None = None,
                  llm: LoadedModel | None = None, problems: Sequence[Problem] | None = None, progress: bool = True):  # fmt: skip
         self.config = config
+        if problems is None:
+            problems = load_problems(
+                config.dataset, config.split, config.limit, config.offset, config.data_file
+            )
+        leaked = [p.id for p in problems if p.split.lower() in EVALUATION_SPLITS]
+        if leaked:
+            raise LeakageError(
+                f"problem {leaked[0]} comes from an evaluation split; refusing to collect on it"
+            )
         self.run = RunDirectory(
             out_dir, {**asdict(config), "kind": "s2t-local-groups"}, ignore_keys={"limit", "batch_size"}
         )
@@ -168,15 +177,6 @@ class Collector:
         self.llm = llm or load_model(config.llm, dtype=config.dtype)
         check_same_vocabulary(self.slm, self.llm)
         self.vocab_size = len(self.slm.tokenizer)
-        if problems is None:
-            problems = load_problems(
-                config.dataset, config.split, config.limit, config.offset, config.data_file
-            )
-        for p in problems:
-            if p.split.lower() in EVALUATION_SPLITS:
-                raise LeakageError(
-                    f"problem {p.id} comes from an evaluation split; refusing to collect on it"
-                )
         self.problems = list(problems)
         self.progress = progress
         (self.run.path / "features").mkdir(exist_ok=True)

@@ -115,7 +115,9 @@ def load_groups(groups_dir: str | Path) -> tuple[GroupTensors, dict]:
         div.append(torch.tensor([g["divergent"] for g in rec["groups"]], dtype=torch.bool).reshape(n))
         prob.append(torch.full((n,), i, dtype=torch.long))
         ids.append(rec["problem_id"])
-    data = GroupTensors(torch.cat(hidden), torch.cat(llm), torch.cat(slm), torch.cat(div), torch.cat(prob), ids)
+    data = GroupTensors(
+        torch.cat(hidden), torch.cat(llm), torch.cat(slm), torch.cat(div), torch.cat(prob), ids
+    )
     return data, config
 
 
@@ -137,7 +139,9 @@ def selection_metrics(scores: torch.Tensor, data_llm: torch.Tensor, data_slm: to
         "agreement_with_llm": float((picked == best).float().mean()) if len(best) else float("nan"),
         "slm_top1_agreement_with_llm": float((slm_top == best).float().mean()) if len(best) else float("nan"),
         "llm_prob_of_pick": float(llm_mass.gather(-1, picked[:, None]).mean()) if len(best) else float("nan"),
-        "llm_prob_of_slm_top1": float(llm_mass.gather(-1, slm_top[:, None]).mean()) if len(best) else float("nan"),
+        "llm_prob_of_slm_top1": float(llm_mass.gather(-1, slm_top[:, None]).mean())
+        if len(best)
+        else float("nan"),
     }
 
 
@@ -185,7 +189,13 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
                 if in_val.any()
                 else {}
             )  # fmt: skip
-        history.append({"epoch": epoch + 1, "train_loss": total / len(x_train), **{f"val_{k}": v for k, v in val.items()}})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": total / len(x_train),
+                **{f"val_{k}": v for k, v in val.items()},
+            }
+        )
         score = val.get("agreement_with_llm", -total)
         if score > best_val:
             best_val, best_state = score, bins.detach().clone()

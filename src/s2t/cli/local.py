@@ -1,0 +1,104 @@
+"""``s2t collect`` and ``s2t train``: distil the LLM's selection into the SLM (S2T-Local)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from s2t.cli.app import DtypeOpt, LLMOpt, SLMOpt, app, console, fail
+from s2t.models import DEFAULT_LLM, DEFAULT_SLM
+
+
+@app.command()
+def collect(
+    dataset: Annotated[
+        str, typer.Option(help="Training dataset (gsm8k, or any name with --data-file).")
+    ] = "gsm8k",
+    split: Annotated[str, typer.Option(help="A training split; evaluation splits are refused.")] = "train",
+    limit: Annotated[
+        int | None, typer.Option(help="Collect on the first N problems (after --offset).")
+    ] = 300,
+    offset: Annotated[int, typer.Option(help="Skip this many problems first.")] = 0,
+    data_file: Annotated[str | None, typer.Option(help="A local JSONL with question/answer fields.")] = None,
+    mode: Annotated[
+        str, typer.Option(help="teacher-forced (cheap) or on-policy (S2T decoding, as the paper).")
+    ] = ("teacher-forced"),
+    k: Annotated[int, typer.Option("--k", "-k", help="Candidates per group (the SLM's top-K).")] = 16,
+    entropy_quantile: Annotated[
+        float, typer.Option(help="teacher-forced: also keep positions in this SLM-entropy quantile.")
+    ] = 0.9,
+    threshold: Annotated[float | None, typer.Option(help="on-policy: entropy trigger threshold.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Trajectory length limit.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Problems decoded together.")] = 8,
+    out: Annotated[str | None, typer.Option(help="Output directory (resumed if it exists).")] = None,
+    slm: SLMOpt = DEFAULT_SLM,
+    llm: LLMOpt = DEFAULT_LLM,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Collect (context, top-K candidates, LLM preference) groups on training problems."""
+    from s2t.data import DatasetUnavailableError
+    from s2t.local.collect import CollectConfig
+    from s2t.local.collect import collect as run_collect
+
+    out = out or str(Path("runs") / f"groups-{dataset}-{split}-{offset}-{limit}-{mode}")
+    try:
+        if mode == "on-policy" and threshold is None:
+            raise ValueError("on-policy collection needs --threshold (the entropy trigger's threshold)")
+        config = CollectConfig(
+            slm=slm, llm=llm, dataset=dataset, split=split, limit=limit, offset=offset, data_file=data_file,
+            mode=mode, k=k, entropy_quantile=entropy_quantile, on_policy_threshold=threshold,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
+        )  # fmt: skip
+        console.print(f"collecting into {out}")
+        run_collect(config, out)
+    except (ValueError, RuntimeError, FileNotFoundError, DatasetUnavailableError) as e:
+        fail(str(e))
+    console.print(f"done: {out}/problems.jsonl and {out}/features/")
+
+
+@app.command("train")
+def train_command(
+    groups: Annotated[str, typer.Option(help="A collection directory made by `s2t collect`.")],
+    out: Annotated[str, typer.Option(help="Where to save the selector (safetensors + JSON config).")],
+    mode: Annotated[str, typer.Option(help="head (frozen SLM, CPU-friendly) or lora (GPU).")] = "head",
+    groups_subset: Annotated[
+        str, typer.Option(help="all, or divergent (SLM top-1 ≠ LLM top-1) only.")
+    ] = "all",
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default: 30 for head, 3 for lora).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: 1e-2 head, 5e-5 lora).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Groups per step (default: 256 head, 4 lora).")
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option(help="Share of training problems held out for validation.")
+    ] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed for the split and initialisation.")] = 0,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Train the S2T-Local selector from collected groups."""
+    from s2t.local.selector import SelectorCheckpointError
+    from s2t.local.train import TrainConfig, train
+
+    defaults = {"head": (30, 1e-2, 256), "lora": (3, 5e-5, 4)}
+    try:
+        if mode not in defaults:
+            raise ValueError(f"mode must be head or lora; got {mode!r}")
+        d_epochs, d_lr, d_bs = defaults[mode]
+        config = TrainConfig(
+            groups=groups, out=out, mode=mode, groups_subset=groups_subset, epochs=epochs or d_epochs,
+            lr=lr or d_lr, batch_size=batch_size or d_bs, val_fraction=val_fraction, seed=seed, dtype=dtype,
+        )  # fmt: skip
+        selector = train(config)
+    except (ValueError, RuntimeError, FileNotFoundError, SelectorCheckpointError) as e:
+        fail(str(e))
+    metrics = selector.config.training["metrics"]
+    for part in ("train", "validation"):
+        m = metrics.get(part)
+        if m:
+            console.print(
+                f"{part}: {m['n_groups']} groups; picks the LLM's best candidate {m['agreement_with_llm']:.1%} "
+                f"of the time (the SLM's top-1: {m['slm_top1_agreement_with_llm']:.1%})"
+            )
+    console.print(f"saved the selector to {out}")

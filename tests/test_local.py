@@ -165,3 +165,24 @@ def test_s2t_local_evaluation_needs_no_llm_and_refuses_leaky_problems(collected,
     )
     with pytest.raises(ValueError, match="refusing a leaky evaluation"):
         evaluate(leaky, tmp_path / "run2", progress=False, generator=gen)
+
+
+def test_learned_trigger_trains_reloads_and_drives_llm_free_decoding(
+    collected, slm, prompts, tokenizer, tmp_path
+):
+    from s2t.local.trigger import LearnedTrigger, train_trigger
+
+    trigger = train_trigger(collected, slm, "tiny", target_rate=0.3, val_fraction=0.25, epochs=20)
+    assert 0.0 <= trigger.threshold <= 1.0
+    assert {"learned", "entropy", "margin"} <= set(trigger.config.metrics)
+    trigger.save_pretrained(tmp_path)
+    reloaded = LearnedTrigger.from_pretrained(tmp_path, model=slm.model)
+    x = torch.randn(3, slm.model.config.hidden_size + 18)
+    torch.testing.assert_close(reloaded.predict(x), trigger.predict(x))
+    selector = LocalSelector.initial(slm.model, "tiny", len(tokenizer))
+    kw = dict(vocab_size=len(tokenizer), stop_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id,
+              max_new_tokens=12)  # fmt: skip
+    batched = decode(slm.model, prompts, Method(reloaded, TopK(4), selector), **kw)
+    single = [decode(slm.model, [p], Method(reloaded, TopK(4), selector), **kw)[0] for p in prompts]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+    assert [g.trigger_steps for g in batched] == [g.trigger_steps for g in single]

@@ -265,7 +265,7 @@ def evaluate_distributed(
     if workers > 1:
         import_ray()  # fail before any model is loaded
     evaluator = Evaluator(config, out_dir, progress=progress, problems=problems)
-    threshold = evaluator.calibrate()  # once, on the driver; stored in calibration.json
+    threshold = evaluator.prepare_methods()  # calibrates once, here; stored in calibration.json
     evaluator._generator = None  # the driver only writes: free the models calibration loaded
     worker_config = config
     if config.threshold is None and threshold is not None:

@@ -99,11 +99,13 @@ class Generation:
 class ModelStream:
     """A model's KV cache over a batch's token history, fed only the columns it has not seen."""
 
-    def __init__(self, model: PreTrainedModel, vocab_size: int):
+    def __init__(self, model: PreTrainedModel, vocab_size: int, keep_hidden: bool = False):
         self.model = model
         self.vocab_size = vocab_size
         self.cache = DynamicCache()
         self.seen = 0
+        self.keep_hidden = keep_hidden
+        self.last_hidden: torch.Tensor | None = None  # (batch, hidden) when keep_hidden
 
     @torch.inference_mode()
     def advance(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -117,12 +119,17 @@ class ModelStream:
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            output_hidden_states=self.keep_hidden,
         )
+        if self.keep_hidden:
+            self.last_hidden = out.hidden_states[-1][:, -1].float().cpu()
         self.seen = ids.shape[1]
         return out.logits[:, -1, : self.vocab_size].float().cpu()
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows.to(self.model.device))
+        if self.last_hidden is not None:
+            self.last_hidden = self.last_hidden[rows]
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +201,7 @@ def decode(
     statistics: list[list[float]] | None = [[] for _ in range(n)] if record_statistics else None
     finish = ["length"] * n
 
-    slm_stream = ModelStream(slm, vocab_size)
+    slm_stream = ModelStream(slm, vocab_size, keep_hidden=method.trigger.needs_hidden)
     llm_stream = ModelStream(llm, vocab_size) if method.needs_llm else None
     slm_logits = slm_stream.advance(ids, mask)
 
@@ -204,7 +211,7 @@ def decode(
         if method.trigger.needs_llm:
             llm_logits = llm_stream.advance(ids, mask)
             _charge_llm(costs, rows, torch.ones(len(rows), dtype=torch.bool), prompt_lengths, step)
-        fired, stat = method.trigger.fires(slm_logits, llm_logits, row_gens)
+        fired, stat = method.trigger.fires(slm_logits, llm_logits, row_gens, slm_stream.last_hidden)
         if step < method.min_step:
             fired = torch.zeros_like(fired)
         elif statistics is not None:

@@ -153,17 +153,20 @@ class Evaluator:
             return set()
         return {(r["method"], r["problem_id"]) for r in self.run.records()}
 
-    def calibrate(self) -> float | None:
-        """Calibrate the trigger now (once per run, stored in ``calibration.json``); returns the threshold.
+    def prepare_methods(self) -> float | None:
+        """Build every configured method now; returns the trigger threshold they use.
 
-        All trigger-based methods share one trigger configuration, so one threshold serves them all;
-        None when no configured method has a trigger to calibrate. Distributed runs call this on the
-        driver before fanning out and hand the threshold to the workers.
+        This calibrates the trigger (once per run, stored in ``calibration.json``; all methods
+        share one trigger configuration, so one threshold serves them all) and loads and checks an
+        S2T-Local selector (its base model, and leakage against the evaluated problems).
+        Distributed runs call it on the driver before fanning out and hand the threshold to the
+        workers. None when no configured method has a trigger.
         """
+        threshold = self.config.threshold
         for name in self.config.methods:
             if name == "s2t-local" or (name in METHOD_SELECTORS and name != "greedy"):
-                return self._method(name).trigger.threshold
-        return self.config.threshold
+                threshold = self._method(name).trigger.threshold
+        return threshold
 
     def run_all(self, on_record: Callable[[dict], None] | None = None) -> list[dict]:
         """Evaluate every configured method on every problem not yet finished; returns all records."""
@@ -255,7 +258,10 @@ class Evaluator:
         if name == LLM_ALONE:
             return LLM_ALONE
         selector = self._local_selector() if name == "s2t-local" else None
-        method = build_method(name, selector=selector, **self.config.method_kwargs())
+        kwargs = self.config.method_kwargs()
+        if self.config.trigger == "learned":
+            kwargs["trigger"] = self._learned_trigger()
+        method = build_method(name, selector=selector, **kwargs)
         if name == "s2t-local" and method.needs_llm:
             raise ValueError(
                 f"s2t-local runs without an LLM; the {method.trigger.name!r} trigger needs one: "
@@ -264,6 +270,13 @@ class Evaluator:
         if needs_calibration(method):
             self._calibrate(method)
         return method
+
+    def _learned_trigger(self):
+        from s2t.local.trigger import LearnedTrigger
+
+        if not self.config.selector:
+            raise ValueError("the learned trigger is stored with a trained selector: pass --selector DIR")
+        return LearnedTrigger.from_pretrained(self.config.selector, model=self.generator.slm.model)
 
     def _local_selector(self):
         """The trained selector, checked against the SLM and against test-set leakage."""

@@ -26,7 +26,7 @@ METHOD_SELECTORS = {"greedy": "slm", "s2t": "llm", "takeover": "takeover", "rand
 
 def build_method(
     name: str,
-    trigger: str = "entropy",
+    trigger: str | Trigger = "entropy",
     threshold: float | None = None,
     quantile: float | None = None,
     k: int = DEFAULT_K,
@@ -46,7 +46,7 @@ def build_method(
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHOD_SELECTORS)}")
     if quantile is not None:
         check_quantile(quantile)
-    trig: Trigger = make_trigger(trigger, threshold)
+    trig: Trigger = trigger if isinstance(trigger, Trigger) else make_trigger(trigger, threshold)
     selector = selector or make_selector(METHOD_SELECTORS[name])
     if threshold is None and quantile is None and not isinstance(trig, NeverTrigger):
         quantile = DEFAULT_QUANTILE

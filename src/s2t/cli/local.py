@@ -75,9 +75,12 @@ def train_command(
         float, typer.Option(help="Share of training problems held out for validation.")
     ] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed for the split and initialisation.")] = 0,
+    trigger_rate: Annotated[
+        float, typer.Option(help="Also train an LLM-free trigger firing on this share of steps (0 to skip).")
+    ] = 0.05,
     dtype: DtypeOpt = None,
 ) -> None:
-    """Train the S2T-Local selector from collected groups."""
+    """Train the S2T-Local selector (and an LLM-free trigger) from collected groups."""
     from s2t.local.selector import SelectorCheckpointError
     from s2t.local.train import TrainConfig, train
 
@@ -91,6 +94,9 @@ def train_command(
             lr=lr or d_lr, batch_size=batch_size or d_bs, val_fraction=val_fraction, seed=seed, dtype=dtype,
         )  # fmt: skip
         selector = train(config)
+        trigger = (
+            _train_trigger(groups, out, trigger_rate, val_fraction, seed, dtype) if trigger_rate > 0 else None
+        )
     except (ValueError, RuntimeError, FileNotFoundError, SelectorCheckpointError) as e:
         fail(str(e))
     metrics = selector.config.training["metrics"]
@@ -101,4 +107,27 @@ def train_command(
                 f"{part}: {m['n_groups']} groups; picks the LLM's best candidate {m['agreement_with_llm']:.1%} "
                 f"of the time (the SLM's top-1: {m['slm_top1_agreement_with_llm']:.1%})"
             )
-    console.print(f"saved the selector to {out}")
+    if trigger is not None:
+        m = trigger.config.metrics
+        console.print(
+            f"learned trigger: threshold {trigger.threshold:.4f} for a {trigger_rate:.0%} trigger rate"
+        )
+        for name in ("learned", "entropy", "margin"):
+            if name in m:
+                recall = next(v for k, v in m[name].items() if k.startswith("recall_at"))
+                console.print(
+                    f"  {name:8s} validation AUROC {m[name]['auroc']:.3f}, divergence recall {recall:.1%}"
+                )
+    console.print(f"saved to {out}")
+
+
+def _train_trigger(groups: str, out: str, rate: float, val_fraction: float, seed: int, dtype):
+    import json
+
+    from s2t.local.trigger import train_trigger
+    from s2t.models import load_model
+
+    slm_name = json.loads((Path(groups) / "config.json").read_text())["slm"]
+    trigger = train_trigger(groups, load_model(slm_name, dtype=dtype), slm_name, rate, val_fraction, seed)
+    trigger.save_pretrained(out)
+    return trigger

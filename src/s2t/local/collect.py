@@ -49,6 +49,7 @@ from s2t.runs import RunDirectory
 logger = logging.getLogger(__name__)
 
 EVALUATION_SPLITS = {"test", "validation", "dev"}
+POSITION_TOP_PROBS = 16  # top-probabilities kept per position, features of the learned trigger
 MODES = ("teacher-forced", "on-policy")
 
 
@@ -284,7 +285,9 @@ class Collector:
             "position_hidden": pos_hidden.half().cpu().contiguous(),
             "position_entropy": entropy.contiguous(),
             "position_margin": margin.contiguous(),
-            "position_slm_topk_probs": torch.softmax(slm_logits, -1).topk(c.k, -1).values.contiguous(),
+            "position_slm_topk_probs": torch.softmax(slm_logits, -1)
+            .topk(POSITION_TOP_PROBS, -1)
+            .values.contiguous(),
             "position_divergent": divergent.contiguous(),
             "position_llm_top1_rank": (slm_logits > slm_logits.gather(-1, llm_top1[:, None])).sum(-1) + 1,
         }

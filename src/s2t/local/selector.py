@@ -130,6 +130,8 @@ class LocalSelector(Selector):
         with torch.inference_mode():
             logits = model.get_output_embeddings()(chosen_hidden)
         ctx.next_slm_logits = logits[:, : stream.vocab_size].float().cpu()
+        if stream.keep_hidden:
+            stream.last_hidden = chosen_hidden.float().cpu()
         ctx.slm_tokens_read = torch.where(
             ctx.fired, torch.full((batch,), k), torch.ones(batch, dtype=torch.long)
         )

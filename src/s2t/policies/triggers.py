@@ -28,6 +28,7 @@ class Trigger(ABC):
 
     name: str = "trigger"
     needs_llm: bool = False  # True when the statistic needs the LLM's logits at every step
+    needs_hidden: bool = False  # True when the statistic needs the SLM's last hidden state
     higher_is_critical: bool = True  # fire when statistic >= threshold (else when <=)
     threshold_range: tuple[float, float] = (0.0, math.inf)  # the statistic's possible values
 
@@ -49,11 +50,16 @@ class Trigger(ABC):
         slm_logits: torch.Tensor,
         llm_logits: torch.Tensor | None,
         generators: list[torch.Generator],
+        slm_hidden: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (fired, statistic), both of shape (batch,)."""
         if self.threshold is None:
             raise ValueError(f"the {self.name!r} trigger has no threshold: give one or calibrate it")
-        stat = self.statistic(slm_logits, llm_logits)
+        stat = (
+            self.statistic(slm_logits, llm_logits)
+            if not self.needs_hidden
+            else self.statistic(slm_logits, slm_hidden)
+        )
         fired = stat >= self.threshold if self.higher_is_critical else stat <= self.threshold
         return fired, stat
 
@@ -82,7 +88,7 @@ class NeverTrigger(Trigger):
 
     name = "never"
 
-    def fires(self, slm_logits, llm_logits, generators):
+    def fires(self, slm_logits, llm_logits, generators, slm_hidden=None):
         stat = torch.zeros(slm_logits.shape[0], device=slm_logits.device)
         return torch.zeros_like(stat, dtype=torch.bool), stat
 
@@ -98,7 +104,7 @@ class AlwaysTrigger(NeverTrigger):
 
     name = "always"
 
-    def fires(self, slm_logits, llm_logits, generators):
+    def fires(self, slm_logits, llm_logits, generators, slm_hidden=None):
         stat = torch.ones(slm_logits.shape[0], device=slm_logits.device)
         return torch.ones_like(stat, dtype=torch.bool), stat
 
@@ -151,7 +157,7 @@ class RandomTrigger(Trigger):
     def statistic(self, slm_logits, llm_logits):
         raise NotImplementedError("the random trigger has no model statistic")
 
-    def fires(self, slm_logits, llm_logits, generators):
+    def fires(self, slm_logits, llm_logits, generators, slm_hidden=None):
         if self.threshold is None:
             raise ValueError("the random trigger needs a rate (threshold) or a quantile")
         u = torch.stack([torch.rand((), generator=g) for g in generators]).to(slm_logits.device)

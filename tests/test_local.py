@@ -186,3 +186,27 @@ def test_learned_trigger_trains_reloads_and_drives_llm_free_decoding(
     single = [decode(slm.model, [p], Method(reloaded, TopK(4), selector), **kw)[0] for p in prompts]
     assert [g.token_ids for g in batched] == [g.token_ids for g in single]
     assert [g.trigger_steps for g in batched] == [g.trigger_steps for g in single]
+
+
+def test_lora_training_saves_an_adapter_that_s2t_local_evaluation_uses(collected, tiny_pair_dir, tmp_path):
+    from s2t.api import S2TGenerator
+    from s2t.evaluate import EvalConfig, evaluate
+    from s2t.models import load_model
+
+    slm = load_model(tiny_pair_dir["slm"], device="cpu")  # a private copy: training must leave it unchanged
+    before = {k: v.clone() for k, v in slm.model.state_dict().items()}
+    cfg = TrainConfig(groups=str(collected), out=str(tmp_path / "sel"), mode="lora", epochs=1, lr=1e-3,
+                      batch_size=4, val_fraction=0.0, prefix_kl_tokens=8)  # fmt: skip
+    selector = train(cfg, slm=slm, progress=False)
+    assert (tmp_path / "sel" / "adapter" / "adapter_model.safetensors").is_file()
+    assert selector.config.training["mode"] == "lora"
+    after = slm.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text(json.dumps({"question": QUESTIONS[0], "answer": "#### 4"}))
+    gen = S2TGenerator(slm)
+    cfg = EvalConfig(slm="tiny", llm="none", dataset="tiny", split="test", data_file=str(test_file), limit=None,
+                     methods=["s2t-local"], trigger="entropy", threshold=0.0, k=4, max_new_tokens=6,
+                     selector=str(tmp_path / "sel"))  # fmt: skip
+    payload = evaluate(cfg, tmp_path / "run", progress=False, generator=gen)
+    assert payload["methods"]["s2t-local"]["n"] == 1

@@ -135,6 +135,7 @@ class Evaluator:
         )
         self.progress = progress
         self._generator = generator
+        self._local_generator: S2TGenerator | None = None  # an SLM with a LoRA selector's adapter merged in
         self.problems = list(problems) if problems is not None else self._load_problems()
 
     @property
@@ -197,10 +198,13 @@ class Evaluator:
             yield from self._run_majority(int(match.group(1)), problems)
             return
         method_obj = self._method(method)
+        generator = (
+            self._local_generator if method == "s2t-local" and self._local_generator else self.generator
+        )
         bs = self.config.batch_size
         for start in range(0, len(problems), bs):
             batch = problems[start : start + bs]
-            outs = self.generator.generate(
+            outs = generator.generate(
                 [p.question for p in batch],
                 method_obj,
                 max_new_tokens=self.config.max_new_tokens,
@@ -295,6 +299,13 @@ class Evaluator:
                 f"the selector was trained on {len(leaked)} of the evaluated problems (e.g. {sorted(leaked)[0]}): "
                 "refusing a leaky evaluation"
             )
+        if training.get("mode") == "lora":
+            from s2t.local.lora import load_adapted_slm
+            from s2t.models import LoadedModel
+
+            base = self.generator.slm
+            adapted = load_adapted_slm(base.model, self.config.selector)
+            self._local_generator = S2TGenerator(LoadedModel(f"{base.name}+lora", adapted, base.tokenizer))
         return selector
 
     def _calibrate(self, method) -> None:

@@ -118,22 +118,19 @@ def candidate_hidden_states_at(
     Candidate (m, j) stands at answer position ``positions[m]`` (in place of that trajectory token):
     it attends to the tokens before that position and to itself, with that position's id.
     """
-    from s2t.local.scoring import candidate_attention_mask
+    from s2t.local.scoring import attention_mask_for
 
     m, k = candidates.shape
     if m == 0:
         return torch.zeros(0, k, model.config.hidden_size)
-    allowed = torch.zeros(m * k, sequence_length, dtype=torch.bool, device=model.device)
+    allowed = torch.zeros(1, 1, m * k, sequence_length + m * k, dtype=torch.bool, device=model.device)
     position_ids = torch.empty(m * k, dtype=torch.long, device=model.device)
     for i, pos in enumerate(positions):
-        allowed[i * k : (i + 1) * k, : prompt_length + pos] = True
+        allowed[0, 0, i * k : (i + 1) * k, : prompt_length + pos] = True
         position_ids[i * k : (i + 1) * k] = prompt_length + pos
-    full = torch.ones(1, sequence_length, dtype=torch.long, device=model.device)
-    block = candidate_attention_mask(full, m * k, model)
-    if block.dtype == torch.bool:
-        block[0, 0, :, :sequence_length] = allowed
-    else:
-        block[0, 0, :, :sequence_length] = torch.where(allowed, 0.0, torch.finfo(block.dtype).min)
+    diagonal = torch.arange(m * k, device=model.device)
+    allowed[0, 0, diagonal, sequence_length + diagonal] = True
+    block = attention_mask_for(allowed, model)
     out = model.model(
         input_ids=candidates.reshape(1, m * k).to(model.device),
         attention_mask=block,

@@ -24,6 +24,12 @@ def candidate_attention_mask(prefix_mask: torch.Tensor, k: int, model: PreTraine
     allowed[..., :prefix] = prefix_mask.bool()[:, None, None, :]
     diagonal = torch.arange(k, device=prefix_mask.device)
     allowed[:, :, diagonal, prefix + diagonal] = True
+    return attention_mask_for(allowed, model)
+
+
+def attention_mask_for(allowed: torch.Tensor, model: PreTrainedModel) -> torch.Tensor:
+    """A boolean (batch, 1, q, kv) "may attend" mask in the format the model's attention expects:
+    boolean for SDPA, additive float (0 or the dtype's minimum) for eager attention."""
     if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
         return allowed
     dtype = model.dtype

@@ -135,7 +135,8 @@ def test_a_shard_that_keeps_failing_raises_after_max_retries_and_keeps_finished_
     with pytest.raises(RuntimeError, match="shard 1 failed 2 times"):
         run_sharded(FlakyWorker, "run", [1, 2, 3], on_record=written.append, workers=2, max_retries=1,
                     progress=False)  # fmt: skip
-    assert sorted(r["shard"] for r in written) == [1, 3]
+    finished = [r["shard"] for r in written]
+    assert 1 in finished and 2 not in finished and len(finished) == len(set(finished))
 
 
 class FlakyWorker:
@@ -157,6 +158,11 @@ def test_run_sharded_in_process_skips_records_already_done():
     assert [r["id"] for r in written] == [0, 2, 3, 4] and count == 4
 
 
+def cli_args(data_file, tiny_pair_dir) -> list[str]:
+    return ["eval", "--data-file", data_file, "--dataset", "tiny", "--slm", tiny_pair_dir["slm"],
+            "--llm", tiny_pair_dir["llm"], "--threshold", "0.9"]  # fmt: skip
+
+
 def test_more_than_one_worker_without_ray_names_the_install_command(
     tmp_path, data_file, tiny_pair_dir, monkeypatch
 ):
@@ -164,9 +170,8 @@ def test_more_than_one_worker_without_ray_names_the_install_command(
     config = make_config(data_file, tiny_pair_dir, threshold=0.9)
     with pytest.raises(RayUnavailableError, match=r'pip install "select-to-think\[ray\]"'):
         evaluate_distributed(config, tmp_path / "run", workers=2, progress=False)
-    result = CliRunner().invoke(app, ["eval", "--data-file", data_file, "--dataset", "tiny", "--slm",
-                                      tiny_pair_dir["slm"], "--llm", tiny_pair_dir["llm"], "--threshold", "0.9",
-                                      "--workers", "2", "--out", str(tmp_path / "cli")])  # fmt: skip
+    result = CliRunner().invoke(app, [*cli_args(data_file, tiny_pair_dir), "--workers", "2", "--out",
+                                      str(tmp_path / "cli")])  # fmt: skip
     assert result.exit_code == 2
     assert "select-to-think[ray]" in result.stdout
 
@@ -181,10 +186,9 @@ def test_cli_eval_with_workers_uses_the_distributed_runner(tmp_path, data_file, 
         return evaluate(config, out, progress=False)
 
     monkeypatch.setattr(s2t.distributed, "evaluate_distributed", fake)
-    result = CliRunner().invoke(app, ["eval", "--data-file", data_file, "--dataset", "tiny", "--slm",
-                                      tiny_pair_dir["slm"], "--llm", tiny_pair_dir["llm"], "--threshold", "0.9",
-                                      "--methods", "greedy", "--max-new-tokens", "4", "--workers", "3",
-                                      "--ray-address", "auto", "--out", str(tmp_path / "cli")])  # fmt: skip
+    result = CliRunner().invoke(app, [*cli_args(data_file, tiny_pair_dir), "--methods", "greedy",
+                                      "--max-new-tokens", "4", "--workers", "3", "--ray-address", "auto",
+                                      "--out", str(tmp_path / "cli")])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert calls["workers"] == 3 and calls["ray_address"] == "auto"
     assert "| greedy |" in result.stdout

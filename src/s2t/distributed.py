@@ -75,6 +75,10 @@ def import_ray():
     return ray
 
 
+class WorkerSetupError(RuntimeError):
+    """A worker could not be built inside its actor (e.g. a model failed to load)."""
+
+
 class ShardActor:
     """The body of every Ray actor: builds one worker and runs its ``work_fn_name`` on shards."""
 
@@ -83,10 +87,28 @@ class ShardActor:
             import torch
 
             torch.set_num_threads(cpu_threads)
-        self.worker = make_worker()
+        # A failure here is reported by the first call (and the driver replaces this actor), rather
+        # than by Ray's generic "actor died in its creation task".
+        self.worker, self.setup_error = None, None
+        try:
+            self.worker = make_worker()
+        except Exception as e:
+            self.setup_error = e
 
     def run(self, work_fn_name: str, shard: Any) -> list[dict]:
+        if self.setup_error is not None:
+            raise WorkerSetupError(
+                f"the worker could not be built: {type(self.setup_error).__name__}: {self.setup_error}"
+            ) from self.setup_error
         return list(getattr(self.worker, work_fn_name)(shard))
+
+
+def _describe(err: BaseException) -> str:
+    """The original error behind a Ray error, in one line where possible."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}"
+    return str(err)
 
 
 def run_sharded(
@@ -146,6 +168,7 @@ def run_sharded(
     if not ray.is_initialized():
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=progress)
         started_here = True
+    actors: list[Any] = []  # one per slot; None after a death, until the slot gets new work
     try:
         if gpus_per_worker is None:
             gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -153,39 +176,34 @@ def run_sharded(
         actor_class = ray.remote(ShardActor).options(
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0
         )
-
-        def new_actor():
-            return actor_class.remote(make_worker, cpu_threads)
-
-        n_actors = min(workers, len(shards))
-        actors = [new_actor() for _ in range(n_actors)]
+        actors = [None] * min(workers, len(shards))
         queue = list(range(len(shards)))  # shard indices still to submit (retries go first)
         attempts = [0] * len(shards)
         pending: dict[Any, tuple[int, int]] = {}  # object ref -> (actor slot, shard index)
         failure: tuple[int, BaseException] | None = None
 
         def submit(slot: int) -> None:
-            if queue and failure is None:
-                index = queue.pop(0)
-                attempts[index] += 1
-                pending[actors[slot].run.remote(work_fn_name, shards[index])] = (slot, index)
+            if not queue or failure is not None:
+                return
+            if actors[slot] is None:  # started lazily: a dead worker is replaced only if work remains
+                actors[slot] = actor_class.remote(make_worker, cpu_threads)
+            index = queue.pop(0)
+            attempts[index] += 1
+            pending[actors[slot].run.remote(work_fn_name, shards[index])] = (slot, index)
 
-        for slot in range(n_actors):
+        for slot in range(len(actors)):
             submit(slot)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            ref = ready[0]
-            slot, index = pending.pop(ref)
+            slot, index = pending.pop(ready[0])
             try:
-                records = ray.get(ref)
+                records = ray.get(ready[0])
             except ray.exceptions.RayError as err:
-                if isinstance(err, ray.exceptions.RayActorError):
-                    logger.warning("worker %d died on shard %d (attempt %d): %s; starting a new one",
-                                   slot, index, attempts[index], err)  # fmt: skip
-                    ray.kill(actors[slot], no_restart=True)
-                    actors[slot] = new_actor()
-                else:
-                    logger.warning("shard %d failed (attempt %d): %s", index, attempts[index], err)
+                logger.warning("shard %d failed (attempt %d): %s", index, attempts[index], _describe(err))
+                dead = isinstance(err, ray.exceptions.RayActorError)
+                if dead or isinstance(getattr(err, "cause", None), WorkerSetupError):
+                    ray.kill(actors[slot], no_restart=True)  # a fresh process for the next try
+                    actors[slot] = None
                 if attempts[index] <= max_retries:
                     queue.insert(0, index)
                 elif failure is None:
@@ -193,17 +211,18 @@ def run_sharded(
             else:
                 emit(records)
             submit(slot)
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
     finally:
         bar.close()
+        for actor in actors:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
         if started_here:
             ray.shutdown()
     if failure is not None:
         index, err = failure
         raise RuntimeError(
             f"shard {index} failed {attempts[index]} times (max_retries={max_retries}); every finished "
-            f"shard is written, so re-running resumes from there. Last error: {err}"
+            f"shard is written, so re-running resumes from there. Last error: {_describe(err)}"
         ) from err
     return emitted
 
@@ -212,7 +231,11 @@ class EvalShardWorker:
     """What each evaluation actor builds once: an evaluator with its own model pair, writing nothing."""
 
     def __init__(self, config: EvalConfig):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # per-load bars from every actor are noise
         self.evaluator = Evaluator(config, None, progress=False, problems=[])
+        _ = self.evaluator.generator  # load the SLM now (the LLM loads when a method first needs it)
 
     def run_shard(self, shard: EvalShard) -> list[dict]:
         """The records of every (method, problems) pair of the shard, graded, in order."""
@@ -265,22 +288,22 @@ def evaluate_distributed(
     if workers > 1:
         import_ray()  # fail before any model is loaded
     evaluator = Evaluator(config, out_dir, progress=progress, problems=problems)
+    prepare_builtin_models(config)
     threshold = evaluator.prepare_methods()  # calibrates once, here; stored in calibration.json
-    evaluator._generator = None  # the driver only writes: free the models calibration loaded
     worker_config = config
     if config.threshold is None and threshold is not None:
         worker_config = replace(config, threshold=threshold)
-
-    done = evaluator.finished()
+    run, done = evaluator.run, evaluator.finished()
     shard_size = shard_size or 2 * config.batch_size
     shards = eval_shards(config.methods, evaluator.problems, done, shard_size)
+    del evaluator  # the driver only writes from here on: free any models that calibration loaded
     if shards:
         logger.info("%d shards of up to %d problems on %d workers", len(shards), shard_size, workers)
         run_sharded(
             partial(worker_factory, worker_config),
             "run_shard",
             shards,
-            on_record=evaluator.run.append,
+            on_record=run.append,
             workers=workers,
             ray_address=ray_address,
             max_retries=max_retries,
@@ -290,7 +313,27 @@ def evaluate_distributed(
             gpus_per_worker=gpus_per_worker,
             progress=progress,
         )
-    return write_report(evaluator.run.path)
+    return write_report(run.path)
+
+
+def prepare_builtin_models(config: EvalConfig) -> None:
+    """Fetch and convert the built-in models the workers will load, once, here.
+
+    Otherwise every actor on this node would convert the same GGUF at the same time. On a
+    multi-node cluster run ``s2t prepare`` on every node first (see ``docs/scaling.md``).
+    """
+    from s2t.api import LLM_ALONE
+    from s2t.builtin_models import BUILTIN_MODELS, prepare_builtin
+    from s2t.methods import METHOD_SELECTORS, build_method
+
+    needs_llm = any(
+        m == LLM_ALONE or (m in METHOD_SELECTORS and build_method(m, **config.method_kwargs()).needs_llm)
+        for m in config.methods
+    )
+    wanted = [config.slm] + ([config.llm] if needs_llm else [])
+    for name in wanted:
+        if name in BUILTIN_MODELS:
+            prepare_builtin(name)
 
 
 def record_key(record: dict) -> tuple[str, str]:
@@ -301,9 +344,11 @@ def record_key(record: dict) -> tuple[str, str]:
 __all__ = [
     "EvalShardWorker",
     "RayUnavailableError",
+    "WorkerSetupError",
     "eval_shards",
     "evaluate_distributed",
     "import_ray",
+    "prepare_builtin_models",
     "record_key",
     "run_sharded",
 ]

@@ -161,7 +161,7 @@ class Evaluator:
         share one trigger configuration, so one threshold serves them all) and loads and checks an
         S2T-Local selector (its base model, and leakage against the evaluated problems).
         Distributed runs call it on the driver before fanning out and hand the threshold to the
-        workers. None when no configured method has a trigger.
+        workers. Without a trigger-based method, the configured threshold (usually None).
         """
         threshold = self.config.threshold
         for name in self.config.methods:

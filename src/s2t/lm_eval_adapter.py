@@ -5,9 +5,8 @@ Importing this module registers the model ``s2t`` with lm-eval (``pip install
 that are imported before it runs, so run it through this module, which registers the model and
 then hands its arguments to lm-eval's own command line::
 
-    python -m s2t.lm_eval_adapter run --model s2t \\
-        --model_args slm=qwen2.5-coder-0.5b-instruct,llm=qwen2.5-coder-1.5b-instruct,method=s2t,trigger=entropy,threshold=1.0 \\
-        --tasks gsm8k --apply_chat_template --limit 50
+    python -m s2t.lm_eval_adapter run --model s2t --tasks gsm8k --apply_chat_template \\
+        --model_args slm=qwen2.5-coder-0.5b-instruct,llm=qwen2.5-coder-1.5b-instruct,method=s2t,threshold=1.0
 
 or from Python: ``import s2t.lm_eval_adapter`` then ``lm_eval.simple_evaluate(model="s2t", ...)``,
 or pass an :class:`S2TLM` instance as ``model=``.
@@ -115,6 +114,12 @@ class S2TLM(LM):
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         if unused:
             logger.info("s2t lm-eval adapter: ignoring arguments %s", sorted(unused))
+        if device and device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():  # lm-eval's --device defaults to cuda
+                logger.warning("device=%s asked for but CUDA is not available; using the CPU", device)
+                device = "cpu"
         self.generator = generator or S2TGenerator(
             slm, llm=llm, dtype=dtype, device=device, llm_dtype=llm_dtype, llm_device_map=llm_device_map
         )
@@ -135,18 +140,15 @@ class S2TLM(LM):
         local_selector = None
         if method == "s2t-local":
             if not selector:
-                raise NotImplementedError(
-                    "method=s2t-local needs a trained selector checkpoint: pass selector=DIR (see `s2t train`)"
-                )
+                raise ValueError("method=s2t-local needs a trained selector: pass selector=DIR (`s2t train`)")
             from s2t.local.selector import LocalSelector
 
             local_selector = LocalSelector.from_pretrained(selector, model=self.generator.slm.model)
         elif selector:
             raise ValueError(f"selector= is only used by method=s2t-local, not {method!r}")
-        built: Method = build_method(
-            method, trigger=trigger, threshold=threshold, quantile=None if threshold is not None else quantile,
-            k=k, ratio=ratio, min_step=min_step, selector=local_selector,
-        )  # fmt: skip
+        quantile = None if threshold is not None else quantile
+        built: Method = build_method(method, trigger=trigger, threshold=threshold, quantile=quantile, k=k,
+                                     ratio=ratio, min_step=min_step, selector=local_selector)  # fmt: skip
         if needs_calibration(built):
             from s2t.data import load_problems
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     add_completion=False,
@@ -35,7 +36,8 @@ DataDirOpt = Annotated[
 
 
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    # escape: messages hold brackets (ids, "select-to-think[ray]") that rich would read as markup
+    console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(2)
 
 

@@ -70,6 +70,7 @@ def eval_command(
     ] = None,
 ) -> None:
     """Evaluate methods on a benchmark; results stream into a resumable run directory."""
+
     from s2t.data import DatasetUnavailableError
     from s2t.evaluate import EvalConfig, evaluate
     from s2t.reporting.eval_report import markdown_table

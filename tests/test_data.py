@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from s2t import data
 from s2t.data import (
     DATA_DIR_ENV,
     DATASETS,
@@ -160,6 +161,8 @@ def test_without_local_data_or_datasets_package_error_is_clear(tmp_path: Path, n
 
 
 def test_hub_failure_becomes_dataset_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: True)
+
     class FakeDatasets:
         @staticmethod
         def load_dataset(*args: object, **kwargs: object) -> None:
@@ -171,6 +174,7 @@ def test_hub_failure_becomes_dataset_unavailable(monkeypatch: pytest.MonkeyPatch
 
 
 def test_hub_rows_are_loaded_with_hub_split_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: True)
     calls = []
 
     class FakeDatasets:
@@ -191,3 +195,10 @@ def test_real_local_gsm8k() -> None:
     assert len(problems) == 1319
     assert problems[0].answer == "18"
     assert problems[0].id == "gsm8k/test/0"
+
+
+def test_unreachable_hub_fails_fast_with_advice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("S2T_DATA_DIR", raising=False)
+    with pytest.raises(DatasetUnavailableError, match="not reachable.*S2T_DATA_DIR"):
+        load_problems("gsm8k", "test", data_dir=None)

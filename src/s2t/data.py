@@ -241,6 +241,23 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
     return records
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick look before asking ``datasets``, whose offline failure takes half a minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or os.environ.get(
+        "HF_DATASETS_OFFLINE"
+    ):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_from_hub(spec: DatasetSpec, split: str, local_path: Path | None) -> list[tuple[int, Any]]:
     """Read ``spec``/``split`` from the Hub; any failure becomes a :class:`DatasetUnavailableError`."""
     hub_split = spec.hub_split(split)
@@ -256,6 +273,11 @@ def _load_from_hub(spec: DatasetSpec, split: str, local_path: Path | None) -> li
             f"cannot load dataset {spec.name!r} split {split!r}: the Hugging Face Hub could not be reached "
             f"because the 'datasets' package is not installed (pip install 'select-to-think[hub]'). {advice}"
         ) from err
+    if not _hub_reachable():
+        raise DatasetUnavailableError(
+            f"cannot load dataset {spec.name!r} split {split!r}: the Hugging Face Hub is not reachable from "
+            f"this machine (or HF_HUB_OFFLINE is set). {advice}"
+        )
     try:
         rows: Iterable[Any] = datasets.load_dataset(spec.hub_id, spec.hub_config, split=hub_split)
         # Materialise inside the try: streaming or lazy datasets can fail while iterating too.

@@ -101,7 +101,7 @@ def eval_command(
         DatasetUnavailableError,
     ) as e:
         fail(str(e))
-    console.print(markdown_table(payload["methods"]), markup=False, highlight=False)
+    console.print(markdown_table(payload["methods"]), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {out}/summary.json, {out}/report.md, {out}/accuracy_vs_cost.png")
 
 
@@ -113,4 +113,4 @@ def report(run_dir: Annotated[str, typer.Argument(help="An eval run directory.")
     if not (Path(run_dir) / "config.json").is_file():
         fail(f"{run_dir} is not an eval run directory (no config.json)")
     payload = write_report(run_dir)
-    console.print(markdown_table(payload["methods"]), markup=False, highlight=False)
+    console.print(markdown_table(payload["methods"]), markup=False, highlight=False, soft_wrap=True)

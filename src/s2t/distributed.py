@@ -278,9 +278,9 @@ def evaluate_distributed(
     """Run (or resume) an evaluation on ``workers`` Ray actors and write its report; returns the summary.
 
     The run directory, its ``config.json``, ``results.jsonl`` and report are exactly those of
-    :func:`s2t.evaluate.evaluate`; only the wall times differ. ``shard_size`` (default: twice
-    the batch size) is the unit of work and of retry; a multiple of ``batch_size`` keeps the
-    decoding batches those of a single-process run. ``worker_factory(config)`` builds each
+    :func:`s2t.evaluate.evaluate`; only the wall times differ. ``shard_size`` (default: at most
+    twice the batch size, and small enough that every worker gets a shard) is the unit of work
+    and of retry. ``worker_factory(config)`` builds each
     actor's worker (default :class:`EvalShardWorker`; tests wrap it to kill a worker).
     """
     from s2t.reporting.eval_report import write_report
@@ -294,7 +294,10 @@ def evaluate_distributed(
     if config.threshold is None and threshold is not None:
         worker_config = replace(config, threshold=threshold)
     run, done = evaluator.run, evaluator.finished()
-    shard_size = shard_size or 2 * config.batch_size
+    # at most two batches a shard, and enough shards that every worker gets some
+    shard_size = shard_size or max(
+        1, min(2 * config.batch_size, -(-len(evaluator.problems) // max(workers, 1)))
+    )
     shards = eval_shards(config.methods, evaluator.problems, done, shard_size)
     del evaluator  # the driver only writes from here on: free any models that calibration loaded
     if shards:

@@ -11,9 +11,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from s2t.analysis import PROBLEMS_FILE, analyze
 from s2t.cli import app
+from s2t.data import Problem
 from s2t.distributed import EvalShardWorker, RayUnavailableError, evaluate_distributed, run_sharded
 from s2t.evaluate import EvalConfig, evaluate
+from s2t.local.collect import CollectConfig, Collector
+from s2t.models import ModelSpec
 
 QUESTIONS = [("How many eggs are left? 16 - 3 - 4", "9"), ("What is 2 + 2?", "4"), ("Double 21.", "42"),
              ("Half of 48?", "24"), ("5 times 3?", "15")]  # fmt: skip
@@ -192,3 +196,64 @@ def test_cli_eval_with_workers_uses_the_distributed_runner(tmp_path, data_file, 
     assert result.exit_code == 0, result.output
     assert calls["workers"] == 3 and calls["ray_address"] == "auto"
     assert "| greedy |" in result.stdout
+
+
+def problem_set(split: str) -> list[Problem]:
+    return [Problem(f"tiny/{split}/{i}", q, a, "tiny", split) for i, (q, a) in enumerate(QUESTIONS)]
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_analyze_on_two_ray_workers_gives_the_single_process_records(ray_cluster, tmp_path, tiny_pair_dir):
+    problems = problem_set("test")
+    slm, llm = ModelSpec(tiny_pair_dir["slm"]), ModelSpec(tiny_pair_dir["llm"])
+    kw = dict(max_new_tokens=6, batch_size=2, progress=False, n_resamples=200)
+    single = analyze(slm, llm, problems, out_dir=tmp_path / "single", **kw)
+    spread = analyze(slm, llm, problems, out_dir=tmp_path / "ray", workers=2, **kw)
+    by_id = {r["id"]: r for r in jsonl(tmp_path / "ray" / PROBLEMS_FILE)}
+    assert sorted(by_id) == [p.id for p in problems]
+    assert [by_id[p.id] for p in problems] == jsonl(tmp_path / "single" / PROBLEMS_FILE)
+    assert spread.to_dict() | {"config": None} == single.to_dict() | {"config": None}
+    # the two runs resume each other: the config does not record how many workers made it
+    assert json.loads((tmp_path / "ray" / "config.json").read_text()) == json.loads(
+        (tmp_path / "single" / "config.json").read_text()
+    )
+
+
+def test_collect_on_two_ray_workers_gives_the_single_process_groups(ray_cluster, tmp_path, tiny_pair_dir):
+    problems = problem_set("train")
+    config = CollectConfig(slm=tiny_pair_dir["slm"], llm=tiny_pair_dir["llm"], dataset="tiny", k=4,
+                           max_new_tokens=8, batch_size=2)  # fmt: skip
+    Collector(config, tmp_path / "single", problems=problems, progress=False).run_all()
+    assert Collector(config, tmp_path / "ray", problems=problems, progress=False, workers=2).run_all() == 5
+    single = {r["problem_id"]: r for r in jsonl(tmp_path / "single" / "problems.jsonl")}
+    spread = {r["problem_id"]: r for r in jsonl(tmp_path / "ray" / "problems.jsonl")}
+    assert spread == single
+    for record in single.values():  # the driver wrote the workers' feature files, byte for byte
+        assert (tmp_path / "ray" / record["features"]).read_bytes() == (
+            tmp_path / "single" / record["features"]
+        ).read_bytes()
+    # resuming with one worker finds nothing left to do
+    assert Collector(config, tmp_path / "ray", problems=problems, progress=False).run_all() == 0
+
+
+def test_distributed_collection_takes_model_names_not_loaded_models(slm, llm, tiny_pair_dir, tmp_path):
+    config = CollectConfig(slm=tiny_pair_dir["slm"], llm=tiny_pair_dir["llm"], dataset="tiny")
+    with pytest.raises(ValueError, match="each worker loads its own models"):
+        Collector(config, tmp_path, slm=slm, llm=llm, problems=problem_set("train"), workers=2)
+
+
+@pytest.mark.parametrize("command", ["analyze", "collect"])
+def test_analyze_and_collect_with_workers_but_without_ray_name_the_install_command(
+    command, tmp_path, data_file, tiny_pair_dir, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    split = "test" if command == "analyze" else "train"
+    result = CliRunner().invoke(app, [command, "--data-file", data_file, "--dataset", "tiny", "--split", split,
+                                      "--slm", tiny_pair_dir["slm"], "--llm", tiny_pair_dir["llm"],
+                                      "--workers", "2", "--out", str(tmp_path / command)])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "select-to-think[ray]" in result.stdout
+    assert not (tmp_path / command / "problems.jsonl").exists()

@@ -155,3 +155,35 @@ def test_cli_eval_runs_and_resumes(tmp_path, data_file, tiny_pair_dir):
         app, [*args[:-4], "--limit", "3", "--k", "4", "--out", str(tmp_path / "run")]
     )
     assert changed.exit_code == 2 and "different configuration" in changed.stdout
+
+
+def _append_many(path: str, writer: int, count: int) -> None:
+    from s2t.runs import RunDirectory
+
+    run = RunDirectory(path, {"kind": "concurrency"})
+    for i in range(count):  # records larger than a pipe buffer, so an unlocked append could interleave
+        run.append({"writer": writer, "i": i, "payload": "x" * 20000})
+
+
+def test_two_processes_appending_to_one_run_directory_never_interleave_lines(tmp_path):
+    import multiprocessing
+
+    from s2t.runs import RunDirectory
+
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_append_many, args=(str(tmp_path), w, 30)) for w in (0, 1)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    records = RunDirectory(tmp_path, {"kind": "concurrency"}).records()
+    assert sorted((r["writer"], r["i"]) for r in records) == [(w, i) for w in (0, 1) for i in range(30)]
+
+
+def test_llm_dtype_and_device_map_reach_the_generator(data_file, tiny_pair_dir):
+    config = EvalConfig(slm=tiny_pair_dir["slm"], llm=tiny_pair_dir["llm"], dataset="tiny", data_file=data_file,
+                        limit=None, llm_dtype="bfloat16", llm_device_map="auto")  # fmt: skip
+    evaluator = Evaluator(config, None, progress=False)
+    kwargs = evaluator.generator._llm_kwargs
+    assert kwargs["dtype"] == "bfloat16" and kwargs["device_map"] == "auto"

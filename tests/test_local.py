@@ -167,6 +167,34 @@ def test_s2t_local_evaluation_needs_no_llm_and_refuses_leaky_problems(collected,
         evaluate(leaky, tmp_path / "run2", progress=False, generator=gen)
 
 
+def test_a_run_gains_s2t_local_later_but_never_mixes_two_selectors(collected, slm, tmp_path):
+    from dataclasses import replace
+
+    from s2t.api import S2TGenerator
+    from s2t.evaluate import EvalConfig, evaluate
+
+    for name, epochs in (("sel", 2), ("other", 1)):
+        train(TrainConfig(groups=str(collected), out=str(tmp_path / name), epochs=epochs, val_fraction=0.0,
+                          seed=epochs), slm=slm, progress=False)  # fmt: skip
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("\n".join(json.dumps({"question": q, "answer": "#### 4"}) for q in QUESTIONS[:2]))
+    gen = S2TGenerator(slm, llm="/nonexistent/llm/never/loaded")
+    base = EvalConfig(slm="tiny", llm="none", dataset="tiny", split="test", data_file=str(test_file), limit=None,
+                      methods=["greedy"], trigger="entropy", threshold=0.5, k=4, max_new_tokens=6)  # fmt: skip
+    evaluate(base, tmp_path / "run", progress=False, generator=gen)
+    with_local = replace(base, methods=["greedy", "s2t-local"], selector=str(tmp_path / "sel"))
+    payload = evaluate(with_local, tmp_path / "run", progress=False, generator=gen)
+    assert payload["methods"]["s2t-local"]["n"] == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    digests = {r.get("selector") for r in records if r["method"] == "s2t-local"}
+    assert len(digests) == 1 and None not in digests
+    # another selector for the same run directory: refused before anything is decoded
+    evaluate(replace(with_local, limit=1), tmp_path / "run1", progress=False, generator=gen)
+    other = replace(with_local, limit=None, selector=str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="s2t-local results of another selector"):
+        evaluate(other, tmp_path / "run1", progress=False, generator=gen)
+
+
 def test_learned_trigger_trains_reloads_and_drives_llm_free_decoding(
     collected, slm, prompts, tokenizer, tmp_path
 ):

@@ -25,6 +25,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,15 @@ from tqdm.auto import tqdm
 
 from s2t.data import Problem
 from s2t.engine import decode, left_pad
-from s2t.models import LoadedModel, check_same_vocabulary, stop_token_ids
+from s2t.models import (
+    LoadedModel,
+    LoadedTokenizer,
+    ModelSpec,
+    check_same_vocabulary,
+    load_tokenizer,
+    parse_dtype,
+    stop_token_ids,
+)
 from s2t.policies.triggers import EntropyTrigger, KLTrigger, check_quantile
 from s2t.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from s2t.reporting.hitk import plot_hitk
@@ -248,9 +257,50 @@ def _check_arguments(trajectory, divergence, kl_quantile, ks, max_new_tokens, ba
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
 
 
+class AnalyzeShardWorker:
+    """Turns a batch of problems into finished problem records: trajectories, then both models' statistics.
+
+    Built once per process: in-process around already loaded models, or inside a Ray actor from
+    :class:`~s2t.models.ModelSpec` s (each actor then loads its own pair on its own device).
+    """
+
+    def __init__(
+        self,
+        slm: LoadedModel | ModelSpec,
+        llm: LoadedModel | ModelSpec,
+        trajectory: str,
+        divergence: str,
+        max_new_tokens: int,
+        system_prompt: str | None,
+    ):
+        self.slm = slm.load() if isinstance(slm, ModelSpec) else slm
+        self.llm = llm.load() if isinstance(llm, ModelSpec) else llm
+        check_same_vocabulary(self.slm, self.llm)
+        self.trajectory, self.divergence = trajectory, divergence
+        self.max_new_tokens, self.system_prompt = max_new_tokens, system_prompt
+
+    def run_shard(self, problems: Sequence[Problem]) -> list[dict]:
+        prompts = [build_prompt(self.slm.tokenizer, p.question, self.system_prompt) for p in problems]
+        answers, reasons = _trajectories(
+            problems, prompts, self.trajectory, self.slm, self.llm, self.max_new_tokens
+        )
+        statistics = score_trajectories(self.slm, self.llm, prompts, answers)
+        return [
+            _problem_record(problem, answer, reason, stats, self.divergence)
+            for problem, answer, reason, stats in zip(problems, answers, reasons, statistics)
+        ]
+
+
+def _tokenizer_side(model: LoadedModel | ModelSpec) -> tuple[LoadedModel | LoadedTokenizer, str]:
+    """What the driver needs of a model (name, tokenizer) and its dtype, without loading weights."""
+    if isinstance(model, ModelSpec):
+        return load_tokenizer(model.name), str(parse_dtype(model.dtype))
+    return model, str(model.model.dtype)
+
+
 def analyze(
-    slm: LoadedModel,
-    llm: LoadedModel,
+    slm: LoadedModel | ModelSpec,
+    llm: LoadedModel | ModelSpec,
     problems: Sequence[Problem],
     *,
     trajectory: str = "slm",
@@ -264,11 +314,14 @@ def analyze(
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     seed: int = 0,
     n_resamples: int = 10000,
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> AnalysisSummary:
     """hit@K of the LLM's top-1 within the SLM's top-K at divergence points, over ``problems``.
 
     Args:
-        slm, llm: the pair; they must share a vocabulary.
+        slm, llm: the pair, loaded or as :class:`~s2t.models.ModelSpec` s (loaded here, or by each
+            Ray worker when ``workers > 1``); they must share a vocabulary.
         problems: the problems to analyse (ids must be unique).
         trajectory: whose text is teacher-forced: ``slm`` (its greedy answer), ``llm`` (the
             LLM's greedy answer) or ``reference`` (the dataset's solution).
@@ -277,9 +330,24 @@ def analyze(
         ks: the K of hit@K; "miss" is the share of points with rank > max(ks).
         out_dir: a run directory; a re-run with the same arguments resumes. None: in memory only.
         seed, n_resamples: of the bootstrap that resamples problems.
+        workers, ray_address: shard the problems over this many Ray actors (one model pair
+            each; see :func:`s2t.distributed.run_sharded`); records are identical to one process's.
     """
-    check_same_vocabulary(slm, llm)
-    vocab_size = len(slm.tokenizer)
+    from s2t.distributed import import_ray, run_sharded
+
+    if workers > 1:
+        import_ray()  # fail before any model is loaded
+        models = [m if isinstance(m, ModelSpec) else ModelSpec(m.name, str(m.model.dtype).removeprefix("torch."))
+                  for m in (slm, llm)]  # fmt: skip
+        slm, llm = models
+    elif isinstance(slm, ModelSpec) or isinstance(llm, ModelSpec):
+        slm = slm.load() if isinstance(slm, ModelSpec) else slm
+        llm = llm.load() if isinstance(llm, ModelSpec) else llm
+    slm_side, slm_dtype = _tokenizer_side(slm)
+    llm_side, llm_dtype = _tokenizer_side(llm)
+    check_same_vocabulary(slm_side, llm_side)
+    tokenizer = slm_side.tokenizer
+    vocab_size = len(tokenizer)
     ks = sorted(set(ks))
     _check_arguments(trajectory, divergence, kl_quantile, ks, max_new_tokens, batch_size, vocab_size)
     if not problems:
@@ -296,10 +364,10 @@ def analyze(
 
     dataset, split = problems[0].dataset, problems[0].split
     config = {
-        "slm": slm.name,
-        "llm": llm.name,
-        "slm_dtype": str(slm.model.dtype),
-        "llm_dtype": str(llm.model.dtype),
+        "slm": slm_side.name,
+        "llm": llm_side.name,
+        "slm_dtype": slm_dtype,
+        "llm_dtype": llm_dtype,
         "dataset": dataset,
         "split": split,
         "first_problem": problems[0].id,
@@ -326,18 +394,25 @@ def analyze(
         unit="problem",
         disable=not progress,
     )
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        prompts = [build_prompt(slm.tokenizer, p.question, system_prompt) for p in batch]
-        answers, reasons = _trajectories(batch, prompts, trajectory, slm, llm, max_new_tokens)
-        for problem, answer, reason, stats in zip(
-            batch, answers, reasons, score_trajectories(slm, llm, prompts, answers)
-        ):
-            record = _problem_record(problem, answer, reason, stats, divergence)
-            records[problem.id] = record
-            if run is not None:
-                run.append(record, PROBLEMS_FILE)
-            bar.update(1)
+
+    def finished(record: dict) -> None:
+        records[record["id"]] = record
+        if run is not None:
+            run.append(record, PROBLEMS_FILE)
+        bar.update(1)
+
+    if todo:
+        run_sharded(
+            partial(AnalyzeShardWorker, slm, llm, trajectory, divergence, max_new_tokens, system_prompt),
+            "run_shard",
+            [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)],
+            on_record=finished,
+            workers=workers,
+            ray_address=ray_address,
+            key=lambda r: r["id"],
+            done=set(records),
+            progress=False,
+        )
     bar.close()
 
     selected = [records[p.id] for p in problems]
@@ -350,13 +425,18 @@ def analyze(
         n_resamples=n_resamples,
     )
     summary = AnalysisSummary(
-        slm=slm.name, llm=llm.name, dataset=dataset, split=split, trajectory=trajectory, **statistics
+        slm=slm_side.name,
+        llm=llm_side.name,
+        dataset=dataset,
+        split=split,
+        trajectory=trajectory,
+        **statistics,
     )
     summary.config = {k: v for k, v in config.items() if k != "limit"} | {"n_problems": len(problems)}
     summary.config["ks"] = ks
     if run is not None:
         summary.out_dir = run.path
-        _write_points(run.path / POINTS_FILE, selected, divergence, summary.kl_threshold, slm.tokenizer)
+        _write_points(run.path / POINTS_FILE, selected, divergence, summary.kl_threshold, tokenizer)
         run.write_json(SUMMARY_FILE, summary.to_dict())
         plot_hitk(summary.to_dict(), run.path / PLOT_FILE)
     return summary

@@ -62,6 +62,8 @@ class EvalConfig:
     sample_top_p: float = 0.8
     seed: int = 0
     dtype: str | None = None
+    llm_dtype: str | None = None  # default: dtype
+    llm_device_map: str | None = None  # e.g. "auto": spread a large LLM over the GPUs
     batch_size: int = 8
     selector: str | None = None  # a trained S2T-Local selector directory (for the s2t-local method)
 
@@ -85,7 +87,11 @@ class EvalConfig:
 
 
 # Config entries that do not change results, so a run may resume with other values.
-RESUMABLE_KEYS = {"limit", "batch_size", "methods"}
+RESUMABLE_KEYS = {"limit", "batch_size", "methods", "llm_device_map"}
+# The selector changes only s2t-local's results (unless the trigger is the learned one, stored with
+# it): a run may gain s2t-local later; each s2t-local record names its selector's weights digest
+# and a different selector for the same run directory is refused.
+SELECTOR_KEY = "selector"
 
 
 def check_method_name(name: str) -> None:
@@ -130,8 +136,9 @@ class Evaluator:
         writes nothing: a distributed worker whose driver owns the run directory
         (:mod:`s2t.distributed`). It cannot calibrate, so give it the calibrated threshold."""
         self.config = config
+        resumable = RESUMABLE_KEYS | ({SELECTOR_KEY} if config.trigger != "learned" else set())
         self.run = (
-            RunDirectory(out_dir, asdict(config), ignore_keys=RESUMABLE_KEYS) if out_dir is not None else None
+            RunDirectory(out_dir, asdict(config), ignore_keys=resumable) if out_dir is not None else None
         )
         self.progress = progress
         self._generator = generator
@@ -142,7 +149,9 @@ class Evaluator:
     def generator(self) -> S2TGenerator:
         if self._generator is None:
             c = self.config
-            self._generator = S2TGenerator(c.slm, llm=c.llm, dtype=c.dtype)
+            self._generator = S2TGenerator(
+                c.slm, llm=c.llm, dtype=c.dtype, llm_dtype=c.llm_dtype, llm_device_map=c.llm_device_map
+            )
         return self._generator
 
     def _load_problems(self) -> list[Problem]:
@@ -176,6 +185,8 @@ class Evaluator:
             todo = [p for p in self.problems if (method, p.id) not in done]
             if not todo:
                 continue
+            if method == "s2t-local":
+                self._check_same_selector()
             bar = tqdm(total=len(self.problems), initial=len(self.problems) - len(todo), desc=method,
                        unit="problem", disable=not self.progress, dynamic_ncols=True)  # fmt: skip
             for record in self.run_method(method, todo):
@@ -186,6 +197,26 @@ class Evaluator:
                 bar.set_postfix(acc=f"{self._running_accuracy(method):.0%}")
             bar.close()
         return self.run.records()
+
+    def _selector_digest(self) -> str:
+        from s2t.local.selector import checkpoint_digest
+
+        if not self.config.selector:
+            raise ValueError(
+                "the s2t-local method needs a trained selector: pass --selector DIR (see `s2t train`)"
+            )
+        return checkpoint_digest(self.config.selector)
+
+    def _check_same_selector(self) -> None:
+        """Refuse to mix s2t-local results of two different trained selectors in one run."""
+        digest = self._selector_digest()
+        earlier = {r.get("selector") for r in self.run.records() if r["method"] == "s2t-local"}
+        other = earlier - {digest}
+        if other:
+            raise ValueError(
+                f"{self.run.path} holds s2t-local results of another selector (weights digest "
+                f"{sorted(map(str, other))[0]}, this one is {digest}): use a new --out directory"
+            )
 
     def _running_accuracy(self, method: str) -> float:
         recs = [r for r in self.run.records() if r["method"] == method]
@@ -201,6 +232,7 @@ class Evaluator:
         generator = (
             self._local_generator if method == "s2t-local" and self._local_generator else self.generator
         )
+        extra = {"selector": self._selector_digest()} if method == "s2t-local" else {}
         bs = self.config.batch_size
         for start in range(0, len(problems), bs):
             batch = problems[start : start + bs]
@@ -224,6 +256,7 @@ class Evaluator:
                     "trigger_steps": out.trigger_steps,
                     "cost": _cost_dict(out.cost),
                     "text": out.text,
+                    **extra,
                 }
 
     def _run_majority(self, k: int, problems: Sequence[Problem]):

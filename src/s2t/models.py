@@ -45,6 +45,36 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to load later, possibly in another process (a Ray worker): name and placement."""
+
+    name: str
+    dtype: str | None = None
+    device_map: str | None = None
+
+    def load(self) -> LoadedModel:
+        return load_model(self.name, dtype=self.dtype, device_map=self.device_map)
+
+
+@dataclass
+class LoadedTokenizer:
+    """A tokenizer with the model name it belongs to (for processes that need no weights)."""
+
+    name: str
+    tokenizer: PreTrainedTokenizerBase
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> LoadedTokenizer:
+    """Only the tokenizer of a model argument (built-in name, directory, .gguf or Hub id)."""
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelLoadError(f"could not load the tokenizer of {name!r}: {e}") from e
+    return LoadedTokenizer(name, tokenizer)
+
+
 def resolve_model_path(name: str) -> str:
     """Turn a model argument into something ``from_pretrained`` accepts (a directory or a Hub id)."""
     if name in BUILTIN_MODELS:
@@ -111,7 +141,7 @@ def load_model(
     return LoadedModel(name=name, model=model, tokenizer=tokenizer)
 
 
-def check_same_vocabulary(slm: LoadedModel, llm: LoadedModel) -> None:
+def check_same_vocabulary(slm: LoadedModel | LoadedTokenizer, llm: LoadedModel | LoadedTokenizer) -> None:
     """Fail fast when the two tokenizers differ: a candidate id would mean different text in each."""
     if slm.tokenizer.get_vocab() != llm.tokenizer.get_vocab():
         raise TokenizerMismatchError(

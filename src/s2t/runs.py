@@ -9,6 +9,7 @@ refused rather than mixed in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +18,25 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+try:  # POSIX advisory locks let several processes append to one run directory
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: single writer per run directory
+    fcntl = None
+
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock on ``path`` (a sidecar lock file) for the duration of the block."""
+    with open(path, "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 class ConfigMismatchError(ValueError):
@@ -84,13 +103,19 @@ class RunDirectory:
         return list(read_jsonl(self.path / name))
 
     def append(self, record: dict, name: str = "results.jsonl") -> None:
-        """Append one finished record and make it durable before returning."""
+        """Append one finished record and make it durable before returning.
+
+        Appends hold a lock, so several processes (e.g. two methods run side by side) may add
+        records to the same run directory; each record is one whole line.
+        """
         target = self.path / name
-        self._repair_torn_tail(target)
-        with open(target, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        line = (json.dumps(record, default=str) + "\n").encode()
+        with _locked(self.path / f".{name}.lock"):
+            self._repair_torn_tail(target)
+            with open(target, "ab") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
 
     @staticmethod
     def _repair_torn_tail(target: Path) -> None:

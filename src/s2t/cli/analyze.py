@@ -8,7 +8,18 @@ from typing import Annotated
 
 import typer
 
-from s2t.cli.app import DataDirOpt, DtypeOpt, SLMOpt, app, console, fail
+from s2t.cli.app import (
+    DataDirOpt,
+    DtypeOpt,
+    LLMDeviceMapOpt,
+    LLMDtypeOpt,
+    RayAddressOpt,
+    SLMOpt,
+    WorkersOpt,
+    app,
+    console,
+    fail,
+)
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM
 
 
@@ -67,12 +78,16 @@ def analyze(
         Path | None, typer.Option(help="A JSONL file of problems (used instead of --data-dir/the Hub).")
     ] = None,
     dtype: DtypeOpt = None,
+    llm_dtype: LLMDtypeOpt = None,
+    llm_device_map: LLMDeviceMapOpt = None,
+    workers: WorkersOpt = 1,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Teacher-force one trajectory per problem through both models; report hit@K at divergence points."""
     from s2t.analysis import PLOT_FILE, POINTS_FILE, PROBLEMS_FILE, SUMMARY_FILE
     from s2t.analysis import analyze as run_analysis
     from s2t.data import load_problems
-    from s2t.models import load_model
+    from s2t.models import ModelSpec
     from s2t.reporting.hitk import hitk_table
 
     try:
@@ -86,12 +101,14 @@ def analyze(
         )
         if not problems:
             raise ValueError(f"no problems selected from {dataset}/{split} (offset {offset}, limit {limit})")
-        with console.status(f"loading {slm} and {llm}"):
-            slm_model = load_model(slm, dtype=dtype)
-            llm_model = load_model(llm, dtype=dtype)
+        slm_spec = ModelSpec(slm, dtype)
+        llm_spec = ModelSpec(llm, llm_dtype or dtype, llm_device_map)
+        if workers <= 1:
+            with console.status(f"loading {slm} and {llm}"):
+                slm_spec, llm_spec = slm_spec.load(), llm_spec.load()
         summary = run_analysis(
-            slm_model,
-            llm_model,
+            slm_spec,
+            llm_spec,
             problems,
             trajectory=trajectory,
             divergence=divergence,
@@ -101,6 +118,8 @@ def analyze(
             batch_size=batch_size,
             out_dir=out_dir,
             seed=seed,
+            workers=workers,
+            ray_address=ray_address,
         )
     except (ValueError, RuntimeError, KeyError, FileNotFoundError) as e:
         fail(str(e))

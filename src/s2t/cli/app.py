@@ -29,6 +29,19 @@ QuantileOpt = Annotated[
 KOpt = Annotated[int, typer.Option("--k", "-k", help="Candidate set size: the SLM's top-K.")]
 RatioOpt = Annotated[float | None, typer.Option(help="Keep candidates with p > ratio * p_max.")]
 DtypeOpt = Annotated[str | None, typer.Option(help="float32 (default), bfloat16 or float16.")]
+LLMDtypeOpt = Annotated[
+    str | None, typer.Option(help="The LLM's dtype (default: --dtype): float32, bfloat16 or float16.")
+]
+LLMDeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(help="Place the LLM with transformers' device_map, e.g. 'auto' to spread it over the GPUs."),
+]
+WorkersOpt = Annotated[
+    int, typer.Option(help="Ray workers (one model pair each; one GPU each when the cluster has GPUs).")
+]
+RayAddressOpt = Annotated[
+    str | None, typer.Option(help="Ray cluster to join ('auto', host:port); default: start Ray locally.")
+]
 DataDirOpt = Annotated[
     str | None,
     typer.Option(help="Directory with <dataset>/<split>.jsonl files (else $S2T_DATA_DIR, else the Hub)."),

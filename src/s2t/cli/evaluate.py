@@ -10,12 +10,16 @@ import typer
 from s2t.cli.app import (
     DtypeOpt,
     KOpt,
+    LLMDeviceMapOpt,
+    LLMDtypeOpt,
     LLMOpt,
     QuantileOpt,
     RatioOpt,
+    RayAddressOpt,
     SLMOpt,
     ThresholdOpt,
     TriggerOpt,
+    WorkersOpt,
     app,
     console,
     fail,
@@ -60,14 +64,10 @@ def eval_command(
     selector: Annotated[
         str | None, typer.Option(help="Trained S2T-Local selector directory (s2t-local).")
     ] = None,
-    workers: Annotated[
-        int,
-        typer.Option(help="Ray workers (one model pair each; one GPU each when the cluster has GPUs)."),
-    ] = 1,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(help="Ray cluster to join ('auto', host:port); default: start Ray locally."),
-    ] = None,
+    llm_dtype: LLMDtypeOpt = None,
+    llm_device_map: LLMDeviceMapOpt = None,
+    workers: WorkersOpt = 1,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Evaluate methods on a benchmark; results stream into a resumable run directory."""
 
@@ -83,7 +83,7 @@ def eval_command(
             methods=[m.strip() for m in methods.split(",") if m.strip()], max_new_tokens=max_new_tokens,
             trigger=trigger, threshold=threshold, quantile=quantile, k=k, ratio=ratio, min_step=min_step,
             calibration_problems=calibration_problems, seed=seed, dtype=dtype, batch_size=batch_size,
-            selector=selector,
+            selector=selector, llm_dtype=llm_dtype, llm_device_map=llm_device_map,
         )  # fmt: skip
         console.print(f"run directory: {out}")
         if workers > 1:

@@ -12,6 +12,8 @@ from s2t.cli.app import (
     DataDirOpt,
     DtypeOpt,
     KOpt,
+    LLMDeviceMapOpt,
+    LLMDtypeOpt,
     LLMOpt,
     QuantileOpt,
     RatioOpt,
@@ -65,6 +67,8 @@ def generate(
     calibration_problems: Annotated[int, typer.Option(help="GSM8K *train* problems used to calibrate.")] = 8,
     data_dir: DataDirOpt = None,
     dtype: DtypeOpt = None,
+    llm_dtype: LLMDtypeOpt = None,
+    llm_device_map: LLMDeviceMapOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Answer one question with each method and print the answers and their costs."""
@@ -81,7 +85,7 @@ def generate(
             found = _problem_by_id(problem, data_dir)
             question, gold = found.question, found.answer
             console.print(f"[bold]{found.id}:[/] {question}\n[dim]gold answer: {gold}[/]")
-        gen = S2TGenerator(slm, llm=llm, dtype=dtype)
+        gen = S2TGenerator(slm, llm=llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map)
         results = {}
         for name in methods:
             kwargs = (

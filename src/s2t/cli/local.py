@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from s2t.cli.app import DtypeOpt, LLMOpt, SLMOpt, app, console, fail
+from s2t.cli.app import (
+    DtypeOpt,
+    LLMDeviceMapOpt,
+    LLMDtypeOpt,
+    LLMOpt,
+    RayAddressOpt,
+    SLMOpt,
+    WorkersOpt,
+    app,
+    console,
+    fail,
+)
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM
 
 
@@ -36,6 +47,10 @@ def collect(
     slm: SLMOpt = DEFAULT_SLM,
     llm: LLMOpt = DEFAULT_LLM,
     dtype: DtypeOpt = None,
+    llm_dtype: LLMDtypeOpt = None,
+    llm_device_map: LLMDeviceMapOpt = None,
+    workers: WorkersOpt = 1,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Collect (context, top-K candidates, LLM preference) groups on training problems."""
     from s2t.data import DatasetUnavailableError
@@ -49,10 +64,11 @@ def collect(
         config = CollectConfig(
             slm=slm, llm=llm, dataset=dataset, split=split, limit=limit, offset=offset, data_file=data_file,
             mode=mode, k=k, entropy_quantile=entropy_quantile, on_policy_threshold=threshold,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, llm_dtype=llm_dtype,
+            llm_device_map=llm_device_map,
         )  # fmt: skip
-        console.print(f"collecting into {out}")
-        run_collect(config, out)
+        console.print(f"collecting into {out}" + (f" on {workers} Ray workers" if workers > 1 else ""))
+        run_collect(config, out, workers=workers, ray_address=ray_address)
     except (ValueError, RuntimeError, FileNotFoundError, DatasetUnavailableError) as e:
         fail(str(e))
     console.print(f"done: {out}/problems.jsonl and {out}/features/")

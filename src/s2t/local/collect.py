@@ -25,10 +25,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from s2t.data import Problem, load_problems
@@ -74,6 +75,8 @@ class CollectConfig:
     max_new_tokens: int = 512
     batch_size: int = 8
     dtype: str | None = None
+    llm_dtype: str | None = None  # default: dtype
+    llm_device_map: str | None = None  # e.g. "auto" to spread a large LLM over the GPUs
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -156,8 +159,13 @@ class RecordingLLMSelector(LLMSelector):
 
 
 class Collector:
+    """Collects groups for the configured training problems into a resumable run directory."""
+
     def __init__(self, config: CollectConfig, out_dir: str | Path, slm: LoadedModel | None = None,
-                 llm: LoadedModel | None = None, problems: Sequence[Problem] | None = None, progress: bool = True):  # fmt: skip
+                 llm: LoadedModel | None = None, problems: Sequence[Problem] | None = None, progress: bool = True,
+                 workers: int = 1, ray_address: str | None = None):  # fmt: skip
+        """``workers > 1`` shards the problems over Ray actors, each loading its own pair (then
+        ``slm``/``llm`` must be None); otherwise the pair is loaded here (or the given one used)."""
         self.config = config
         if problems is None:
             problems = load_problems(
@@ -168,33 +176,79 @@ class Collector:
             raise LeakageError(
                 f"problem {leaked[0]} comes from an evaluation split; refusing to collect on it"
             )
+        if workers > 1:
+            from s2t.distributed import import_ray
+
+            if slm is not None or llm is not None:
+                raise ValueError(
+                    "with workers > 1 each worker loads its own models: pass names in the config"
+                )
+            import_ray()  # fail before anything is written
         self.run = RunDirectory(
-            out_dir, {**asdict(config), "kind": "s2t-local-groups"}, ignore_keys={"limit", "batch_size"}
+            out_dir,
+            {**asdict(config), "kind": "s2t-local-groups"},
+            ignore_keys={"limit", "batch_size", "llm_device_map"},
         )
-        self.slm = slm or load_model(config.slm, dtype=config.dtype)
-        self.llm = llm or load_model(config.llm, dtype=config.dtype)
-        check_same_vocabulary(self.slm, self.llm)
-        self.vocab_size = len(self.slm.tokenizer)
+        self.workers, self.ray_address = workers, ray_address
+        self._worker = None if workers > 1 else CollectWorker(config, slm, llm)
         self.problems = list(problems)
         self.progress = progress
         (self.run.path / "features").mkdir(exist_ok=True)
+
+    @property
+    def slm(self) -> LoadedModel:
+        if self._worker is None:
+            raise RuntimeError("a distributed collector holds no models")
+        return self._worker.slm
 
     def done_ids(self) -> set[str]:
         return {r["problem_id"] for r in self.run.records("problems.jsonl")}
 
     def run_all(self) -> int:
+        """Collect every problem not yet recorded; returns how many were collected now."""
+        from s2t.distributed import run_sharded
+
         done = self.done_ids()
         todo = [p for p in self.problems if p.id not in done]
         bar = tqdm(total=len(self.problems), initial=len(self.problems) - len(todo), desc="collecting",
                    unit="problem", disable=not self.progress, dynamic_ncols=True)  # fmt: skip
         bs = self.config.batch_size
-        for start in range(0, len(todo), bs):
-            batch = todo[start : start + bs]
-            for record in self._collect_batch(batch):
-                self.run.append(record, "problems.jsonl")
-                bar.update(1)
+        worker = self._worker
+        make_worker = (lambda: worker) if worker is not None else partial(CollectWorker, self.config)
+
+        def finished(record: dict) -> None:
+            # features first: a recorded problem never points to a missing file
+            (self.run.path / record["features"]).write_bytes(record.pop("features_data"))
+            self.run.append(record, "problems.jsonl")
+            bar.update(1)
+
+        if todo:
+            run_sharded(make_worker, "run_shard", [todo[i : i + bs] for i in range(0, len(todo), bs)],
+                        on_record=finished, workers=self.workers, ray_address=self.ray_address,
+                        key=lambda r: r["problem_id"], done=done, progress=False)  # fmt: skip
         bar.close()
         return len(todo)
+
+
+class CollectWorker:
+    """Loads (or wraps) the model pair and turns a batch of problems into finished records.
+
+    Each record carries its feature tensors as safetensors bytes (``features_data``) for the
+    one process that writes the run directory: in-process, or the driver of a Ray run (so the
+    workers need no shared filesystem).
+    """
+
+    def __init__(self, config: CollectConfig, slm: LoadedModel | None = None, llm: LoadedModel | None = None):
+        self.config = config
+        self.slm = slm or load_model(config.slm, dtype=config.dtype)
+        self.llm = llm or load_model(
+            config.llm, dtype=config.llm_dtype or config.dtype, device_map=config.llm_device_map
+        )
+        check_same_vocabulary(self.slm, self.llm)
+        self.vocab_size = len(self.slm.tokenizer)
+
+    def run_shard(self, batch: Sequence[Problem]) -> list[dict]:
+        return list(self._collect_batch(batch))
 
     def _decode(self, prompts, method, llm):
         c = self.config
@@ -288,13 +342,13 @@ class Collector:
             "position_divergent": divergent.contiguous(),
             "position_llm_top1_rank": (slm_logits > slm_logits.gather(-1, llm_top1[:, None])).sum(-1) + 1,
         }
-        save_file(tensors, str(self.run.path / "features" / f"{problem.split}-{index}.safetensors"))
         llm_best = llm_probs.argmax(-1) if positions else torch.zeros(0, dtype=torch.long)
         return {
             "problem_id": problem.id,
             "dataset": problem.dataset,
             "split": problem.split,
             "features": f"features/{problem.split}-{index}.safetensors",
+            "features_data": save(tensors),
             "prompt_ids": prompt,
             "trajectory_ids": trajectory,
             "n_positions": t,
@@ -322,4 +376,4 @@ def collect(config: CollectConfig, out_dir: str | Path, **kwargs) -> Path:
     return collector.run.path
 
 
-__all__ = ["CollectConfig", "Collector", "LeakageError", "collect", "TOP_N_FOR_STATISTICS"]
+__all__ = ["CollectConfig", "CollectWorker", "Collector", "LeakageError", "collect", "TOP_N_FOR_STATISTICS"]

@@ -35,6 +35,12 @@ class SelectorCheckpointError(ValueError):
     """A selector checkpoint is missing, corrupted, or belongs to another base model."""
 
 
+def checkpoint_digest(directory: str | Path) -> str:
+    """A short hash of a saved selector's weights: which trained selector produced a result."""
+    digest = hashlib.sha256((Path(directory) / WEIGHTS_NAME).read_bytes()).hexdigest()
+    return digest[:16]
+
+
 def model_fingerprint(model: PreTrainedModel) -> str:
     """A short hash of a model's architecture and a sample of its weights.
 

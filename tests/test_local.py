@@ -238,3 +238,47 @@ def test_lora_training_saves_an_adapter_that_s2t_local_evaluation_uses(collected
                      selector=str(tmp_path / "sel"))  # fmt: skip
     payload = evaluate(cfg, tmp_path / "run", progress=False, generator=gen)
     assert payload["methods"]["s2t-local"]["n"] == 1
+
+
+def test_lora_training_under_accelerate_launch_on_two_processes_takes_the_single_process_steps(
+    tiny_pair_dir, slm, llm, tmp_path
+):
+    """`accelerate launch` (two CPU processes, gloo) splits each batch and averages the gradients."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from s2t.cli import app
+
+    pytest.importorskip("peft")
+    groups = tmp_path / "groups"
+    cfg = CollectConfig(slm=tiny_pair_dir["slm"], llm=tiny_pair_dir["llm"], dataset="tiny", k=4,
+                        max_new_tokens=10, batch_size=2)  # fmt: skip
+    Collector(cfg, groups, slm=slm, llm=llm, problems=_problems(), progress=False).run_all()
+    args = ["train", "--mode", "lora", "--groups", str(groups), "--epochs", "1", "--lr", "1e-3", "--batch-size",
+            "4", "--val-fraction", "0", "--trigger-rate", "0", "--lora-dropout", "0"]  # fmt: skip
+    single = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert single.exit_code == 0, single.output
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = Path(sys.executable).parent / "accelerate"
+    launched = subprocess.run(
+        [str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+         "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "s2t.cli", *args,
+         "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    for name in ("selector.safetensors", "adapter/adapter_model.safetensors"):
+        one, two = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+        assert one.keys() == two.keys()
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
+    # LoRA's B matrices start at zero: they moved, so the two runs agree on real training steps
+    adapter = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)

@@ -91,6 +91,8 @@ def train_command(
         float, typer.Option(help="Share of training problems held out for validation.")
     ] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed for the split and initialisation.")] = 0,
+    lora_r: Annotated[int, typer.Option(help="lora: LoRA rank.")] = 16,
+    lora_dropout: Annotated[float, typer.Option(help="lora: dropout on the LoRA layers.")] = 0.05,
     trigger_rate: Annotated[
         float, typer.Option(help="Also train an LLM-free trigger firing on this share of steps (0 to skip).")
     ] = 0.05,
@@ -108,8 +110,14 @@ def train_command(
         config = TrainConfig(
             groups=groups, out=out, mode=mode, groups_subset=groups_subset, epochs=epochs or d_epochs,
             lr=lr or d_lr, batch_size=batch_size or d_bs, val_fraction=val_fraction, seed=seed, dtype=dtype,
+            lora_r=lora_r, lora_dropout=lora_dropout,
         )  # fmt: skip
         selector = train(config)
+        if mode == "lora":
+            from accelerate import PartialState
+
+            if not PartialState().is_main_process:  # under `accelerate launch`: the main process reports
+                return
         trigger = (
             _train_trigger(groups, out, trigger_rate, val_fraction, seed, dtype) if trigger_rate > 0 else None
         )

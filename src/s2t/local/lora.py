@@ -5,7 +5,14 @@ candidates go through the adapted SLM in one forward pass with a 4D mask (each c
 the context and itself, at the same position id). The candidates' final hidden states are
 scored by the bins (the reserved output rows); the loss is the paper's selector loss plus
 ``prefix_kl_weight`` · KL(frozen SLM ‖ adapted SLM) on the context's last tokens, which keeps
-ordinary generation close to the original model. Runs unchanged under ``accelerate launch``.
+ordinary generation close to the original model.
+
+Runs unchanged under ``accelerate launch`` (one process per GPU, or ``--cpu`` processes): every
+process walks the same shuffled groups and takes its own slice of each batch, and the gradients
+of the trainable parameters (LoRA weights and bins) are averaged over the processes before each
+step, so N processes take the same steps as one process with the whole batch. (The forward
+runs on the inner causal LM with a custom 4D mask rather than through a DDP wrapper, which is why
+the averaging is explicit.) Only the main process writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from tqdm.auto import tqdm
 
 from s2t.local.scoring import attention_mask_for
 from s2t.local.selector import LocalSelector
-from s2t.local.train import TrainConfig, selector_loss, split_problems
+from s2t.local.train import TrainConfig, selection_metrics, selector_loss, split_problems
 from s2t.runs import read_jsonl, write_json_atomic
 
 ADAPTER_DIR = "adapter"
@@ -34,7 +41,7 @@ def _groups(groups_dir: Path, subset: str):
             if subset == "divergent" and not g["divergent"]:
                 continue
             context = rec["prompt_ids"] + rec["trajectory_ids"][: g["position"]]
-            items.append((i, context, g["candidate_ids"], g["llm_probs"]))
+            items.append((i, context, g["candidate_ids"], g["llm_probs"], g["slm_probs"]))
     return records, items
 
 
@@ -64,21 +71,21 @@ def train_lora(cfg: TrainConfig, slm=None, progress: bool = True, max_context: i
 
     groups_dir = Path(cfg.groups)
     collect_cfg = json.loads((groups_dir / "config.json").read_text())
-    slm = slm or load_model(collect_cfg["slm"], dtype=cfg.dtype)
-    base = slm.model
+    accelerator = Accelerator()
+    slm = slm or load_model(collect_cfg["slm"], dtype=cfg.dtype, device=str(accelerator.device))
+    base = slm.model.to(accelerator.device)
     # bins and fingerprint come from the untouched base model
     selector = LocalSelector.initial(base, collect_cfg["slm"], len(slm.tokenizer))
     selector.config.score_temperature = cfg.score_temperature
     base.requires_grad_(False)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=LORA_TARGETS, task_type="CAUSAL_LM")  # fmt: skip
+    torch.manual_seed(cfg.seed)  # before the LoRA weights are initialised: same start on every process
     model = get_peft_model(base, lora)
-    torch.manual_seed(cfg.seed)
-    bins = torch.nn.Parameter(torch.randn_like(selector.bins) * 0.01)
+    bins = torch.nn.Parameter((torch.randn_like(selector.bins) * 0.01).to(accelerator.device))
     params = [p for p in model.parameters() if p.requires_grad] + [bins]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    accelerator = Accelerator()
-    model, optimizer = accelerator.prepare(model, optimizer)
+    optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+    rank, world = accelerator.process_index, accelerator.num_processes
 
     records, items = _groups(groups_dir, cfg.groups_subset)
     train_p, val_p = split_problems(len(records), cfg.val_fraction, cfg.seed)
@@ -86,7 +93,7 @@ def train_lora(cfg: TrainConfig, slm=None, progress: bool = True, max_context: i
     if not train_items:
         raise ValueError("no training groups (collect more problems, or lower --val-fraction)")
     rng = random.Random(cfg.seed)
-    inner = accelerator.unwrap_model(model).base_model.model  # the causal LM with LoRA layers inside
+    inner = model.base_model.model  # the causal LM with LoRA layers inside
     history = []
     for epoch in range(cfg.epochs):
         rng.shuffle(train_items)
@@ -95,27 +102,41 @@ def train_lora(cfg: TrainConfig, slm=None, progress: bool = True, max_context: i
         for start in tqdm(range(0, len(train_items), cfg.batch_size), desc=f"lora epoch {epoch + 1}",
                           disable=not progress or not accelerator.is_main_process):  # fmt: skip
             batch = train_items[start : start + cfg.batch_size]
-            loss = 0.0
-            for _, context, candidates, llm_probs in batch:
+            loss = torch.zeros((), device=accelerator.device)
+            for _, context, candidates, llm_probs, _ in batch[rank::world]:
                 cand_hidden, ctx_hidden = _group_forward(inner, context, candidates, max_context)
                 logits = selector.scores(cand_hidden, bins)[None] / cfg.score_temperature
                 loss = loss + selector_loss(logits, torch.tensor([llm_probs], device=logits.device), cfg)
                 tail = ctx_hidden[-cfg.prefix_kl_tokens :]
                 adapted = F.log_softmax(inner.lm_head(tail).float(), -1)
-                with torch.no_grad(), accelerator.unwrap_model(model).disable_adapter():
+                with torch.no_grad(), model.disable_adapter():
                     _, frozen_hidden = _group_forward(inner, context, candidates, max_context)
                     frozen = F.log_softmax(inner.lm_head(frozen_hidden[-cfg.prefix_kl_tokens :]).float(), -1)
                 loss = loss + cfg.prefix_kl_weight * F.kl_div(
                     adapted, frozen, log_target=True, reduction="batchmean"
                 )
-            loss = loss / len(batch)
+            # this process's share of the batch mean; averaging over processes gives the whole mean
+            loss = loss * world / len(batch)
             optimizer.zero_grad()
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(params, cfg.grad_clip)
+            if loss.requires_grad:  # a process whose slice of a short last batch is empty has no graph
+                accelerator.backward(loss)
+            for param in params:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                param.grad = accelerator.reduce(param.grad, reduction="mean")
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
-            total += float(loss.detach()) * len(batch)
+            total += float(accelerator.reduce(loss.detach(), reduction="mean")) * len(batch)
         history.append({"epoch": epoch + 1, "train_loss": total / len(train_items)})
 
+    model.eval()
+    with torch.no_grad():
+        metrics = {
+            "train": _metrics(inner, selector, bins, train_items, max_context),
+            "validation": _metrics(
+                inner, selector, bins, [it for it in items if it[0] in val_p], max_context
+            ),
+        }
     selector.bins = bins.detach().cpu().clone()
     selector.config.training = {
         "mode": "lora",
@@ -124,14 +145,27 @@ def train_lora(cfg: TrainConfig, slm=None, progress: bool = True, max_context: i
         "collection": {k: collect_cfg.get(k) for k in ("dataset", "split", "mode", "k", "slm", "llm")},
         "train_problem_ids": sorted(records[i]["problem_id"] for i in train_p),
         "validation_problem_ids": sorted(records[i]["problem_id"] for i in val_p),
+        "metrics": metrics,
     }
     if accelerator.is_main_process:
         out = Path(cfg.out)
         selector.save_pretrained(out)
-        accelerator.unwrap_model(model).save_pretrained(out / ADAPTER_DIR)  # safetensors by default
+        model.save_pretrained(out / ADAPTER_DIR)  # safetensors by default
         write_json_atomic(out / "training_history.json", history)
-    accelerator.unwrap_model(model).unload()  # leave the caller's model as it was
+    accelerator.wait_for_everyone()
+    model.unload()  # leave the caller's model as it was
     return selector
+
+
+def _metrics(inner, selector: LocalSelector, bins, items, max_context: int) -> dict | None:
+    """Selection metrics of the adapted SLM on groups (None when there are none)."""
+    if not items:
+        return None
+    scores = torch.stack([selector.scores(_group_forward(inner, ctx, cands, max_context)[0], bins).float().cpu()
+                          for _, ctx, cands, _, _ in items])  # fmt: skip
+    llm = torch.tensor([it[3] for it in items])
+    slm = torch.tensor([it[4] for it in items])
+    return selection_metrics(scores, llm, slm)
 
 
 def load_adapted_slm(model, selector_dir: str | Path):

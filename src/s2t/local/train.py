@@ -170,7 +170,7 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
     optimizer = torch.optim.AdamW([bins], lr=cfg.lr, weight_decay=cfg.weight_decay)
     x_train, y_train = data.hidden[in_train].float(), data.llm_probs[in_train]
     history = []
-    best_state, best_val = bins.detach().clone(), -1.0
+    best_state, best_val = bins.detach().clone(), float("-inf")
     for epoch in tqdm(range(cfg.epochs), desc="training bins", disable=not progress):
         perm = torch.randperm(len(x_train))
         total = 0.0

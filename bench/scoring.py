@@ -23,6 +23,7 @@ import json
 import platform
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -57,6 +58,21 @@ def median_seconds(fn, repeats: int, warm_up: bool = True) -> float:
     return statistics.median(times)
 
 
+def _decode_step(model, cache, token) -> None:
+    model(input_ids=token, past_key_values=cache, use_cache=True)
+    cache.crop(-1)  # back to the prefix
+
+
+def _score_candidates(model, cache, prefix_mask, candidates, length) -> None:
+    candidate_hidden_states(model, cache, prefix_mask, candidates)
+    keep_candidate(cache, length, torch.zeros(1, dtype=torch.long))
+    cache.crop(-1)  # back to the prefix
+
+
+def _reference_rows(model, rows_ids) -> None:
+    model.model(input_ids=rows_ids, use_cache=False)
+
+
 @torch.inference_mode()
 def scoring_rows(model, tokenizer, lengths: list[int], ks: list[int], repeats: int) -> list[dict]:
     rows = []
@@ -66,36 +82,25 @@ def scoring_rows(model, tokenizer, lengths: list[int], ks: list[int], repeats: i
         out = model(input_ids=prefix, past_key_values=cache, use_cache=True)
         prefix_mask = torch.ones_like(prefix)
         next_token = out.logits[:, -1].argmax(-1, keepdim=True)
-
-        def decode_step():
-            model(input_ids=next_token, past_key_values=cache, use_cache=True)
-            cache.crop(-1)  # back to the prefix
-
-        row = {"prefix_length": length, "decode_step_ms": 1000 * median_seconds(decode_step, repeats)}
+        step_ms = 1000 * median_seconds(partial(_decode_step, model, cache, next_token), repeats)
+        row = {"prefix_length": length, "decode_step_ms": round(step_ms, 1)}
         for k in ks:
             candidates = out.logits[:, -1].topk(k, -1).indices
-
-            def ours():
-                candidate_hidden_states(model, cache, prefix_mask, candidates)
-                keep_candidate(cache, length, torch.zeros(1, dtype=torch.long))
-                cache.crop(-1)  # back to the prefix
-
+            ours_ms = 1000 * median_seconds(
+                partial(_score_candidates, model, cache, prefix_mask, candidates, length), repeats
+            )
             window = prefix[0, -REFERENCE_WINDOW:]
             rows_ids = torch.cat([window.expand(k, -1), candidates.T], dim=1)
-
-            def reference():
-                model.model(input_ids=rows_ids, use_cache=False)
-
-            ours_ms = 1000 * median_seconds(ours, repeats)
             # compute-bound and long: no warm-up, fewer repeats
-            reference_ms = 1000 * median_seconds(reference, max(1, repeats // 3), warm_up=False)
+            reference_ms = 1000 * median_seconds(
+                partial(_reference_rows, model, rows_ids), max(1, repeats // 3), warm_up=False
+            )
             row[f"k{k}"] = {
                 "ours_ms": round(ours_ms, 1),
                 "reference_ms": round(reference_ms, 1),
-                "ours_over_decode_step": round(ours_ms / row["decode_step_ms"], 2),
+                "ours_over_decode_step": round(ours_ms / step_ms, 2),
                 "reference_over_ours": round(reference_ms / ours_ms, 1),
             }
-        row["decode_step_ms"] = round(row["decode_step_ms"], 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -171,7 +176,9 @@ def main() -> None:
         del slm
     if args.selector:
         if args.threshold is None:
-            parser.error("--selector needs --threshold (e.g. the calibrated one in the eval run's calibration.json)")
+            parser.error(
+                "--selector needs --threshold (e.g. the calibrated one in the eval run's calibration.json)"
+            )
         report["wall_time"] = wall_time_rows(args.slm, args.selector, args.trigger, args.threshold, args.k,
                                              args.problems, args.max_new_tokens)  # fmt: skip
     if args.out:

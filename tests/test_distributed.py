@@ -9,6 +9,8 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from s2t.analysis import PROBLEMS_FILE, analyze
@@ -206,6 +208,22 @@ def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def assert_same_records(got, expected, path="record"):
+    """Equal, except floats within 1e-4: actors and this process may use other thread counts."""
+    if isinstance(expected, float) or isinstance(got, float):
+        assert got == pytest.approx(expected, abs=1e-4), path
+    elif isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys(), path
+        for key in expected:
+            assert_same_records(got[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), path
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert_same_records(g, e, f"{path}[{i}]")
+    else:
+        assert got == expected, path
+
+
 def test_analyze_on_two_ray_workers_gives_the_single_process_records(ray_cluster, tmp_path, tiny_pair_dir):
     problems = problem_set("test")
     slm, llm = ModelSpec(tiny_pair_dir["slm"]), ModelSpec(tiny_pair_dir["llm"])
@@ -214,8 +232,8 @@ def test_analyze_on_two_ray_workers_gives_the_single_process_records(ray_cluster
     spread = analyze(slm, llm, problems, out_dir=tmp_path / "ray", workers=2, **kw)
     by_id = {r["id"]: r for r in jsonl(tmp_path / "ray" / PROBLEMS_FILE)}
     assert sorted(by_id) == [p.id for p in problems]
-    assert [by_id[p.id] for p in problems] == jsonl(tmp_path / "single" / PROBLEMS_FILE)
-    assert spread.to_dict() | {"config": None} == single.to_dict() | {"config": None}
+    assert_same_records([by_id[p.id] for p in problems], jsonl(tmp_path / "single" / PROBLEMS_FILE))
+    assert_same_records(spread.to_dict() | {"config": None}, single.to_dict() | {"config": None})
     # the two runs resume each other: the config does not record how many workers made it
     assert json.loads((tmp_path / "ray" / "config.json").read_text()) == json.loads(
         (tmp_path / "single" / "config.json").read_text()
@@ -230,11 +248,12 @@ def test_collect_on_two_ray_workers_gives_the_single_process_groups(ray_cluster,
     assert Collector(config, tmp_path / "ray", problems=problems, progress=False, workers=2).run_all() == 5
     single = {r["problem_id"]: r for r in jsonl(tmp_path / "single" / "problems.jsonl")}
     spread = {r["problem_id"]: r for r in jsonl(tmp_path / "ray" / "problems.jsonl")}
-    assert spread == single
-    for record in single.values():  # the driver wrote the workers' feature files, byte for byte
-        assert (tmp_path / "ray" / record["features"]).read_bytes() == (
-            tmp_path / "single" / record["features"]
-        ).read_bytes()
+    assert_same_records(spread, single)
+    for record in single.values():  # the driver wrote the workers' feature files
+        ours, theirs = (load_file(tmp_path / run / record["features"]) for run in ("single", "ray"))
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            torch.testing.assert_close(theirs[key], ours[key], atol=2e-3, rtol=1e-2)
     # resuming with one worker finds nothing left to do
     assert Collector(config, tmp_path / "ray", problems=problems, progress=False).run_all() == 0
 

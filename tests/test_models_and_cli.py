@@ -162,3 +162,38 @@ def test_cli_bad_k_exits_with_a_message_not_a_traceback(tiny_pair_dir):
     )  # fmt: skip
     assert result.exit_code == 2
     assert "K must be an integer >= 1" in result.output
+
+
+def test_gguf_padding_placeholders_are_trimmed_from_the_tokenizer(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    from s2t.builtin_models import trim_padding_tokens
+
+    tokenizer.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    n = max(vocab.values()) + 1
+    for extra in range(n, n + 10):  # what a GGUF converter appends up to the embedding rows
+        vocab[f"[PAD{extra}]"] = extra
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    padded = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(padded) == len(tokenizer) + 10
+    assert trim_padding_tokens(tmp_path) == 10
+    trimmed = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(trimmed) == len(tokenizer)
+    text = "Janet's ducks lay 16 eggs."
+    assert trimmed(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert trim_padding_tokens(tmp_path) == 0  # idempotent
+
+
+def test_a_placeholder_that_is_not_trailing_is_kept(tokenizer, tmp_path):
+    from s2t.builtin_models import trim_padding_tokens
+
+    tokenizer.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    top = max(vocab, key=vocab.get)  # rename the last real token to look like a placeholder of another id
+    top_id = vocab.pop(top)
+    vocab[f"[PAD{top_id + 1}]"] = top_id
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    assert trim_padding_tokens(tmp_path) == 0

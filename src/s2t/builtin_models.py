@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -175,7 +176,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path, provenance: dict) -> Path:
     try:
         fresh.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        provenance = dict(provenance, conversion_seconds=round(time.perf_counter() - start, 1))
+        trim_padding_tokens(staging)
+        provenance = dict(
+            provenance, conversion_seconds=round(time.perf_counter() - start, 1), tokenizer_trimmed=True
+        )
         (staging / "s2t_source.json").write_text(json.dumps(provenance, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -184,6 +188,43 @@ def convert_gguf(gguf_path: Path, out_dir: Path, provenance: dict) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+PAD_PLACEHOLDER = re.compile(r"\[PAD(\d+)\]")
+
+
+def trim_padding_tokens(model_dir: Path) -> int:
+    """Drop the ``[PAD<id>]`` placeholders that GGUF files append to a vocabulary; returns how many.
+
+    GGUF converters pad the token list up to the embedding matrix's row count with placeholder
+    tokens. The original tokenizers do not have them (Qwen2.5: 151,665 tokens, 151,936 rows): the
+    rows above the tokenizer are unused, and S2T-Local uses 16 of them as its score bins. Only a
+    trailing run of placeholders whose name is their own id is removed, so real tokens never move.
+    Idempotent; the file is replaced atomically.
+    """
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return 0
+    data = json.loads(path.read_text())
+    vocab = data.get("model", {}).get("vocab")
+    if not isinstance(vocab, dict):
+        return 0
+    special = {t["id"] for t in data.get("added_tokens", [])}
+    by_id = sorted(((i, tok) for tok, i in vocab.items()), reverse=True)
+    placeholders = []
+    for i, tok in by_id:
+        match = PAD_PLACEHOLDER.fullmatch(tok)
+        if not match or int(match.group(1)) != i or i in special:
+            break
+        placeholders.append(tok)
+    if not placeholders:
+        return 0
+    for tok in placeholders:
+        del vocab[tok]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False))
+    os.replace(tmp, path)
+    return len(placeholders)
 
 
 def _set_chat_stop_tokens(model, tokenizer) -> None:
@@ -203,6 +244,21 @@ def gguf_cache_dir(gguf_file: Path) -> Path:
     return cache_root() / "gguf" / f"{gguf_file.stem}-{key}"
 
 
+def _migrate(out: Path) -> None:
+    """Bring a checkpoint converted by an earlier version up to date (cheap; weights untouched)."""
+    source = out / "s2t_source.json"
+    info = json.loads(source.read_text())
+    if info.get("tokenizer_trimmed"):
+        return
+    removed = trim_padding_tokens(out)
+    if removed:
+        logger.info("%s: removed %d GGUF padding placeholders from the tokenizer", out.name, removed)
+    info["tokenizer_trimmed"] = True
+    tmp = source.with_name(source.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, source)
+
+
 def prepare_gguf_file(gguf_file: str | os.PathLike) -> Path:
     """Convert a user's ``.gguf`` file to a cached safetensors checkpoint (once) and return its directory."""
     gguf_file = Path(gguf_file)
@@ -213,6 +269,7 @@ def prepare_gguf_file(gguf_file: str | os.PathLike) -> Path:
             raise ValueError(f"{gguf_file} is not a GGUF file (bad magic bytes)")
     out = gguf_cache_dir(gguf_file)
     if (out / "s2t_source.json").is_file():
+        _migrate(out)
         return out
     return convert_gguf(gguf_file, out, {"source": "gguf", "path": str(gguf_file.resolve())})
 
@@ -224,6 +281,7 @@ def prepare_builtin(name: str, progress: bool = True) -> Path:
     model = BUILTIN_MODELS[name]
     out = converted_dir(name)
     if is_prepared(name):
+        _migrate(out)
         return out
     start = time.perf_counter()
     work = cache_root() / "downloads" / name

@@ -282,3 +282,22 @@ def test_lora_training_under_accelerate_launch_on_two_processes_takes_the_single
     # LoRA's B matrices start at zero: they moved, so the two runs agree on real training steps
     adapter = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_cli_generate_decodes_with_a_trained_selector_and_never_loads_the_llm(collected, slm, tiny_pair_dir,
+                                                                               tmp_path):  # fmt: skip
+    from typer.testing import CliRunner
+
+    from s2t.cli import app
+
+    train(TrainConfig(groups=str(collected), out=str(tmp_path / "sel"), epochs=1, val_fraction=0.0), slm=slm,
+          progress=False)  # fmt: skip
+    args = ["generate", QUESTIONS[0], "--slm", tiny_pair_dir["slm"], "--llm", "/nonexistent/never/loaded",
+            "--method", "greedy,s2t-local", "--threshold", "0.0", "--k", "4", "--max-new-tokens", "5", "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--selector", str(tmp_path / "sel")])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["s2t-local"]["cost"]["triggers"] > 0
+    assert payload["s2t-local"]["cost"]["llm_forward_tokens"] == 0
+    missing = CliRunner().invoke(app, args)
+    assert missing.exit_code == 2 and "--selector" in missing.stdout

@@ -110,6 +110,23 @@ class S2TGenerator:
     ) -> list[list[int]]:
         return [build_prompt(self.tokenizer, q, system_prompt) for q in questions]
 
+    def local_selector(self, directory) -> tuple[S2TGenerator, object]:
+        """Load a trained S2T-Local selector for this generator's SLM (refused for another SLM).
+
+        Returns the generator to decode ``s2t-local`` with and the selector: this generator for a
+        head-mode selector, or a new one around the SLM with the selector's LoRA adapter merged in
+        (the LLM is never part of it).
+        """
+        from s2t.local.selector import LocalSelector
+
+        selector = LocalSelector.from_pretrained(directory, model=self.slm.model)
+        if selector.config.training.get("mode") != "lora":
+            return self, selector
+        from s2t.local.lora import load_adapted_slm
+
+        adapted = load_adapted_slm(self.slm.model, directory)
+        return S2TGenerator(LoadedModel(f"{self.slm.name}+lora", adapted, self.slm.tokenizer)), selector
+
     def make_method(self, method: str | Method = "greedy", **method_kwargs) -> Method:
         if isinstance(method, Method):
             return method

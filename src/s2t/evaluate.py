@@ -317,13 +317,11 @@ class Evaluator:
 
     def _local_selector(self):
         """The trained selector, checked against the SLM and against test-set leakage."""
-        from s2t.local.selector import LocalSelector
-
         if not self.config.selector:
             raise ValueError(
                 "the s2t-local method needs a trained selector: pass --selector DIR (see `s2t train`)"
             )
-        selector = LocalSelector.from_pretrained(self.config.selector, model=self.generator.slm.model)
+        generator, selector = self.generator.local_selector(self.config.selector)
         training = selector.config.training
         seen = set(training.get("train_problem_ids", [])) | set(training.get("validation_problem_ids", []))
         leaked = seen & {p.id for p in self.problems}
@@ -332,13 +330,8 @@ class Evaluator:
                 f"the selector was trained on {len(leaked)} of the evaluated problems (e.g. {sorted(leaked)[0]}): "
                 "refusing a leaky evaluation"
             )
-        if training.get("mode") == "lora":
-            from s2t.local.lora import load_adapted_slm
-            from s2t.models import LoadedModel
-
-            base = self.generator.slm
-            adapted = load_adapted_slm(base.model, self.config.selector)
-            self._local_generator = S2TGenerator(LoadedModel(f"{base.name}+lora", adapted, base.tokenizer))
+        if generator is not self.generator:
+            self._local_generator = generator
         return selector
 
     def _calibrate(self, method) -> None:

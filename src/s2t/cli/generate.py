@@ -53,8 +53,12 @@ def generate(
         str | None, typer.Option(help="Answer a dataset problem by id instead, e.g. gsm8k/test/0.")
     ] = None,
     method: Annotated[
-        str, typer.Option(help="Comma-separated: greedy, s2t, takeover, random-select, llm.")
+        str, typer.Option(help="Comma-separated: greedy, s2t, takeover, random-select, llm, s2t-local.")
     ] = "greedy,s2t",
+    selector: Annotated[
+        str | None,
+        typer.Option(help="Trained S2T-Local selector directory (for s2t-local; see `s2t train`)."),
+    ] = None,
     slm: SLMOpt = DEFAULT_SLM,
     llm: LLMOpt = DEFAULT_LLM,
     trigger: TriggerOpt = "entropy",
@@ -87,6 +91,11 @@ def generate(
             console.print(f"[bold]{found.id}:[/] {question}\n[dim]gold answer: {gold}[/]")
         gen = S2TGenerator(slm, llm=llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map)
         results = {}
+        if "s2t-local" in methods and not selector:
+            raise ValueError(
+                "the s2t-local method needs a trained selector: pass --selector DIR (see `s2t train`)"
+            )
+        local_gen, local_selector = gen.local_selector(selector) if "s2t-local" in methods else (gen, None)
         for name in methods:
             kwargs = (
                 {}
@@ -100,6 +109,8 @@ def generate(
                     min_step=min_step,
                 )
             )
+            if name == "s2t-local":
+                kwargs["selector"] = local_selector
             m = name if name == "llm" else gen.make_method(name, **kwargs)
             if name != "llm" and needs_calibration(m):
                 calib = _calibration_questions(calibration_problems, data_dir)
@@ -108,7 +119,8 @@ def generate(
                 ):
                     gen.calibrate(m, calib)
             with console.status(f"decoding with {name}"):
-                out = gen.generate([question], m, max_new_tokens=max_new_tokens)[0]
+                decoder = local_gen if name == "s2t-local" else gen
+                out = decoder.generate([question], m, max_new_tokens=max_new_tokens)[0]
             results[name] = (out, m)
     except (ValueError, RuntimeError, KeyError, FileNotFoundError) as e:
         fail(str(e))

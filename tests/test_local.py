@@ -301,3 +301,19 @@ def test_cli_generate_decodes_with_a_trained_selector_and_never_loads_the_llm(co
     assert payload["s2t-local"]["cost"]["llm_forward_tokens"] == 0
     missing = CliRunner().invoke(app, args)
     assert missing.exit_code == 2 and "--selector" in missing.stdout
+
+
+def test_a_collection_without_its_features_says_how_to_recompute_them_and_resumes(
+    collected, slm, llm, tmp_path
+):
+    import shutil
+
+    copy = tmp_path / "groups"
+    shutil.copytree(collected, copy, ignore=shutil.ignore_patterns("features"))  # as committed to git
+    with pytest.raises(FileNotFoundError, match="re-run the `s2t collect` command"):
+        train(TrainConfig(groups=str(copy), out=str(tmp_path / "sel"), epochs=1), slm=slm, progress=False)
+    cfg = CollectConfig(slm="tiny-slm", llm="tiny-llm", dataset="tiny", k=4, max_new_tokens=14, batch_size=2)
+    assert Collector(cfg, copy, slm=slm, llm=llm, problems=_problems(), progress=False).run_all() == 4
+    train(TrainConfig(groups=str(copy), out=str(tmp_path / "sel"), epochs=1), slm=slm, progress=False)
+    lines = (copy / "problems.jsonl").read_text().splitlines()
+    assert len(lines) == 8  # the recomputed records were appended; readers keep the last per problem

@@ -45,7 +45,7 @@ from s2t.models import (
 from s2t.policies import EntropyTrigger, LLMSelector, TopK
 from s2t.policies.triggers import TOP_N_FOR_STATISTICS
 from s2t.prompts import build_prompt
-from s2t.runs import RunDirectory
+from s2t.runs import RunDirectory, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,10 @@ class Collector:
         return self._worker.slm
 
     def done_ids(self) -> set[str]:
-        return {r["problem_id"] for r in self.run.records("problems.jsonl")}
+        """Problems recorded with their feature file present (a copy without ``features/``, e.g. a
+        clone of committed results, recomputes the features)."""
+        return {r["problem_id"] for r in self.run.records("problems.jsonl")
+                if (self.run.path / r["features"]).is_file()}  # fmt: skip
 
     def run_all(self) -> int:
         """Collect every problem not yet recorded; returns how many were collected now."""
@@ -369,6 +372,30 @@ class CollectWorker:
         }
 
 
+def collected_records(groups_dir: str | Path, need_features: bool = True) -> list[dict]:
+    """The problem records of a collection, one per problem (the last one written wins).
+
+    With ``need_features``, every record's ``features/`` file must exist; otherwise the error says
+    how to recompute them (re-running the same ``s2t collect`` command redoes exactly those).
+    """
+    groups_dir = Path(groups_dir)
+    if not (groups_dir / "problems.jsonl").is_file():
+        raise FileNotFoundError(
+            f"{groups_dir} is not a collection directory (no problems.jsonl): run `s2t collect`"
+        )
+    latest: dict[str, dict] = {}
+    for record in read_jsonl(groups_dir / "problems.jsonl"):
+        latest[record["problem_id"]] = record
+    if need_features:
+        missing = [r["features"] for r in latest.values() if not (groups_dir / r["features"]).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} feature files of {groups_dir} are missing (e.g. {missing[0]}); re-run the "
+                "`s2t collect` command that made it (same arguments) to recompute them"
+            )
+    return list(latest.values())
+
+
 def collect(config: CollectConfig, out_dir: str | Path, **kwargs) -> Path:
     """Collect (or resume collecting) S2T-Local training groups; returns the run directory."""
     collector = Collector(config, out_dir, **kwargs)
@@ -376,4 +403,12 @@ def collect(config: CollectConfig, out_dir: str | Path, **kwargs) -> Path:
     return collector.run.path
 
 
-__all__ = ["CollectConfig", "CollectWorker", "Collector", "LeakageError", "collect", "TOP_N_FOR_STATISTICS"]
+__all__ = [
+    "CollectConfig",
+    "CollectWorker",
+    "Collector",
+    "collected_records",
+    "LeakageError",
+    "collect",
+    "TOP_N_FOR_STATISTICS",
+]

@@ -24,17 +24,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from s2t.local.collect import collected_records
 from s2t.local.scoring import attention_mask_for
 from s2t.local.selector import LocalSelector
 from s2t.local.train import TrainConfig, selection_metrics, selector_loss, split_problems
-from s2t.runs import read_jsonl, write_json_atomic
+from s2t.runs import write_json_atomic
 
 ADAPTER_DIR = "adapter"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _groups(groups_dir: Path, subset: str):
-    records = list(read_jsonl(groups_dir / "problems.jsonl"))
+    records = collected_records(groups_dir, need_features=False)
     items = []
     for i, rec in enumerate(records):
         for g in rec["groups"]:

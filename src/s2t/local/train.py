@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from s2t.local.collect import collected_records
 from s2t.local.selector import LocalSelector
-from s2t.runs import read_jsonl, write_json_atomic
+from s2t.runs import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def load_groups(groups_dir: str | Path) -> tuple[GroupTensors, dict]:
     if not config_file.is_file():
         raise FileNotFoundError(f"{groups_dir} is not a collection run directory (no config.json)")
     config = json.loads(config_file.read_text())
-    records = list(read_jsonl(groups_dir / "problems.jsonl"))
+    records = collected_records(groups_dir)
     if not records:
         raise ValueError(f"{groups_dir} holds no collected problems yet")
     hidden, llm, slm, div, prob, ids = [], [], [], [], [], []

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from s2t.local.collect import POSITION_TOP_PROBS as TOP_PROBS
+from s2t.local.collect import collected_records
 from s2t.local.selector import SelectorCheckpointError, model_fingerprint
 from s2t.local.train import split_problems
 from s2t.policies.triggers import EntropyTrigger, Trigger
-from s2t.runs import read_jsonl
 
 WEIGHTS_NAME = "trigger.safetensors"
 CONFIG_NAME = "trigger_config.json"
@@ -113,7 +113,7 @@ def load_position_features(groups_dir: str | Path, min_step: int = 3):
     """Per-position features, divergence labels and problem indices of a collection run."""
     groups_dir = Path(groups_dir)
     feats, labels, problems, entropy, margin = [], [], [], [], []
-    records = list(read_jsonl(groups_dir / "problems.jsonl"))
+    records = collected_records(groups_dir)
     for i, rec in enumerate(records):
         t = load_file(str(groups_dir / rec["features"]))
         hidden = t["position_hidden"].float()

@@ -117,9 +117,9 @@ class S2TGenerator:
         head-mode selector, or a new one around the SLM with the selector's LoRA adapter merged in
         (the LLM is never part of it).
         """
-        from s2t.local.selector import LocalSelector
+        from s2t.local.selector import LocalSelector, selector_directory
 
-        selector = LocalSelector.from_pretrained(directory, model=self.slm.model)
+        selector = LocalSelector.from_pretrained(selector_directory(directory), model=self.slm.model)
         if selector.config.training.get("mode") != "lora":
             return self, selector
         from s2t.local.lora import load_adapted_slm

@@ -24,6 +24,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from s2t.runs import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "S2T_CACHE_DIR"
@@ -254,9 +256,7 @@ def _migrate(out: Path) -> None:
     if removed:
         logger.info("%s: removed %d GGUF padding placeholders from the tokenizer", out.name, removed)
     info["tokenizer_trimmed"] = True
-    tmp = source.with_name(source.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, source)
+    write_json_atomic(source, info)
 
 
 def prepare_gguf_file(gguf_file: str | os.PathLike) -> Path:

@@ -199,13 +199,9 @@ class Evaluator:
         return self.run.records()
 
     def _selector_digest(self) -> str:
-        from s2t.local.selector import checkpoint_digest
+        from s2t.local.selector import checkpoint_digest, selector_directory
 
-        if not self.config.selector:
-            raise ValueError(
-                "the s2t-local method needs a trained selector: pass --selector DIR (see `s2t train`)"
-            )
-        return checkpoint_digest(self.config.selector)
+        return checkpoint_digest(selector_directory(self.config.selector))
 
     def _check_same_selector(self) -> None:
         """Refuse to mix s2t-local results of two different trained selectors in one run."""
@@ -317,11 +313,10 @@ class Evaluator:
 
     def _local_selector(self):
         """The trained selector, checked against the SLM and against test-set leakage."""
-        if not self.config.selector:
-            raise ValueError(
-                "the s2t-local method needs a trained selector: pass --selector DIR (see `s2t train`)"
-            )
-        generator, selector = self.generator.local_selector(self.config.selector)
+        from s2t.local.selector import selector_directory
+
+        directory = selector_directory(self.config.selector)  # before any model is loaded
+        generator, selector = self.generator.local_selector(directory)
         training = selector.config.training
         seen = set(training.get("train_problem_ids", [])) | set(training.get("validation_problem_ids", []))
         leaked = seen & {p.id for p in self.problems}

@@ -91,10 +91,6 @@ def generate(
             console.print(f"[bold]{found.id}:[/] {question}\n[dim]gold answer: {gold}[/]")
         gen = S2TGenerator(slm, llm=llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map)
         results = {}
-        if "s2t-local" in methods and not selector:
-            raise ValueError(
-                "the s2t-local method needs a trained selector: pass --selector DIR (see `s2t train`)"
-            )
         local_gen, local_selector = gen.local_selector(selector) if "s2t-local" in methods else (gen, None)
         for name in methods:
             kwargs = (

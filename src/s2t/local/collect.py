@@ -195,12 +195,6 @@ class Collector:
         self.progress = progress
         (self.run.path / "features").mkdir(exist_ok=True)
 
-    @property
-    def slm(self) -> LoadedModel:
-        if self._worker is None:
-            raise RuntimeError("a distributed collector holds no models")
-        return self._worker.slm
-
     def done_ids(self) -> set[str]:
         """Problems recorded with their feature file present (a copy without ``features/``, e.g. a
         clone of committed results, recomputes the features)."""

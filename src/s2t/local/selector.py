@@ -35,6 +35,15 @@ class SelectorCheckpointError(ValueError):
     """A selector checkpoint is missing, corrupted, or belongs to another base model."""
 
 
+def selector_directory(directory: str | Path | None) -> str | Path:
+    """``directory``, or the error that the s2t-local method needs a trained selector."""
+    if not directory:
+        raise ValueError(
+            "the s2t-local method needs a trained selector: pass --selector DIR (see `s2t train`)"
+        )
+    return directory
+
+
 def checkpoint_digest(directory: str | Path) -> str:
     """A short hash of a saved selector's weights: which trained selector produced a result."""
     digest = hashlib.sha256((Path(directory) / WEIGHTS_NAME).read_bytes()).hexdigest()

@@ -78,6 +78,7 @@ def generate(
     """Answer one question with each method and print the answers and their costs."""
     from s2t.api import S2TGenerator
     from s2t.grading import extract_answer, is_correct
+    from s2t.local.selector import selector_directory
     from s2t.methods import needs_calibration
 
     methods = [m.strip() for m in method.split(",") if m.strip()]
@@ -89,6 +90,8 @@ def generate(
             found = _problem_by_id(problem, data_dir)
             question, gold = found.question, found.answer
             console.print(f"[bold]{found.id}:[/] {question}\n[dim]gold answer: {gold}[/]")
+        if "s2t-local" in methods:
+            selector_directory(selector)  # a missing --selector fails before the SLM is loaded
         gen = S2TGenerator(slm, llm=llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map)
         results = {}
         local_gen, local_selector = gen.local_selector(selector) if "s2t-local" in methods else (gen, None)

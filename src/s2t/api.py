@@ -232,9 +232,12 @@ class S2TGenerator:
             decoder, llm = self.slm, (self.llm.model if method_obj.needs_llm else None)
 
         outputs: list[GenerationOutput] = []
+        label = method if isinstance(method, str) else method.name
+        if temperature > 0:
+            label = f"{label}, sampling at T={temperature:g}, top-p {top_p:g}"
         bar = tqdm(
             total=len(prompts),
-            desc=f"decoding ({method if isinstance(method, str) else method.name})",
+            desc=f"decoding ({label})",
             unit="prompt",
             disable=not progress,
         )

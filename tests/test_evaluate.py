@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from s2t.api import S2TGenerator
+from s2t.data import DatasetUnavailableError
 from s2t.cli import app
 from s2t.evaluate import EvalConfig, Evaluator, evaluate
 from s2t.reporting.eval_report import summarize
@@ -114,6 +115,14 @@ def test_calibration_uses_training_problems_and_refuses_overlap(tmp_path, data_f
                  calibration_problems=3, limit=2)  # fmt: skip
     with pytest.raises(ValueError, match="overlap"):
         evaluate(cfg, tmp_path / "run2", progress=False, generator=generator)
+
+
+def test_a_dataset_that_cannot_be_loaded_leaves_no_run_directory(tmp_path, generator, monkeypatch):
+    monkeypatch.setenv("S2T_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DatasetUnavailableError, match="math500"):
+        Evaluator(config(None, dataset="math500", methods=["greedy"]), tmp_path / "run", generator=generator)
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_method_is_refused(data_file):

@@ -136,6 +136,8 @@ class Evaluator:
         writes nothing: a distributed worker whose driver owns the run directory
         (:mod:`s2t.distributed`). It cannot calibrate, so give it the calibrated threshold."""
         self.config = config
+        # Problems first: a dataset that cannot be loaded must not leave a run directory behind.
+        self.problems = list(problems) if problems is not None else self._load_problems()
         resumable = RESUMABLE_KEYS | ({SELECTOR_KEY} if config.trigger != "learned" else set())
         self.run = (
             RunDirectory(out_dir, asdict(config), ignore_keys=resumable) if out_dir is not None else None
@@ -143,7 +145,6 @@ class Evaluator:
         self.progress = progress
         self._generator = generator
         self._local_generator: S2TGenerator | None = None  # an SLM with a LoRA selector's adapter merged in
-        self.problems = list(problems) if problems is not None else self._load_problems()
 
     @property
     def generator(self) -> S2TGenerator:

@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from s2t.api import S2TGenerator
-from s2t.data import DatasetUnavailableError
 from s2t.cli import app
+from s2t.data import DatasetUnavailableError
 from s2t.evaluate import EvalConfig, Evaluator, evaluate
 from s2t.reporting.eval_report import summarize
 from s2t.runs import ConfigMismatchError

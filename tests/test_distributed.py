@@ -16,7 +16,13 @@ from typer.testing import CliRunner
 from s2t.analysis import PROBLEMS_FILE, analyze
 from s2t.cli import app
 from s2t.data import Problem
-from s2t.distributed import EvalShardWorker, RayUnavailableError, evaluate_distributed, run_sharded
+from s2t.distributed import (
+    EvalShardWorker,
+    RayUnavailableError,
+    eval_shards,
+    evaluate_distributed,
+    run_sharded,
+)
 from s2t.evaluate import EvalConfig, evaluate
 from s2t.local.collect import CollectConfig, Collector
 from s2t.models import ModelSpec
@@ -276,3 +282,16 @@ def test_analyze_and_collect_with_workers_but_without_ray_name_the_install_comma
     assert result.exit_code == 2, result.output
     assert "select-to-think[ray]" in result.stdout
     assert not (tmp_path / command / "problems.jsonl").exists()
+
+
+def test_a_resumed_run_spreads_its_remaining_problems_over_full_shards():
+    problems = [Problem(f"tiny/test/{i}", f"q{i}", "1", "tiny", "test") for i in range(10)]
+    done = {("greedy", f"tiny/test/{i}") for i in range(7)} | {("s2t", f"tiny/test/{i}") for i in range(5)}
+    shards = eval_shards(["greedy", "s2t"], problems, done, shard_size=2)
+    # problems 5..9 are unfinished (5 and 6 for s2t only); finished ones take no room in a shard
+    assert [[(m, [p.id[-1] for p in todo]) for m, todo in shard] for shard in shards] == [
+        [("s2t", ["5", "6"])],
+        [("greedy", ["7", "8"]), ("s2t", ["7", "8"])],
+        [("greedy", ["9"]), ("s2t", ["9"])],
+    ]
+    assert eval_shards(["greedy"], problems, {("greedy", p.id) for p in problems}, shard_size=4) == []

@@ -248,17 +248,25 @@ class EvalShardWorker:
 def eval_shards(
     methods: Sequence[str], problems: Sequence[Problem], done: set[tuple[str, str]], shard_size: int
 ) -> list[EvalShard]:
-    """Contiguous shards of ``shard_size`` problems; each lists, per method, the problems not done yet."""
+    """Shards of up to ``shard_size`` unfinished problems, in order; each lists, per method, the
+    problems not done yet. Finished problems take no room, so a resumed run's remaining work is
+    spread over as many shards as a fresh run's would be."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1; got {shard_size}")
+    todo = unfinished_problems(methods, problems, done)
     shards = []
-    for start in range(0, len(problems), shard_size):
-        chunk = problems[start : start + shard_size]
+    for start in range(0, len(todo), shard_size):
+        chunk = todo[start : start + shard_size]
         shard = [(m, [p for p in chunk if (m, p.id) not in done]) for m in methods]
-        shard = [(m, todo) for m, todo in shard if todo]
-        if shard:
-            shards.append(shard)
+        shards.append([(m, left) for m, left in shard if left])
     return shards
+
+
+def unfinished_problems(
+    methods: Sequence[str], problems: Sequence[Problem], done: set[tuple[str, str]]
+) -> list[Problem]:
+    """The problems that some method has not finished yet, in order."""
+    return [p for p in problems if any((m, p.id) not in done for m in methods)]
 
 
 def evaluate_distributed(
@@ -295,9 +303,8 @@ def evaluate_distributed(
         worker_config = replace(config, threshold=threshold)
     run, done = evaluator.run, evaluator.finished()
     # at most two batches a shard, and enough shards that every worker gets some
-    shard_size = shard_size or max(
-        1, min(2 * config.batch_size, -(-len(evaluator.problems) // max(workers, 1)))
-    )
+    remaining = len(unfinished_problems(config.methods, evaluator.problems, done))
+    shard_size = shard_size or max(1, min(2 * config.batch_size, -(-remaining // max(workers, 1))))
     shards = eval_shards(config.methods, evaluator.problems, done, shard_size)
     del evaluator  # the driver only writes from here on: free any models that calibration loaded
     if shards:

@@ -136,12 +136,13 @@ def plot_accuracy_vs_cost(summary: dict, path: Path) -> Path:
     for m, e in summary.items():
         x = e["mean_wall_time_s"]
         ax.errorbar(x, e["accuracy"] * 100, yerr=[[100 * (e["accuracy"] - e["ci_low"])], [100 * (e["ci_high"] - e["accuracy"])]],
-                    fmt="o", capsize=4)  # fmt: skip
-        ax.annotate(m, (x, e["accuracy"] * 100), textcoords="offset points", xytext=(6, 4))
+                    fmt="o", capsize=4, label=m)  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("wall time per problem (s, log scale)")
     ax.set_ylabel("accuracy (%)  [95% bootstrap CI]")
     ax.grid(alpha=0.3)
+    # A legend, not labels beside the points: methods of similar cost (greedy, s2t-local) sit on top of each other.
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

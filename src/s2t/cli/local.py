@@ -78,21 +78,46 @@ def collect(
 def train_command(
     groups: Annotated[str, typer.Option(help="A collection directory made by `s2t collect`.")],
     out: Annotated[str, typer.Option(help="Where to save the selector (safetensors + JSON config).")],
-    mode: Annotated[str, typer.Option(help="head (frozen SLM, CPU-friendly) or lora (GPU).")] = "head",
+    mode: Annotated[
+        str, typer.Option(help="head (frozen SLM; minutes) or lora (the paper's; packed by problem).")
+    ] = "head",
     groups_subset: Annotated[
         str, typer.Option(help="all, or divergent (SLM top-1 ≠ LLM top-1) only.")
     ] = "all",
     epochs: Annotated[int | None, typer.Option(help="Epochs (default: 30 for head, 3 for lora).")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default: 1e-2 head, 5e-5 lora).")] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Groups per step (default: 256 head, 4 lora).")
+        int | None, typer.Option(help="Per step: groups in head mode (256), problems in lora mode (1).")
     ] = None,
     val_fraction: Annotated[
         float, typer.Option(help="Share of training problems held out for validation.")
     ] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed for the split and initialisation.")] = 0,
     lora_r: Annotated[int, typer.Option(help="lora: LoRA rank.")] = 16,
+    lora_alpha: Annotated[int, typer.Option(help="lora: LoRA alpha (scale alpha/r).")] = 32,
+    bins_lr: Annotated[
+        float | None, typer.Option(help="lora: learning rate of the score bins (default: --lr).")
+    ] = None,
     lora_dropout: Annotated[float, typer.Option(help="lora: dropout on the LoRA layers.")] = 0.05,
+    lora_layers: Annotated[
+        int | None, typer.Option(help="lora: adapt only the top N decoder layers (default: all).")
+    ] = None,
+    k: Annotated[
+        int | None,
+        typer.Option("--k", "-k", help="lora: candidates per group (default: the collection's K)."),
+    ] = None,
+    prefix_kl_weight: Annotated[
+        float, typer.Option(help="lora: weight of the KL to the frozen SLM on the prefix (0 to skip).")
+    ] = 0.1,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="lora: problems between checkpoints (one at each epoch's end too).")
+    ] = 50,
+    eval_every: Annotated[
+        int, typer.Option(help="lora: problems between validation points (a learning curve).")
+    ] = 100,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="lora: continue the checkpoint in --out (same configuration).")
+    ] = False,
     trigger_rate: Annotated[
         float, typer.Option(help="Also train an LLM-free trigger firing on this share of steps (0 to skip).")
     ] = 0.05,
@@ -100,9 +125,9 @@ def train_command(
 ) -> None:
     """Train the S2T-Local selector (and an LLM-free trigger) from collected groups."""
     from s2t.local.selector import SelectorCheckpointError
-    from s2t.local.train import TrainConfig, train
+    from s2t.local.train import LORA_DEFAULT_LR, TrainConfig, train
 
-    defaults = {"head": (30, 1e-2, 256), "lora": (3, 5e-5, 4)}
+    defaults = {"head": (30, 1e-2, 256), "lora": (3, LORA_DEFAULT_LR, 1)}
     try:
         if mode not in defaults:
             raise ValueError(f"mode must be head or lora; got {mode!r}")
@@ -110,9 +135,10 @@ def train_command(
         config = TrainConfig(
             groups=groups, out=out, mode=mode, groups_subset=groups_subset, epochs=epochs or d_epochs,
             lr=lr or d_lr, batch_size=batch_size or d_bs, val_fraction=val_fraction, seed=seed, dtype=dtype,
-            lora_r=lora_r, lora_dropout=lora_dropout,
+            lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_layers=lora_layers, k=k, bins_lr=bins_lr,
+            prefix_kl_weight=prefix_kl_weight, checkpoint_every=checkpoint_every, eval_every=eval_every,
         )  # fmt: skip
-        selector = train(config)
+        selector = train(config, resume=resume)
         if mode == "lora":
             from accelerate import PartialState
 
@@ -121,16 +147,23 @@ def train_command(
         trigger = (
             _train_trigger(groups, out, trigger_rate, val_fraction, seed, dtype) if trigger_rate > 0 else None
         )
+    except KeyboardInterrupt:
+        fail(
+            f"interrupted; what was trained is in {out}/checkpoint: continue with the same command and --resume"
+        )
     except (ValueError, RuntimeError, FileNotFoundError, SelectorCheckpointError) as e:
         fail(str(e))
     metrics = selector.config.training["metrics"]
     for part in ("train", "validation"):
         m = metrics.get(part)
-        if m:
-            console.print(
-                f"{part}: {m['n_groups']} groups; picks the LLM's best candidate {m['agreement_with_llm']:.1%} "
-                f"of the time (the SLM's top-1: {m['slm_top1_agreement_with_llm']:.1%})"
-            )
+        if not m:
+            continue
+        for subset, v in m.items() if "all" in m else [("all", m)]:
+            if v and "agreement_with_llm" in v:
+                console.print(
+                    f"{part} ({subset} groups, {v['n_groups']}): picks the LLM's best candidate "
+                    f"{v['agreement_with_llm']:.1%} of the time (the SLM's top-1: {v['slm_top1_agreement_with_llm']:.1%})"
+                )
     if trigger is not None:
         m = trigger.config.metrics
         console.print(

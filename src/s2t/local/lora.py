@@ -1,172 +1,569 @@
-"""LoRA-mode training of the S2T-Local selector (for GPU users; runs on a CPU for tiny models).
+"""LoRA-mode training of the S2T-Local selector, packed by problem so that it runs on a CPU.
 
-Each group's context (prompt + trajectory prefix, the last ``max_context`` tokens) and its K
-candidates go through the adapted SLM in one forward pass with a 4D mask (each candidate sees
-the context and itself, at the same position id). The candidates' final hidden states are
-scored by the bins (the reserved output rows); the loss is the paper's selector loss plus
-``prefix_kl_weight`` · KL(frozen SLM ‖ adapted SLM) on the context's last tokens, which keeps
-ordinary generation close to the original model.
+One optimisation step reads whole problems: each problem's trajectory and the candidates of all
+its groups go through the adapted SLM in **one** forward pass under a 4D mask
+(:mod:`s2t.local.packing`), instead of one forward per group. The candidates' final hidden
+states are scored by the bins (the reserved output rows); the loss is the paper's selector loss
+per group plus ``prefix_kl_weight`` · KL(frozen SLM ‖ adapted SLM) over each group's last
+``prefix_kl_tokens`` context tokens, which keeps ordinary generation close to the original model.
+Packed and per-group losses are the same number (:func:`per_group_loss` is the reference).
 
-Runs unchanged under ``accelerate launch`` (one process per GPU, or ``--cpu`` processes): every
-process walks the same shuffled groups and takes its own slice of each batch, and the gradients
-of the trainable parameters (LoRA weights and bins) are averaged over the processes before each
-step, so N processes take the same steps as one process with the whole batch. (The forward
-runs on the inner causal LM with a custom 4D mask rather than through a DDP wrapper, which is why
-the averaging is explicit.) Only the main process writes the checkpoint.
+What the frozen SLM contributes never changes, so it is computed once, before the first step
+(the *frozen pass*, cached under ``<out>/prepared/``): its top-T log-probabilities on the
+trajectory (the KL targets), and, when only the top ``lora_layers`` layers are adapted, the
+hidden states entering the first adapted layer, so that training runs only the adapted layers.
+
+Practical on a CPU: ``lora_layers`` (adapt the top N layers), ``dtype="bfloat16"`` (base
+weights in bfloat16, LoRA weights and bins in float32), a checkpoint every
+``checkpoint_every`` problems and at each epoch's end (an interrupt saves one too), ``--resume``
+(refused when the configuration differs), validation agreement every ``eval_every`` problems
+(a learning curve), and the selector kept from the best validation point.
+
+Runs under ``accelerate launch`` (one process per GPU, or ``--cpu`` processes): every process
+walks the same shuffled problems and takes its own slice of each batch; the gradients of the
+trainable parameters are averaged over the processes before each step, so N processes take the
+same steps as one process with the whole batch. Only the main process writes files.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import random
+import signal
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from s2t.local.collect import collected_records
+from s2t.local.packing import (
+    PackedProblem,
+    check_record,
+    group_context,
+    pack_problem,
+    sparse_kl,
+    sparse_targets,
+)
 from s2t.local.scoring import attention_mask_for
-from s2t.local.selector import LocalSelector
-from s2t.local.train import TrainConfig, selection_metrics, selector_loss, split_problems
+from s2t.local.selector import LocalSelector, model_fingerprint
+from s2t.local.train import TrainConfig, grouped_selection_metrics, selector_loss, split_problems
 from s2t.runs import write_json_atomic
 
+logger = logging.getLogger(__name__)
+
 ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoint"
+PREPARED_DIR = "prepared"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# TrainConfig fields that may differ when a run is resumed: they do not change what a step does.
+RESUMABLE_FIELDS = {"epochs", "checkpoint_every", "eval_every"}
 
 
-def _groups(groups_dir: Path, subset: str):
-    records = collected_records(groups_dir, need_features=False)
-    items = []
-    for i, rec in enumerate(records):
-        for g in rec["groups"]:
-            if subset == "divergent" and not g["divergent"]:
-                continue
-            context = rec["prompt_ids"] + rec["trajectory_ids"][: g["position"]]
-            items.append((i, context, g["candidate_ids"], g["llm_probs"], g["slm_probs"]))
-    return records, items
+class ResumeError(ValueError):
+    """A LoRA training run cannot resume (no checkpoint, or another configuration)."""
 
 
-def _group_forward(model, context: list[int], candidates: list[int], max_context: int):
-    """Hidden states of the candidates (K, H) and the context logits, in one masked forward pass."""
-    context = context[-max_context:]
-    n, k = len(context), len(candidates)
-    device = next(model.parameters()).device
-    ids = torch.tensor([context + candidates], device=device)
-    allowed = torch.ones(n + k, n + k, dtype=torch.bool, device=device).tril()
-    allowed[n:, n:] = torch.eye(k, dtype=torch.bool, device=device)
-    mask = attention_mask_for(allowed[None, None], model)
-    positions = torch.cat([torch.arange(n), torch.full((k,), n)]).to(device)[None]
-    out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions)
-    hidden = out.last_hidden_state[0]
-    return hidden[n:], hidden[:n]
+def first_adapted_layer(num_layers: int, lora_layers: int | None) -> int:
+    """Index of the lowest adapted decoder layer (0 when all are adapted)."""
+    if lora_layers is None:
+        return 0
+    if not 1 <= lora_layers <= num_layers:
+        raise ValueError(f"lora_layers must lie in [1, {num_layers}] for this SLM; got {lora_layers}")
+    return num_layers - lora_layers
 
 
-def train_lora(cfg: TrainConfig, slm=None, progress: bool = True, max_context: int = 1024) -> LocalSelector:
-    """Train LoRA adapters plus the bins; saves the adapter beside the selector (``adapter/``)."""
-    import json
+# ---------------------------------------------------------------------------- forward passes
 
-    from accelerate import Accelerator
-    from peft import LoraConfig, get_peft_model
 
-    from s2t.models import load_model
+def _mask(allowed: torch.Tensor, model) -> torch.Tensor:
+    return attention_mask_for(allowed[None, None].to(model.device), model)
 
-    groups_dir = Path(cfg.groups)
-    collect_cfg = json.loads((groups_dir / "config.json").read_text())
-    accelerator = Accelerator()
-    slm = slm or load_model(collect_cfg["slm"], dtype=cfg.dtype, device=str(accelerator.device))
-    base = slm.model.to(accelerator.device)
-    # bins and fingerprint come from the untouched base model
-    selector = LocalSelector.initial(base, collect_cfg["slm"], len(slm.tokenizer))
-    selector.config.score_temperature = cfg.score_temperature
-    base.requires_grad_(False)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=LORA_TARGETS, task_type="CAUSAL_LM")  # fmt: skip
-    torch.manual_seed(cfg.seed)  # before the LoRA weights are initialised: same start on every process
-    model = get_peft_model(base, lora)
-    bins = torch.nn.Parameter((torch.randn_like(selector.bins) * 0.01).to(accelerator.device))
-    params = [p for p in model.parameters() if p.requires_grad] + [bins]
-    optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
-    rank, world = accelerator.process_index, accelerator.num_processes
 
-    records, items = _groups(groups_dir, cfg.groups_subset)
-    train_p, val_p = split_problems(len(records), cfg.val_fraction, cfg.seed)
-    train_items = [it for it in items if it[0] in train_p]
-    if not train_items:
-        raise ValueError("no training groups (collect more problems, or lower --val-fraction)")
-    rng = random.Random(cfg.seed)
-    inner = model.base_model.model  # the causal LM with LoRA layers inside
-    history = []
-    for epoch in range(cfg.epochs):
-        rng.shuffle(train_items)
-        model.train()
-        total = 0.0
-        for start in tqdm(range(0, len(train_items), cfg.batch_size), desc=f"lora epoch {epoch + 1}",
-                          disable=not progress or not accelerator.is_main_process):  # fmt: skip
-            batch = train_items[start : start + cfg.batch_size]
-            loss = torch.zeros((), device=accelerator.device)
-            for _, context, candidates, llm_probs, _ in batch[rank::world]:
-                cand_hidden, ctx_hidden = _group_forward(inner, context, candidates, max_context)
-                logits = selector.scores(cand_hidden, bins)[None] / cfg.score_temperature
-                loss = loss + selector_loss(logits, torch.tensor([llm_probs], device=logits.device), cfg)
-                tail = ctx_hidden[-cfg.prefix_kl_tokens :]
-                adapted = F.log_softmax(inner.lm_head(tail).float(), -1)
-                with torch.no_grad(), model.disable_adapter():
-                    _, frozen_hidden = _group_forward(inner, context, candidates, max_context)
-                    frozen = F.log_softmax(inner.lm_head(frozen_hidden[-cfg.prefix_kl_tokens :]).float(), -1)
-                loss = loss + cfg.prefix_kl_weight * F.kl_div(
-                    adapted, frozen, log_target=True, reduction="batchmean"
+def decoder_hidden(lm, packed: PackedProblem, start: int = 0, start_hidden: torch.Tensor | None = None):
+    """Final (normed) hidden states (L, H) of a packed problem.
+
+    With ``start > 0`` the decoder layers below ``start`` are skipped and ``start_hidden`` (L, H),
+    the frozen states entering layer ``start``, is used instead: exact when those layers are frozen.
+    """
+    device = lm.device
+    mask = _mask(packed.allowed, lm)
+    positions = packed.position_ids.to(device)[None]
+    if start == 0:
+        out = lm.model(
+            input_ids=packed.input_ids.to(device)[None], attention_mask=mask, position_ids=positions
+        )
+        return out.last_hidden_state[0]
+    decoder = lm.model
+    if any(t != "full_attention" for t in decoder.config.layer_types[start:]):
+        raise ValueError("training from cached layer states supports full-attention layers only")
+    hidden = start_hidden.to(device=device, dtype=lm.dtype)[None]
+    embeddings = decoder.rotary_emb(hidden, positions)
+    for layer in decoder.layers[start:]:
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=embeddings, position_ids=positions)
+    return decoder.norm(hidden)[0]
+
+
+@torch.no_grad()
+def frozen_pass(lm, packed: PackedProblem, vocab_size: int, top: int, start: int) -> dict[str, torch.Tensor]:
+    """What the frozen SLM contributes to a problem's loss: KL targets and cached layer states."""
+    mask = _mask(packed.allowed, lm)
+    out = lm.model(input_ids=packed.input_ids.to(lm.device)[None], attention_mask=mask,
+                   position_ids=packed.position_ids.to(lm.device)[None], output_hidden_states=start > 0)  # fmt: skip
+    weighted = packed.kl_weight > 0
+    base_hidden = out.last_hidden_state[0, : packed.base_length][weighted.to(lm.device)]
+    ids, logprobs = sparse_targets(lm.get_output_embeddings()(base_hidden)[:, :vocab_size], top)
+    tensors = {"kl_target_ids": ids.cpu().contiguous(), "kl_target_logprobs": logprobs.cpu().contiguous()}
+    if start > 0:
+        tensors["start_hidden"] = out.hidden_states[start][0].cpu().contiguous()
+    return tensors
+
+
+def packed_loss(lm, selector: LocalSelector, bins, packed: PackedProblem, prepared: dict, cfg: TrainConfig,
+                vocab_size: int, start: int = 0):  # fmt: skip
+    """The problem's loss summed over its groups (divide by the batch's group count), and its scores (M, K)."""
+    hidden = decoder_hidden(lm, packed, start, prepared.get("start_hidden"))
+    m, k = packed.n_groups, packed.k
+    scores = selector.scores(hidden[packed.candidate_slice()].reshape(m, k, -1), bins)
+    loss = selector_loss(scores / cfg.score_temperature, packed.llm_probs.to(scores.device), cfg) * m
+    if cfg.prefix_kl_weight > 0:
+        weighted = packed.kl_weight > 0
+        base = hidden[: packed.base_length][weighted.to(hidden.device)]
+        kl = sparse_kl(lm.get_output_embeddings()(base)[:, :vocab_size], prepared["kl_target_ids"].to(base.device),
+                       prepared["kl_target_logprobs"].to(base.device))  # fmt: skip
+        loss = loss + cfg.prefix_kl_weight * (kl * packed.kl_weight[weighted].to(kl.device)).sum()
+    return loss, scores
+
+
+def per_group_loss(lm, selector: LocalSelector, bins, packed: PackedProblem, prepared: dict, cfg: TrainConfig,
+                   vocab_size: int):  # fmt: skip
+    """The reference: the same loss computed with one forward per group (its context + K candidates).
+
+    Summed over the problem's groups, like :func:`packed_loss`; far slower, kept as the definition.
+    """
+    weighted = torch.nonzero(packed.kl_weight > 0).flatten().tolist()
+    row_of = {q: i for i, q in enumerate(weighted)}  # position -> row of the stored KL targets
+    total = torch.zeros((), device=lm.device)
+    for g in range(packed.n_groups):
+        context, candidates = group_context(packed, g)
+        n, k = len(context), len(candidates)
+        allowed = torch.ones(n + k, n + k, dtype=torch.bool).tril()
+        allowed[n:, n:] = torch.eye(k, dtype=torch.bool)
+        positions = torch.cat([torch.arange(n), torch.full((k,), n)])
+        out = lm.model(input_ids=torch.cat([context, candidates]).to(lm.device)[None],
+                       attention_mask=_mask(allowed, lm), position_ids=positions.to(lm.device)[None])  # fmt: skip
+        hidden = out.last_hidden_state[0]
+        scores = selector.scores(hidden[n:], bins)[None]
+        total = total + selector_loss(
+            scores / cfg.score_temperature, packed.llm_probs[g : g + 1].to(lm.device), cfg
+        )
+        if cfg.prefix_kl_weight > 0:
+            w = min(cfg.prefix_kl_tokens, n)
+            rows = torch.tensor([row_of[q] for q in range(n - w, n)])
+            kl = sparse_kl(lm.get_output_embeddings()(hidden[n - w : n])[:, :vocab_size],
+                           prepared["kl_target_ids"][rows].to(lm.device),
+                           prepared["kl_target_logprobs"][rows].to(lm.device))  # fmt: skip
+            total = total + cfg.prefix_kl_weight * kl.mean()
+    return total
+
+
+# ---------------------------------------------------------------------------- trainer state
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands: epochs and problems done, optimiser steps, the learning curve."""
+
+    epoch: int = 0  # completed epochs
+    position: int = 0  # problems of the current epoch's order already trained on
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None  # the validation point whose weights are in best.safetensors
+
+
+def _config_key(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_FIELDS}
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (e.g. a job scheduler) interrupts like Ctrl-C, so the checkpoint is written."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class LoraTrainer:
+    """Packed LoRA training of the selector from a collection directory."""
+
+    def __init__(self, cfg: TrainConfig, slm=None, progress: bool = True, resume: bool = False):
+        from accelerate import Accelerator
+        from peft import LoraConfig, get_peft_model
+
+        from s2t.models import load_model, parse_dtype
+
+        self.cfg, self.progress = cfg, progress
+        self.groups_dir, self.out = Path(cfg.groups), Path(cfg.out)
+        config_file = self.groups_dir / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"{self.groups_dir} is not a collection run directory (no config.json): run `s2t collect`"
+            )
+        self.collect_cfg = json.loads(config_file.read_text())
+        self.records = collected_records(self.groups_dir, need_features=False)
+        if not self.records:
+            raise ValueError(f"{self.groups_dir} holds no collected problems yet: run `s2t collect`")
+        self.k = cfg.k or self.collect_cfg.get("k", 16)
+        for record in self.records:
+            check_record(record, self.k, str(self.groups_dir))
+        checkpoint = self.out / CHECKPOINT_DIR
+        if checkpoint.is_dir() and not resume:
+            raise ResumeError(
+                f"{self.out} already holds a training checkpoint: pass --resume to continue it, or use a new --out"
+            )
+        if resume and not (checkpoint / "trainer_state.json").is_file():
+            raise ResumeError(f"nothing to resume: {checkpoint} holds no checkpoint")
+        if resume:
+            self._check_resumable(checkpoint)
+
+        self.accelerator = Accelerator()
+        device = str(self.accelerator.device)
+        slm = slm or load_model(self.collect_cfg["slm"], dtype=cfg.dtype, device=device)
+        self.vocab_size = len(slm.tokenizer)
+        self.lm = slm.model.to(self.accelerator.device)
+        if cfg.dtype is not None and self.lm.dtype != parse_dtype(cfg.dtype):
+            self.lm = self.lm.to(parse_dtype(cfg.dtype))
+        self.lm.requires_grad_(False)
+        self.start = first_adapted_layer(self.lm.config.num_hidden_layers, cfg.lora_layers)
+        # bins and fingerprint come from the untouched base model
+        self.selector = LocalSelector.initial(self.lm, self.collect_cfg["slm"], self.vocab_size)
+        self.selector.config.score_temperature = cfg.score_temperature
+        self.train_p, self.val_p = split_problems(len(self.records), cfg.val_fraction, cfg.seed)
+        self.train_packed = {i: pack_problem(self.records[i], self.k, cfg.groups_subset, cfg.prefix_kl_tokens)
+                             for i in sorted(self.train_p)}  # fmt: skip
+        self.train_order = [i for i in sorted(self.train_p) if self.train_packed[i].n_groups > 0]
+        if not self.train_order:
+            raise ValueError("no training groups (collect more problems, or lower --val-fraction)")
+        # validation always reads every group, so agreement is reported on all and on divergent ones
+        self.val_packed = {i: pack_problem(self.records[i], self.k, "all", cfg.prefix_kl_tokens)
+                           for i in sorted(self.val_p)}  # fmt: skip
+        self.prepared_dir = self.out / PREPARED_DIR / self._prepared_key()
+        self._prepare()
+
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=LORA_TARGETS, task_type="CAUSAL_LM",
+                          layers_to_transform=list(range(self.start, self.lm.config.num_hidden_layers)))  # fmt: skip
+        torch.manual_seed(cfg.seed)  # before the LoRA weights are initialised: same start on every process
+        self.model = get_peft_model(self.lm, lora)
+        self.inner = self.model.base_model.model  # the causal LM with LoRA layers inside
+        self.bins = torch.nn.Parameter(
+            (torch.randn_like(self.selector.bins) * 0.01).to(self.accelerator.device)
+        )
+        adapter = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = adapter + [self.bins]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": adapter}, {"params": [self.bins], "lr": cfg.bins_lr or cfg.lr}],
+            lr=cfg.lr, weight_decay=cfg.weight_decay,
+        )  # fmt: skip
+        self.state = TrainerState()
+        if resume:
+            self._load_checkpoint(checkpoint)
+
+    # -- the frozen pass --------------------------------------------------------------------
+
+    def _prepared_key(self) -> str:
+        key = {"slm": model_fingerprint(self.lm), "dtype": str(self.lm.dtype), "k": self.k,
+               "subset": self.cfg.groups_subset, "start": self.start, "top": self.cfg.frozen_top,
+               "window": self.cfg.prefix_kl_tokens}  # fmt: skip
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+    def _prepared_file(self, index: int, part: str) -> Path:
+        return self.prepared_dir / f"{part}-{index}.safetensors"
+
+    def _prepare(self) -> None:
+        """Run the frozen pass once for every problem that lacks it (resumable; each file atomic)."""
+        todo = [(i, "train", self.train_packed[i]) for i in self.train_order]
+        todo += [(i, "val", p) for i, p in self.val_packed.items() if p.n_groups > 0]
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        mine = [t for j, t in enumerate(todo) if j % world == rank]
+        missing = [t for t in mine if not self._prepared_file(t[0], t[1]).is_file()]
+        self.prepared_dir.mkdir(parents=True, exist_ok=True)
+        if missing:
+            for index, part, packed in tqdm(missing, desc="frozen pass (once)", unit="problem",
+                                            disable=not self.progress, dynamic_ncols=True):  # fmt: skip
+                tensors = frozen_pass(self.lm, packed, self.vocab_size, self.cfg.frozen_top, self.start)
+                _atomic_save(tensors, self._prepared_file(index, part))
+        self.accelerator.wait_for_everyone()
+
+    def _prepared(self, index: int, part: str) -> dict[str, torch.Tensor]:
+        path = self._prepared_file(index, part)
+        try:
+            return load_file(str(path))
+        except Exception as e:  # a truncated or corrupted cache file: recompute it
+            logger.warning("recomputing %s (%s)", path, e)
+            packed = (self.train_packed if part == "train" else self.val_packed)[index]
+            frozen = self.model.disable_adapter() if hasattr(self, "model") else nullcontext()
+            with frozen:
+                tensors = frozen_pass(self.lm, packed, self.vocab_size, self.cfg.frozen_top, self.start)
+            _atomic_save(tensors, path)
+            return tensors
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _check_resumable(self, checkpoint: Path) -> None:
+        saved = json.loads((checkpoint / "trainer_state.json").read_text())["config"]
+        now = _config_key(self.cfg)
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if changed:
+            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+            raise ResumeError(
+                f"refusing to resume {self.out} with another configuration ({diffs}); only "
+                f"{', '.join(sorted(RESUMABLE_FIELDS))} may change. Use a new --out to train afresh."
+            )
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        state = {f"adapter.{k}": v for k, v in get_peft_model_state_dict(self.model).items()}
+        state["bins"] = self.bins.detach()
+        return state
+
+    def _load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        adapter = {k[len("adapter.") :]: v for k, v in tensors.items() if k.startswith("adapter.")}
+        set_peft_model_state_dict(self.model, adapter)
+        with torch.no_grad():
+            self.bins.copy_(tensors["bins"])
+
+    def save_checkpoint(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        checkpoint = self.out / CHECKPOINT_DIR
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        tensors = self._trainable_state()
+        optim = self.optimizer.state_dict()
+        for i, slots in optim["state"].items():
+            for name, value in slots.items():
+                tensors[f"optimizer.{i}.{name}"] = torch.as_tensor(value)
+        tensors["rng.torch"] = torch.get_rng_state()
+        _atomic_save(tensors, checkpoint / "state.safetensors")
+        write_json_atomic(checkpoint / "trainer_state.json", {
+            "config": _config_key(self.cfg), **asdict(self.state),
+            "optimizer_param_groups": optim["param_groups"],
+        })  # fmt: skip
+
+    def _load_checkpoint(self, checkpoint: Path) -> None:
+        try:
+            tensors = load_file(str(checkpoint / "state.safetensors"))
+            saved = json.loads((checkpoint / "trainer_state.json").read_text())
+        except Exception as e:
+            raise ResumeError(f"the checkpoint in {checkpoint} is unreadable ({e}); use a new --out") from e
+        self._load_trainable_state(tensors)
+        slots: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, i, name = key.split(".", 2)
+                slots.setdefault(int(i), {})[name] = value
+        self.optimizer.load_state_dict({"state": slots, "param_groups": saved["optimizer_param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        self.state = TrainerState(
+            saved["epoch"], saved["position"], saved["step"], saved["history"], saved["best"]
+        )
+
+    # -- training -----------------------------------------------------------------------------
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        order = list(self.train_order)
+        random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def train(self) -> LocalSelector:
+        cfg, acc = self.cfg, self.accelerator
+        rank, world = acc.process_index, acc.num_processes
+        n = len(self.train_order)
+        with _terminate_as_interrupt():
+            try:
+                if (
+                    self.state.epoch == 0
+                    and self.state.position == 0
+                    and not self.state.history
+                    and self.val_packed
+                ):
+                    self._validate("start")
+                for epoch in range(self.state.epoch, cfg.epochs):
+                    order = self.epoch_order(epoch)
+                    bar = tqdm(total=n, initial=self.state.position, desc=f"lora epoch {epoch + 1}/{cfg.epochs}",
+                               unit="problem", disable=not self.progress or not acc.is_main_process,
+                               dynamic_ncols=True)  # fmt: skip
+                    running = {"loss": 0.0, "groups": 0, "agree": 0}
+                    while self.state.position < n:
+                        batch = order[self.state.position : self.state.position + cfg.batch_size]
+                        stats = self._step(
+                            batch[rank::world], sum(self.train_packed[i].n_groups for i in batch)
+                        )
+                        for key in running:
+                            running[key] += stats[key]
+                        self.state.position += len(batch)
+                        self.state.step += 1
+                        bar.update(len(batch))
+                        bar.set_postfix(loss=f"{running['loss'] / max(running['groups'], 1):.3f}",
+                                        acc=f"{running['agree'] / max(running['groups'], 1):.1%}")  # fmt: skip
+                        seen = epoch * n + self.state.position
+                        if cfg.eval_every and seen // cfg.eval_every > (seen - len(batch)) // cfg.eval_every:
+                            if self.state.position < n:  # the epoch's end is evaluated below
+                                self._validate(f"epoch {epoch + 1}, {self.state.position} problems", running)
+                        if (
+                            cfg.checkpoint_every
+                            and seen // cfg.checkpoint_every > (seen - len(batch)) // cfg.checkpoint_every
+                        ):
+                            self.save_checkpoint()
+                    bar.close()
+                    self.state.epoch, self.state.position = epoch + 1, 0
+                    self._validate(f"epoch {epoch + 1}", running)
+                    self.save_checkpoint()
+            except KeyboardInterrupt:
+                self.save_checkpoint()
+                logger.warning(
+                    "interrupted: checkpoint saved in %s; continue with --resume", self.out / CHECKPOINT_DIR
                 )
+                raise
+        return self.finish()
+
+    def _step(self, problems: list[int], batch_groups: int) -> dict:
+        """One optimiser step over the batch (this process's ``problems``); returns running stats."""
+        acc = self.accelerator
+        self.model.train()
+        self.optimizer.zero_grad()
+        stats = {"loss": 0.0, "groups": 0, "agree": 0}
+        for i in problems:
+            packed = self.train_packed[i]
+            loss, scores = packed_loss(self.inner, self.selector, self.bins, packed, self._prepared(i, "train"),
+                                       self.cfg, self.vocab_size, self.start)  # fmt: skip
             # this process's share of the batch mean; averaging over processes gives the whole mean
-            loss = loss * world / len(batch)
-            optimizer.zero_grad()
-            if loss.requires_grad:  # a process whose slice of a short last batch is empty has no graph
-                accelerator.backward(loss)
-            for param in params:
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                param.grad = accelerator.reduce(param.grad, reduction="mean")
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            total += float(accelerator.reduce(loss.detach(), reduction="mean")) * len(batch)
-        history.append({"epoch": epoch + 1, "train_loss": total / len(train_items)})
+            acc.backward(loss * acc.num_processes / batch_groups)
+            stats["loss"] += float(loss.detach())
+            stats["groups"] += packed.n_groups
+            best = packed.llm_probs.argmax(-1)
+            stats["agree"] += int((scores.detach().argmax(-1).cpu() == best).sum())
+        for param in self.params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            param.grad = acc.reduce(param.grad, reduction="mean")
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        return stats
 
-    model.eval()
-    with torch.no_grad():
-        metrics = {
-            "train": _metrics(inner, selector, bins, train_items, max_context),
-            "validation": _metrics(
-                inner, selector, bins, [it for it in items if it[0] in val_p], max_context
-            ),
+    @torch.no_grad()
+    def validation_scores(self) -> tuple[torch.Tensor, ...]:
+        """Scores, LLM and SLM probabilities and divergence flags of every validation group."""
+        self.model.eval()
+        scores, llm, slm, divergent = [], [], [], []
+        for i, packed in self.val_packed.items():
+            if packed.n_groups == 0:
+                continue
+            hidden = decoder_hidden(
+                self.inner, packed, self.start, self._prepared(i, "val").get("start_hidden")
+            )
+            cand = hidden[packed.candidate_slice()].reshape(packed.n_groups, packed.k, -1)
+            scores.append(self.selector.scores(cand, self.bins).float().cpu())
+            llm.append(packed.llm_probs)
+            slm.append(packed.slm_probs)
+            divergent.append(packed.divergent)
+        return torch.cat(scores), torch.cat(llm), torch.cat(slm), torch.cat(divergent)
+
+    def _validate(self, where: str, running: dict | None = None) -> dict:
+        row = {"where": where, "epoch": self.state.epoch, "problems_seen": self.state.epoch * len(self.train_order)
+               + self.state.position, "step": self.state.step}  # fmt: skip
+        if running and running["groups"]:
+            row["train_running_loss"] = running["loss"] / running["groups"]
+            row["train_running_agreement"] = running["agree"] / running["groups"]
+        if self.val_packed and any(p.n_groups for p in self.val_packed.values()):
+            metrics = grouped_selection_metrics(*self.validation_scores())
+            row["validation"] = metrics
+            score = metrics["all"]["agreement_with_llm"]
+            # the untrained start is a reference point of the learning curve, never the result
+            if where != "start" and (
+                self.state.best is None or score > self.state.best["agreement_with_llm"]
+            ):
+                self.state.best = {"where": where, "agreement_with_llm": score}
+                if self.accelerator.is_main_process:
+                    (self.out / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+                    _atomic_save(self._trainable_state(), self.out / CHECKPOINT_DIR / "best.safetensors")
+            if self.progress and self.accelerator.is_main_process:
+                a, d = metrics["all"], metrics["divergent"]
+                tqdm.write(
+                    f"[{where}] validation: picks the LLM's best {a['agreement_with_llm']:.1%} of "
+                    f"{a['n_groups']} groups (SLM top-1 {a['slm_top1_agreement_with_llm']:.1%}); divergent "
+                    f"{d['agreement_with_llm']:.1%} of {d['n_groups']}"
+                )
+        self.state.history.append(row)
+        return row
+
+    def finish(self) -> LocalSelector:
+        """Write the selector (the best validation point's weights, else the last) and its adapter."""
+        cfg = self.cfg
+        best_file = self.out / CHECKPOINT_DIR / "best.safetensors"
+        self.accelerator.wait_for_everyone()
+        if self.state.best is not None and best_file.is_file():
+            self._load_trainable_state(load_file(str(best_file)))
+        final = self.state.history[-1] if self.state.history else {}
+        chosen = next((h for h in self.state.history if self.state.best and h["where"] == self.state.best["where"]),
+                      final)  # fmt: skip
+        selector = self.selector
+        selector.bins = self.bins.detach().float().cpu().clone()
+        selector.config.training = {
+            "mode": "lora",
+            "adapter": ADAPTER_DIR,
+            "config": asdict(cfg),
+            "k": self.k,
+            "adapted_layers": list(range(self.start, self.lm.config.num_hidden_layers)),
+            "collection": {
+                k: self.collect_cfg.get(k) for k in ("dataset", "split", "mode", "k", "slm", "llm")
+            },
+            "train_problem_ids": sorted(self.records[i]["problem_id"] for i in self.train_p),
+            "validation_problem_ids": sorted(self.records[i]["problem_id"] for i in self.val_p),
+            "chosen": chosen.get("where"),
+            "metrics": {
+                "train": {
+                    "n_groups": sum(self.train_packed[i].n_groups for i in self.train_order),
+                    "running_agreement": final.get("train_running_agreement"),
+                },
+                "validation": chosen.get("validation"),
+            },  # fmt: skip
         }
-    selector.bins = bins.detach().cpu().clone()
-    selector.config.training = {
-        "mode": "lora",
-        "adapter": ADAPTER_DIR,
-        "config": {k: v for k, v in cfg.__dict__.items()},
-        "collection": {k: collect_cfg.get(k) for k in ("dataset", "split", "mode", "k", "slm", "llm")},
-        "train_problem_ids": sorted(records[i]["problem_id"] for i in train_p),
-        "validation_problem_ids": sorted(records[i]["problem_id"] for i in val_p),
-        "metrics": metrics,
-    }
-    if accelerator.is_main_process:
-        out = Path(cfg.out)
-        selector.save_pretrained(out)
-        model.save_pretrained(out / ADAPTER_DIR)  # safetensors by default
-        write_json_atomic(out / "training_history.json", history)
-    accelerator.wait_for_everyone()
-    model.unload()  # leave the caller's model as it was
-    return selector
+        if self.accelerator.is_main_process:
+            selector.save_pretrained(self.out)
+            self.model.save_pretrained(self.out / ADAPTER_DIR)  # safetensors by default
+            write_json_atomic(self.out / "training_history.json", self.state.history)
+        self.accelerator.wait_for_everyone()
+        self.model.unload()  # leave the caller's model as it was
+        return selector
 
 
-def _metrics(inner, selector: LocalSelector, bins, items, max_context: int) -> dict | None:
-    """Selection metrics of the adapted SLM on groups (None when there are none)."""
-    if not items:
-        return None
-    scores = torch.stack([selector.scores(_group_forward(inner, ctx, cands, max_context)[0], bins).float().cpu()
-                          for _, ctx, cands, _, _ in items])  # fmt: skip
-    llm = torch.tensor([it[3] for it in items])
-    slm = torch.tensor([it[4] for it in items])
-    return selection_metrics(scores, llm, slm)
+def train_lora(cfg: TrainConfig, slm=None, progress: bool = True, resume: bool = False) -> LocalSelector:
+    """Train LoRA adapters plus the bins; saves the adapter beside the selector (``adapter/``)."""
+    return LoraTrainer(cfg, slm=slm, progress=progress, resume=resume).train()
 
 
 def load_adapted_slm(model, selector_dir: str | Path):

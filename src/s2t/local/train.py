@@ -4,9 +4,10 @@
 bins) are trained, on candidate hidden states precomputed once by ``s2t collect``. Minutes on
 a CPU.
 
-``lora`` mode (for GPUs): peft LoRA (r=16, α=32, dropout 0.05 on the attention and MLP
-projections) plus the bins, with each group's prefix and candidates run through the SLM under
-a 4D mask, and 0.1·KL to the frozen SLM on the prefix so ordinary generation is preserved.
+``lora`` mode: peft LoRA (r=16, α=32, dropout 0.05 on the attention and MLP projections) plus
+the bins, and 0.1·KL to the frozen SLM on the prefix so ordinary generation is preserved. Each
+problem's trajectory and all its groups' candidates go through the SLM in one forward pass under
+a 4D mask (:mod:`s2t.local.lora`), which makes it practical on a CPU with ``lora_layers``.
 
 The loss (paper): cross-entropy over candidate scores with the LLM's best candidate as target +
 hinge (margin 1.0) against the hardest negative + 0.1·KL(LLM probabilities renormalised over
@@ -37,6 +38,7 @@ from s2t.runs import write_json_atomic
 logger = logging.getLogger(__name__)
 
 MODES = ("head", "lora")
+LORA_DEFAULT_LR = 5e-5  # the paper's
 
 
 @dataclass
@@ -61,7 +63,13 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     prefix_kl_weight: float = 0.1
-    prefix_kl_tokens: int = 64
+    prefix_kl_tokens: int = 64  # each group's KL window: its context's last tokens
+    k: int | None = None  # candidates per group in training (the SLM's top-K); None: the collection's K
+    lora_layers: int | None = None  # adapt only the top N decoder layers; None: all
+    bins_lr: float | None = None  # lora: the bins' learning rate (they start near zero); None: lr
+    frozen_top: int = 64  # the frozen SLM's top-T tokens kept as KL targets (the rest is one bucket)
+    checkpoint_every: int = 50  # problems between checkpoints (and one at each epoch's end); 0: epochs only
+    eval_every: int = 100  # problems between validation points (and one at each epoch's end); 0: epochs only
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -72,6 +80,14 @@ class TrainConfig:
             raise ValueError(f"val_fraction must lie in [0, 1); got {self.val_fraction}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        if self.k is not None and self.k < 2:
+            raise ValueError(f"k must be >= 2 (a selection needs two candidates); got {self.k}")
+        if self.lora_layers is not None and self.lora_layers < 1:
+            raise ValueError(f"lora_layers must be >= 1 (or None for all layers); got {self.lora_layers}")
+        if self.frozen_top < 1 or self.prefix_kl_tokens < 1:
+            raise ValueError("frozen_top and prefix_kl_tokens must be >= 1")
+        if self.checkpoint_every < 0 or self.eval_every < 0:
+            raise ValueError("checkpoint_every and eval_every must be >= 0")
 
 
 def selector_loss(logits: torch.Tensor, llm_probs: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
@@ -143,6 +159,16 @@ def selection_metrics(scores: torch.Tensor, data_llm: torch.Tensor, data_slm: to
         "llm_prob_of_slm_top1": float(llm_mass.gather(-1, slm_top[:, None]).mean())
         if len(best)
         else float("nan"),
+    }
+
+
+def grouped_selection_metrics(
+    scores: torch.Tensor, llm: torch.Tensor, slm: torch.Tensor, divergent: torch.Tensor
+) -> dict:
+    """:func:`selection_metrics` on all groups and on the divergent ones (SLM top-1 ≠ LLM top-1)."""
+    return {
+        "all": selection_metrics(scores, llm, slm),
+        "divergent": selection_metrics(scores[divergent], llm[divergent], slm[divergent]),
     }
 
 
@@ -223,9 +249,12 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
     return selector
 
 
-def train(cfg: TrainConfig, progress: bool = True, **kwargs) -> LocalSelector:
+def train(cfg: TrainConfig, progress: bool = True, resume: bool = False, **kwargs) -> LocalSelector:
+    """Train a selector in ``cfg.mode``; ``resume`` continues a LoRA run from its checkpoint."""
     if cfg.mode == "head":
+        if resume:
+            raise ValueError("--resume applies to lora mode; head training takes minutes and restarts")
         return train_head(cfg, progress=progress, **kwargs)
     from s2t.local.lora import train_lora
 
-    return train_lora(cfg, progress=progress, **kwargs)
+    return train_lora(cfg, progress=progress, resume=resume, **kwargs)

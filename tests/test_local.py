@@ -193,6 +193,23 @@ def test_a_run_gains_s2t_local_later_but_never_mixes_two_selectors(collected, sl
     other = replace(with_local, limit=None, selector=str(tmp_path / "other"))
     with pytest.raises(ValueError, match="s2t-local results of another selector"):
         evaluate(other, tmp_path / "run1", progress=False, generator=gen)
+    from s2t.distributed import evaluate_distributed
+
+    by_path = replace(with_local, slm=str(slm.model.name_or_path), limit=1)
+    evaluate(by_path, tmp_path / "run2", progress=False, generator=gen)
+    with pytest.raises(ValueError, match="s2t-local results of another selector"):  # the Ray path too
+        evaluate_distributed(replace(by_path, limit=None, selector=str(tmp_path / "other")), tmp_path / "run2",
+                             workers=1, progress=False)  # fmt: skip
+    # ... but under a labelled name it joins the run beside the first, each method with its own selector
+    labelled = evaluate(
+        replace(other, methods=["s2t-local:other"]), tmp_path / "run1", progress=False, generator=gen
+    )
+    assert labelled["methods"]["s2t-local:other"]["n"] == 2 and labelled["methods"]["s2t-local"]["n"] == 1
+    records = [json.loads(line) for line in (tmp_path / "run1" / "results.jsonl").read_text().splitlines()]
+    by_method = {r["method"]: r["selector"] for r in records if r["method"].startswith("s2t-local")}
+    assert by_method["s2t-local"] != by_method["s2t-local:other"]
+    with pytest.raises(ValueError, match="unknown method"):
+        EvalConfig(methods=["s2t-local:Bad Label"])
 
 
 def test_learned_trigger_trains_reloads_and_drives_llm_free_decoding(

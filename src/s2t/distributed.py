@@ -49,7 +49,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from s2t.data import Problem
-from s2t.evaluate import EvalConfig, Evaluator
+from s2t.evaluate import EvalConfig, Evaluator, is_local_method
 
 logger = logging.getLogger(__name__)
 
@@ -298,6 +298,9 @@ def evaluate_distributed(
     evaluator = Evaluator(config, out_dir, progress=progress, problems=problems)
     prepare_builtin_models(config)
     threshold = evaluator.prepare_methods()  # calibrates once, here; stored in calibration.json
+    for method in config.methods:
+        if is_local_method(method):  # one trained selector per method name, as in a single process
+            evaluator.check_same_selector(method)
     worker_config = config
     if config.threshold is None and threshold is not None:
         worker_config = replace(config, threshold=threshold)

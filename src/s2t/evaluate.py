@@ -33,6 +33,8 @@ from s2t.runs import RunDirectory
 logger = logging.getLogger(__name__)
 
 MAJ_PATTERN = re.compile(r"^maj@(\d+)$")
+# s2t-local, or s2t-local:LABEL: a labelled variant lets a second selector join a run directory
+LOCAL_PATTERN = re.compile(r"^s2t-local(?::[a-z0-9][a-z0-9._-]*)?$")
 SINGLE_METHODS = ("greedy", LLM_ALONE, *[m for m in METHOD_SELECTORS if m != "greedy"])
 
 
@@ -94,13 +96,21 @@ RESUMABLE_KEYS = {"limit", "batch_size", "methods", "llm_device_map"}
 SELECTOR_KEY = "selector"
 
 
+def is_local_method(name: str) -> bool:
+    """``s2t-local`` or a labelled variant ``s2t-local:LABEL`` (e.g. ``s2t-local:lora``)."""
+    return bool(LOCAL_PATTERN.match(name))
+
+
 def check_method_name(name: str) -> None:
-    if name in SINGLE_METHODS or name == "s2t-local":
+    if name in SINGLE_METHODS or is_local_method(name):
         return
     match = MAJ_PATTERN.match(name)
     if match and int(match.group(1)) >= 1:
         return
-    raise ValueError(f"unknown method {name!r}; choose from {', '.join(SINGLE_METHODS)}, s2t-local, maj@K")
+    raise ValueError(
+        f"unknown method {name!r}; choose from {', '.join(SINGLE_METHODS)}, s2t-local, s2t-local:LABEL "
+        "(lowercase letters, digits, '.', '_', '-'), maj@K"
+    )
 
 
 def sample_seed(seed: int, problem_id: str, sample: int) -> int:
@@ -175,7 +185,7 @@ class Evaluator:
         """
         threshold = self.config.threshold
         for name in self.config.methods:
-            if name == "s2t-local" or (name in METHOD_SELECTORS and name != "greedy"):
+            if is_local_method(name) or (name in METHOD_SELECTORS and name != "greedy"):
                 threshold = self._method(name).trigger.threshold
         return threshold
 
@@ -186,8 +196,8 @@ class Evaluator:
             todo = [p for p in self.problems if (method, p.id) not in done]
             if not todo:
                 continue
-            if method == "s2t-local":
-                self._check_same_selector()
+            if is_local_method(method):
+                self.check_same_selector(method)
             bar = tqdm(total=len(self.problems), initial=len(self.problems) - len(todo), desc=method,
                        unit="problem", disable=not self.progress, dynamic_ncols=True)  # fmt: skip
             for record in self.run_method(method, todo):
@@ -204,15 +214,16 @@ class Evaluator:
 
         return checkpoint_digest(selector_directory(self.config.selector))
 
-    def _check_same_selector(self) -> None:
-        """Refuse to mix s2t-local results of two different trained selectors in one run."""
+    def check_same_selector(self, method: str) -> None:
+        """Refuse to mix results of two different trained selectors under one method name."""
         digest = self._selector_digest()
-        earlier = {r.get("selector") for r in self.run.records() if r["method"] == "s2t-local"}
+        earlier = {r.get("selector") for r in self.run.records() if r["method"] == method}
         other = earlier - {digest}
         if other:
             raise ValueError(
-                f"{self.run.path} holds s2t-local results of another selector (weights digest "
-                f"{sorted(map(str, other))[0]}, this one is {digest}): use a new --out directory"
+                f"{self.run.path} holds {method} results of another selector (weights digest "
+                f"{sorted(map(str, other))[0]}, this one is {digest}): name this one's method "
+                "s2t-local:LABEL (e.g. s2t-local:lora), or use a new --out directory"
             )
 
     def _running_accuracy(self, method: str) -> float:
@@ -227,9 +238,9 @@ class Evaluator:
             return
         method_obj = self._method(method)
         generator = (
-            self._local_generator if method == "s2t-local" and self._local_generator else self.generator
+            self._local_generator if is_local_method(method) and self._local_generator else self.generator
         )
-        extra = {"selector": self._selector_digest()} if method == "s2t-local" else {}
+        extra = {"selector": self._selector_digest()} if is_local_method(method) else {}
         bs = self.config.batch_size
         for start in range(0, len(problems), bs):
             batch = problems[start : start + bs]
@@ -291,14 +302,14 @@ class Evaluator:
     def _method(self, name: str):
         if name == LLM_ALONE:
             return LLM_ALONE
-        selector = self._local_selector() if name == "s2t-local" else None
+        selector = self._local_selector() if is_local_method(name) else None
         kwargs = self.config.method_kwargs()
         if self.config.trigger == "learned":
             kwargs["trigger"] = self._learned_trigger()
         method = build_method(name, selector=selector, **kwargs)
-        if name == "s2t-local" and method.needs_llm:
+        if is_local_method(name) and method.needs_llm:
             raise ValueError(
-                f"s2t-local runs without an LLM; the {method.trigger.name!r} trigger needs one: "
+                f"{name} runs without an LLM; the {method.trigger.name!r} trigger needs one: "
                 "use an SLM-only trigger (entropy, margin, random)"
             )
         if needs_calibration(method):

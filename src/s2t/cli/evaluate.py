@@ -36,7 +36,9 @@ def _default_out(dataset: str, split: str, limit: int | None, offset: int) -> st
 def eval_command(
     methods: Annotated[
         str,
-        typer.Option(help="Comma-separated: greedy, llm, s2t, takeover, random-select, maj@K, s2t-local."),
+        typer.Option(
+            help="Comma-separated: greedy, llm, s2t, takeover, random-select, maj@K, s2t-local (or s2t-local:LABEL to add a second selector to a run)."
+        ),
     ] = "greedy,s2t",
     dataset: Annotated[
         str, typer.Option(help="Registered dataset (gsm8k, math500, aime25, olympiadbench).")

@@ -30,7 +30,11 @@ METHOD_ORDER = ("greedy", "maj@", "llm", "s2t", "takeover", "random-select", "s2
 
 def method_rank(name: str) -> tuple[int, str]:
     for i, prefix in enumerate(METHOD_ORDER):
-        if name == prefix or (prefix.endswith("@") and name.startswith(prefix)):
+        if (
+            name == prefix
+            or (prefix.endswith("@") and name.startswith(prefix))
+            or name.startswith(f"{prefix}:")
+        ):
             return i, name
     return len(METHOD_ORDER), name
 

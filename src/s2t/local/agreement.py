@@ -1,0 +1,70 @@
+"""How often a trained selector picks the LLM's best candidate on collected groups it never trained on.
+
+Any selector (head or LoRA) is measured the same way: each held-out problem's groups are packed
+into one sequence (:mod:`s2t.local.packing`), the SLM (with the LoRA adapter merged in, for a
+LoRA selector) reads it once, and the bins score every group's top-K candidates. Reported on all
+groups and on the divergent ones (SLM top-1 ≠ LLM top-1), beside the SLM's own top-1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from s2t.local.collect import collected_records
+from s2t.local.lora import decoder_hidden, load_adapted_slm
+from s2t.local.packing import check_record, pack_problem
+from s2t.local.selector import LocalSelector
+from s2t.local.train import grouped_selection_metrics
+
+
+@torch.no_grad()
+def selector_agreement(
+    selector_dir: str | Path,
+    groups_dir: str | Path,
+    k: int = 8,
+    problem_ids: list[str] | None = None,
+    dtype: str | None = None,
+    slm=None,
+    progress: bool = True,
+) -> dict:
+    """Agreement with the LLM at top-``k`` on ``problem_ids`` (default: the selector's validation problems)."""
+    from s2t.models import load_model
+
+    selector_dir, groups_dir = Path(selector_dir), Path(groups_dir)
+    collect_cfg = json.loads((groups_dir / "config.json").read_text())
+    slm = slm or load_model(collect_cfg["slm"], dtype=dtype)
+    selector = LocalSelector.from_pretrained(selector_dir, model=slm.model)
+    training = selector.config.training
+    wanted = set(problem_ids if problem_ids is not None else training.get("validation_problem_ids", []))
+    if not wanted:
+        raise ValueError(f"{selector_dir} names no validation problems: pass the problem ids to measure on")
+    trained_on = wanted & set(training.get("train_problem_ids", []))
+    if trained_on:
+        raise ValueError(
+            f"the selector was trained on {len(trained_on)} of these problems (e.g. {min(trained_on)})"
+        )
+    records = [r for r in collected_records(groups_dir, need_features=False) if r["problem_id"] in wanted]
+    if len(records) != len(wanted):
+        raise ValueError(f"{groups_dir} holds {len(records)} of the {len(wanted)} problems asked for")
+    model = load_adapted_slm(slm.model, selector_dir) if training.get("mode") == "lora" else slm.model
+    scores, llm, slm_probs, divergent = [], [], [], []
+    for record in tqdm(records, desc="scoring held-out groups", unit="problem", disable=not progress):
+        check_record(record, k, str(groups_dir))
+        packed = pack_problem(record, k)
+        if packed.n_groups == 0:
+            continue
+        hidden = decoder_hidden(model, packed)
+        cand = hidden[packed.candidate_slice()].reshape(packed.n_groups, packed.k, -1)
+        scores.append(selector.scores(cand).float().cpu())
+        llm.append(packed.llm_probs)
+        slm_probs.append(packed.slm_probs)
+        divergent.append(packed.divergent)
+    metrics = grouped_selection_metrics(
+        torch.cat(scores), torch.cat(llm), torch.cat(slm_probs), torch.cat(divergent)
+    )
+    return {"selector": str(selector_dir), "mode": training.get("mode"), "k": k, "problems": len(records),
+            "dtype": str(model.dtype), **metrics}  # fmt: skip

@@ -108,11 +108,11 @@ def scoring_rows(model, tokenizer, lengths: list[int], ks: list[int], repeats: i
 
 def wall_time_rows(slm_name: str, selector_dir: str, trigger: str, threshold: float, k: int, problems: int,
                    max_new_tokens: int) -> dict:  # fmt: skip
-    from s2t.local.selector import LocalSelector
     from s2t.methods import build_method
 
     gen = S2TGenerator(slm_name)
-    selector = LocalSelector.from_pretrained(selector_dir, model=gen.slm.model)
+    # a LoRA selector decodes with its adapter merged into a copy of the SLM, as `s2t eval` does
+    local_gen, selector = gen.local_selector(selector_dir)
     methods = {
         "greedy": build_method("greedy"),
         "s2t-local": build_method("s2t-local", selector=selector, trigger=trigger, threshold=threshold, k=k),
@@ -123,7 +123,8 @@ def wall_time_rows(slm_name: str, selector_dir: str, trigger: str, threshold: fl
     for question in questions:
         for name, method in methods.items():
             start = time.perf_counter()
-            (out,) = gen.generate([question], method, max_new_tokens=max_new_tokens)
+            decoder = local_gen if name == "s2t-local" else gen
+            (out,) = decoder.generate([question], method, max_new_tokens=max_new_tokens)
             totals[name]["seconds"] += time.perf_counter() - start
             totals[name]["tokens"] += len(out.token_ids)
             totals[name]["triggers"] += out.cost.triggers
@@ -138,6 +139,7 @@ def wall_time_rows(slm_name: str, selector_dir: str, trigger: str, threshold: fl
         "k": k,
         "methods": totals,
         "wall_time_ratio": round(totals["s2t-local"]["seconds"] / totals["greedy"]["seconds"], 3),
+        "selector_mode": selector.config.training.get("mode"),
         "per_token_ratio": round(
             totals["s2t-local"]["seconds_per_token"] / totals["greedy"]["seconds_per_token"], 3
         ),

@@ -158,6 +158,8 @@ def train_command(
         m = metrics.get(part)
         if not m:
             continue
+        if m.get("running_agreement") is not None:  # lora: measured during the last epoch, with dropout
+            console.print(f"train ({m['n_groups']} groups): running agreement {m['running_agreement']:.1%}")
         for subset, v in m.items() if "all" in m else [("all", m)]:
             if v and "agreement_with_llm" in v:
                 console.print(

@@ -107,6 +107,17 @@ def test_packed_loss_and_gradients_equal_one_forward_per_group(groups, slm, lora
     assert packed_value - without > 1e-3
 
 
+def test_a_selector_trained_on_a_bfloat16_base_loads_on_the_float32_model_and_not_on_another(slm, tokenizer):
+    from s2t.local.selector import SelectorCheckpointError
+    from tests.conftest import make_model
+
+    vocab = len(tokenizer)
+    trained_on_bf16 = LocalSelector.initial(copy.deepcopy(slm.model).to(torch.bfloat16), "tiny", vocab)
+    trained_on_bf16.check_base(slm.model)  # same checkpoint, other dtype
+    with pytest.raises(SelectorCheckpointError, match="fingerprint"):
+        trained_on_bf16.check_base(make_model(tokenizer, seed=7))
+
+
 def _lora_config(groups, out, **overrides):
     base = dict(groups=str(groups), out=str(out), mode="lora", epochs=2, lr=1e-2, batch_size=1, val_fraction=0.25,
                 lora_r=2, lora_dropout=0.0, prefix_kl_tokens=4, frozen_top=8, checkpoint_every=1, eval_every=2)  # fmt: skip

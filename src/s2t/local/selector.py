@@ -53,14 +53,26 @@ def checkpoint_digest(directory: str | Path) -> str:
 def model_fingerprint(model: PreTrainedModel) -> str:
     """A short hash of a model's architecture and a sample of its weights.
 
-    Two loads of the same checkpoint (any dtype) agree; different models do not.
+    Two loads of the same checkpoint agree in any dtype (the sample is rounded through bfloat16,
+    so a model trained on in bfloat16 is recognised in float32); different models do not.
     """
+    return _fingerprint(model, torch.bfloat16)
+
+
+def matches_fingerprint(model: PreTrainedModel, fingerprint: str) -> bool:
+    """Whether ``model`` is the base model behind ``fingerprint`` (also in the form older releases wrote)."""
+    return fingerprint in (model_fingerprint(model), _fingerprint(model, None))
+
+
+def _fingerprint(model: PreTrainedModel, round_through: torch.dtype | None) -> str:
     config = model.config
     arch = [type(model).__name__, config.hidden_size, config.num_hidden_layers, config.vocab_size]
     emb = model.get_input_embeddings().weight
-    sample = emb[: min(64, emb.shape[0]), : min(64, emb.shape[1])].detach().float().cpu()
+    sample = emb[: min(64, emb.shape[0]), : min(64, emb.shape[1])].detach()
+    if round_through is not None:
+        sample = sample.to(round_through)
     digest = hashlib.sha256(json.dumps(arch).encode())
-    digest.update(torch.round(sample * 1e3).to(torch.int32).numpy().tobytes())
+    digest.update(torch.round(sample.float().cpu() * 1e3).to(torch.int32).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -118,7 +130,7 @@ class LocalSelector(Selector):
 
     def check_base(self, model: PreTrainedModel) -> None:
         found = model_fingerprint(model)
-        if found != self.config.base_fingerprint:
+        if not matches_fingerprint(model, self.config.base_fingerprint):
             raise SelectorCheckpointError(
                 f"this selector was trained on base model {self.config.base_model!r} (fingerprint "
                 f"{self.config.base_fingerprint}); the given SLM has fingerprint {found}. Use the same SLM."

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from s2t.local.collect import POSITION_TOP_PROBS as TOP_PROBS
 from s2t.local.collect import collected_records
-from s2t.local.selector import SelectorCheckpointError, model_fingerprint
+from s2t.local.selector import SelectorCheckpointError, matches_fingerprint, model_fingerprint
 from s2t.local.train import split_problems
 from s2t.policies.triggers import EntropyTrigger, Trigger
 
@@ -87,7 +87,7 @@ class LearnedTrigger(Trigger):
             t = load_file(str(directory / WEIGHTS_NAME))
         except Exception as e:  # safetensors and json raise several unrelated types on corrupt files
             raise SelectorCheckpointError(f"corrupted trigger checkpoint in {directory}: {e}") from e
-        if model is not None and model_fingerprint(model) != config.base_fingerprint:
+        if model is not None and not matches_fingerprint(model, config.base_fingerprint):
             raise SelectorCheckpointError(
                 f"this trigger was trained on base model {config.base_model!r}, not this SLM"
             )

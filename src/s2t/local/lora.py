@@ -195,6 +195,11 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
     tmp.replace(path)
 
 
+def _crossed(seen: int, step: int, every: int) -> bool:
+    """Whether going from ``seen - step`` to ``seen`` problems passed a multiple of ``every`` (0: never)."""
+    return bool(every) and seen // every > (seen - step) // every
+
+
 @contextmanager
 def _terminate_as_interrupt():
     """SIGTERM (e.g. a job scheduler) interrupts like Ctrl-C, so the checkpoint is written."""
@@ -404,12 +409,7 @@ class LoraTrainer:
         n = len(self.train_order)
         with _terminate_as_interrupt():
             try:
-                if (
-                    self.state.epoch == 0
-                    and self.state.position == 0
-                    and not self.state.history
-                    and self.val_packed
-                ):
+                if not self.state.history and self.val_packed:  # a fresh run: the curve's origin
                     self._validate("start")
                 for epoch in range(self.state.epoch, cfg.epochs):
                     order = self.epoch_order(epoch)
@@ -430,13 +430,10 @@ class LoraTrainer:
                         bar.set_postfix(loss=f"{running['loss'] / max(running['groups'], 1):.3f}",
                                         acc=f"{running['agree'] / max(running['groups'], 1):.1%}")  # fmt: skip
                         seen = epoch * n + self.state.position
-                        if cfg.eval_every and seen // cfg.eval_every > (seen - len(batch)) // cfg.eval_every:
-                            if self.state.position < n:  # the epoch's end is evaluated below
-                                self._validate(f"epoch {epoch + 1}, {self.state.position} problems", running)
-                        if (
-                            cfg.checkpoint_every
-                            and seen // cfg.checkpoint_every > (seen - len(batch)) // cfg.checkpoint_every
-                        ):
+                        # the epoch's end is validated and checkpointed below
+                        if _crossed(seen, len(batch), cfg.eval_every) and self.state.position < n:
+                            self._validate(f"epoch {epoch + 1}, {self.state.position} problems", running)
+                        if _crossed(seen, len(batch), cfg.checkpoint_every) and self.state.position < n:
                             self.save_checkpoint()
                     bar.close()
                     self.state.epoch, self.state.position = epoch + 1, 0

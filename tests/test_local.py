@@ -139,6 +139,17 @@ def test_selector_refuses_another_base_model_and_corrupted_files(collected, slm,
         LocalSelector.from_pretrained(tmp_path / "sel")
     with pytest.raises(SelectorCheckpointError, match="not a selector checkpoint"):
         LocalSelector.from_pretrained(tmp_path / "nothing-here")
+    config_file = tmp_path / "sel" / "selector_config.json"
+    config_file.write_text(json.dumps({"base_model": "tiny", "bins": 3}))  # a hand-edited config
+    with pytest.raises(
+        SelectorCheckpointError, match=r"selector_config.json is malformed \(missing base_fingerprint"
+    ):
+        LocalSelector.from_pretrained(tmp_path / "sel")
+    with pytest.raises(SelectorCheckpointError, match="unknown bins"):
+        LocalSelector.from_pretrained(tmp_path / "sel")
+    config_file.write_text("{not json")
+    with pytest.raises(SelectorCheckpointError, match="selector_config.json is not readable JSON"):
+        LocalSelector.from_pretrained(tmp_path / "sel")
 
 
 def test_s2t_local_evaluation_needs_no_llm_and_refuses_leaky_problems(collected, slm, tmp_path):

@@ -6,6 +6,7 @@ import json
 import zipfile
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from s2t import builtin_models
@@ -184,6 +185,26 @@ def test_gguf_padding_placeholders_are_trimmed_from_the_tokenizer(tokenizer, tmp
     text = "Janet's ducks lay 16 eggs."
     assert trimmed(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert trim_padding_tokens(tmp_path) == 0  # idempotent
+
+
+def test_a_converted_checkpoint_loses_the_gguf_quantization_config_and_loads_the_same(slm, tmp_path):
+    from s2t.builtin_models import _migrate
+    from s2t.models import load_model
+
+    slm.model.save_pretrained(tmp_path)
+    slm.tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"dequantize": False, "gguf_file": "x.gguf", "quant_method": "gguf"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "s2t_source.json").write_text(json.dumps({"source": "gguf", "tokenizer_trimmed": True}))
+    _migrate(tmp_path)  # a cache converted by an earlier version
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    assert json.loads((tmp_path / "s2t_source.json").read_text())["quantization_config_dropped"] is True
+    reloaded = load_model(str(tmp_path), device="cpu").model
+    assert getattr(reloaded, "hf_quantizer", None) is None
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(reloaded(ids).logits, slm.model(ids).logits)
+    _migrate(tmp_path)  # idempotent
 
 
 def test_a_placeholder_that_is_not_trailing_is_kept(tokenizer, tmp_path):

@@ -179,9 +179,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, provenance: dict) -> Path:
         fresh.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         trim_padding_tokens(staging)
+        drop_gguf_quantization_config(staging)
         provenance = dict(
-            provenance, conversion_seconds=round(time.perf_counter() - start, 1), tokenizer_trimmed=True
-        )
+            provenance, conversion_seconds=round(time.perf_counter() - start, 1), tokenizer_trimmed=True,
+            quantization_config_dropped=True,
+        )  # fmt: skip
         (staging / "s2t_source.json").write_text(json.dumps(provenance, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -246,16 +248,35 @@ def gguf_cache_dir(gguf_file: Path) -> Path:
     return cache_root() / "gguf" / f"{gguf_file.stem}-{key}"
 
 
+def drop_gguf_quantization_config(model_dir: Path) -> bool:
+    """Remove the GGUF ``quantization_config`` that the conversion copies into ``config.json``.
+
+    The converted weights are plain float safetensors; the leftover entry made transformers attach a
+    GGUF quantizer on every load and warn about packed weights that are not there. Returns whether
+    anything was removed.
+    """
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") != "gguf":
+        return False
+    del config["quantization_config"]
+    write_json_atomic(path, config)
+    return True
+
+
 def _migrate(out: Path) -> None:
     """Bring a checkpoint converted by an earlier version up to date (cheap; weights untouched)."""
     source = out / "s2t_source.json"
     info = json.loads(source.read_text())
-    if info.get("tokenizer_trimmed"):
+    if info.get("tokenizer_trimmed") and info.get("quantization_config_dropped"):
         return
-    removed = trim_padding_tokens(out)
-    if removed:
-        logger.info("%s: removed %d GGUF padding placeholders from the tokenizer", out.name, removed)
-    info["tokenizer_trimmed"] = True
+    if not info.get("tokenizer_trimmed"):
+        removed = trim_padding_tokens(out)
+        if removed:
+            logger.info("%s: removed %d GGUF padding placeholders from the tokenizer", out.name, removed)
+    if drop_gguf_quantization_config(out):
+        logger.info("%s: removed the GGUF quantization_config left in config.json", out.name)
+    info.update(tokenizer_trimmed=True, quantization_config_dropped=True)
     write_json_atomic(source, info)
 
 

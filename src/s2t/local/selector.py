@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -42,6 +42,29 @@ def selector_directory(directory: str | Path | None) -> str | Path:
             "the s2t-local method needs a trained selector: pass --selector DIR (see `s2t train`)"
         )
     return directory
+
+
+def read_config(path: Path, config_class):
+    """Build the dataclass ``config_class`` from a JSON file; a malformed file gets an error naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SelectorCheckpointError(f"{path} is not readable JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise SelectorCheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    known = {f.name: f for f in fields(config_class)}
+    missing = [
+        n for n, f in known.items() if f.default is MISSING and f.default_factory is MISSING and n not in data
+    ]
+    unknown = sorted(set(data) - set(known))
+    if missing or unknown:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unknown {', '.join(unknown)}"] if unknown else []
+        )
+        raise SelectorCheckpointError(
+            f"{path} is malformed ({'; '.join(parts)}); re-save it with `s2t train`"
+        )
+    return config_class(**data)
 
 
 def checkpoint_digest(directory: str | Path) -> str:
@@ -182,10 +205,10 @@ class LocalSelector(Selector):
             raise SelectorCheckpointError(
                 f"{directory} is not a selector checkpoint ({CONFIG_NAME} + {WEIGHTS_NAME})"
             )
+        config = read_config(directory / CONFIG_NAME, LocalSelectorConfig)
         try:
-            config = LocalSelectorConfig(**json.loads((directory / CONFIG_NAME).read_text()))
             bins = load_file(str(directory / WEIGHTS_NAME))["bins"]
-        except (SafetensorError, json.JSONDecodeError, TypeError, KeyError, OSError) as e:
+        except (SafetensorError, KeyError, OSError) as e:
             raise SelectorCheckpointError(f"corrupted selector checkpoint in {directory}: {e}") from e
         selector = cls(bins, config)
         if model is not None:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from s2t.local.collect import POSITION_TOP_PROBS as TOP_PROBS
 from s2t.local.collect import collected_records
-from s2t.local.selector import SelectorCheckpointError, matches_fingerprint, model_fingerprint
+from s2t.local.selector import SelectorCheckpointError, matches_fingerprint, model_fingerprint, read_config
 from s2t.local.train import split_problems
 from s2t.policies.triggers import EntropyTrigger, Trigger
 
@@ -82,8 +82,8 @@ class LearnedTrigger(Trigger):
         directory = Path(directory)
         if not (directory / WEIGHTS_NAME).is_file():
             raise SelectorCheckpointError(f"no learned trigger in {directory} (train one with `s2t train`)")
+        config = read_config(directory / CONFIG_NAME, LearnedTriggerConfig)
         try:
-            config = LearnedTriggerConfig(**json.loads((directory / CONFIG_NAME).read_text()))
             t = load_file(str(directory / WEIGHTS_NAME))
         except Exception as e:  # safetensors and json raise several unrelated types on corrupt files
             raise SelectorCheckpointError(f"corrupted trigger checkpoint in {directory}: {e}") from e

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from s2t.local.collect import collected_records
+from s2t.local.collect import collected_records, collection_config
 from s2t.local.lora import LORA_TARGETS, first_adapted_layer, frozen_pass, packed_loss, per_group_loss
 from s2t.local.packing import pack_problem
 from s2t.local.selector import LocalSelector
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    collect_cfg = json.loads((Path(args.groups) / "config.json").read_text())
+    collect_cfg = collection_config(args.groups)
     records = collected_records(args.groups, need_features=False)[: args.problems]
     cfg = TrainConfig(groups=args.groups, out="unused", mode="lora", lora_dropout=0.0)
     rows = []

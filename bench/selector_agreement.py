@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from s2t.local.agreement import selector_agreement
+from s2t.local.collect import collection_config
 from s2t.local.selector import LocalSelector
 from s2t.models import load_model
 
@@ -38,7 +39,7 @@ def main() -> None:
     ]
     if any(h != held_out[0] for h in held_out):
         raise SystemExit("the selectors hold out different validation problems: they cannot be compared")
-    slm = load_model(json.loads((Path(args.groups) / "config.json").read_text())["slm"], dtype=args.dtype)
+    slm = load_model(collection_config(args.groups)["slm"], dtype=args.dtype)
     rows = [selector_agreement(d, args.groups, args.k, dtype=args.dtype, slm=slm) for d in dirs]
     for row in rows:
         a, d = row["all"], row["divergent"]

@@ -181,12 +181,12 @@ def train_command(
 
 
 def _train_trigger(groups: str, out: str, rate: float, val_fraction: float, seed: int, dtype):
-    import json
 
+    from s2t.local.collect import collection_config
     from s2t.local.trigger import train_trigger
     from s2t.models import load_model
 
-    slm_name = json.loads((Path(groups) / "config.json").read_text())["slm"]
+    slm_name = collection_config(groups)["slm"]
     trigger = train_trigger(groups, load_model(slm_name, dtype=dtype), slm_name, rate, val_fraction, seed)
     trigger.save_pretrained(out)
     return trigger

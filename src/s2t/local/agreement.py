@@ -8,14 +8,13 @@ groups and on the divergent ones (SLM top-1 ≠ LLM top-1), beside the SLM's own
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from s2t.local.collect import collected_records
-from s2t.local.lora import decoder_hidden, load_adapted_slm
+from s2t.local.collect import collected_records, collection_config
+from s2t.local.lora import load_adapted_slm, packed_group_scores
 from s2t.local.packing import check_record, pack_problem
 from s2t.local.selector import LocalSelector
 from s2t.local.train import grouped_selection_metrics
@@ -35,7 +34,7 @@ def selector_agreement(
     from s2t.models import load_model
 
     selector_dir, groups_dir = Path(selector_dir), Path(groups_dir)
-    collect_cfg = json.loads((groups_dir / "config.json").read_text())
+    collect_cfg = collection_config(groups_dir)
     slm = slm or load_model(collect_cfg["slm"], dtype=dtype)
     selector = LocalSelector.from_pretrained(selector_dir, model=slm.model)
     training = selector.config.training
@@ -50,21 +49,11 @@ def selector_agreement(
     records = [r for r in collected_records(groups_dir, need_features=False) if r["problem_id"] in wanted]
     if len(records) != len(wanted):
         raise ValueError(f"{groups_dir} holds {len(records)} of the {len(wanted)} problems asked for")
-    model = load_adapted_slm(slm.model, selector_dir) if training.get("mode") == "lora" else slm.model
-    scores, llm, slm_probs, divergent = [], [], [], []
-    for record in tqdm(records, desc="scoring held-out groups", unit="problem", disable=not progress):
+    for record in records:
         check_record(record, k, str(groups_dir))
-        packed = pack_problem(record, k)
-        if packed.n_groups == 0:
-            continue
-        hidden = decoder_hidden(model, packed)
-        cand = hidden[packed.candidate_slice()].reshape(packed.n_groups, packed.k, -1)
-        scores.append(selector.scores(cand).float().cpu())
-        llm.append(packed.llm_probs)
-        slm_probs.append(packed.slm_probs)
-        divergent.append(packed.divergent)
-    metrics = grouped_selection_metrics(
-        torch.cat(scores), torch.cat(llm), torch.cat(slm_probs), torch.cat(divergent)
-    )
+    model = load_adapted_slm(slm.model, selector_dir) if training.get("mode") == "lora" else slm.model
+    problems = ((pack_problem(r, k), None) for r in tqdm(records, desc="scoring held-out groups", unit="problem",
+                                                           disable=not progress))  # fmt: skip
+    metrics = grouped_selection_metrics(*packed_group_scores(model, selector, problems))
     return {"selector": str(selector_dir), "mode": training.get("mode"), "k": k, "problems": len(records),
             "dtype": str(model.dtype), **metrics}  # fmt: skip

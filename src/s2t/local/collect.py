@@ -22,6 +22,7 @@ Collection refuses evaluation splits: nothing from a test split can leak into tr
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -366,6 +367,16 @@ class CollectWorker:
         }
 
 
+def collection_config(groups_dir: str | Path) -> dict:
+    """The ``config.json`` of a collection run directory (which SLM and LLM, split, K, ...)."""
+    config_file = Path(groups_dir) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{groups_dir} is not a collection run directory (no config.json): run `s2t collect`"
+        )
+    return json.loads(config_file.read_text())
+
+
 def collected_records(groups_dir: str | Path, need_features: bool = True) -> list[dict]:
     """The problem records of a collection, one per problem (the last one written wins).
 
@@ -401,6 +412,7 @@ __all__ = [
     "CollectConfig",
     "CollectWorker",
     "Collector",
+    "collection_config",
     "collected_records",
     "LeakageError",
     "collect",

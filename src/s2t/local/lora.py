@@ -32,7 +32,7 @@ import json
 import logging
 import random
 import signal
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from s2t.local.collect import collected_records
+from s2t.local.collect import collected_records, collection_config
 from s2t.local.packing import (
     PackedProblem,
     check_record,
@@ -171,6 +171,23 @@ def per_group_loss(lm, selector: LocalSelector, bins, packed: PackedProblem, pre
     return total
 
 
+@torch.no_grad()
+def packed_group_scores(lm, selector: LocalSelector, problems, bins=None, start: int = 0):
+    """Scores (N, K), LLM and SLM probabilities (N, K) and divergence flags (N,) of the groups of
+    ``problems``: (packed problem, states entering layer ``start`` or None) pairs, one forward each."""
+    scores, llm, slm, divergent = [], [], [], []
+    for packed, start_hidden in problems:
+        if packed.n_groups == 0:
+            continue
+        hidden = decoder_hidden(lm, packed, start, start_hidden)
+        candidates = hidden[packed.candidate_slice()].reshape(packed.n_groups, packed.k, -1)
+        scores.append(selector.scores(candidates, bins).float().cpu())
+        llm.append(packed.llm_probs)
+        slm.append(packed.slm_probs)
+        divergent.append(packed.divergent)
+    return torch.cat(scores), torch.cat(llm), torch.cat(slm), torch.cat(divergent)
+
+
 # ---------------------------------------------------------------------------- trainer state
 
 
@@ -189,9 +206,9 @@ def _config_key(cfg: TrainConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_FIELDS}
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     tmp.replace(path)
 
 
@@ -229,12 +246,7 @@ class LoraTrainer:
 
         self.cfg, self.progress = cfg, progress
         self.groups_dir, self.out = Path(cfg.groups), Path(cfg.out)
-        config_file = self.groups_dir / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(
-                f"{self.groups_dir} is not a collection run directory (no config.json): run `s2t collect`"
-            )
-        self.collect_cfg = json.loads(config_file.read_text())
+        self.collect_cfg = collection_config(self.groups_dir)
         self.records = collected_records(self.groups_dir, need_features=False)
         if not self.records:
             raise ValueError(f"{self.groups_dir} holds no collected problems yet: run `s2t collect`")
@@ -327,8 +339,7 @@ class LoraTrainer:
         except Exception as e:  # a truncated or corrupted cache file: recompute it
             logger.warning("recomputing %s (%s)", path, e)
             packed = (self.train_packed if part == "train" else self.val_packed)[index]
-            frozen = self.model.disable_adapter() if hasattr(self, "model") else nullcontext()
-            with frozen:
+            with self.model.disable_adapter():  # read only once training runs, so the adapter exists
                 tensors = frozen_pass(self.lm, packed, self.vocab_size, self.cfg.frozen_top, self.start)
             _atomic_save(tensors, path)
             return tensors
@@ -471,23 +482,12 @@ class LoraTrainer:
         self.optimizer.step()
         return stats
 
-    @torch.no_grad()
     def validation_scores(self) -> tuple[torch.Tensor, ...]:
         """Scores, LLM and SLM probabilities and divergence flags of every validation group."""
         self.model.eval()
-        scores, llm, slm, divergent = [], [], [], []
-        for i, packed in self.val_packed.items():
-            if packed.n_groups == 0:
-                continue
-            hidden = decoder_hidden(
-                self.inner, packed, self.start, self._prepared(i, "val").get("start_hidden")
-            )
-            cand = hidden[packed.candidate_slice()].reshape(packed.n_groups, packed.k, -1)
-            scores.append(self.selector.scores(cand, self.bins).float().cpu())
-            llm.append(packed.llm_probs)
-            slm.append(packed.slm_probs)
-            divergent.append(packed.divergent)
-        return torch.cat(scores), torch.cat(llm), torch.cat(slm), torch.cat(divergent)
+        problems = ((p, self._prepared(i, "val").get("start_hidden")) for i, p in self.val_packed.items()
+                    if p.n_groups > 0)  # fmt: skip
+        return packed_group_scores(self.inner, self.selector, problems, self.bins, self.start)
 
     def _validate(self, where: str, running: dict | None = None) -> dict:
         row = {"where": where, "epoch": self.state.epoch, "problems_seen": self.state.epoch * len(self.train_order)

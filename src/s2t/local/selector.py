@@ -152,11 +152,11 @@ class LocalSelector(Selector):
         return probs @ self.bin_values.to(hidden.device)
 
     def check_base(self, model: PreTrainedModel) -> None:
-        found = model_fingerprint(model)
         if not matches_fingerprint(model, self.config.base_fingerprint):
             raise SelectorCheckpointError(
                 f"this selector was trained on base model {self.config.base_model!r} (fingerprint "
-                f"{self.config.base_fingerprint}); the given SLM has fingerprint {found}. Use the same SLM."
+                f"{self.config.base_fingerprint}); the given SLM has fingerprint {model_fingerprint(model)}. "
+                "Use the same SLM."
             )
 
     def select(self, ctx: StepContext) -> torch.Tensor:

@@ -20,7 +20,6 @@ measure generalisation to unseen problems. All of it uses the collection's *trai
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import asdict, dataclass
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from s2t.local.collect import collected_records
+from s2t.local.collect import collected_records, collection_config
 from s2t.local.selector import LocalSelector
 from s2t.runs import write_json_atomic
 
@@ -115,10 +114,7 @@ class GroupTensors:
 def load_groups(groups_dir: str | Path) -> tuple[GroupTensors, dict]:
     """Load a collection run: its config and every group's tensors."""
     groups_dir = Path(groups_dir)
-    config_file = groups_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{groups_dir} is not a collection run directory (no config.json)")
-    config = json.loads(config_file.read_text())
+    config = collection_config(groups_dir)
     records = collected_records(groups_dir)
     if not records:
         raise ValueError(f"{groups_dir} holds no collected problems yet")

@@ -85,7 +85,7 @@ class LearnedTrigger(Trigger):
         config = read_config(directory / CONFIG_NAME, LearnedTriggerConfig)
         try:
             t = load_file(str(directory / WEIGHTS_NAME))
-        except Exception as e:  # safetensors and json raise several unrelated types on corrupt files
+        except Exception as e:  # safetensors raises several unrelated types on corrupt files
             raise SelectorCheckpointError(f"corrupted trigger checkpoint in {directory}: {e}") from e
         if model is not None and not matches_fingerprint(model, config.base_fingerprint):
             raise SelectorCheckpointError(

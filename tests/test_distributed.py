@@ -89,8 +89,8 @@ def strip_summary(payload: dict) -> dict:
 class CrashOnceWorker(EvalShardWorker):
     """Kills its own process on the first attempt of the shard holding ``crash_on`` (test only)."""
 
-    def __init__(self, config: EvalConfig, marker: str, crash_on: str):
-        super().__init__(config)
+    def __init__(self, config: EvalConfig, marker: str, crash_on: str, thresholds=None):
+        super().__init__(config, thresholds)
         self.marker, self.crash_on = Path(marker), crash_on
 
     def run_shard(self, shard):

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -230,11 +229,11 @@ def run_sharded(
 class EvalShardWorker:
     """What each evaluation actor builds once: an evaluator with its own model pair, writing nothing."""
 
-    def __init__(self, config: EvalConfig):
+    def __init__(self, config: EvalConfig, thresholds: dict[str, float] | None = None):
         import transformers
 
         transformers.utils.logging.disable_progress_bar()  # per-load bars from every actor are noise
-        self.evaluator = Evaluator(config, None, progress=False, problems=[])
+        self.evaluator = Evaluator(config, None, progress=False, problems=[], thresholds=thresholds)
         _ = self.evaluator.generator  # load the SLM now (the LLM loads when a method first needs it)
 
     def run_shard(self, shard: EvalShard) -> list[dict]:
@@ -288,7 +287,7 @@ def evaluate_distributed(
     The run directory, its ``config.json``, ``results.jsonl`` and report are exactly those of
     :func:`s2t.evaluate.evaluate`; only the wall times differ. ``shard_size`` (default: at most
     twice the batch size, and small enough that every worker gets a shard) is the unit of work
-    and of retry. ``worker_factory(config)`` builds each
+    and of retry. ``worker_factory(config, thresholds=...)`` builds each
     actor's worker (default :class:`EvalShardWorker`; tests wrap it to kill a worker).
     """
     from s2t.reporting.eval_report import write_report
@@ -297,13 +296,10 @@ def evaluate_distributed(
         import_ray()  # fail before any model is loaded
     evaluator = Evaluator(config, out_dir, progress=progress, problems=problems)
     prepare_builtin_models(config)
-    threshold = evaluator.prepare_methods()  # calibrates once, here; stored in calibration.json
+    thresholds = evaluator.prepare_methods()  # calibrates once, here; stored in calibration.json
     for method in config.methods:
         if is_local_method(method):  # one trained selector per method name, as in a single process
             evaluator.check_same_selector(method)
-    worker_config = config
-    if config.threshold is None and threshold is not None:
-        worker_config = replace(config, threshold=threshold)
     run, done = evaluator.run, evaluator.finished()
     # at most two batches a shard, and enough shards that every worker gets some
     remaining = len(unfinished_problems(config.methods, evaluator.problems, done))
@@ -313,7 +309,7 @@ def evaluate_distributed(
     if shards:
         logger.info("%d shards of up to %d problems on %d workers", len(shards), shard_size, workers)
         run_sharded(
-            partial(worker_factory, worker_config),
+            partial(worker_factory, config, thresholds=thresholds),
             "run_shard",
             shards,
             on_record=run.append,
@@ -335,15 +331,9 @@ def prepare_builtin_models(config: EvalConfig) -> None:
     Otherwise every actor on this node would convert the same GGUF at the same time. On a
     multi-node cluster run ``s2t prepare`` on every node first (see ``docs/scaling.md``).
     """
-    from s2t.api import LLM_ALONE
     from s2t.builtin_models import BUILTIN_MODELS, prepare_builtin
-    from s2t.methods import METHOD_SELECTORS, build_method
 
-    needs_llm = any(
-        m == LLM_ALONE or (m in METHOD_SELECTORS and build_method(m, **config.method_kwargs()).needs_llm)
-        for m in config.methods
-    )
-    wanted = [config.slm] + ([config.llm] if needs_llm else [])
+    wanted = [config.slm] + ([config.llm] if any(config.needs_llm(m) for m in config.methods) else [])
     for name in wanted:
         if name in BUILTIN_MODELS:
             prepare_builtin(name)

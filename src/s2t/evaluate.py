@@ -7,12 +7,18 @@ for the same directory is refused. Trigger thresholds are calibrated on *trainin
 that a resumed run uses exactly the same threshold.
 
 Methods: ``greedy`` (SLM), ``llm`` (LLM greedy), ``s2t``, ``takeover``, ``random-select``
-(all sharing one trigger configuration) and ``maj@k`` (k samples at temperature 0.7,
+(sharing the run's trigger configuration) and ``maj@k`` (k samples at temperature 0.7,
 top-p 0.8, majority vote over extracted answers; pass@k is recorded beside it, labelled).
+
+A sweep is a list of methods that carry their own trigger setting in their name
+(``s2t/entropy@0.8``, ``s2t/always``, ``takeover/kl@0.95/k4``; see :mod:`s2t.methods`): each is
+calibrated on its own (one entry per trigger and quantile in ``calibration.json``) and a sweep
+can gain settings later without re-running what finished.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import zlib
@@ -24,11 +30,19 @@ from tqdm.auto import tqdm
 
 from s2t.api import LLM_ALONE, S2TGenerator
 from s2t.data import Problem, load_problems
-from s2t.engine import CostRecord
+from s2t.engine import CostRecord, Method
 from s2t.grading import grade, majority_vote
-from s2t.methods import METHOD_SELECTORS, build_method, needs_calibration
+from s2t.methods import (
+    METHOD_SELECTORS,
+    SETTING_SYNTAX,
+    TriggerSetting,
+    build_method,
+    needs_calibration,
+    split_method_name,
+)
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM
-from s2t.runs import RunDirectory
+from s2t.policies.triggers import TRIGGERS
+from s2t.runs import RunDirectory, locked
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +50,8 @@ MAJ_PATTERN = re.compile(r"^maj@(\d+)$")
 # s2t-local, or s2t-local:LABEL: a labelled variant lets a second selector join a run directory
 LOCAL_PATTERN = re.compile(r"^s2t-local(?::[a-z0-9][a-z0-9._-]*)?$")
 SINGLE_METHODS = ("greedy", LLM_ALONE, *[m for m in METHOD_SELECTORS if m != "greedy"])
+# Methods that consult a trigger, and so may carry their own trigger setting in their name.
+TRIGGERED_METHODS = tuple(m for m in METHOD_SELECTORS if m != "greedy")
 
 
 @dataclass
@@ -70,15 +86,30 @@ class EvalConfig:
     selector: str | None = None  # a trained S2T-Local selector directory (for the s2t-local method)
 
     def __post_init__(self):
+        canonical: dict[str, str] = {}
         for m in self.methods:
-            check_method_name(m)
+            name = canonical_method_name(m)
+            if name in canonical:
+                same = (
+                    "is listed twice" if canonical[name] == m else f"and {canonical[name]!r} are one setting"
+                )
+                raise ValueError(f"method {m!r} {same} ({name}): give each setting once")
+            canonical[name] = m
+            setting = split_method_name(name)[1]
+            if setting is not None and setting.trigger == "learned" and not self.selector:
+                raise ValueError(
+                    f"method {m!r}: the learned trigger is stored with a selector: pass --selector DIR"
+                )
+        self.methods = list(canonical)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         if self.calibration_problems < 1 and self.threshold is None:
             raise ValueError("calibration_problems must be >= 1 unless a threshold is given")
 
-    def method_kwargs(self) -> dict:
-        return dict(
+    def method_kwargs(self, setting: TriggerSetting | None = None) -> dict:
+        """Keyword arguments for :func:`~s2t.methods.build_method`: the run's trigger configuration,
+        or a method's own ``setting`` in its place."""
+        kwargs = dict(
             trigger=self.trigger,
             threshold=self.threshold,
             quantile=None if self.threshold is not None else self.quantile,
@@ -86,6 +117,22 @@ class EvalConfig:
             ratio=self.ratio,
             min_step=self.min_step,
         )
+        return kwargs | (setting.method_kwargs() if setting is not None else {})
+
+    def trigger_name(self, method: str) -> str | None:
+        """The trigger a method consults (None for greedy, the LLM alone and maj@k)."""
+        base, setting = split_method_name(method)
+        if setting is not None:
+            return setting.trigger
+        return self.trigger if base in TRIGGERED_METHODS or is_local_method(base) else None
+
+    def needs_llm(self, method: str) -> bool:
+        """Whether ``method`` needs the LLM loaded (decided from the configuration, before any model loads)."""
+        base = split_method_name(method)[0]
+        if base == LLM_ALONE:
+            return True
+        trigger = self.trigger_name(method)
+        return base in ("s2t", "takeover") or (trigger in TRIGGERS and TRIGGERS[trigger].needs_llm)
 
 
 # Config entries that do not change results, so a run may resume with other values.
@@ -97,20 +144,41 @@ SELECTOR_KEY = "selector"
 
 
 def is_local_method(name: str) -> bool:
-    """``s2t-local`` or a labelled variant ``s2t-local:LABEL`` (e.g. ``s2t-local:lora``)."""
-    return bool(LOCAL_PATTERN.match(name))
+    """``s2t-local`` or a labelled variant ``s2t-local:LABEL`` (e.g. ``s2t-local:lora``), with or
+    without a trigger setting (``s2t-local/margin@0.8``)."""
+    return bool(LOCAL_PATTERN.match(name.split("/", 1)[0]))
+
+
+def canonical_method_name(name: str) -> str:
+    """Check a method name and return its canonical spelling (``s2t/entropy@0.80`` -> ``s2t/entropy@0.8``).
+
+    Raises ``ValueError`` naming the method for an unknown method, a malformed or out-of-range
+    trigger setting, a setting on a method without a trigger, or an LLM trigger on S2T-Local.
+    """
+    base, setting = split_method_name(name)
+    match = MAJ_PATTERN.match(base)
+    if not (base in SINGLE_METHODS or is_local_method(base) or (match and int(match.group(1)) >= 1)):
+        raise ValueError(
+            f"unknown method {name!r}; choose from {', '.join(SINGLE_METHODS)}, s2t-local, s2t-local:LABEL "
+            f"(lowercase letters, digits, '.', '_', '-'), maj@K; a trigger setting follows a '/' ({SETTING_SYNTAX})"
+        )
+    if setting is None:
+        return base
+    if base not in TRIGGERED_METHODS and not is_local_method(base):
+        raise ValueError(
+            f"method {name!r}: {base} consults no trigger, so it takes no trigger setting; "
+            f"settings apply to {', '.join(TRIGGERED_METHODS)} and s2t-local"
+        )
+    if is_local_method(base) and setting.trigger in TRIGGERS and TRIGGERS[setting.trigger].needs_llm:
+        raise ValueError(
+            f"method {name!r}: S2T-Local runs without an LLM, and the {setting.trigger!r} trigger needs one; "
+            "use an SLM-only trigger (entropy, margin, random, learned)"
+        )
+    return f"{base}/{setting.label}"
 
 
 def check_method_name(name: str) -> None:
-    if name in SINGLE_METHODS or is_local_method(name):
-        return
-    match = MAJ_PATTERN.match(name)
-    if match and int(match.group(1)) >= 1:
-        return
-    raise ValueError(
-        f"unknown method {name!r}; choose from {', '.join(SINGLE_METHODS)}, s2t-local, s2t-local:LABEL "
-        "(lowercase letters, digits, '.', '_', '-'), maj@K"
-    )
+    canonical_method_name(name)
 
 
 def sample_seed(seed: int, problem_id: str, sample: int) -> int:
@@ -141,11 +209,14 @@ class Evaluator:
         generator: S2TGenerator | None = None,
         progress: bool = True,
         problems: Sequence[Problem] | None = None,
+        thresholds: dict[str, float] | None = None,
     ):
         """``out_dir=None`` makes an evaluator that only computes records (:meth:`run_method`) and
         writes nothing: a distributed worker whose driver owns the run directory
-        (:mod:`s2t.distributed`). It cannot calibrate, so give it the calibrated threshold."""
+        (:mod:`s2t.distributed`). It cannot calibrate, so give it the calibrated ``thresholds``
+        (:meth:`prepare_methods` of the driver's evaluator)."""
         self.config = config
+        self.thresholds: dict[str, float] = dict(thresholds or {})  # calibration key -> threshold
         # Problems first: a dataset that cannot be loaded must not leave a run directory behind.
         self.problems = list(problems) if problems is not None else self._load_problems()
         resumable = RESUMABLE_KEYS | ({SELECTOR_KEY} if config.trigger != "learned" else set())
@@ -174,20 +245,18 @@ class Evaluator:
             return set()
         return {(r["method"], r["problem_id"]) for r in self.run.records()}
 
-    def prepare_methods(self) -> float | None:
-        """Build every configured method now; returns the trigger threshold they use.
+    def prepare_methods(self) -> dict[str, float]:
+        """Build every configured method now; returns the calibrated thresholds (key -> threshold).
 
-        This calibrates the trigger (once per run, stored in ``calibration.json``; all methods
-        share one trigger configuration, so one threshold serves them all) and loads and checks an
-        S2T-Local selector (its base model, and leakage against the evaluated problems).
-        Distributed runs call it on the driver before fanning out and hand the threshold to the
-        workers. Without a trigger-based method, the configured threshold (usually None).
+        This calibrates each trigger setting (once per run, stored in ``calibration.json``) and
+        loads and checks an S2T-Local selector (its base model, and leakage against the evaluated
+        problems). Distributed runs call it on the driver before fanning out and hand the
+        thresholds to the workers.
         """
-        threshold = self.config.threshold
         for name in self.config.methods:
-            if is_local_method(name) or (name in METHOD_SELECTORS and name != "greedy"):
-                threshold = self._method(name).trigger.threshold
-        return threshold
+            if self.config.trigger_name(name) is not None:
+                self._method(name)
+        return dict(self.thresholds)
 
     def run_all(self, on_record: Callable[[dict], None] | None = None) -> list[dict]:
         """Evaluate every configured method on every problem not yet finished; returns all records."""
@@ -241,6 +310,8 @@ class Evaluator:
             self._local_generator if is_local_method(method) and self._local_generator else self.generator
         )
         extra = {"selector": self._selector_digest()} if is_local_method(method) else {}
+        if self.config.trigger_name(method) is not None:
+            extra["setting"] = _setting_record(method_obj)
         bs = self.config.batch_size
         for start in range(0, len(problems), bs):
             batch = problems[start : start + bs]
@@ -302,11 +373,16 @@ class Evaluator:
     def _method(self, name: str):
         if name == LLM_ALONE:
             return LLM_ALONE
-        selector = self._local_selector() if is_local_method(name) else None
-        kwargs = self.config.method_kwargs()
-        if self.config.trigger == "learned":
+        base, setting = split_method_name(name)
+        selector = self._local_selector() if is_local_method(base) else None
+        kwargs = self.config.method_kwargs(setting)
+        if kwargs["trigger"] == "learned":
             kwargs["trigger"] = self._learned_trigger()
-        method = build_method(name, selector=selector, **kwargs)
+            if setting is not None and (setting.threshold is not None or setting.quantile is not None):
+                # the name overrides the threshold stored with the trigger (a quantile recalibrates it)
+                kwargs["trigger"].threshold = setting.threshold
+        method = build_method(base, selector=selector, **kwargs)
+        method.name = name
         if is_local_method(name) and method.needs_llm:
             raise ValueError(
                 f"{name} runs without an LLM; the {method.trigger.name!r} trigger needs one: "
@@ -341,20 +417,20 @@ class Evaluator:
             self._local_generator = generator
         return selector
 
-    def _calibrate(self, method) -> None:
-        """Calibrate on training problems once per run; reuse the stored threshold on resume."""
+    def _calibrate(self, method: Method) -> None:
+        """Calibrate on training problems once per run and trigger setting; reuse the stored
+        threshold on resume (and in other processes sharing the run directory)."""
         c = self.config
+        key = calibration_key(method)
+        if key in self.thresholds:
+            method.trigger.threshold = self.thresholds[key]
+            return
         if self.run is None:
             raise RuntimeError(
-                "an evaluator without a run directory cannot calibrate: give it the calibrated threshold"
+                f"an evaluator without a run directory cannot calibrate: give it the threshold for {key}"
             )
         cal_file = self.run.path / "calibration.json"
-        key = f"{c.trigger}@{c.quantile}"
-        stored = {}
-        if cal_file.is_file():
-            import json
-
-            stored = json.loads(cal_file.read_text())
+        stored = json.loads(cal_file.read_text()) if cal_file.is_file() else {}
         if key not in stored:
             problems = load_problems(c.calibration_dataset, c.calibration_split, limit=c.calibration_problems)
             evaluated = {p.id for p in self.problems}
@@ -370,14 +446,34 @@ class Evaluator:
                 max_new_tokens=c.max_new_tokens,
                 batch_size=c.batch_size,
             )
-            stored[key] = {
-                "trigger": c.trigger,
-                "quantile": c.quantile,
+            entry = {
+                "trigger": method.trigger.name,
+                "quantile": method.quantile,
                 "threshold": threshold,
                 "problems": [p.id for p in problems],
             }
-            self.run.write_json("calibration.json", stored)
-        method.trigger.threshold = stored[key]["threshold"]
+            # Another process may have calibrated other settings meanwhile: merge under the lock.
+            with locked(self.run.path / ".calibration.json.lock"):
+                stored = json.loads(cal_file.read_text()) if cal_file.is_file() else {}
+                stored.setdefault(key, entry)
+                self.run.write_json("calibration.json", stored)
+        self.thresholds[key] = stored[key]["threshold"]
+        method.trigger.threshold = self.thresholds[key]
+
+
+def calibration_key(method: Method) -> str:
+    """Where a calibrated threshold is stored: one entry per trigger and quantile (``entropy@0.95``)."""
+    return f"{method.trigger.name}@{method.quantile}"
+
+
+def _setting_record(method: Method) -> dict:
+    """The trigger setting a record was made with, threshold included."""
+    return {
+        "trigger": method.trigger.name,
+        "threshold": method.trigger.threshold,
+        "quantile": method.quantile,
+        "k": method.candidates.k,
+    }
 
 
 def evaluate(config: EvalConfig, out_dir: str | Path, progress: bool = True, **kwargs) -> dict:

@@ -2,12 +2,23 @@
 
 A method name fixes the selector; the trigger, K and candidate filter are options, so that
 S2T and its controls can be compared at exactly the same trigger points.
+
+A name may also carry its own trigger setting, so that one run can hold a sweep over trigger
+rates (:class:`TriggerSetting`)::
+
+    s2t/entropy@0.8      the entropy trigger calibrated at its 0.8 quantile (~20% of steps)
+    s2t/margin=0.3       the margin trigger at the threshold 0.3
+    s2t/always           intervene at every step
+    takeover/kl@0.95/k4  Takeover at the KL trigger's 0.95 quantile, with K=4 candidates
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -15,13 +26,105 @@ from transformers import PreTrainedModel
 from s2t.engine import Method, decode
 from s2t.policies.candidates import TopK, make_candidates
 from s2t.policies.selectors import Selector, make_selector
-from s2t.policies.triggers import NeverTrigger, RandomTrigger, Trigger, check_quantile, make_trigger
+from s2t.policies.triggers import (
+    TRIGGERS,
+    NeverTrigger,
+    RandomTrigger,
+    Trigger,
+    check_quantile,
+    make_trigger,
+)
 
 DEFAULT_QUANTILE = 0.95
 DEFAULT_K = 8
 
 # method name -> selector name; "greedy" never triggers
 METHOD_SELECTORS = {"greedy": "slm", "s2t": "llm", "takeover": "takeover", "random-select": "random"}
+
+# Triggers a method-name setting may use: the built-in ones and the learned one stored with a selector.
+SETTING_TRIGGERS = (*TRIGGERS, "learned")
+_TRIGGER_PART = re.compile(r"^(?P<trigger>[a-z]+)(?:(?P<op>[@=])(?P<value>.+))?$")
+_K_PART = re.compile(r"^k(?P<k>[0-9]+)$")
+SETTING_SYNTAX = "METHOD/TRIGGER[@QUANTILE|=THRESHOLD][/kK], e.g. s2t/entropy@0.8, s2t/margin=0.3, s2t/always"
+
+
+@dataclass(frozen=True)
+class TriggerSetting:
+    """A trigger configuration written into a method's name (``s2t/entropy@0.8/k4``).
+
+    Exactly one of ``quantile`` (calibrated on training problems) and ``threshold`` is set for
+    a trigger that has a threshold; neither for ``always`` and ``never``. ``k`` overrides the
+    run's candidate-set size when given.
+    """
+
+    trigger: str
+    quantile: float | None = None
+    threshold: float | None = None
+    k: int | None = None
+
+    @property
+    def label(self) -> str:
+        """The canonical spelling: equal settings have equal labels (``@0.80`` is ``@0.8``)."""
+        value = f"@{self.quantile!r}" if self.quantile is not None else ""
+        value = f"={self.threshold!r}" if self.threshold is not None else value
+        return self.trigger + value + (f"/k{self.k}" if self.k is not None else "")
+
+    def method_kwargs(self) -> dict:
+        kwargs = {"trigger": self.trigger, "threshold": self.threshold, "quantile": self.quantile}
+        return kwargs | ({"k": self.k} if self.k is not None else {})
+
+
+def split_method_name(name: str) -> tuple[str, TriggerSetting | None]:
+    """``"s2t/entropy@0.8"`` -> ``("s2t", TriggerSetting("entropy", quantile=0.8))``; a plain name
+    gives ``(name, None)``. A malformed or out-of-range setting raises ``ValueError`` naming the method.
+    """
+    base, *parts = name.split("/")
+    if not parts:
+        return name, None
+    try:
+        return base, _parse_setting(parts)
+    except ValueError as e:
+        raise ValueError(f"method {name!r}: {e} (syntax: {SETTING_SYNTAX})") from None
+
+
+def _parse_setting(parts: list[str]) -> TriggerSetting:
+    match = _TRIGGER_PART.match(parts[0])
+    if not match:
+        raise ValueError(f"cannot read the trigger setting {parts[0]!r}")
+    trigger, op, raw = match["trigger"], match["op"], match["value"]
+    if trigger not in SETTING_TRIGGERS:
+        raise ValueError(f"unknown trigger {trigger!r}; choose from {', '.join(SETTING_TRIGGERS)}")
+    k = None
+    for part in parts[1:]:
+        k_match = _K_PART.match(part)
+        if not k_match or k is not None:
+            raise ValueError(
+                f"cannot read {part!r}: after the trigger only one /kK (candidate count) may follow"
+            )
+        k = int(k_match["k"])
+        TopK(k)  # validates K >= 1
+    if trigger in ("always", "never"):
+        if op:
+            raise ValueError(f"the {trigger!r} trigger takes no quantile or threshold")
+        return TriggerSetting(trigger, k=k)
+    if not op:  # the learned trigger keeps the threshold stored with it; others are calibrated at 0.95
+        return (
+            TriggerSetting(trigger, k=k)
+            if trigger == "learned"
+            else TriggerSetting(trigger, DEFAULT_QUANTILE, k=k)
+        )
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a number") from None
+    if math.isnan(value):
+        raise ValueError("a quantile or threshold cannot be NaN")
+    if op == "@":
+        check_quantile(value)
+        return TriggerSetting(trigger, quantile=value, k=k)
+    if trigger in TRIGGERS:
+        make_trigger(trigger, value)  # validates the threshold's range
+    return TriggerSetting(trigger, threshold=value, k=k)
 
 
 def build_method(

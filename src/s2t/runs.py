@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def locked(path: Path):
     """Hold an exclusive lock on ``path`` (a sidecar lock file) for the duration of the block."""
     with open(path, "a") as handle:
         if fcntl is not None:
@@ -110,7 +110,7 @@ class RunDirectory:
         """
         target = self.path / name
         line = (json.dumps(record, default=str) + "\n").encode()
-        with _locked(self.path / f".{name}.lock"):
+        with locked(self.path / f".{name}.lock"):
             self._repair_torn_tail(target)
             with open(target, "ab") as f:
                 f.write(line)

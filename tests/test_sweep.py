@@ -1,0 +1,175 @@
+"""Sweeps: methods that carry their own trigger setting in their name, in one resumable run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from s2t.api import S2TGenerator
+from s2t.cli import app
+from s2t.evaluate import EvalConfig, Evaluator, canonical_method_name, evaluate
+from s2t.methods import TriggerSetting, split_method_name
+
+QUESTIONS = [("What is 2 + 2?", "4"), ("Double 21.", "42"), ("Half of 48?", "24"), ("5 times 3?", "15")]
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("\n".join(json.dumps({"question": q, "answer": f"work\n#### {a}"}) for q, a in QUESTIONS))
+    return str(path)
+
+
+@pytest.fixture()
+def calibration_data(tmp_path, data_file, monkeypatch):
+    """GSM8K 'train' problems to calibrate on (the same tiny questions, as another split)."""
+    (tmp_path / "data" / "gsm8k").mkdir(parents=True)
+    (tmp_path / "data" / "gsm8k" / "train.jsonl").write_text(Path(data_file).read_text())
+    monkeypatch.setenv("S2T_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("S2T_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture()
+def generator(slm, llm):
+    return S2TGenerator(slm, llm=llm)
+
+
+def config(data_file, **overrides) -> EvalConfig:
+    base = dict(dataset="tiny", split="test", data_file=data_file, limit=None, max_new_tokens=8,
+                methods=["greedy"], trigger="entropy", threshold=None, quantile=0.95, calibration_problems=2,
+                batch_size=2)  # fmt: skip
+    base.update(overrides)
+    return EvalConfig(**base)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "name, canonical",
+    [
+        ("s2t/entropy@0.80", "s2t/entropy@0.8"),
+        ("s2t/entropy", "s2t/entropy@0.95"),
+        ("takeover/kl@0.95/k4", "takeover/kl@0.95/k4"),
+        ("s2t/margin=0.30", "s2t/margin=0.3"),
+        ("s2t/always", "s2t/always"),
+        ("s2t-local:lora/margin@0.8", "s2t-local:lora/margin@0.8"),
+        ("s2t", "s2t"),
+        ("maj@8", "maj@8"),
+    ],
+)
+def test_a_setting_has_one_canonical_name(name, canonical):
+    assert canonical_method_name(name) == canonical
+
+
+def test_a_setting_parses_into_its_parts():
+    assert split_method_name("s2t/entropy@0.8/k4") == ("s2t", TriggerSetting("entropy", quantile=0.8, k=4))
+    assert split_method_name("takeover/margin=0.25") == ("takeover", TriggerSetting("margin", threshold=0.25))
+    assert split_method_name("s2t") == ("s2t", None)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("s2t/entropy@1.2", "quantile must lie strictly between 0 and 1"),
+        ("s2t/entropy@0", "quantile must lie strictly between 0 and 1"),
+        ("s2t/entropy@nan", "NaN"),
+        ("s2t/entropy@x", "not a number"),
+        ("s2t/margin=1.5", r"must lie in \[0.0, 1.0\]"),
+        ("s2t/sometimes@0.8", "unknown trigger 'sometimes'"),
+        ("s2t/always@0.9", "takes no quantile or threshold"),
+        ("s2t/entropy@0.8/k0", "K must be an integer >= 1"),
+        ("s2t/entropy@0.8/k4/k8", "only one /kK"),
+        ("greedy/entropy@0.8", "greedy consults no trigger"),
+        ("maj@8/entropy@0.8", "consults no trigger"),
+        ("s2t-local/kl@0.95", "needs one"),
+        ("s2x/entropy@0.8", "unknown method"),
+    ],
+)
+def test_a_setting_that_cannot_be_calibrated_is_refused(name, message):
+    with pytest.raises(ValueError, match=message):
+        canonical_method_name(name)
+
+
+def test_two_settings_sharing_a_name_are_refused(data_file):
+    with pytest.raises(ValueError, match="are one setting"):
+        config(data_file, methods=["s2t/entropy@0.8", "s2t/entropy@0.80"])
+    with pytest.raises(ValueError, match="listed twice"):
+        config(data_file, methods=["greedy", "greedy"])
+    with pytest.raises(ValueError, match="--selector"):
+        config(data_file, methods=["s2t-local/learned@0.9"])
+
+
+def test_bad_settings_are_refused_before_any_model_loads(tmp_path, data_file):
+    for methods, message in (
+        ("greedy,s2t/entropy@1.5", "quantile"),
+        ("s2t/margin@0.8,s2t/margin@.8", "one setting"),
+    ):
+        result = CliRunner().invoke(app, ["eval", "--data-file", data_file, "--dataset", "tiny", "--methods", methods,
+                                          "--slm", "no-such-model", "--out", str(tmp_path / "run")])  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert message in result.output
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_sweep_calibrates_each_setting_and_can_be_extended(
+    tmp_path, data_file, calibration_data, generator
+):
+    sweep = ["greedy", "s2t/entropy@0.5", "s2t/margin=0.9", "s2t/always", "takeover/entropy@0.5/k2"]
+    payload = evaluate(
+        config(data_file, methods=sweep), tmp_path / "run", progress=False, generator=generator
+    )
+    first = records(tmp_path / "run")
+    assert sorted({r["method"] for r in first}) == sorted(sweep)
+    assert len(first) == len(sweep) * len(QUESTIONS)
+
+    calibration = payload["calibration"]
+    assert set(calibration) == {"entropy@0.5"}  # one entry per calibrated setting, shared by S2T and Takeover
+    assert calibration["entropy@0.5"]["problems"] == ["gsm8k/train/0", "gsm8k/train/1"]
+    settings = {r["method"]: r["setting"] for r in first if r["method"] != "greedy"}
+    assert settings["s2t/entropy@0.5"]["threshold"] == calibration["entropy@0.5"]["threshold"]
+    assert settings["s2t/margin=0.9"] == {"trigger": "margin", "threshold": 0.9, "quantile": None, "k": 8}
+    assert settings["takeover/entropy@0.5/k2"]["k"] == 2
+    always = [r for r in first if r["method"] == "s2t/always"]
+    assert all(
+        r["cost"]["triggers"] == r["cost"]["generated_tokens"] - 3
+        for r in always
+        if r["finish_reason"] == "length"
+    )
+
+    # Extending the sweep runs only the new setting; the finished records stay exactly as they were.
+    more = config(data_file, methods=[*sweep, "s2t/entropy@0.7"])
+    evaluate(more, tmp_path / "run", progress=False, generator=generator)
+    second = records(tmp_path / "run")
+    assert second[: len(first)] == first
+    assert [r["method"] for r in second[len(first) :]] == ["s2t/entropy@0.7"] * len(QUESTIONS)
+    assert set(json.loads((tmp_path / "run" / "calibration.json").read_text())) == {
+        "entropy@0.5",
+        "entropy@0.7",
+    }
+
+
+def test_a_named_setting_equals_the_same_run_level_trigger(tmp_path, data_file, calibration_data, generator):
+    named = evaluate(config(data_file, methods=["s2t/margin@0.6"]), tmp_path / "named", progress=False,
+                     generator=generator)  # fmt: skip
+    plain = evaluate(config(data_file, methods=["s2t"], trigger="margin", quantile=0.6), tmp_path / "plain",
+                     progress=False, generator=generator)  # fmt: skip
+    assert named["calibration"]["margin@0.6"]["threshold"] == plain["calibration"]["margin@0.6"]["threshold"]
+    strip = lambda recs: [(r["problem_id"], r["text"], r["trigger_steps"]) for r in recs]  # noqa: E731
+    assert strip(records(tmp_path / "named")) == strip(records(tmp_path / "plain"))
+
+
+def test_a_worker_without_a_run_directory_uses_the_drivers_thresholds(tmp_path, data_file, calibration_data,
+                                                                       generator):  # fmt: skip
+    cfg = config(data_file, methods=["s2t/entropy@0.5"])
+    thresholds = Evaluator(cfg, tmp_path / "run", progress=False, generator=generator).prepare_methods()
+    assert set(thresholds) == {"entropy@0.5"}
+    worker = Evaluator(cfg, None, progress=False, generator=generator, problems=[], thresholds=thresholds)
+    assert worker._method("s2t/entropy@0.5").trigger.threshold == thresholds["entropy@0.5"]
+    with pytest.raises(RuntimeError, match="entropy@0.7"):
+        Evaluator(config(data_file, methods=["s2t/entropy@0.7"]), None, generator=generator, problems=[],
+                  thresholds=thresholds)._method("s2t/entropy@0.7")  # fmt: skip

@@ -91,3 +91,20 @@ def test_ratio_bootstrap_estimate_is_pooled_ratio() -> None:
 def test_ratio_bootstrap_rejects_zero_total_denominator() -> None:
     with pytest.raises(ValueError, match="zero"):
         ratio_bootstrap_ci([0, 0], [0, 0])
+
+
+def test_gap_recovered_is_the_share_of_the_low_to_high_gap():
+    from s2t.stats import gap_recovered_ci
+
+    low = [0, 0, 0, 0, 1, 1, 0, 0, 0, 0]  # 20%
+    high = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]  # 60%
+    method = [1, 1, 0, 0, 1, 1, 0, 0, 0, 0]  # 40%: half the gap
+    ci = gap_recovered_ci(method, low, high, seed=0)
+    assert ci.estimate == pytest.approx(0.5)
+    assert ci.low <= 0.5 <= ci.high
+    assert gap_recovered_ci(high, low, high).estimate == pytest.approx(1.0)
+    assert gap_recovered_ci(low, low, high).low == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="no gap"):
+        gap_recovered_ci(method, low, low)
+    with pytest.raises(ValueError, match="differ in length"):
+        gap_recovered_ci(method[:-1], low, high)

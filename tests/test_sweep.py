@@ -173,3 +173,46 @@ def test_a_worker_without_a_run_directory_uses_the_drivers_thresholds(tmp_path, 
     with pytest.raises(RuntimeError, match="entropy@0.7"):
         Evaluator(config(data_file, methods=["s2t/entropy@0.7"]), None, generator=generator, problems=[],
                   thresholds=thresholds)._method("s2t/entropy@0.7")  # fmt: skip
+
+
+def _record(method, pid, correct, llm_calls=0.0, setting=None):
+    cost = dict(generated_tokens=100, slm_forward_tokens=100, llm_forward_tokens=10 * llm_calls,
+                llm_forward_calls=llm_calls, triggers=llm_calls, overrides=0, wall_time_s=1.0 + llm_calls)  # fmt: skip
+    return {"method": method, "problem_id": pid, "correct": correct, "cost": cost} | (
+        {"setting": setting} if setting else {}
+    )
+
+
+def test_the_frontier_reports_gap_recovered_tests_and_the_cheapest_setting(tmp_path):
+    from s2t.reporting.eval_report import write_report
+
+    n = 10
+    greedy = [i < 2 for i in range(n)]  # 20%
+    llm = [i < 6 for i in range(n)]  # 60%
+    low_rate = [i < 3 for i in range(n)]  # 30%: a quarter of the gap
+    high_rate = [i < 5 for i in range(n)]  # 50%: three quarters of the gap
+    takeover = [i < 4 for i in range(n)]
+    recs = [_record("greedy", i, c) for i, c in enumerate(greedy)]
+    recs += [_record("llm", i, c, llm_calls=100) for i, c in enumerate(llm)]
+    recs += [_record("s2t/entropy@0.9", i, c, 10, {"threshold": 0.7}) for i, c in enumerate(low_rate)]
+    recs += [_record("s2t/entropy@0.6", i, c, 40, {"threshold": 0.3}) for i, c in enumerate(high_rate)]
+    recs += [_record("takeover/entropy@0.6", i, c, 40) for i, c in enumerate(takeover)]
+    (tmp_path / "config.json").write_text(json.dumps({"trigger": "entropy", "quantile": 0.95, "seed": 0}))
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+
+    payload = write_report(tmp_path)
+    rows = {r["method"]: r for r in payload["frontier"]["rows"]}
+    assert [r["method"] for r in payload["frontier"]["rows"]][0] == "s2t/entropy@0.9"  # cheapest first
+    assert rows["s2t/entropy@0.9"]["gap_recovered"] == pytest.approx(0.25)
+    assert rows["s2t/entropy@0.6"]["gap_recovered"] == pytest.approx(0.75)
+    assert rows["s2t/entropy@0.6"]["threshold"] == 0.3
+    assert rows["s2t/entropy@0.6"]["p_vs_greedy"] == pytest.approx(
+        0.5**3 * 2
+    )  # 3 discordant pairs, all one way
+    assert rows["s2t/entropy@0.6"]["vs_takeover"]["only_s2t"] == 1
+    assert payload["methods"]["s2t/entropy@0.6"]["vs_llm"]["only_other_correct"] == 1
+    cheapest = {c["target"]: c for c in payload["frontier"]["cheapest"]}
+    assert cheapest[0.5]["by_estimate"] == "s2t/entropy@0.6" and cheapest[0.8]["by_estimate"] is None
+    report = (tmp_path / "report.md").read_text()
+    assert "Accuracy–cost frontier" in report and "≥ 50% of the gap: s2t/entropy@0.6" in report
+    assert (tmp_path / "frontier.png").stat().st_size > 0

@@ -170,3 +170,32 @@ def paired_bootstrap(
     extreme = np.abs(resampled - observed) >= abs(observed) - 1e-12
     p_value = (1 + int(extreme.sum())) / (1 + n_resamples)
     return PairedBootstrapResult(observed, *_percentiles(resampled, confidence), p_value)
+
+
+def gap_recovered_ci(
+    method: Sequence[bool | float],
+    low: Sequence[bool | float],
+    high: Sequence[bool | float],
+    n_resamples: int = 10000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> ConfidenceInterval:
+    """The share of the gap from ``low`` to ``high`` that ``method`` recovers, paired over problems.
+
+    ``(mean(method) - mean(low)) / (mean(high) - mean(low))``, e.g. S2T between the SLM alone
+    (``low``) and the LLM alone (``high``): 0 is no gain, 1 is the LLM's accuracy. All three are
+    resampled with the same problems; resamples where the gap vanishes are left out of the interval.
+    """
+    _check_confidence(confidence)
+    columns = [_as_1d(x, name) for x, name in ((method, "method"), (low, "low"), (high, "high"))]
+    if len({c.size for c in columns}) != 1:
+        raise ValueError(f"method, low and high differ in length: {[c.size for c in columns]}")
+    m, lo, hi = columns
+    if hi.mean() == lo.mean():
+        raise ValueError("low and high have the same mean: there is no gap to recover")
+    sums = _resampled_sums(np.stack(columns, axis=1), n_resamples, seed)
+    gap = sums[:, 2] - sums[:, 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shares = np.where(gap != 0, (sums[:, 0] - sums[:, 1]) / gap, np.nan)
+    estimate = float((m.mean() - lo.mean()) / (hi.mean() - lo.mean()))
+    return ConfidenceInterval(estimate, *_percentiles(shares, confidence))

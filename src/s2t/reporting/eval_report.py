@@ -12,6 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from s2t.reporting.frontier import (
+    GAP_TARGETS,
+    cheapest_reaching,
+    frontier_markdown,
+    frontier_rows,
+    plot_frontier,
+)
 from s2t.runs import read_jsonl, write_json_atomic
 from s2t.stats import bootstrap_ci, mcnemar_exact
 
@@ -33,7 +40,7 @@ def method_rank(name: str) -> tuple[int, str]:
         if (
             name == prefix
             or (prefix.endswith("@") and name.startswith(prefix))
-            or name.startswith(f"{prefix}:")
+            or name.startswith((f"{prefix}:", f"{prefix}/"))
         ):
             return i, name
     return len(METHOD_ORDER), name
@@ -77,7 +84,7 @@ def summarize(records: list[dict], methods: list[str] | None = None, seed: int =
             passed = [bool(r["pass_at_k"]) for r in recs.values()]
             p_ci = bootstrap_ci(passed, seed=seed)
             entry["pass_at_k"] = {"accuracy": p_ci.estimate, "ci_low": p_ci.low, "ci_high": p_ci.high}
-        for label, other in (("greedy", "greedy"), ("maj", maj)):
+        for label, other in (("greedy", "greedy"), ("maj", maj), ("llm", "llm")):
             if other is None or other == m or other not in by_method:
                 continue
             common = sorted(set(recs) & set(by_method[other]))
@@ -160,14 +167,22 @@ def write_report(run_dir: str | Path) -> dict:
     records = list(read_jsonl(run_dir / "results.jsonl"))
     summary = summarize(records, config.get("methods"), seed=config.get("seed", 0))
     calibration = run_dir / "calibration.json"
+    calibrated = json.loads(calibration.read_text()) if calibration.is_file() else None
+    frontier = frontier_rows(records, summary, config, calibrated, seed=config.get("seed", 0))
     payload = {
         "config": config,
-        "calibration": json.loads(calibration.read_text()) if calibration.is_file() else None,
+        "calibration": calibrated,
         "methods": summary,
+        "frontier": {"rows": frontier, "cheapest": [cheapest_reaching(frontier, t) for t in GAP_TARGETS]}
+        if frontier
+        else None,
     }
     write_json_atomic(run_dir / "summary.json", payload)
     header = f"# {config.get('dataset')} {config.get('split')}: {config.get('slm')} (SLM), {config.get('llm')} (LLM)\n\n"
-    (run_dir / "report.md").write_text(header + markdown_table(summary))
+    frontier_text = "\n" + frontier_markdown(frontier, summary) if frontier else ""
+    (run_dir / "report.md").write_text(header + markdown_table(summary) + frontier_text)
     if summary:
         plot_accuracy_vs_cost(summary, run_dir / "accuracy_vs_cost.png")
+    if frontier:
+        plot_frontier(frontier, summary, run_dir / "frontier.png")
     return payload

@@ -26,6 +26,8 @@ LORA_DEFAULT_LR = 5e-5  # the paper's
 
 @dataclass
 class TrainConfig:
+    """How a selector is trained, in either mode (head mode ignores the lora-mode fields)."""
+
     groups: str  # a collection run directory
     out: str
     mode: str = "head"
@@ -86,6 +88,7 @@ def selector_loss(logits: torch.Tensor, llm_probs: torch.Tensor, cfg: TrainConfi
 
 
 def split_problems(n_problems: int, val_fraction: float, seed: int) -> tuple[set[int], set[int]]:
+    """Training and validation problem indices: a seeded shuffle holds out ``val_fraction`` of them."""
     order = list(range(n_problems))
     random.Random(seed).shuffle(order)
     n_val = int(round(n_problems * val_fraction))

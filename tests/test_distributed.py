@@ -16,14 +16,9 @@ from typer.testing import CliRunner
 from s2t.analysis import PROBLEMS_FILE, analyze
 from s2t.cli import app
 from s2t.data import Problem
-from s2t.distributed import (
-    EvalShardWorker,
-    RayUnavailableError,
-    eval_shards,
-    evaluate_distributed,
-    run_sharded,
-)
+from s2t.distributed import RayUnavailableError, run_sharded
 from s2t.evaluate import EvalConfig, evaluate
+from s2t.evaluate_distributed import EvalShardWorker, eval_shards, evaluate_distributed
 from s2t.local.collect import CollectConfig, Collector
 from s2t.models import ModelSpec
 
@@ -189,7 +184,7 @@ def test_more_than_one_worker_without_ray_names_the_install_command(
 
 
 def test_cli_eval_with_workers_uses_the_distributed_runner(tmp_path, data_file, tiny_pair_dir, monkeypatch):
-    import s2t.distributed
+    import s2t.evaluate_distributed
 
     calls = {}
 
@@ -197,7 +192,7 @@ def test_cli_eval_with_workers_uses_the_distributed_runner(tmp_path, data_file, 
         calls.update(config=config, out=out, workers=workers, ray_address=ray_address)
         return evaluate(config, out, progress=False)
 
-    monkeypatch.setattr(s2t.distributed, "evaluate_distributed", fake)
+    monkeypatch.setattr(s2t.evaluate_distributed, "evaluate_distributed", fake)
     result = CliRunner().invoke(app, [*cli_args(data_file, tiny_pair_dir), "--methods", "greedy",
                                       "--max-new-tokens", "4", "--workers", "3", "--ray-address", "auto",
                                       "--out", str(tmp_path / "cli")])  # fmt: skip

@@ -204,7 +204,7 @@ def test_a_run_gains_s2t_local_later_but_never_mixes_two_selectors(collected, sl
     other = replace(with_local, limit=None, selector=str(tmp_path / "other"))
     with pytest.raises(ValueError, match="s2t-local results of another selector"):
         evaluate(other, tmp_path / "run1", progress=False, generator=gen)
-    from s2t.distributed import evaluate_distributed
+    from s2t.evaluate_distributed import evaluate_distributed
 
     by_path = replace(with_local, slm=str(slm.model.name_or_path), limit=1)
     evaluate(by_path, tmp_path / "run2", progress=False, generator=gen)

@@ -213,7 +213,7 @@ class Evaluator:
     ):
         """``out_dir=None`` makes an evaluator that only computes records (:meth:`run_method`) and
         writes nothing: a distributed worker whose driver owns the run directory
-        (:mod:`s2t.distributed`). It cannot calibrate, so give it the calibrated ``thresholds``
+        (:mod:`s2t.evaluate_distributed`). It cannot calibrate, so give it the calibrated ``thresholds``
         (:meth:`prepare_methods` of the driver's evaluator)."""
         self.config = config
         self.thresholds: dict[str, float] = dict(thresholds or {})  # calibration key -> threshold

@@ -89,7 +89,7 @@ def eval_command(
         )  # fmt: skip
         console.print(f"run directory: {out}")
         if workers > 1:
-            from s2t.distributed import evaluate_distributed
+            from s2t.evaluate_distributed import evaluate_distributed
 
             payload = evaluate_distributed(config, out, workers=workers, ray_address=ray_address)
         else:

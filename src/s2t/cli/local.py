@@ -124,8 +124,9 @@ def train_command(
     dtype: DtypeOpt = None,
 ) -> None:
     """Train the S2T-Local selector (and an LLM-free trigger) from collected groups."""
+    from s2t.local.objective import LORA_DEFAULT_LR, TrainConfig
     from s2t.local.selector import SelectorCheckpointError
-    from s2t.local.train import LORA_DEFAULT_LR, TrainConfig, train
+    from s2t.local.train import train
 
     defaults = {"head": (30, 1e-2, 256), "lora": (3, LORA_DEFAULT_LR, 1)}
     try:

@@ -14,10 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from s2t.local.collect import collected_records, collection_config
-from s2t.local.lora import load_adapted_slm, packed_group_scores
+from s2t.local.lora import packed_group_scores
+from s2t.local.objective import grouped_selection_metrics
 from s2t.local.packing import check_record, pack_problem
-from s2t.local.selector import LocalSelector
-from s2t.local.train import grouped_selection_metrics
+from s2t.local.selector import LocalSelector, load_adapted_slm
 
 
 @torch.no_grad()

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from s2t.local.collect import collected_records, collection_config
+from s2t.local.objective import TrainConfig, grouped_selection_metrics, selector_loss, split_problems
 from s2t.local.packing import (
     PackedProblem,
     check_record,
@@ -50,13 +51,11 @@ from s2t.local.packing import (
     sparse_targets,
 )
 from s2t.local.scoring import attention_mask_for
-from s2t.local.selector import LocalSelector, model_fingerprint
-from s2t.local.train import TrainConfig, grouped_selection_metrics, selector_loss, split_problems
+from s2t.local.selector import ADAPTER_DIR, LocalSelector, model_fingerprint
 from s2t.runs import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoint"
 PREPARED_DIR = "prepared"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -561,15 +560,3 @@ class LoraTrainer:
 def train_lora(cfg: TrainConfig, slm=None, progress: bool = True, resume: bool = False) -> LocalSelector:
     """Train LoRA adapters plus the bins; saves the adapter beside the selector (``adapter/``)."""
     return LoraTrainer(cfg, slm=slm, progress=progress, resume=resume).train()
-
-
-def load_adapted_slm(model, selector_dir: str | Path):
-    """A copy of ``model`` with the selector's LoRA adapter merged in (the base model is untouched)."""
-    import copy
-
-    from peft import PeftModel
-
-    adapted = PeftModel.from_pretrained(copy.deepcopy(model), str(Path(selector_dir) / ADAPTER_DIR))
-    merged = adapted.merge_and_unload()
-    merged.eval().requires_grad_(False)
-    return merged

@@ -8,7 +8,9 @@ All K candidates are scored in one forward pass over the prefix's KV cache
 
 The rows are kept beside the model (``bins``) rather than written into its ``lm_head``: this
 is the same computation, leaves the loaded model untouched, and lets one SLM serve several
-selectors. Checkpoints are safetensors plus a JSON config that pins the base model.
+selectors. Checkpoints are safetensors plus a JSON config that pins the base model. A LoRA-mode
+selector also carries a peft adapter (``adapter/``), merged into a copy of the SLM by
+:func:`load_adapted_slm`: training it is :mod:`s2t.local.lora`'s job, loading it is this module's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from s2t.policies.selectors import Selector, StepContext
 NUM_BINS = 16
 WEIGHTS_NAME = "selector.safetensors"
 CONFIG_NAME = "selector_config.json"
+ADAPTER_DIR = "adapter"  # a LoRA selector's peft adapter, beside its bins
 
 
 class SelectorCheckpointError(ValueError):
@@ -214,3 +217,15 @@ class LocalSelector(Selector):
         if model is not None:
             selector.check_base(model)
         return selector
+
+
+def load_adapted_slm(model, selector_dir: str | Path):
+    """A copy of ``model`` with the selector's LoRA adapter merged in (the base model is untouched)."""
+    import copy
+
+    from peft import PeftModel
+
+    adapted = PeftModel.from_pretrained(copy.deepcopy(model), str(Path(selector_dir) / ADAPTER_DIR))
+    merged = adapted.merge_and_unload()
+    merged.eval().requires_grad_(False)
+    return merged

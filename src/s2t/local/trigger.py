@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from s2t.local.collect import POSITION_TOP_PROBS as TOP_PROBS
 from s2t.local.collect import collected_records
+from s2t.local.objective import split_problems
 from s2t.local.selector import SelectorCheckpointError, matches_fingerprint, model_fingerprint, read_config
-from s2t.local.train import split_problems
 from s2t.policies.triggers import EntropyTrigger, Trigger
 
 WEIGHTS_NAME = "trigger.safetensors"

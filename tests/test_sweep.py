@@ -216,3 +216,21 @@ def test_the_frontier_reports_gap_recovered_tests_and_the_cheapest_setting(tmp_p
     report = (tmp_path / "report.md").read_text()
     assert "Accuracy–cost frontier" in report and "≥ 50% of the gap: s2t/entropy@0.6" in report
     assert (tmp_path / "frontier.png").stat().st_size > 0
+
+
+def test_a_sweep_decodes_the_calibration_questions_once_per_trigger(tmp_path, data_file, calibration_data,
+                                                                    generator, monkeypatch):  # fmt: skip
+    import s2t.api
+
+    calls = []
+    real = s2t.api.trigger_statistics
+    monkeypatch.setattr(
+        s2t.api, "trigger_statistics", lambda *a, **k: calls.append(a[0].name) or real(*a, **k)
+    )
+    methods = ["s2t/entropy@0.5", "s2t/entropy@0.7", "takeover/entropy@0.7", "s2t/margin@0.5"]
+    payload = evaluate(
+        config(data_file, methods=methods), tmp_path / "run", progress=False, generator=generator
+    )
+    assert sorted(calls) == ["entropy", "margin"]
+    calibration = payload["calibration"]
+    assert calibration["entropy@0.5"]["threshold"] <= calibration["entropy@0.7"]["threshold"]

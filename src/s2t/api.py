@@ -16,14 +16,17 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from s2t.builtin_models import cache_root
 from s2t.engine import CostRecord, Method, decode
-from s2t.methods import build_method, calibrate, needs_calibration
+from s2t.methods import build_method, calibrate, needs_calibration, trigger_statistics
 from s2t.models import LoadedModel, check_same_vocabulary, load_model, stop_token_ids
+from s2t.policies.triggers import NeverTrigger, RandomTrigger
 from s2t.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
+from s2t.runs import locked, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,9 @@ class S2TGenerator:
         self._llm: LoadedModel | None = None
         self._llm_kwargs = {"dtype": llm_dtype or dtype, "device": device, "device_map": llm_device_map}
         self._tokenizer = tokenizer
+        self._trigger_statistics: dict[
+            str, torch.Tensor
+        ] = {}  # calibration statistics, by trigger and questions
         if llm is not None and not isinstance(llm, str):
             self._llm = self._as_loaded(llm, tokenizer)
             check_same_vocabulary(self.slm, self._llm)
@@ -140,38 +146,57 @@ class S2TGenerator:
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         use_cache: bool = True,
     ) -> float:
-        """Calibrate ``method``'s trigger on training questions; thresholds are cached on disk."""
+        """Calibrate ``method``'s trigger on training questions; thresholds are cached on disk.
+
+        The trigger's statistics on the calibration questions are kept in memory too, so that a
+        sweep over quantiles of one trigger decodes the calibration questions once. A learned
+        trigger (one that reads hidden states) is specific to its selector and is never cached.
+        """
+        use_cache = use_cache and not method.trigger.needs_hidden
         key = self._calibration_key(method, calibration_questions, max_new_tokens, system_prompt)
         cache_file = cache_root() / "calibration.json"
         cached = json.loads(cache_file.read_text()) if use_cache and cache_file.is_file() else {}
         if key in cached:
             method.trigger.threshold = cached[key]
             return cached[key]
-        prompts = self.encode(calibration_questions, system_prompt)
-        llm = self.llm.model if method.trigger.needs_llm else None
-        threshold = calibrate(
-            method,
-            self.slm.model,
-            prompts,
-            llm=llm,
-            **self._decode_kwargs(max_new_tokens),
-            batch_size=batch_size,
+        stats_key = self._calibration_key(
+            method, calibration_questions, max_new_tokens, system_prompt, quantile=False
         )
+        if stats_key not in self._trigger_statistics and not isinstance(
+            method.trigger, RandomTrigger | NeverTrigger
+        ):
+            statistics = trigger_statistics(
+                method.trigger,
+                self.slm.model,
+                self.encode(calibration_questions, system_prompt),
+                llm=self.llm.model if method.trigger.needs_llm else None,
+                min_step=method.min_step,
+                batch_size=batch_size,
+                **self._decode_kwargs(max_new_tokens),
+            )
+            if use_cache:
+                self._trigger_statistics[stats_key] = statistics
+        else:
+            statistics = self._trigger_statistics.get(stats_key)
+        threshold = calibrate(method, self.slm.model, [], statistics=statistics)
         if use_cache:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            fresh = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-            fresh[key] = threshold
-            cache_file.write_text(json.dumps(fresh, indent=1))
+            with locked(cache_file.with_name(".calibration.json.lock")):
+                fresh = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+                fresh[key] = threshold
+                write_json_atomic(cache_file, fresh)
         return threshold
 
-    def _calibration_key(self, method, questions, max_new_tokens, system_prompt) -> str:
+    def _calibration_key(
+        self, method, questions, max_new_tokens, system_prompt, quantile: bool = True
+    ) -> str:
         llm_name = self._llm.name if self._llm else self._llm_arg if isinstance(self._llm_arg, str) else None
         blob = json.dumps(
             [
                 self.slm.name,
                 llm_name if method.trigger.needs_llm else None,
                 method.trigger.name,
-                method.quantile,
+                method.quantile if quantile else None,
                 method.min_step,
                 max_new_tokens,
                 system_prompt,

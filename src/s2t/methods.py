@@ -191,12 +191,14 @@ def calibrate(
     quantile: float | None = None,
     *,
     llm: PreTrainedModel | None = None,
+    statistics: torch.Tensor | None = None,
     **kwargs,
 ) -> float:
     """Set ``method``'s trigger threshold to the ``quantile`` of its statistic on calibration prompts.
 
     Use training problems: test problems are for reporting, never for choosing thresholds.
-    ``quantile`` defaults to the method's own (``method.quantile``), else 0.95.
+    ``quantile`` defaults to the method's own (``method.quantile``), else 0.95. ``statistics``
+    (from :func:`trigger_statistics` on the same prompts) skips decoding them again.
     """
     quantile = quantile if quantile is not None else (method.quantile or DEFAULT_QUANTILE)
     check_quantile(quantile)
@@ -205,8 +207,9 @@ def calibrate(
     if isinstance(trigger, RandomTrigger | NeverTrigger):
         trigger.calibrate(torch.empty(0), quantile)
         return trigger.threshold if trigger.threshold is not None else float("nan")
-    if trigger.needs_llm and llm is None:
+    if statistics is None and trigger.needs_llm and llm is None:
         raise ValueError(f"calibrating the {trigger.name!r} trigger needs the LLM")
-    stats = trigger_statistics(trigger, slm, prompts, llm=llm, min_step=method.min_step, **kwargs)
-    trigger.calibrate(stats, quantile)
+    if statistics is None:
+        statistics = trigger_statistics(trigger, slm, prompts, llm=llm, min_step=method.min_step, **kwargs)
+    trigger.calibrate(statistics, quantile)
     return float(trigger.threshold)

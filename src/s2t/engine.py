@@ -309,6 +309,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def abort(self) -> list[int]:
+        """Drop every waiting and running request (e.g. after a failed step); returns their ids."""
+        dropped = [s.id for s in (*self.running, *self.waiting)]
+        self.waiting.clear()
+        self.running = []
+        self._cancelled.clear()
+        self._reset_batch()
+        return dropped
+
     def step(self) -> list[StepOutput]:
         """Admit waiting requests, then decode one token for every running sequence."""
         outputs = self._drop_cancelled()

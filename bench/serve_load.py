@@ -64,9 +64,9 @@ async def run_load(
                 )  # fmt: skip
                 pieces, first = [], None
                 async for chunk in stream:
-                    if first is None:
-                        first = time.perf_counter() - sent
                     if chunk.choices and chunk.choices[0].delta.content:
+                        if first is None:  # the first text, not the role chunk sent before any token
+                            first = time.perf_counter() - sent
                         pieces.append(chunk.choices[0].delta.content)
                     if chunk.usage is not None:
                         record["completion_tokens"] = chunk.usage.completion_tokens

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -285,3 +287,20 @@ def test_cancelled_sequences_leave_at_the_next_step(slm, prompts, kw):
     while scheduler.has_work():
         done = [o.generation for o in scheduler.step() if o.generation is not None]
     assert done[0].token_ids == alone.token_ids
+
+
+def test_step_context_names_each_rows_sequence_while_rows_leave(slm, llm, prompts, kw):
+    fired_for = []
+
+    class NamingSelector(LLMSelector):
+        def select(self, ctx):
+            fired_for.extend(ctx.sequence_ids[i] for i in ctx.fired.nonzero().flatten().tolist())
+            return super().select(ctx)
+
+    common = {k: v for k, v in kw.items() if k != "max_new_tokens"}
+    scheduler = Scheduler(
+        slm.model, Method(EntropyTrigger(0.0), TopK(4), NamingSelector()), llm=llm.model, **common
+    )
+    results = run_schedule(scheduler, {0: [Request(p, n) for p, n in zip(prompts, (5, 14, 9))]})
+    assert [len(g.token_ids) for _, g in results] == [5, 14, 9]
+    assert Counter(fired_for) == {i: g.cost.triggers for i, (_, g) in enumerate(results)}

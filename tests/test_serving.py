@@ -188,3 +188,36 @@ def test_concurrent_clients_are_all_answered_as_if_alone(server, generator, meth
         for p in prompts
     }
     assert all(r["text"] == expected[r["prompt"]] for r in result["records"])
+
+
+def test_cli_serve_builds_the_app_and_loads_no_llm_for_greedy(tiny_pair_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from s2t.cli import app as cli
+    from s2t.serving import server
+
+    served = {}
+    monkeypatch.setattr(server, "serve", lambda app, host, port: served.update(app=app, host=host, port=port))
+    args = ["serve", "--slm", tiny_pair_dir["slm"], "--llm", "/nonexistent", "--method", "greedy",
+            "--port", "8123", "--model-name", MODEL, "--max-tokens", "5"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "no LLM loaded" in result.output
+    assert (served["host"], served["port"]) == ("127.0.0.1", 8123)
+    with running_server(served["app"]) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        response = client.completions.create(model=MODEL, prompt="2 + 2?")
+        assert response.usage.completion_tokens <= 5
+        assert response.model_extra["s2t_cost"]["llm_forward_calls"] == 0
+
+
+@pytest.mark.parametrize(
+    "extra, message", [(["--method", "maj@8"], "unknown method"), (["--method", "s2t-local"], "--selector")]
+)
+def test_cli_serve_refuses_bad_methods_with_a_message(tiny_pair_dir, extra, message):
+    from typer.testing import CliRunner
+
+    from s2t.cli import app as cli
+
+    result = CliRunner().invoke(cli, ["serve", "--slm", tiny_pair_dir["slm"], *extra])
+    assert result.exit_code == 2 and message in result.output

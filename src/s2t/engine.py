@@ -356,7 +356,7 @@ class Scheduler:
                 fired_any_llm |= fired.cpu()
             ctx = StepContext(
                 self.slm_logits, candidates, fired, llm_logits, generators, default, self.slm_stream,
-                self.ids, self.mask,
+                self.ids, self.mask, sequence_ids=[s.id for s in rows],
             )  # fmt: skip
             chosen = method.selector.select(ctx)
             token = torch.where(fired, chosen, default)

@@ -9,14 +9,17 @@ import typer
 from rich.table import Table
 
 from s2t.cli.app import (
+    CalibrationProblemsOpt,
     DataDirOpt,
     DtypeOpt,
     KOpt,
     LLMDeviceMapOpt,
     LLMDtypeOpt,
     LLMOpt,
+    MinStepOpt,
     QuantileOpt,
     RatioOpt,
+    SelectorOpt,
     SLMOpt,
     ThresholdOpt,
     TriggerOpt,
@@ -55,10 +58,7 @@ def generate(
     method: Annotated[
         str, typer.Option(help="Comma-separated: greedy, s2t, takeover, random-select, llm, s2t-local.")
     ] = "greedy,s2t",
-    selector: Annotated[
-        str | None,
-        typer.Option(help="Trained S2T-Local selector directory (for s2t-local; see `s2t train`)."),
-    ] = None,
+    selector: SelectorOpt = None,
     slm: SLMOpt = DEFAULT_SLM,
     llm: LLMOpt = DEFAULT_LLM,
     trigger: TriggerOpt = "entropy",
@@ -66,9 +66,9 @@ def generate(
     quantile: QuantileOpt = None,
     k: KOpt = 8,
     ratio: RatioOpt = None,
-    min_step: Annotated[int, typer.Option(help="No trigger in the first N steps.")] = 3,
+    min_step: MinStepOpt = 3,
     max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 512,
-    calibration_problems: Annotated[int, typer.Option(help="GSM8K *train* problems used to calibrate.")] = 8,
+    calibration_problems: CalibrationProblemsOpt = 8,
     data_dir: DataDirOpt = None,
     dtype: DtypeOpt = None,
     llm_dtype: LLMDtypeOpt = None,

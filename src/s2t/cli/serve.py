@@ -7,14 +7,17 @@ from typing import Annotated
 import typer
 
 from s2t.cli.app import (
+    CalibrationProblemsOpt,
     DataDirOpt,
     DtypeOpt,
     KOpt,
     LLMDeviceMapOpt,
     LLMDtypeOpt,
     LLMOpt,
+    MinStepOpt,
     QuantileOpt,
     RatioOpt,
+    SelectorOpt,
     SLMOpt,
     ThresholdOpt,
     TriggerOpt,
@@ -30,9 +33,7 @@ SERVED_METHODS = ("greedy", "s2t", "takeover", "random-select", "s2t-local")
 @app.command()
 def serve(
     method: Annotated[str, typer.Option(help=f"The method served: {', '.join(SERVED_METHODS)}.")] = "greedy",
-    selector: Annotated[
-        str | None, typer.Option(help="Trained S2T-Local selector directory (for --method s2t-local).")
-    ] = None,
+    selector: SelectorOpt = None,
     slm: SLMOpt = DEFAULT_SLM,
     llm: LLMOpt = DEFAULT_LLM,
     trigger: TriggerOpt = "entropy",
@@ -40,8 +41,8 @@ def serve(
     quantile: QuantileOpt = None,
     k: KOpt = 8,
     ratio: RatioOpt = None,
-    min_step: Annotated[int, typer.Option(help="No trigger in the first N steps.")] = 3,
-    calibration_problems: Annotated[int, typer.Option(help="GSM8K *train* problems used to calibrate.")] = 8,
+    min_step: MinStepOpt = 3,
+    calibration_problems: CalibrationProblemsOpt = 8,
     data_dir: DataDirOpt = None,
     dtype: DtypeOpt = None,
     llm_dtype: LLMDtypeOpt = None,

@@ -164,6 +164,12 @@ def test_a_client_disconnecting_mid_stream_frees_its_batch_slot(generator, token
             assert time.monotonic() < deadline, health
             time.sleep(0.05)
         assert (health["running"], health["waiting"], health["finished"]) == (0, 0, 0)
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up also frees its slot
+            httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, timeout=0.3)
+        while (health := httpx.get(f"{url}/health").json())["cancelled"] < 2:
+            assert time.monotonic() < deadline, health
+            time.sleep(0.05)
+        assert (health["running"], health["waiting"], health["finished"]) == (0, 0, 0)
         short = {**body, "max_tokens": 3, "stream": False}
         assert (
             httpx.post(f"{url}/v1/chat/completions", json=short, timeout=30).json()["usage"][

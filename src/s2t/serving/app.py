@@ -10,6 +10,7 @@ a streaming client that disconnects frees its batch slot at the next step.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
@@ -28,6 +29,12 @@ from s2t.engine import Generation, Request, Scheduler
 from s2t.prompts import build_chat_prompt
 from s2t.serving.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, SamplingRequest
 from s2t.serving.worker import EngineWorker, Ticket
+
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+
+
+async def _gather(items: AsyncIterator) -> list:
+    return [item async for item in items]
 
 
 class TextStream:
@@ -168,13 +175,30 @@ def create_app(
                  "total_tokens": len(prompt) + completion}  # fmt: skip
         return finish, {"usage": usage, "s2t_cost": {**generation.cost.to_dict(), "method": method.name}}
 
-    async def respond(body: SamplingRequest, prompt: list[int], request: Request, chat: bool):
+    async def collect(ticket: Ticket, text: TextStream, connection: HTTPRequest) -> list | None:
+        """The whole answer, or None if the client went away meanwhile (its batch slot is freed)."""
+        task = asyncio.ensure_future(_gather(answer(ticket, text)))
+        while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+            if await connection.is_disconnected():
+                task.cancel()  # closes answer(), which cancels the ticket
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                return None
+        return task.result()
+
+    async def respond(
+        body: SamplingRequest, prompt: list[int], request: Request, chat: bool, connection: HTTPRequest
+    ):
         stream = TextStream(tokenizer, body.stop_strings())
         ticket = await worker.submit(request)
         prefix = "chatcmpl" if chat else "cmpl"
         head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if not body.stream:
-            pieces = [item async for item in answer(ticket, stream)]
+            pieces = await collect(ticket, stream, connection)
+            if pieces is None:  # nobody is left to read an answer
+                return JSONResponse(OpenAIError(400, "the client disconnected").body(), status_code=400)
             finish, extra = summary(prompt, stream, pieces[-1])
             content = "".join(pieces[:-1])
             choice = (
@@ -221,14 +245,16 @@ def create_app(
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, connection: HTTPRequest):
         prompt = tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
-        return await respond(body, prompt, prepare(body, prompt, "prompt", body.max_tokens), chat=False)
+        return await respond(
+            body, prompt, prepare(body, prompt, "prompt", body.max_tokens), False, connection
+        )
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, connection: HTTPRequest):
         prompt = build_chat_prompt(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await respond(body, prompt, prepare(body, prompt, "messages", max_tokens), chat=True)
+        return await respond(body, prompt, prepare(body, prompt, "messages", max_tokens), True, connection)
 
     return app

@@ -5,7 +5,7 @@ The method, trigger, K and selector are the scheduler's, fixed at start-up; each
 its own ``max_tokens``, ``temperature``, ``top_p``, ``stop`` and ``seed``. Every answer carries
 OpenAI's ``usage`` block and our cost record (``s2t_cost``: LLM calls and tokens, triggers,
 trigger rate, ...) for its sequence, as if it had been decoded alone. Errors use OpenAI's shape;
-a streaming client that disconnects frees its batch slot at the next step.
+a client that disconnects (streaming or not) frees its batch slot at the next step.
 """
 
 from __future__ import annotations

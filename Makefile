@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# A CPU build of torch, pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,train,ray,lm-eval]"
+	$(PY) -m pip install -q -e ".[dev,train,ray,lm-eval,serve]"
 	touch $@
 
 demo: install

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
-from s2t.engine import Method, decode
+from s2t.engine import Method, Request, Scheduler, decode
 from s2t.methods import build_method, calibrate
 from s2t.policies import EntropyTrigger, LLMSelector, SLMSelector, TopK
 from s2t.prompts import build_prompt
@@ -162,3 +164,143 @@ def test_cost_record_counts_forward_passes(slm, prompts, kw):
 def test_method_needing_an_llm_without_one_is_refused(slm, prompts, kw):
     with pytest.raises(ValueError, match="needs an LLM"):
         decode(slm.model, prompts, build_method("s2t", threshold=1.0), **kw)
+
+
+# --- continuous batching: sequences join a running batch and leave it; each decodes as if alone ---
+
+MORE_QUESTIONS = [
+    "Natalia sold clips to 48 of her friends in April, and then half as many in May. She eats three for "
+    "breakfast and bakes muffins with four. How many eggs does she sell?",
+    "9 * 2?",
+]
+
+
+def continuous_method(name, slm, tokenizer):
+    """The methods under test; triggers fire often so that selectors (and the LLM) run before joins."""
+    if name == "s2t-local":
+        from s2t.local.selector import LocalSelector
+
+        selector = LocalSelector.initial(slm.model, "tiny", len(tokenizer))
+        torch.manual_seed(0)
+        selector.bins = torch.randn_like(selector.bins)
+        return Method(EntropyTrigger(0.0), TopK(4), selector)
+    if name == "takeover-always":
+        return build_method("takeover", trigger="always", min_step=0)
+    if name == "s2t-kl":
+        return build_method("s2t", trigger="kl", threshold=0.05, k=4)
+    return build_method(name, trigger="entropy", threshold=2.0, k=4)
+
+
+def run_schedule(scheduler, arrivals):
+    """Step ``scheduler``, adding ``arrivals[step]`` (a list of Requests) before each step."""
+    ids, results, step = {}, {}, 0
+    while step <= max(arrivals) or scheduler.has_work():
+        for request in arrivals.get(step, []):
+            ids[scheduler.add(request)] = request
+        for out in scheduler.step():
+            if out.generation is not None:
+                results[out.request_id] = out.generation
+        step += 1
+    return [(ids[i], results[i]) for i in sorted(ids)]
+
+
+@pytest.mark.parametrize(
+    "name", ["greedy", "s2t", "takeover", "random-select", "takeover-always", "s2t-kl", "s2t-local"]
+)
+def test_sequences_joining_mid_batch_decode_as_if_alone(slm, llm, tokenizer, prompts, kw, name):
+    method = continuous_method(name, slm, tokenizer)
+    longer, short = (
+        build_prompt(tokenizer, MORE_QUESTIONS[0]),
+        build_prompt(tokenizer, MORE_QUESTIONS[1], None),
+    )
+    assert len(longer) > max(map(len, prompts)) and len(short) < min(map(len, prompts))
+    arrivals = {  # different lengths and budgets, so rows join and leave at different steps
+        0: [Request(prompts[0], 14, seed=1)],
+        3: [Request(prompts[1], 20, seed=2), Request(short, 5, seed=3)],
+        7: [Request(longer, 12, seed=4)],
+        9: [Request(prompts[2], 10, temperature=0.7, top_p=0.8, seed=5)],
+        30: [Request(short, 6, seed=6)],  # joins after the batch ran empty
+    }
+    common = {k: v for k, v in kw.items() if k != "max_new_tokens"}
+    scheduler = Scheduler(slm.model, method, llm=llm.model, **common)
+    together = run_schedule(scheduler, arrivals)
+    assert len(together) == 6
+    for request, got in together:
+        alone = decode(
+            slm.model, [request.prompt], method, llm=llm.model, seeds=[request.seed],
+            max_new_tokens=request.max_new_tokens, temperature=request.temperature, top_p=request.top_p,
+            **common,
+        )[0]  # fmt: skip
+        assert got.token_ids == alone.token_ids
+        assert got.finish_reason == alone.finish_reason
+        assert got.trigger_steps == alone.trigger_steps
+        for field_name in (
+            "slm_forward_calls",
+            "slm_forward_tokens",
+            "llm_forward_calls",
+            "llm_forward_tokens",
+        ):
+            assert getattr(got.cost, field_name) == getattr(alone.cost, field_name), field_name
+    if name != "greedy":
+        assert any(g.cost.triggers for _, g in together)
+
+
+def test_bounded_batch_stays_full_and_drops_unused_padding(slm, prompts, kw, tokenizer):
+    many = [p for p in prompts for _ in range(3)]
+    running, widths = [], []  # per step, once waiting requests were admitted
+    admit = Scheduler._admit
+
+    def spy(self):
+        admit(self)
+        running.append(len(self.running))
+        widths.append(self.ids.shape[1])
+
+    Scheduler._admit = spy
+    try:
+        streamed = decode(slm.model, many, max_batch_size=2, **kw)
+    finally:
+        Scheduler._admit = admit
+    assert tokens(streamed) == tokens(decode(slm.model, many, **kw))
+    steps_with_waiting = len(running) - kw["max_new_tokens"]  # the last sequence's steps may run alone
+    assert running[:steps_with_waiting] == [2] * steps_with_waiting
+    # without cutting unused padding, the width would grow by one column per step
+    assert max(widths) <= max(map(len, prompts)) + kw["max_new_tokens"]
+
+
+def test_cancelled_sequences_leave_at_the_next_step(slm, prompts, kw):
+    common = {k: v for k, v in kw.items() if k != "max_new_tokens"}
+    scheduler = Scheduler(slm.model, **common)
+    first = scheduler.add(Request(prompts[0], 50))
+    second = scheduler.add(Request(prompts[1], 50))
+    waiting = scheduler.add(Request(prompts[2], 50))
+    scheduler.max_batch_size = 2
+    scheduler.step()
+    assert [s.id for s in scheduler.running] == [first, second]
+    scheduler.cancel(first)
+    scheduler.cancel(waiting)
+    outputs = scheduler.step()
+    cancelled = {o.request_id: o.generation for o in outputs if o.token is None}
+    assert set(cancelled) == {first, waiting}
+    assert cancelled[first].finish_reason == "cancelled" and len(cancelled[first].token_ids) == 1
+    assert [s.id for s in scheduler.running] == [second]
+    alone = decode(slm.model, [prompts[1]], **common, max_new_tokens=50)[0]
+    while scheduler.has_work():
+        done = [o.generation for o in scheduler.step() if o.generation is not None]
+    assert done[0].token_ids == alone.token_ids
+
+
+def test_step_context_names_each_rows_sequence_while_rows_leave(slm, llm, prompts, kw):
+    fired_for = []
+
+    class NamingSelector(LLMSelector):
+        def select(self, ctx):
+            fired_for.extend(ctx.sequence_ids[i] for i in ctx.fired.nonzero().flatten().tolist())
+            return super().select(ctx)
+
+    common = {k: v for k, v in kw.items() if k != "max_new_tokens"}
+    scheduler = Scheduler(
+        slm.model, Method(EntropyTrigger(0.0), TopK(4), NamingSelector()), llm=llm.model, **common
+    )
+    results = run_schedule(scheduler, {0: [Request(p, n) for p, n in zip(prompts, (5, 14, 9))]})
+    assert [len(g.token_ids) for _, g in results] == [5, 14, 9]
+    assert Counter(fired_for) == {i: g.cost.triggers for i, (_, g) in enumerate(results)}

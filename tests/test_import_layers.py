@@ -41,7 +41,7 @@ LAYERS = {
     "S2T-Local": ["s2t.local", "s2t.local.collect", "s2t.local.packing", "s2t.local.objective",
                   "s2t.local.lora", "s2t.local.train", "s2t.local.agreement", "s2t.local.trigger"],
     "experiments": ["s2t.evaluate", "s2t.evaluate_distributed", "s2t.analysis", "s2t.lm_eval_adapter",
-                    "s2t.reporting/"],
+                    "s2t.reporting/", "s2t.serving/"],
     "command line": ["s2t.cli/"],
 }  # fmt: skip
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from s2t.builtin_models import cache_root
-from s2t.engine import CostRecord, Method, decode
+from s2t.engine import CostRecord, Method, Scheduler, decode_stream
 from s2t.methods import build_method, calibrate, needs_calibration, trigger_statistics
 from s2t.models import LoadedModel, check_same_vocabulary, load_model, stop_token_ids
 from s2t.policies.triggers import NeverTrigger, RandomTrigger
@@ -205,18 +205,40 @@ class S2TGenerator:
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
-    def _decode_kwargs(self, max_new_tokens: int, model: LoadedModel | None = None) -> dict:
+    def _engine_kwargs(self, model: LoadedModel | None = None) -> dict:
         model = model or self.slm
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else stop_token_ids(model)[0]
-        return {
-            "vocab_size": self.vocab_size,
-            "stop_ids": stop_token_ids(model),
-            "pad_id": pad,
-            "max_new_tokens": max_new_tokens,
-        }
+        return {"vocab_size": self.vocab_size, "stop_ids": stop_token_ids(model), "pad_id": pad}
+
+    def _decode_kwargs(self, max_new_tokens: int, model: LoadedModel | None = None) -> dict:
+        return {**self._engine_kwargs(model), "max_new_tokens": max_new_tokens}
+
+    def scheduler(self, method: str | Method = "greedy", max_batch_size: int = 8, **kwargs) -> Scheduler:
+        """A continuous batch (:class:`~s2t.engine.Scheduler`) decoding with ``method``, for serving.
+
+        Keyword arguments are those of :meth:`method_models` (calibration, method options).
+        """
+        decoder, llm, method_obj = self.method_models(method, batch_size=max_batch_size, **kwargs)
+        return Scheduler(
+            decoder.model, method_obj, llm=llm, max_batch_size=max_batch_size, **self._engine_kwargs(decoder)
+        )
 
     def generate(
+        self, questions: Sequence[str], method: str | Method = "greedy", **kwargs
+    ) -> list[GenerationOutput]:
+        """Answer each question with ``method``; returns texts, token ids and cost records in order.
+
+        ``method`` is a :class:`~s2t.engine.Method` or a name: ``greedy``, ``s2t``, ``takeover``,
+        ``random-select``, or ``llm`` (the LLM alone). Other keyword arguments are those of
+        :meth:`generate_stream`.
+        """
+        outputs: list[GenerationOutput | None] = [None] * len(questions)
+        for i, out in self.generate_stream(questions, method, **kwargs):
+            outputs[i] = out
+        return outputs
+
+    def generate_stream(
         self,
         questions: Sequence[str],
         method: str | Method = "greedy",
@@ -231,67 +253,74 @@ class S2TGenerator:
         calibration_questions: Sequence[str] | None = None,
         progress: bool = False,
         **method_kwargs,
-    ) -> list[GenerationOutput]:
-        """Answer each question with ``method``; returns texts, token ids and cost records.
+    ) -> Iterator[tuple[int, GenerationOutput]]:
+        """Answer the questions in one continuous batch of ``batch_size`` sequences; yield
+        ``(question index, output)`` as each finishes (a finished sequence's place goes to the next
+        question at once).
 
-        ``method`` is a :class:`~s2t.engine.Method` or a name: ``greedy``, ``s2t``, ``takeover``,
-        ``random-select``, or ``llm`` (the LLM alone). Other keyword arguments (``trigger``,
-        ``threshold``, ``quantile``, ``k``, ``ratio``, ``min_step``) build the named method.
-        A method whose trigger has no threshold is calibrated on ``calibration_questions``.
+        Keyword arguments other than those listed (``trigger``, ``threshold``, ``quantile``, ``k``,
+        ``ratio``, ``min_step``) build a named method. A method whose trigger has no threshold is
+        calibrated on ``calibration_questions``.
         """
         prompts = self.encode(questions, system_prompt)
         seeds = list(seeds) if seeds is not None else [seed * 1_000_003 + i for i in range(len(prompts))]
-        if method == LLM_ALONE:
-            decoder, llm, method_obj = self.llm, None, build_method("greedy")
-        else:
-            method_obj = self.make_method(method, **method_kwargs)
-            if needs_calibration(method_obj):
-                if not calibration_questions:
-                    raise ValueError(
-                        f"the {method_obj.trigger.name!r} trigger has no threshold: pass threshold=, or "
-                        "calibration_questions= (training problems) to calibrate it as a quantile"
-                    )
-                self.calibrate(method_obj, calibration_questions, batch_size=batch_size)
-            decoder, llm = self.slm, (self.llm.model if method_obj.needs_llm else None)
-
-        outputs: list[GenerationOutput] = []
+        decoder, llm, method_obj = self.method_models(
+            method, calibration_questions, batch_size, **method_kwargs
+        )
         label = method if isinstance(method, str) else method.name
         if temperature > 0:
             label = f"{label}, sampling at T={temperature:g}, top-p {top_p:g}"
-        bar = tqdm(
-            total=len(prompts),
-            desc=f"decoding ({label})",
-            unit="prompt",
-            disable=not progress,
-        )
-        steps = tqdm(total=max_new_tokens, desc="  tokens", unit="step", leave=False, disable=not progress)
+        bar = tqdm(total=len(prompts), desc=f"decoding ({label})", unit="prompt", disable=not progress)
+        steps = tqdm(desc="  tokens", unit="step", leave=False, disable=not progress)
 
-        def show_step(step: int, active: int) -> None:
+        def show_step(step: int, running: int) -> None:
             steps.update(1)
-            steps.set_postfix(active=active, refresh=False)
+            steps.set_postfix(running=running, refresh=False)
 
-        for start in range(0, len(prompts), batch_size):
-            steps.reset()
-            gens = decode(
-                decoder.model,
-                prompts[start : start + batch_size],
-                method_obj,
-                llm=llm,
-                temperature=temperature,
-                top_p=top_p,
-                seeds=seeds[start : start + batch_size],
-                on_step=show_step if progress else None,
-                **self._decode_kwargs(max_new_tokens, decoder),
-            )
-            for g in gens:
-                if method == LLM_ALONE:
-                    g.cost = _as_llm_cost(g.cost)
-                text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
-                outputs.append(GenerationOutput(text, g.token_ids, g.finish_reason, g.cost, g.trigger_steps))
-            bar.update(len(gens))
+        for i, g in decode_stream(
+            decoder.model,
+            prompts,
+            method_obj,
+            llm=llm,
+            temperature=temperature,
+            top_p=top_p,
+            seeds=seeds,
+            max_batch_size=batch_size,
+            on_step=show_step if progress else None,
+            **self._decode_kwargs(max_new_tokens, decoder),
+        ):
+            if method == LLM_ALONE:
+                g.cost = _as_llm_cost(g.cost)
+            text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+            bar.update(1)
+            yield i, GenerationOutput(text, g.token_ids, g.finish_reason, g.cost, g.trigger_steps)
         steps.close()
         bar.close()
-        return outputs
+
+    def method_models(
+        self,
+        method: str | Method,
+        calibration_questions: Sequence[str] | None = None,
+        batch_size: int = 8,
+        **method_kwargs,
+    ) -> tuple[LoadedModel, PreTrainedModel | None, Method]:
+        """The decoding model, the LLM it needs (or None) and the method object for ``method``.
+
+        ``llm`` (the LLM alone) decodes greedily with the LLM; other names build a method (loading the
+        LLM only if it needs one), calibrating its trigger on ``calibration_questions`` when it has no
+        threshold.
+        """
+        if method == LLM_ALONE:
+            return self.llm, None, build_method("greedy")
+        method_obj = self.make_method(method, **method_kwargs)
+        if needs_calibration(method_obj):
+            if not calibration_questions:
+                raise ValueError(
+                    f"the {method_obj.trigger.name!r} trigger has no threshold: pass threshold=, or "
+                    "calibration_questions= (training problems) to calibrate it as a quantile"
+                )
+            self.calibrate(method_obj, calibration_questions, batch_size=batch_size)
+        return self.slm, (self.llm.model if method_obj.needs_llm else None), method_obj
 
 
 def _as_llm_cost(cost: CostRecord) -> CostRecord:

@@ -1,24 +1,33 @@
-"""The one decoding engine.
+"""The one decoding engine: a continuous batch.
 
-A decoding *method* is trigger × candidates × selector (:mod:`s2t.policies`). The engine
-runs the SLM over a batch of left-padded prompts with a KV cache; at every step the trigger
-decides whether to intervene, and where it fires the selector picks among the SLM's
-candidates. The LLM, when the method needs one at all, keeps its own KV cache and is run
+A decoding *method* is trigger × candidates × selector (:mod:`s2t.policies`). The
+:class:`Scheduler` runs the SLM over a batch of left-padded sequences with a KV cache; at every
+step the trigger decides whether to intervene, and where it fires the selector picks among the
+SLM's candidates. The LLM, when the method needs one at all, keeps its own KV cache and is run
 lazily: only at steps where it is needed, catching up on every token since its last call in
-one forward pass. Sequences that finish are dropped from the batch so that the long tail
-does not pay for the finished ones.
+one forward pass.
+
+The batch is *continuous*: a request added at any time joins at the next step (its prompt is
+prefilled on its own, then its KV caches are left-padded to the batch's width and appended along
+the batch dimension; the LLM's cache of the joining rows is caught up to the columns the batch's
+LLM has already read), and a sequence that finishes, or is cancelled, leaves at once, so the
+long tail does not pay for the finished ones and a bounded batch stays full while requests
+wait. Padding columns that no row needs any more are cut from the left. :func:`decode` (a list
+of prompts) and the server (:mod:`s2t.serving`) both drive this one loop.
 
 Costs are recorded per sequence *as if it had been decoded alone*, so they do not depend on
-how problems were batched: the SLM's forward calls and tokens, the LLM's forward calls (one
+how requests were batched: the SLM's forward calls and tokens, the LLM's forward calls (one
 per step at which it was needed) and tokens (everything it must have read up to its last
 call), triggers, overrides (triggered steps whose chosen token differs from the SLM's top-1)
-and the wall time (the batch's time shared evenly between its sequences).
+and the wall time (each step's time shared evenly between the sequences in it; a joining
+prompt's prefill is charged to the sequences it admitted).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -131,6 +140,47 @@ class ModelStream:
         if self.last_hidden is not None:
             self.last_hidden = self.last_hidden[rows]
 
+    def _layers(self):
+        return [layer for layer in self.cache.layers if layer.is_initialized] if self.seen else []
+
+    def pad_left(self, columns: int) -> None:
+        """Prepend ``columns`` empty (masked) columns to the cache, as more left padding would."""
+        if columns <= 0 or not self.seen:
+            return  # a stream that has read nothing yet reads the padding with everything else
+        for layer in self._layers():
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name)  # (batch, heads, seen, head_dim)
+                zeros = tensor.new_zeros((*tensor.shape[:2], columns, tensor.shape[3]))
+                setattr(layer, name, torch.cat([zeros, tensor], dim=2))
+        self.seen += columns
+
+    def crop_left(self, columns: int) -> None:
+        """Drop the first ``columns`` columns (padding in every row) from the cache."""
+        if columns <= 0 or not self.seen:
+            return
+        for layer in self._layers():
+            layer.keys, layer.values = layer.keys[:, :, columns:], layer.values[:, :, columns:]
+        self.seen -= columns
+
+    def extend(self, other: ModelStream) -> None:
+        """Append ``other``'s rows (a stream over the same columns) along the batch dimension."""
+        if self.seen != other.seen:
+            raise ValueError(f"cannot join streams over {self.seen} and {other.seen} columns")
+        for mine, theirs in zip(self._layers(), other._layers()):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        if self.last_hidden is not None and other.last_hidden is not None:
+            self.last_hidden = torch.cat([self.last_hidden, other.last_hidden])
+
+    def empty_rows(self, rows: int) -> ModelStream:
+        """A stream of ``rows`` all-padding rows over this stream's columns."""
+        empty = ModelStream(self.model, self.vocab_size, self.keep_hidden)
+        for layer in self._layers():
+            shape = (rows, *layer.keys.shape[1:])
+            empty.cache.update(layer.keys.new_zeros(shape), layer.values.new_zeros(shape), len(empty.cache))
+        empty.seen = self.seen
+        return empty
+
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
@@ -143,7 +193,316 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
-def decode(
+@dataclass
+class Request:
+    """One sequence to decode: its prompt's token ids and its own sampling settings.
+
+    ``seed`` gives the sequence its own random stream (sampling, random trigger, random selector)
+    so that its tokens do not depend on which other sequences share its batch.
+    """
+
+    prompt: Sequence[int]
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if len(self.prompt) == 0:
+            raise ValueError("every prompt needs at least one token")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
+        if self.temperature < 0 or not (0.0 < self.top_p <= 1.0):
+            raise ValueError(
+                f"need temperature >= 0 and 0 < top_p <= 1; got {self.temperature}, {self.top_p}"
+            )
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one sequence: its new token, and its result if it finished."""
+
+    request_id: int
+    token: int | None  # None for a sequence cancelled before this step
+    generation: Generation | None = None
+
+
+class _Sequence:
+    """A request's decoding state while it waits or runs."""
+
+    def __init__(self, request_id: int, request: Request, record_statistics: bool):
+        self.id = request_id
+        self.request = request
+        self.tokens: list[int] = []
+        self.cost = CostRecord(slm_forward_calls=1, slm_forward_tokens=len(request.prompt))
+        self.generator = torch.Generator().manual_seed(int(request.seed))
+        self.trigger_steps: list[int] = []
+        self.statistics: list[float] | None = [] if record_statistics else None
+        self.warpers = LogitsProcessorList()
+        if request.temperature > 0:
+            self.warpers.append(TemperatureLogitsWarper(request.temperature))
+            if request.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(request.top_p))
+
+    def result(self, finish_reason: str) -> Generation:
+        return Generation(self.tokens, finish_reason, self.cost, self.trigger_steps, self.statistics)
+
+
+class Scheduler:
+    """The continuous batch: :meth:`add` requests at any time, :meth:`step` until none is left.
+
+    ``vocab_size`` is the tokenizer's size: logits beyond it (padding or reserved rows of the
+    output embedding) are never chosen. ``max_batch_size`` bounds the running sequences; the
+    others wait and join as running ones finish. Not thread-safe: one thread drives it.
+    """
+
+    def __init__(
+        self,
+        slm: PreTrainedModel,
+        method: Method | None = None,
+        *,
+        llm: PreTrainedModel | None = None,
+        vocab_size: int,
+        stop_ids: Sequence[int],
+        pad_id: int,
+        max_batch_size: int | None = None,
+        record_statistics: bool = False,
+    ):
+        self.method = method or Method(name="greedy")
+        if self.method.needs_llm and llm is None:
+            raise ValueError(f"method {self.method.name!r} needs an LLM but none was given")
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1; got {max_batch_size}")
+        self.method.candidates.check_vocab(vocab_size)
+        self.slm, self.llm = slm, llm
+        self.vocab_size, self.pad_id = vocab_size, pad_id
+        self.stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+        self.max_batch_size = max_batch_size
+        self.record_statistics = record_statistics
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []  # one per batch row, in row order
+        self._cancelled: set[int] = set()
+        self._next_id = 0
+        self._reset_batch()
+
+    def _reset_batch(self) -> None:
+        self.ids = torch.empty((0, 0), dtype=torch.long)  # (rows, columns), left-padded
+        self.mask = torch.empty((0, 0), dtype=torch.long)
+        self.slm_stream = self._slm_stream()
+        self.llm_stream = ModelStream(self.llm, self.vocab_size) if self.method.needs_llm else None
+        self.slm_logits: torch.Tensor | None = None  # (rows, vocab): each row's next-token logits
+
+    def _slm_stream(self) -> ModelStream:
+        return ModelStream(self.slm, self.vocab_size, keep_hidden=self.method.trigger.needs_hidden)
+
+    def add(self, request: Request) -> int:
+        """Queue a request; it joins the batch at the next step. Returns its id."""
+        sequence = _Sequence(self._next_id, request, self.record_statistics)
+        self._next_id += 1
+        self.waiting.append(sequence)
+        return sequence.id
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a waiting or running request; it leaves at the next step (finish reason "cancelled")."""
+        self._cancelled.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self) -> list[int]:
+        """Drop every waiting and running request (e.g. after a failed step); returns their ids."""
+        dropped = [s.id for s in (*self.running, *self.waiting)]
+        self.waiting.clear()
+        self.running = []
+        self._cancelled.clear()
+        self._reset_batch()
+        return dropped
+
+    def step(self) -> list[StepOutput]:
+        """Admit waiting requests, then decode one token for every running sequence."""
+        outputs = self._drop_cancelled()
+        self._admit()
+        if not self.running:
+            return outputs
+        start = time.perf_counter()
+        method, rows = self.method, self.running
+        steps = torch.tensor([len(s.tokens) for s in rows])  # each sequence's own step index
+        generators = [s.generator for s in rows]
+        fired_any_llm = torch.zeros(len(rows), dtype=torch.bool)
+        llm_logits = None
+        if method.trigger.needs_llm:
+            llm_logits = self.llm_stream.advance(self.ids, self.mask)
+            fired_any_llm[:] = True
+        fired, stat = method.trigger.fires(
+            self.slm_logits, llm_logits, generators, self.slm_stream.last_hidden
+        )
+        warm = steps >= method.min_step
+        fired = fired & warm.to(fired.device)
+        for i in warm.nonzero().flatten().tolist():
+            if rows[i].statistics is not None:
+                rows[i].statistics.append(float(stat[i]))
+
+        default = self.slm_logits.argmax(-1)
+        for i, s in enumerate(rows):
+            if s.warpers:
+                probs = torch.softmax(s.warpers(self.ids[i : i + 1], self.slm_logits[i : i + 1].clone()), -1)
+                default[i] = torch.multinomial(probs[0], 1, generator=s.generator)[0]
+        token = default
+        ctx = None  # the selector's step context, when the trigger fired
+        if fired.any():
+            candidates = method.candidates(self.slm_logits)
+            if method.selector.needs_llm and llm_logits is None:
+                llm_logits = self.llm_stream.advance(self.ids, self.mask)
+                fired_any_llm |= fired.cpu()
+            ctx = StepContext(
+                self.slm_logits, candidates, fired, llm_logits, generators, default, self.slm_stream,
+                self.ids, self.mask, sequence_ids=[s.id for s in rows],
+            )  # fmt: skip
+            chosen = method.selector.select(ctx)
+            token = torch.where(fired, chosen, default)
+            for i in fired.nonzero().flatten().tolist():
+                rows[i].cost.triggers += 1
+                rows[i].cost.overrides += int(chosen[i] != candidates.ids[i, 0])
+                rows[i].trigger_steps.append(int(steps[i]))
+        for i in fired_any_llm.nonzero().flatten().tolist():
+            # alone, the LLM would have read the prompt and every token before this step
+            rows[i].cost.llm_forward_calls += 1
+            rows[i].cost.llm_forward_tokens = len(rows[i].request.prompt) + int(steps[i])
+        advanced = ctx.next_slm_logits if ctx is not None else None  # the selector advanced the SLM
+        if advanced is not None:
+            for s, read in zip(rows, ctx.slm_tokens_read.tolist()):
+                s.cost.slm_forward_calls += 1
+                s.cost.slm_forward_tokens += int(read)
+
+        self.ids = torch.cat([self.ids, token[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(token)[:, None]], dim=1)
+        stopped = torch.isin(token, self.stop)
+        keep = []
+        for i, s in enumerate(rows):
+            s.tokens.append(int(token[i]))
+            s.cost.generated_tokens += 1
+            finish = "stop" if stopped[i] else "length" if len(s.tokens) >= s.request.max_new_tokens else None
+            outputs.append(StepOutput(s.id, int(token[i]), s.result(finish) if finish else None))
+            if finish is None:
+                keep.append(i)
+        if len(keep) < len(rows):
+            self._keep_rows(torch.tensor(keep, dtype=torch.long))
+            if advanced is not None:
+                advanced = advanced[keep]
+        if self.running:
+            if advanced is not None:
+                self.slm_logits = advanced
+            else:
+                self.slm_logits = self.slm_stream.advance(self.ids, self.mask)
+                for s in self.running:
+                    s.cost.slm_forward_calls += 1
+                    s.cost.slm_forward_tokens += 1
+        share = (time.perf_counter() - start) / len(rows)
+        for s in rows:
+            s.cost.wall_time_s += share
+        return outputs
+
+    def _admit(self) -> None:
+        """Prefill waiting requests on their own and join them to the running batch."""
+        room = len(self.waiting)
+        if self.max_batch_size is not None:
+            room = min(room, self.max_batch_size - len(self.running))
+        if room <= 0:
+            return
+        start = time.perf_counter()
+        joining = [self.waiting.popleft() for _ in range(room)]
+        ids, mask = left_pad([s.request.prompt for s in joining], self.pad_id)
+        slm_stream = self._slm_stream()
+        logits = slm_stream.advance(ids, mask)
+        if not self.running:
+            self._reset_batch()
+            self.ids, self.mask, self.slm_stream, self.slm_logits = ids, mask, slm_stream, logits
+        else:
+            width = max(self.ids.shape[1], ids.shape[1])
+            self._pad_left(width - self.ids.shape[1])
+            ids, mask = _pad_columns(ids, width, self.pad_id), _pad_columns(mask, width, 0)
+            slm_stream.pad_left(width - slm_stream.seen)
+            self.slm_stream.extend(slm_stream)
+            if self.llm_stream is not None:
+                self.llm_stream.extend(self._llm_catch_up(ids, [len(s.request.prompt) for s in joining]))
+            self.ids, self.mask = torch.cat([self.ids, ids]), torch.cat([self.mask, mask])
+            self.slm_logits = torch.cat([self.slm_logits, logits])
+        self.running.extend(joining)
+        share = (time.perf_counter() - start) / len(joining)
+        for s in joining:
+            s.cost.wall_time_s += share
+
+    def _llm_catch_up(self, ids: torch.Tensor, prompt_lengths: list[int]) -> ModelStream:
+        """LLM caches for joining rows over the columns the batch's LLM has read (each row alone)."""
+        seen = self.llm_stream.seen
+        joined = self.llm_stream.empty_rows(0)
+        for row, length in enumerate(prompt_lengths):
+            first = ids.shape[1] - length  # the row's first real column
+            if seen <= first:  # the batch's LLM has read only padding of this row so far
+                joined.extend(self.llm_stream.empty_rows(1))
+                continue
+            alone = ModelStream(self.llm, self.vocab_size)
+            real = ids[row : row + 1, first:seen]
+            alone.advance(real, torch.ones_like(real))
+            alone.pad_left(first)
+            joined.extend(alone)
+        return joined
+
+    def _pad_left(self, columns: int) -> None:
+        if columns <= 0:
+            return
+        self.ids = _pad_columns(self.ids, self.ids.shape[1] + columns, self.pad_id)
+        self.mask = _pad_columns(self.mask, self.mask.shape[1] + columns, 0)
+        for stream in (self.slm_stream, self.llm_stream):
+            if stream is not None:
+                stream.pad_left(columns)
+
+    def _keep_rows(self, keep: torch.Tensor) -> None:
+        """Keep only the batch rows ``keep``; cut padding columns that no remaining row needs."""
+        self.running = [self.running[i] for i in keep.tolist()]
+        if not self.running:
+            self._reset_batch()
+            return
+        self.ids, self.mask = self.ids[keep], self.mask[keep]
+        self.slm_logits = self.slm_logits[keep] if self.slm_logits is not None else None
+        for stream in (self.slm_stream, self.llm_stream):
+            if stream is not None:
+                stream.keep_rows(keep)
+        unused = int(self.mask.argmax(-1).min())  # every row holds at least one real token
+        if self.llm_stream is not None and self.llm_stream.seen:
+            unused = min(unused, self.llm_stream.seen)
+        if unused > 0:
+            self.ids, self.mask = self.ids[:, unused:], self.mask[:, unused:]
+            for stream in (self.slm_stream, self.llm_stream):
+                if stream is not None:
+                    stream.crop_left(unused)
+
+    def _drop_cancelled(self) -> list[StepOutput]:
+        if not self._cancelled:
+            return []
+        outputs = []
+        for s in [s for s in self.waiting if s.id in self._cancelled]:
+            self.waiting.remove(s)
+            outputs.append(StepOutput(s.id, None, s.result("cancelled")))
+        keep = [i for i, s in enumerate(self.running) if s.id not in self._cancelled]
+        for i in sorted(set(range(len(self.running))) - set(keep)):
+            s = self.running[i]
+            outputs.append(StepOutput(s.id, None, s.result("cancelled")))
+        if len(keep) < len(self.running):
+            self._keep_rows(torch.tensor(keep, dtype=torch.long))
+        self._cancelled.clear()
+        return outputs
+
+
+def _pad_columns(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """Left-pad a (rows, columns) tensor to ``width`` columns with ``value``."""
+    extra = width - tensor.shape[1]
+    if extra <= 0:
+        return tensor
+    return torch.cat([torch.full((tensor.shape[0], extra), value, dtype=tensor.dtype), tensor], dim=1)
+
+
+def decode_stream(
     slm: PreTrainedModel,
     prompts: Sequence[Sequence[int]],
     method: Method | None = None,
@@ -156,145 +515,46 @@ def decode(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seeds: Sequence[int] | None = None,
+    max_batch_size: int | None = None,
     record_statistics: bool = False,
     on_step: Callable[[int, int], None] | None = None,
-) -> list[Generation]:
-    """Decode a batch of token-id prompts with ``method`` (default: SLM greedy).
+) -> Iterator[tuple[int, Generation]]:
+    """Decode ``prompts`` in one continuous batch; yield ``(prompt index, generation)`` as each finishes.
 
-    ``vocab_size`` is the tokenizer's size: logits beyond it (padding or reserved rows of the
-    output embedding) are never chosen. ``seeds`` gives each sequence its own random stream
-    (sampling, random trigger, random selector) so that results do not depend on batching.
-    ``on_step(step, active_sequences)`` is called after every step (for progress displays).
+    At most ``max_batch_size`` sequences run at once (default: all); the next prompt joins as
+    soon as one finishes. ``seeds`` gives each sequence its own random stream (default: its
+    index). ``on_step(step, running_sequences)`` is called after every step (for progress displays).
     """
-    method = method or Method(name="greedy")
-    if not prompts:
-        return []
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-    if temperature < 0 or not (0.0 < top_p <= 1.0):
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
-    if method.needs_llm and llm is None:
-        raise ValueError(f"method {method.name!r} needs an LLM but none was given")
-    method.candidates.check_vocab(vocab_size)
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     if len(seeds) != len(prompts):
         raise ValueError("need one seed per prompt")
-
-    start = time.perf_counter()
-    n = len(prompts)
-    prompt_lengths = [len(p) for p in prompts]
-    ids, mask = left_pad(prompts, pad_id)
-    rows = torch.arange(n)  # original index of each row still in the batch
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
-    warpers = LogitsProcessorList()
-    if temperature > 0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-        if top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p))
-
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    costs = [CostRecord(slm_forward_calls=1, slm_forward_tokens=L) for L in prompt_lengths]
-    trigger_steps: list[list[int]] = [[] for _ in range(n)]
-    statistics: list[list[float]] | None = [[] for _ in range(n)] if record_statistics else None
-    finish = ["length"] * n
-
-    slm_stream = ModelStream(slm, vocab_size, keep_hidden=method.trigger.needs_hidden)
-    llm_stream = ModelStream(llm, vocab_size) if method.needs_llm else None
-    slm_logits = slm_stream.advance(ids, mask)
-
-    for step in range(max_new_tokens):
-        row_gens = [generators[r] for r in rows.tolist()]
-        llm_logits = None
-        if method.trigger.needs_llm:
-            llm_logits = llm_stream.advance(ids, mask)
-            _charge_llm(costs, rows, torch.ones(len(rows), dtype=torch.bool), prompt_lengths, step)
-        fired, stat = method.trigger.fires(slm_logits, llm_logits, row_gens, slm_stream.last_hidden)
-        if step < method.min_step:
-            fired = torch.zeros_like(fired)
-        elif statistics is not None:
-            for i, r in enumerate(rows.tolist()):
-                statistics[r].append(float(stat[i]))
-
-        if temperature > 0:
-            probs = torch.softmax(warpers(ids, slm_logits.clone()), dim=-1)
-            default = torch.stack(
-                [torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(row_gens)]
-            )
-        else:
-            default = slm_logits.argmax(-1)
-        token = default
-        advanced = None  # next-step SLM logits, when the selector already advanced the SLM
-        if fired.any():
-            candidates = method.candidates(slm_logits)
-            if method.selector.needs_llm and llm_logits is None:
-                llm_logits = llm_stream.advance(ids, mask)
-                _charge_llm(costs, rows, fired, prompt_lengths, step)
-            ctx = StepContext(
-                slm_logits, candidates, fired, llm_logits, row_gens, default, slm_stream, ids, mask
-            )
-            chosen = method.selector.select(ctx)
-            advanced = ctx.next_slm_logits
-            token = torch.where(fired, chosen, default)
-            for i in fired.nonzero().flatten().tolist():
-                r = int(rows[i])
-                costs[r].triggers += 1
-                costs[r].overrides += int(chosen[i] != candidates.ids[i, 0])
-                trigger_steps[r].append(step)
-
-        for i, r in enumerate(rows.tolist()):
-            tokens[r].append(int(token[i]))
-            costs[r].generated_tokens += 1
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
-
-        done = torch.isin(token, stop)
-        for r in rows[done].tolist():
-            finish[r] = "stop"
+    requests = [Request(p, max_new_tokens, temperature, top_p, s) for p, s in zip(prompts, seeds)]
+    scheduler = Scheduler(
+        slm, method, llm=llm, vocab_size=vocab_size, stop_ids=stop_ids, pad_id=pad_id,
+        max_batch_size=max_batch_size, record_statistics=record_statistics,
+    )  # fmt: skip
+    index = {scheduler.add(r): i for i, r in enumerate(requests)}
+    step = 0
+    while scheduler.has_work():
+        for out in scheduler.step():
+            if out.generation is not None:
+                yield index[out.request_id], out.generation
         if on_step is not None:
-            on_step(step, int((~done).sum()))
-        if advanced is not None:
-            read = ctx.slm_tokens_read.tolist()
-            for i, r in enumerate(rows.tolist()):
-                costs[r].slm_forward_calls += 1
-                costs[r].slm_forward_tokens += int(read[i])
+            on_step(step, len(scheduler.running))
+        step += 1
 
-        if done.any():
-            keep = (~done).nonzero().flatten()
-            rows, ids, mask = rows[keep], ids[keep], mask[keep]
-            if advanced is not None:
-                advanced = advanced[keep]
-            if len(rows) == 0:
-                break
-            slm_stream.keep_rows(keep)
-            if llm_stream is not None:
-                llm_stream.keep_rows(keep)
-        if step == max_new_tokens - 1:
-            break
-        if advanced is not None:
-            slm_logits = advanced
-            continue
-        slm_logits = slm_stream.advance(ids, mask)
-        for r in rows.tolist():
-            costs[r].slm_forward_calls += 1
-            costs[r].slm_forward_tokens += 1
 
-    share = (time.perf_counter() - start) / n
-    results = []
-    for r in range(n):
-        costs[r].wall_time_s = share
-        stats = statistics[r] if statistics is not None else None
-        results.append(Generation(tokens[r], finish[r], costs[r], trigger_steps[r], stats))
+def decode(
+    slm: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    method: Method | None = None,
+    **kwargs,
+) -> list[Generation]:
+    """Decode a batch of token-id prompts with ``method`` (default: SLM greedy); results in prompt order.
+
+    Takes the keyword arguments of :func:`decode_stream`.
+    """
+    results: list[Generation | None] = [None] * len(prompts)
+    for i, generation in decode_stream(slm, prompts, method, **kwargs):
+        results[i] = generation
     return results
-
-
-def _charge_llm(
-    costs: list[CostRecord], rows: torch.Tensor, needed: torch.Tensor, prompt_lengths: list[int], step: int
-) -> None:
-    """Charge one LLM call to each row that needed it; alone, it would have read everything so far."""
-    for i in needed.nonzero().flatten().tolist():
-        r = int(rows[i])
-        costs[r].llm_forward_calls += 1
-        costs[r].llm_forward_tokens = prompt_lengths[r] + step

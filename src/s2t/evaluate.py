@@ -300,7 +300,7 @@ class Evaluator:
         return sum(r["correct"] for r in recs) / max(len(recs), 1)
 
     def run_method(self, method: str, problems: Sequence[Problem]):
-        """Yield one graded record per problem, batch by batch."""
+        """Yield one graded record per problem, as each finishes."""
         match = MAJ_PATTERN.match(method)
         if match:
             yield from self._run_majority(int(match.group(1)), problems)
@@ -312,31 +312,30 @@ class Evaluator:
         extra = {"selector": self._selector_digest()} if is_local_method(method) else {}
         if self.config.trigger_name(method) is not None:
             extra["setting"] = _setting_record(method_obj)
-        bs = self.config.batch_size
-        for start in range(0, len(problems), bs):
-            batch = problems[start : start + bs]
-            outs = generator.generate(
-                [p.question for p in batch],
-                method_obj,
-                max_new_tokens=self.config.max_new_tokens,
-                batch_size=bs,
-                seeds=[sample_seed(self.config.seed, p.id, 0) for p in batch],
-                progress=self.progress,
-            )
-            for p, out in zip(batch, outs):
-                g = grade(p.answer, out.text)
-                yield {
-                    "method": method,
-                    "problem_id": p.id,
-                    "gold": p.answer,
-                    "extracted": g.extracted,
-                    "correct": g.correct,
-                    "finish_reason": out.finish_reason,
-                    "trigger_steps": out.trigger_steps,
-                    "cost": _cost_dict(out.cost),
-                    "text": out.text,
-                    **extra,
-                }
+        # One continuous batch: a finished problem's place goes to the next one at once.
+        outs = generator.generate_stream(
+            [p.question for p in problems],
+            method_obj,
+            max_new_tokens=self.config.max_new_tokens,
+            batch_size=self.config.batch_size,
+            seeds=[sample_seed(self.config.seed, p.id, 0) for p in problems],
+            progress=self.progress,
+        )
+        for index, out in outs:
+            p = problems[index]
+            g = grade(p.answer, out.text)
+            yield {
+                "method": method,
+                "problem_id": p.id,
+                "gold": p.answer,
+                "extracted": g.extracted,
+                "correct": g.correct,
+                "finish_reason": out.finish_reason,
+                "trigger_steps": out.trigger_steps,
+                "cost": _cost_dict(out.cost),
+                "text": out.text,
+                **extra,
+            }
 
     def _run_majority(self, k: int, problems: Sequence[Problem]):
         c = self.config

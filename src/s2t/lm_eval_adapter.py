@@ -207,11 +207,7 @@ class S2TLM(LM):
         if self.max_length:
             keep = max(1, self.max_length - max_gen)
             prompts = [p[-keep:] for p in prompts]
-        if self.method == LLM_ALONE:
-            decoder, llm, method = gen.llm, None, build_method("greedy")
-        else:
-            decoder, method = gen.slm, self.method
-            llm = gen.llm.model if method.needs_llm else None
+        decoder, llm, method = gen.method_models(self.method)
         outs = decode(
             decoder.model, prompts, method, llm=llm, temperature=temperature, top_p=top_p, seeds=seeds,
             **gen._decode_kwargs(max_gen, decoder),

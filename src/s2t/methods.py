@@ -177,10 +177,11 @@ def trigger_statistics(
     probe.threshold = float("inf") if trigger.higher_is_critical else float("-inf")
     method = Method(probe, TopK(1), make_selector("slm"), min_step, name="calibration")
     values: list[float] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        for g in decode(slm, batch, method, llm=llm, record_statistics=True, **decode_kwargs):
-            values.extend(g.statistics or [])
+    gens = decode(
+        slm, prompts, method, llm=llm, record_statistics=True, max_batch_size=batch_size, **decode_kwargs
+    )
+    for g in gens:
+        values.extend(g.statistics or [])
     return torch.tensor(values, dtype=torch.float64)
 
 

@@ -18,9 +18,15 @@ def build_prompt(
     messages = [{"role": "user", "content": question}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
+    return build_chat_prompt(tokenizer, messages)
+
+
+def build_chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a chat (``[{"role", "content"}, ...]``), ending where the assistant's answer begins."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     else:
         logger.warning("tokenizer has no chat template; using a plain-text prompt")
-        text = (f"{system_prompt}\n\n" if system_prompt else "") + f"Question: {question}\nAnswer:"
+        lines = [m["content"] if m["role"] == "system" else f"Question: {m['content']}" for m in messages]
+        text = "\n\n".join(lines) + "\nAnswer:"
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -42,6 +42,11 @@ WorkersOpt = Annotated[
 RayAddressOpt = Annotated[
     str | None, typer.Option(help="Ray cluster to join ('auto', host:port); default: start Ray locally.")
 ]
+MinStepOpt = Annotated[int, typer.Option(help="No trigger in the first N steps.")]
+CalibrationProblemsOpt = Annotated[int, typer.Option(help="GSM8K *train* problems used to calibrate.")]
+SelectorOpt = Annotated[
+    str | None, typer.Option(help="Trained S2T-Local selector directory (for s2t-local; see `s2t train`).")
+]
 DataDirOpt = Annotated[
     str | None,
     typer.Option(help="Directory with <dataset>/<split>.jsonl files (else $S2T_DATA_DIR, else the Hub)."),

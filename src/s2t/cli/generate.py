@@ -9,14 +9,17 @@ import typer
 from rich.table import Table
 
 from s2t.cli.app import (
+    CalibrationProblemsOpt,
     DataDirOpt,
     DtypeOpt,
     KOpt,
     LLMDeviceMapOpt,
     LLMDtypeOpt,
     LLMOpt,
+    MinStepOpt,
     QuantileOpt,
     RatioOpt,
+    SelectorOpt,
     SLMOpt,
     ThresholdOpt,
     TriggerOpt,
@@ -55,10 +58,7 @@ def generate(
     method: Annotated[
         str, typer.Option(help="Comma-separated: greedy, s2t, takeover, random-select, llm, s2t-local.")
     ] = "greedy,s2t",
-    selector: Annotated[
-        str | None,
-        typer.Option(help="Trained S2T-Local selector directory (for s2t-local; see `s2t train`)."),
-    ] = None,
+    selector: SelectorOpt = None,
     slm: SLMOpt = DEFAULT_SLM,
     llm: LLMOpt = DEFAULT_LLM,
     trigger: TriggerOpt = "entropy",
@@ -66,9 +66,9 @@ def generate(
     quantile: QuantileOpt = None,
     k: KOpt = 8,
     ratio: RatioOpt = None,
-    min_step: Annotated[int, typer.Option(help="No trigger in the first N steps.")] = 3,
+    min_step: MinStepOpt = 3,
     max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 512,
-    calibration_problems: Annotated[int, typer.Option(help="GSM8K *train* problems used to calibrate.")] = 8,
+    calibration_problems: CalibrationProblemsOpt = 8,
     data_dir: DataDirOpt = None,
     dtype: DtypeOpt = None,
     llm_dtype: LLMDtypeOpt = None,
@@ -79,7 +79,6 @@ def generate(
     from s2t.api import S2TGenerator
     from s2t.grading import extract_answer, is_correct
     from s2t.local.selector import selector_directory
-    from s2t.methods import needs_calibration
 
     methods = [m.strip() for m in method.split(",") if m.strip()]
     gold = None
@@ -96,27 +95,10 @@ def generate(
         results = {}
         local_gen, local_selector = gen.local_selector(selector) if "s2t-local" in methods else (gen, None)
         for name in methods:
-            kwargs = (
-                {}
-                if name in ("greedy", "llm")
-                else dict(
-                    trigger=trigger,
-                    threshold=threshold,
-                    quantile=quantile,
-                    k=k,
-                    ratio=ratio,
-                    min_step=min_step,
-                )
-            )
-            if name == "s2t-local":
-                kwargs["selector"] = local_selector
-            m = name if name == "llm" else gen.make_method(name, **kwargs)
-            if name != "llm" and needs_calibration(m):
-                calib = _calibration_questions(calibration_problems, data_dir)
-                with console.status(
-                    f"calibrating the {trigger} trigger on {len(calib)} GSM8K train problems"
-                ):
-                    gen.calibrate(m, calib)
+            m = cli_method(
+                gen, name, local_selector, trigger=trigger, threshold=threshold, quantile=quantile, k=k,
+                ratio=ratio, min_step=min_step, calibration_problems=calibration_problems, data_dir=data_dir,
+            )  # fmt: skip
             with console.status(f"decoding with {name}"):
                 decoder = local_gen if name == "s2t-local" else gen
                 out = decoder.generate([question], m, max_new_tokens=max_new_tokens)[0]
@@ -150,6 +132,41 @@ def generate(
             f"[bold]answer:[/] {extract_answer(out.text)}{verdict}   [dim]finish: {out.finish_reason}[/]"
         )
     console.print(cost_table({name: out.cost for name, (out, _) in results.items()}))
+
+
+def cli_method(
+    gen,
+    name: str,
+    local_selector,
+    *,
+    trigger: str,
+    threshold: float | None,
+    quantile: float | None,
+    k: int,
+    ratio: float | None,
+    min_step: int,
+    calibration_problems: int,
+    data_dir: str | None,
+):
+    """The named method built from the command line's options (``"llm"`` stays a name), its trigger
+    calibrated on GSM8K train problems when it has no threshold."""
+    from s2t.methods import needs_calibration
+
+    if name == "llm":
+        return name
+    kwargs = {}
+    if name != "greedy":
+        kwargs = dict(
+            trigger=trigger, threshold=threshold, quantile=quantile, k=k, ratio=ratio, min_step=min_step
+        )
+    if name == "s2t-local":
+        kwargs["selector"] = local_selector
+    method = gen.make_method(name, **kwargs)
+    if needs_calibration(method):
+        calib = _calibration_questions(calibration_problems, data_dir)
+        with console.status(f"calibrating the {trigger} trigger on {len(calib)} GSM8K train problems"):
+            gen.calibrate(method, calib)
+    return method
 
 
 def _describe(method) -> str:

@@ -155,7 +155,8 @@ class RecordingLLMSelector(LLMSelector):
         chosen = super().select(ctx)
         llm_probs = torch.softmax(ctx.llm_logits.float(), -1).gather(-1, ctx.candidates.ids)
         for i in ctx.fired.nonzero().flatten().tolist():
-            self.decisions.append((i, ctx.candidates.ids[i].clone(), llm_probs[i].clone()))
+            # the prompt's index, not the batch row: rows shift as finished sequences leave
+            self.decisions.append((ctx.sequence_ids[i], ctx.candidates.ids[i].clone(), llm_probs[i].clone()))
         return chosen
 
 
@@ -267,7 +268,7 @@ class CollectWorker:
             gens = self._decode(
                 prompts, Method(trigger, TopK(c.k), selector, c.min_step, "collect"), self.llm.model
             )
-            # decisions are recorded in step order; map batch rows back to their problems
+            # decisions are recorded in step order, each under its prompt's index
             steps = [list(g.trigger_steps) for g in gens]
             cursor = [0] * len(gens)
             for row, ids, probs in selector.decisions:

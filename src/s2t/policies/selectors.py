@@ -35,6 +35,9 @@ class StepContext:
     mask: torch.Tensor | None = None
     next_slm_logits: torch.Tensor | None = None
     slm_tokens_read: torch.Tensor | None = None
+    # Which sequence each row is (the scheduler's request ids; with ``decode``, the prompt's index):
+    # rows shift as sequences join and leave the batch.
+    sequence_ids: list[int] = field(default_factory=list)
 
 
 class Selector:

@@ -1,0 +1,109 @@
+"""The engine thread: one continuous batch serving requests that arrive from the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from s2t.engine import Request, Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Ticket:
+    """A submitted request: the engine thread puts its token ids, then its
+    :class:`~s2t.engine.Generation` (or the exception that ended it), on ``events``, an asyncio
+    queue of the submitting loop."""
+
+    request: Request
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    request_id: int | None = None  # the scheduler's id, set by the engine thread
+
+    def deliver(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the loop has closed (server shutting down): nobody is listening
+            pass
+
+
+class EngineWorker:
+    """Runs ``scheduler`` in a background thread. :meth:`submit` and :meth:`cancel` may be called from
+    the event loop at any time; the thread applies them between decoding steps."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.counts = {"finished": 0, "cancelled": 0, "failed": 0}
+        self._commands: queue.Queue = queue.Queue()
+        self._tickets: dict[int, Ticket] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="s2t-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._commands.put(None)  # wake the thread if it is waiting for work
+        self._thread.join(timeout)
+
+    async def submit(self, request: Request) -> Ticket:
+        ticket = Ticket(request, asyncio.get_running_loop())
+        self._commands.put(("add", ticket))
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Free the request's batch slot (a client went away, or a stop string was reached)."""
+        self._commands.put(("cancel", ticket))
+
+    def load(self) -> dict:
+        """Running and waiting sequences, and how many requests ended each way."""
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            **self.counts,
+        }
+
+    def _apply(self, command) -> None:
+        if command is None:
+            return
+        kind, ticket = command
+        if kind == "add":
+            ticket.request_id = self.scheduler.add(ticket.request)
+            self._tickets[ticket.request_id] = ticket
+        elif ticket.request_id in self._tickets:
+            self.scheduler.cancel(ticket.request_id)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:  # block only while there is nothing to decode
+                self._apply(self._commands.get(block=not self.scheduler.has_work()))
+                while True:
+                    self._apply(self._commands.get_nowait())
+            except queue.Empty:
+                pass
+            if self._stop.is_set() or not self.scheduler.has_work():
+                continue
+            try:
+                outputs = self.scheduler.step()
+            except Exception as error:  # one bad step must not take the server down
+                logger.exception("decoding step failed; dropping the batch")
+                for request_id in self.scheduler.abort():
+                    self.counts["failed"] += 1
+                    self._tickets.pop(request_id).deliver(error)
+                continue
+            for out in outputs:
+                ticket = self._tickets.get(out.request_id)
+                if ticket is None:
+                    continue
+                if out.token is not None:
+                    ticket.deliver(out.token)
+                if out.generation is not None:
+                    del self._tickets[out.request_id]
+                    cancelled = out.generation.finish_reason == "cancelled"
+                    self.counts["cancelled" if cancelled else "finished"] += 1
+                    ticket.deliver(out.generation)

@@ -6,6 +6,9 @@ No real weights are used in tests: the models share the real pair's architecture
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -100,3 +103,25 @@ def llm(tiny_pair_dir) -> LoadedModel:
     from s2t.models import load_model
 
     return load_model(tiny_pair_dir["llm"], device="cpu")
+
+
+# Tiny GSM-style problems: a local JSONL dataset ("tiny") for evaluation tests.
+QUESTIONS = [("How many eggs are left? 16 - 3 - 4", "9"), ("What is 2 + 2?", "4"), ("Double 21.", "42"),
+             ("Half of 48?", "24"), ("5 times 3?", "15")]  # fmt: skip
+
+
+@pytest.fixture()
+def data_file(tmp_path) -> str:
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("\n".join(json.dumps({"question": q, "answer": f"work\n#### {a}"}) for q, a in QUESTIONS))
+    return str(path)
+
+
+@pytest.fixture()
+def calibration_data(tmp_path, data_file, monkeypatch):
+    """GSM8K 'train' problems to calibrate triggers on (the tiny questions again, as another split),
+    and a private cache directory, so that no threshold cached by another test is reused."""
+    (tmp_path / "data" / "gsm8k").mkdir(parents=True)
+    (tmp_path / "data" / "gsm8k" / "train.jsonl").write_text(Path(data_file).read_text())
+    monkeypatch.setenv("S2T_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("S2T_CACHE_DIR", str(tmp_path / "cache"))

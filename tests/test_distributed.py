@@ -21,9 +21,8 @@ from s2t.evaluate import EvalConfig, evaluate
 from s2t.evaluate_distributed import EvalShardWorker, eval_shards, evaluate_distributed
 from s2t.local.collect import CollectConfig, Collector
 from s2t.models import ModelSpec
+from tests.conftest import QUESTIONS
 
-QUESTIONS = [("How many eggs are left? 16 - 3 - 4", "9"), ("What is 2 + 2?", "4"), ("Double 21.", "42"),
-             ("Half of 48?", "24"), ("5 times 3?", "15")]  # fmt: skip
 METHODS = ["greedy", "s2t", "maj@2"]
 
 
@@ -36,21 +35,6 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture()
-def data_file(tmp_path):
-    path = tmp_path / "tiny.jsonl"
-    path.write_text("\n".join(json.dumps({"question": q, "answer": f"work\n#### {a}"}) for q, a in QUESTIONS))
-    return str(path)
-
-
-@pytest.fixture()
-def calibration_data(tmp_path, data_file, monkeypatch):
-    """GSM8K 'train' problems for calibrating the trigger (read on the driver only)."""
-    (tmp_path / "data" / "gsm8k").mkdir(parents=True)
-    (tmp_path / "data" / "gsm8k" / "train.jsonl").write_text(Path(data_file).read_text())
-    monkeypatch.setenv("S2T_DATA_DIR", str(tmp_path / "data"))
 
 
 def make_config(data_file, tiny_pair_dir, **overrides) -> EvalConfig:

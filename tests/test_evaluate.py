@@ -14,16 +14,6 @@ from s2t.evaluate import EvalConfig, Evaluator, evaluate
 from s2t.reporting.eval_report import summarize
 from s2t.runs import ConfigMismatchError
 
-QUESTIONS = [("How many eggs are left? 16 - 3 - 4", "9"), ("What is 2 + 2?", "4"), ("Double 21.", "42"),
-             ("Half of 48?", "24"), ("5 times 3?", "15")]  # fmt: skip
-
-
-@pytest.fixture()
-def data_file(tmp_path):
-    path = tmp_path / "tiny.jsonl"
-    path.write_text("\n".join(json.dumps({"question": q, "answer": f"work\n#### {a}"}) for q, a in QUESTIONS))
-    return str(path)
-
 
 @pytest.fixture()
 def generator(slm, llm):

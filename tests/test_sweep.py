@@ -12,24 +12,7 @@ from s2t.api import S2TGenerator
 from s2t.cli import app
 from s2t.evaluate import EvalConfig, Evaluator, canonical_method_name, evaluate
 from s2t.methods import TriggerSetting, split_method_name
-
-QUESTIONS = [("What is 2 + 2?", "4"), ("Double 21.", "42"), ("Half of 48?", "24"), ("5 times 3?", "15")]
-
-
-@pytest.fixture()
-def data_file(tmp_path):
-    path = tmp_path / "tiny.jsonl"
-    path.write_text("\n".join(json.dumps({"question": q, "answer": f"work\n#### {a}"}) for q, a in QUESTIONS))
-    return str(path)
-
-
-@pytest.fixture()
-def calibration_data(tmp_path, data_file, monkeypatch):
-    """GSM8K 'train' problems to calibrate on (the same tiny questions, as another split)."""
-    (tmp_path / "data" / "gsm8k").mkdir(parents=True)
-    (tmp_path / "data" / "gsm8k" / "train.jsonl").write_text(Path(data_file).read_text())
-    monkeypatch.setenv("S2T_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("S2T_CACHE_DIR", str(tmp_path / "cache"))
+from tests.conftest import QUESTIONS
 
 
 @pytest.fixture()

@@ -14,9 +14,31 @@ from s2t.api import S2TGenerator
 from s2t.builtin_models import BuiltinModel, assemble_gguf
 from s2t.cli import app
 from s2t.methods import build_method
-from s2t.models import ModelLoadError, TokenizerMismatchError, check_same_vocabulary, load_model
+from s2t.models import (
+    ModelLoadError,
+    TokenizerMismatchError,
+    check_same_vocabulary,
+    contiguous_output_head,
+    load_model,
+)
 from s2t.policies.candidates import TopK
 from tests.conftest import make_model, make_tokenizer
+
+
+def test_output_head_reads_contiguous_rows_and_gives_the_same_logits(tokenizer):
+    """``logits_to_keep=1`` over several columns hands the head a strided view; the hook copies it."""
+    model = make_model(tokenizer, seed=3)
+    ids = torch.randint(0, len(tokenizer), (3, 5))
+    full = model(ids).logits[:, -1]
+    seen: list[bool] = []
+    contiguous_output_head(model)
+    contiguous_output_head(model)  # idempotent: one hook, not two
+    head = model.get_output_embeddings()
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    last = model(ids, logits_to_keep=1).logits[:, -1]
+    assert seen == [True]
+    assert len(head._forward_pre_hooks) == 2
+    torch.testing.assert_close(last, full)
 
 
 def test_unknown_model_name_gets_a_clear_error(monkeypatch):

@@ -38,6 +38,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from s2t.models import contiguous_output_head
 from s2t.policies.candidates import TopK
 from s2t.policies.selectors import Selector, SLMSelector, StepContext
 from s2t.policies.triggers import NeverTrigger, Trigger
@@ -109,7 +110,7 @@ class ModelStream:
     """A model's KV cache over a batch's token history, fed only the columns it has not seen."""
 
     def __init__(self, model: PreTrainedModel, vocab_size: int, keep_hidden: bool = False):
-        self.model = model
+        self.model = contiguous_output_head(model)
         self.vocab_size = vocab_size
         self.cache = DynamicCache()
         self.seen = 0

@@ -10,6 +10,15 @@ so both do the same work), timed as the median over ``--repeats`` runs after one
 in results/eval-gsm8k-test-100) and at ``always``, and llama.cpp on the same GGUF weights at batch 1
 when ``llama-cpp-python`` is installed (a bench-only extra: ``pip install llama-cpp-python``).
 Real models; not a test. Run it on a quiet machine: the figures are only as clean as the machine.
+
+Rows are written to ``--out`` as they finish, and a rerun with the same settings skips the rows that
+are there (a long grid survives an interruption). ``--table results/bench/compare.json`` prints the
+README's markdown table from such a file.
+
+``--random-weights`` times models built from each model's config with random weights, for machines the
+weights cannot reach (the GPU bench: the cost of a forward pass depends on the shapes alone). Models
+may then be given as directories holding config.json and the tokenizer; S2T's ~5% row uses the
+``random`` trigger at rate 0.05, since a calibrated entropy threshold means nothing for random weights.
 """
 
 from __future__ import annotations
@@ -24,14 +33,28 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from s2t.api import S2TGenerator
 from s2t.data import load_problems
 from s2t.engine import decode
 from s2t.methods import build_method
-from s2t.models import DEFAULT_LLM, DEFAULT_SLM
+from s2t.models import (
+    DEFAULT_LLM,
+    DEFAULT_SLM,
+    LoadedModel,
+    contiguous_output_head,
+    load_tokenizer,
+    parse_dtype,
+    resolve_model_path,
+)
 
 EVAL_CALIBRATION = Path("results/eval-gsm8k-test-100/calibration.json")
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def timed(run: Callable[[], int], repeats: int) -> dict:
@@ -39,8 +62,10 @@ def timed(run: Callable[[], int], repeats: int) -> dict:
     run()
     seconds, tokens = [], 0
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         tokens = run()
+        synchronize()
         seconds.append(time.perf_counter() - start)
     median = statistics.median(seconds)
     return {"tokens": tokens, "seconds": round(median, 3), "tokens_per_second": round(tokens / median, 2),
@@ -51,8 +76,9 @@ def hf_generate(gen: S2TGenerator, prompts: list[list[int]], tokens: int) -> Cal
     """transformers ``generate``: greedy, exactly ``tokens`` new tokens, left-padded batch."""
     pad = gen.tokenizer.pad_token_id
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = gen.slm.device
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
 
     def run() -> int:
         with torch.inference_mode():
@@ -80,7 +106,13 @@ def llama_cpp_row(name: str, prompt_text: str, tokens: int, threads: int, repeat
     try:
         from llama_cpp import Llama
     except ImportError:
-        return {"engine": "llama.cpp", "model": name, "skipped": "llama-cpp-python is not installed"}
+        return {
+            "engine": "llama.cpp",
+            "model": name,
+            "dtype": "gguf (as shipped)",
+            "batch_size": 1,
+            "skipped": "llama-cpp-python is not installed",
+        }
     from s2t.builtin_models import BUILTIN_MODELS, assemble_gguf
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,61 +129,169 @@ def llama_cpp_row(name: str, prompt_text: str, tokens: int, threads: int, repeat
                 **timed(run, repeats)}  # fmt: skip
 
 
+def machine() -> dict:
+    """Which machine the figures came from: CPU model, and the GPU when one is used."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]  # fmt: skip
+        cpu = names[0] if names else cpu
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "gpu": gpu, "device": "cuda" if gpu else "cpu"}
+
+
+def load(name: str, dtype: str, random_weights: bool) -> LoadedModel:
+    """A model for timing: its real weights, or random ones of the same shapes (``--random-weights``)."""
+    if not random_weights:
+        return S2TGenerator(name, dtype=dtype).slm
+    path = resolve_model_path(name)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialise where it runs
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=parse_dtype(dtype))
+    model.eval().requires_grad_(False)
+    model.generation_config.pad_token_id = load_tokenizer(name).tokenizer.pad_token_id
+    return LoadedModel(name, contiguous_output_head(model), load_tokenizer(name).tokenizer)
+
+
+def row_key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in ("engine", "model", "dtype", "batch_size", "method"))
+
+
+def short(model: str) -> str:
+    """A model (or "SLM + LLM" pair) as a table shows it: directories by their last part."""
+    return " + ".join(Path(part).name for part in model.split(" + "))
+
+
+def markdown_table(report: dict) -> str:
+    """The README's table: tokens/s of ``generate`` and of our engine side by side, then the S2T rows."""
+    rows = report["results"]
+    by_key = {row_key(r): r for r in rows if "tokens_per_second" in r}
+    m = report["machine"]
+    lines = [f"Machine: {m['gpu'] or m['cpu']} ({m['device']}), {report['threads']} thread(s), "
+             f"{report['tokens_per_sequence']} new tokens per sequence, median of {report['repeats']}, "
+             f"torch {report['torch']}" + (", random weights" if report.get("random_weights") else "") + ".",
+             "", "| model | dtype | batch | `generate` tok/s | engine tok/s | engine / generate |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for r in rows:
+        if r.get("engine") != "transformers.generate" or "tokens_per_second" not in r:
+            continue
+        ours = by_key.get(("s2t engine", r["model"], r["dtype"], r["batch_size"], "greedy"))
+        if ours is None:
+            continue
+        ratio = ours["tokens_per_second"] / r["tokens_per_second"]
+        lines.append(f"| {short(r['model'])} | {r['dtype']} | {r['batch_size']} | {r['tokens_per_second']:.1f} | "
+                     f"{ours['tokens_per_second']:.1f} | {ratio:.2f}× |")  # fmt: skip
+    s2t_rows = [r for r in rows if r.get("method", "").startswith("s2t/") and "seconds" in r]
+    if s2t_rows:
+        lines += ["", "| S2T (SLM + LLM) | dtype | batch | seconds | tok/s | × greedy SLM time |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for r in s2t_rows:
+            slm = r["model"].split(" + ")[0]
+            base = by_key.get(("s2t engine", slm, r["dtype"], r["batch_size"], "greedy"))
+            times = f"{r['seconds'] / base['seconds']:.2f}×" if base else "–"
+            lines.append(f"| {r['method']} | {r['dtype']} | {r['batch_size']} | {r['seconds']:.2f} | "
+                         f"{r['tokens_per_second']:.1f} | {times} |")  # fmt: skip
+    for r in rows:
+        if r.get("engine") == "llama.cpp":
+            detail = r.get("skipped") or f"{r['tokens_per_second']:.1f} tok/s at batch 1"
+            lines.append(f"\nllama.cpp, {short(r['model'])}: {detail}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=f"{DEFAULT_SLM},{DEFAULT_LLM}")
+    parser.add_argument("--models", default=f"{DEFAULT_SLM},{DEFAULT_LLM}",
+                        help="comma-separated; the S2T rows pair the first (SLM) with the last (LLM)")  # fmt: skip
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--random-weights", action="store_true", help="random weights of each config's shapes"
+    )
     parser.add_argument("--no-s2t", action="store_true", help="skip the S2T rows (they load both models)")
     parser.add_argument("--no-llama-cpp", action="store_true")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="JSON written row by row; a rerun resumes it")
+    parser.add_argument(
+        "--table", metavar="JSON", default=None, help="print the markdown table of a result file"
+    )
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())))
+        return
     torch.set_num_threads(args.threads)
+    models = [m.rstrip("/") for m in args.models.split(",")]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     questions = [p.question for p in load_problems("gsm8k", "train", limit=max(batch_sizes))]
-    rows: list[dict] = []
+    report = {"machine": machine(), "threads": args.threads, "tokens_per_sequence": args.tokens,
+              "repeats": args.repeats, "torch": torch.__version__, "random_weights": args.random_weights,
+              "results": []}  # fmt: skip
+    out = Path(args.out) if args.out else None
+    if out and out.is_file():
+        previous = json.loads(out.read_text())
+        if all(previous.get(k) == v for k, v in report.items() if k != "results"):
+            report["results"] = previous["results"]
+            print(f"resuming {out}: {len(report['results'])} rows done", flush=True)
+        else:
+            raise SystemExit(f"{out} holds a run with other settings; pass another --out or remove it")
+    done = {row_key(r) for r in report["results"]}
+
+    def wanted(*key) -> bool:
+        return key not in done
 
     def record(row: dict) -> None:
-        rows.append(row)
+        report["results"].append(row)
         print(json.dumps(row), flush=True)
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
 
     for dtype in args.dtypes.split(","):
-        for name in args.models.split(","):
-            gen = S2TGenerator(name, dtype=dtype)
-            greedy = build_method("greedy")
+        greedy = build_method("greedy")
+        for name in models:
+            if not any(wanted(e, name, dtype, bs, "greedy") for bs in batch_sizes
+                       for e in ("transformers.generate", "s2t engine")):  # fmt: skip
+                continue
+            gen = S2TGenerator(load(name, dtype, args.random_weights))
             for bs in batch_sizes:
                 prompts = gen.encode(questions[:bs])
                 for engine, run in (("transformers.generate", hf_generate(gen, prompts, args.tokens)),
                                     ("s2t engine", our_engine(gen, prompts, args.tokens, greedy))):  # fmt: skip
-                    record({"engine": engine, "model": name, "dtype": dtype, "batch_size": bs, "method": "greedy",
-                            **timed(run, args.repeats)})  # fmt: skip
+                    if wanted(engine, name, dtype, bs, "greedy"):
+                        record({"engine": engine, "model": name, "dtype": dtype, "batch_size": bs,
+                                "method": "greedy", **timed(run, args.repeats)})  # fmt: skip
             del gen
-        if not args.no_s2t:
-            gen = S2TGenerator(DEFAULT_SLM, llm=DEFAULT_LLM, dtype=dtype)
+        pair = f"{models[0]} + {models[-1]}"
+        if args.no_s2t or not any(wanted("s2t engine", pair, dtype, bs, m) for bs in batch_sizes
+                                  for m in ("s2t/entropy@0.95", "s2t/random@0.05", "s2t/always")):  # fmt: skip
+            continue
+        gen = S2TGenerator(
+            load(models[0], dtype, args.random_weights), llm=load(models[-1], dtype, args.random_weights)
+        )
+        if args.random_weights:
+            sparse = {"s2t/random@0.05": build_method("s2t", trigger="random", threshold=0.05)}
+        else:
             threshold = json.loads(EVAL_CALIBRATION.read_text())["entropy@0.95"]["threshold"]
-            methods = {"s2t/entropy@0.95": build_method("s2t", trigger="entropy", threshold=threshold),
-                       "s2t/always": build_method("s2t", trigger="always")}  # fmt: skip
-            for bs in batch_sizes:
-                prompts = gen.encode(questions[:bs])
-                for label, method in methods.items():
+            sparse = {"s2t/entropy@0.95": build_method("s2t", trigger="entropy", threshold=threshold)}
+        methods = sparse | {"s2t/always": build_method("s2t", trigger="always")}
+        for bs in batch_sizes:
+            prompts = gen.encode(questions[:bs])
+            for label, method in methods.items():
+                if wanted("s2t engine", pair, dtype, bs, label):
                     run = our_engine(gen, prompts, args.tokens, method, llm=gen.llm.model)
-                    record({"engine": "s2t engine", "model": f"{DEFAULT_SLM} + {DEFAULT_LLM}", "dtype": dtype,
-                            "batch_size": bs, "method": label, **timed(run, args.repeats)})  # fmt: skip
-            del gen
-    if not args.no_llama_cpp:
-        gen = S2TGenerator(DEFAULT_SLM)
+                    record({"engine": "s2t engine", "model": pair, "dtype": dtype, "batch_size": bs,
+                            "method": label, **timed(run, args.repeats)})  # fmt: skip
+        del gen
+    if not args.no_llama_cpp and not args.random_weights:
+        gen = S2TGenerator(load(models[0], "float32", False))
         text = gen.tokenizer.decode(gen.encode(questions[:1])[0])
-        for name in args.models.split(","):
-            record(llama_cpp_row(name, text, args.tokens, args.threads, args.repeats))
-    report = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
-              "tokens_per_sequence": args.tokens, "repeats": args.repeats, "torch": torch.__version__,
-              "results": rows}  # fmt: skip
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        for name in models:
+            if wanted("llama.cpp", name, "gguf (as shipped)", 1, None):
+                record(llama_cpp_row(name, text, args.tokens, args.threads, args.repeats))
+    if out is None:
+        print(markdown_table(report))
 
 
 if __name__ == "__main__":

@@ -106,6 +106,24 @@ class Generation:
     statistics: list[float] | None = None  # the trigger statistic per step >= min_step, if recorded
 
 
+def to_host(logits: torch.Tensor) -> torch.Tensor:
+    """Float32 logits on the CPU, where the step's selection logic runs.
+
+    From a GPU the copy goes through page-locked memory: a (32 × 151,936) float32 block moved in 0.35 ms
+    that way on an H200 against 1.2 ms pageable, and 6.9 ms per step when the strided slice itself was
+    copied (``bench/compare.py`` measured our engine at 0.44× ``generate`` at batch 32 before this).
+    Each call gets a fresh buffer (torch's pinned-memory allocator recycles them), so logits a caller
+    still holds are never overwritten.
+    """
+    if logits.device.type != "cuda":
+        return logits.float().cpu()
+    source = logits.float().contiguous()
+    host = torch.empty(source.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(source, non_blocking=True)
+    torch.cuda.current_stream(source.device).synchronize()
+    return host
+
+
 class ModelStream:
     """A model's KV cache over a batch's token history, fed only the columns it has not seen."""
 
@@ -134,7 +152,7 @@ class ModelStream:
         if self.keep_hidden:
             self.last_hidden = out.hidden_states[-1][:, -1].float().cpu()
         self.seen = ids.shape[1]
-        return out.logits[:, -1, : self.vocab_size].float().cpu()
+        return to_host(out.logits[:, -1, : self.vocab_size])
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows.to(self.model.device))

@@ -5,7 +5,7 @@
 
 For each model, dtype and batch size: greedy decoding of the first GSM8K *train* questions (chat
 prompt, left-padded), exactly ``--tokens`` new tokens per sequence (stop tokens are ignored by both,
-so both do the same work), timed as the median over ``--repeats`` runs after one warm-up. Then S2T
+so both do the same work), timed as the median over ``--repeats`` runs after a 4-token warm-up. Then S2T
 (SLM + LLM) at the evaluation trigger (entropy, the threshold calibrated at its 95% train quantile
 in results/eval-gsm8k-test-100) and at ``always``, and llama.cpp on the same GGUF weights at batch 1
 when ``llama-cpp-python`` is installed (a bench-only extra: ``pip install llama-cpp-python``).
@@ -57,30 +57,35 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def timed(run: Callable[[], int], repeats: int) -> dict:
-    """Median seconds over ``repeats`` runs (after one warm-up) and the tokens each produced."""
-    run()
-    seconds, tokens = [], 0
+WARMUP_TOKENS = 4  # the warm-up run: enough to allocate the caches and pick the kernels
+
+
+def timed(run: Callable[[int], int], tokens: int, repeats: int) -> dict:
+    """Median seconds over ``repeats`` runs of ``tokens`` new tokens (after a short warm-up run), and
+    the tokens each run produced."""
+    run(min(tokens, WARMUP_TOKENS))
+    seconds = []
     for _ in range(repeats):
         synchronize()
         start = time.perf_counter()
-        tokens = run()
+        produced = run(tokens)
         synchronize()
         seconds.append(time.perf_counter() - start)
     median = statistics.median(seconds)
-    return {"tokens": tokens, "seconds": round(median, 3), "tokens_per_second": round(tokens / median, 2),
-            "all_seconds": [round(s, 3) for s in seconds]}  # fmt: skip
+    row = {"tokens": produced, "seconds": round(median, 3), "tokens_per_second": round(produced / median, 2),
+           "all_seconds": [round(s, 3) for s in seconds]}  # fmt: skip
+    return row | getattr(run, "extra", {})
 
 
-def hf_generate(gen: S2TGenerator, prompts: list[list[int]], tokens: int) -> Callable[[], int]:
-    """transformers ``generate``: greedy, exactly ``tokens`` new tokens, left-padded batch."""
+def hf_generate(gen: S2TGenerator, prompts: list[list[int]]) -> Callable[[int], int]:
+    """transformers ``generate``: greedy, exactly the given number of new tokens, left-padded batch."""
     pad = gen.tokenizer.pad_token_id
     width = max(len(p) for p in prompts)
     device = gen.slm.device
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
 
-    def run() -> int:
+    def run(tokens: int) -> int:
         with torch.inference_mode():
             out = gen.slm.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=tokens,
                                          min_new_tokens=tokens, pad_token_id=pad)  # fmt: skip
@@ -89,14 +94,16 @@ def hf_generate(gen: S2TGenerator, prompts: list[list[int]], tokens: int) -> Cal
     return run
 
 
-def our_engine(
-    gen: S2TGenerator, prompts: list[list[int]], tokens: int, method, llm=None
-) -> Callable[[], int]:
-    """Our engine's one decoding loop, exactly ``tokens`` new tokens (no stop tokens), one batch."""
-    kwargs = gen._decode_kwargs(tokens) | {"stop_ids": []}
+def our_engine(gen: S2TGenerator, prompts: list[list[int]], method, llm=None) -> Callable[[int], int]:
+    """Our engine's one decoding loop, exactly the given number of new tokens (no stop tokens), one batch."""
 
-    def run() -> int:
-        return sum(len(g.token_ids) for g in decode(gen.slm.model, prompts, method, llm=llm, **kwargs))
+    def run(tokens: int) -> int:
+        kwargs = gen._decode_kwargs(tokens) | {"stop_ids": []}
+        out = decode(gen.slm.model, prompts, method, llm=llm, **kwargs)
+        produced = sum(len(g.token_ids) for g in out)
+        run.extra = {"trigger_rate": round(sum(g.cost.triggers for g in out) / produced, 4),
+                     "llm_forward_calls": sum(g.cost.llm_forward_calls for g in out)}  # fmt: skip
+        return produced
 
     return run
 
@@ -120,13 +127,13 @@ def llama_cpp_row(name: str, prompt_text: str, tokens: int, threads: int, repeat
         llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=2048, verbose=False)
         eos = llm.token_eos()
 
-        def run() -> int:
+        def run(tokens: int) -> int:
             out = llm.create_completion(prompt_text, max_tokens=tokens, temperature=0.0,
                                         logit_bias={eos: float("-inf")})  # fmt: skip
             return out["usage"]["completion_tokens"]
 
         return {"engine": "llama.cpp", "model": name, "dtype": "gguf (as shipped)", "batch_size": 1,
-                **timed(run, repeats)}  # fmt: skip
+                **timed(run, tokens, repeats)}  # fmt: skip
 
 
 def machine() -> dict:
@@ -184,13 +191,14 @@ def markdown_table(report: dict) -> str:
                      f"{ours['tokens_per_second']:.1f} | {ratio:.2f}× |")  # fmt: skip
     s2t_rows = [r for r in rows if r.get("method", "").startswith("s2t/") and "seconds" in r]
     if s2t_rows:
-        lines += ["", "| S2T (SLM + LLM) | dtype | batch | seconds | tok/s | × greedy SLM time |",
-                  "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        lines += ["", "| S2T (SLM + LLM) | dtype | batch | trigger rate | seconds | tok/s | × our greedy SLM time |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
         for r in s2t_rows:
             slm = r["model"].split(" + ")[0]
             base = by_key.get(("s2t engine", slm, r["dtype"], r["batch_size"], "greedy"))
             times = f"{r['seconds'] / base['seconds']:.2f}×" if base else "–"
-            lines.append(f"| {r['method']} | {r['dtype']} | {r['batch_size']} | {r['seconds']:.2f} | "
+            rate = f"{r['trigger_rate']:.1%}" if "trigger_rate" in r else "–"
+            lines.append(f"| {r['method']} | {r['dtype']} | {r['batch_size']} | {rate} | {r['seconds']:.2f} | "
                          f"{r['tokens_per_second']:.1f} | {times} |")  # fmt: skip
     for r in rows:
         if r.get("engine") == "llama.cpp":
@@ -257,11 +265,11 @@ def main() -> None:
             gen = S2TGenerator(load(name, dtype, args.random_weights))
             for bs in batch_sizes:
                 prompts = gen.encode(questions[:bs])
-                for engine, run in (("transformers.generate", hf_generate(gen, prompts, args.tokens)),
-                                    ("s2t engine", our_engine(gen, prompts, args.tokens, greedy))):  # fmt: skip
+                for engine, run in (("transformers.generate", hf_generate(gen, prompts)),
+                                    ("s2t engine", our_engine(gen, prompts, greedy))):  # fmt: skip
                     if wanted(engine, name, dtype, bs, "greedy"):
                         record({"engine": engine, "model": name, "dtype": dtype, "batch_size": bs,
-                                "method": "greedy", **timed(run, args.repeats)})  # fmt: skip
+                                "method": "greedy", **timed(run, args.tokens, args.repeats)})  # fmt: skip
             del gen
         pair = f"{models[0]} + {models[-1]}"
         if args.no_s2t or not any(wanted("s2t engine", pair, dtype, bs, m) for bs in batch_sizes
@@ -280,9 +288,9 @@ def main() -> None:
             prompts = gen.encode(questions[:bs])
             for label, method in methods.items():
                 if wanted("s2t engine", pair, dtype, bs, label):
-                    run = our_engine(gen, prompts, args.tokens, method, llm=gen.llm.model)
+                    run = our_engine(gen, prompts, method, llm=gen.llm.model)
                     record({"engine": "s2t engine", "model": pair, "dtype": dtype, "batch_size": bs,
-                            "method": label, **timed(run, args.repeats)})  # fmt: skip
+                            "method": label, **timed(run, args.tokens, args.repeats)})  # fmt: skip
         del gen
     if not args.no_llama_cpp and not args.random_weights:
         gen = S2TGenerator(load(models[0], "float32", False))

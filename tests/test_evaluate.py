@@ -80,6 +80,22 @@ def test_resumed_run_gives_the_same_summary_as_an_uninterrupted_one(tmp_path, da
     assert strip(again) == strip(full)
 
 
+def test_a_run_recorded_before_dtypes_were_resolved_resumes_as_float32(tmp_path, monkeypatch):
+    """Old runs stored ``"dtype": null`` (then float32); the dtype is now resolved and recorded."""
+    from s2t.evaluate import LEGACY_CONFIG
+    from s2t.runs import ConfigMismatchError, RunDirectory
+
+    monkeypatch.setenv("S2T_DEFAULT_DTYPE", "bfloat16")
+    assert EvalConfig(methods=["greedy"]).dtype == "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": None, "k": 8}))
+    with pytest.raises(
+        ConfigMismatchError, match="dtype: .float32. -> .bfloat16.*--dtype float32 resumes it"
+    ):
+        RunDirectory(tmp_path, {"dtype": "bfloat16", "k": 8}, legacy=LEGACY_CONFIG)
+    RunDirectory(tmp_path, {"dtype": "float32", "k": 8}, legacy=LEGACY_CONFIG)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float32"
+
+
 def test_a_changed_config_for_the_same_run_directory_is_refused(tmp_path, data_file, generator):
     evaluate(config(data_file, methods=["greedy"]), tmp_path / "run", progress=False, generator=generator)
     with pytest.raises(ConfigMismatchError, match="max_new_tokens"):

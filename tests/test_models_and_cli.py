@@ -19,7 +19,9 @@ from s2t.models import (
     TokenizerMismatchError,
     check_same_vocabulary,
     contiguous_output_head,
+    default_dtype,
     load_model,
+    resolve_dtype,
 )
 from s2t.policies.candidates import TopK
 from tests.conftest import make_model, make_tokenizer
@@ -39,6 +41,26 @@ def test_output_head_reads_contiguous_rows_and_gives_the_same_logits(tokenizer):
     assert seen == [True]
     assert len(head._forward_pre_hooks) == 2
     torch.testing.assert_close(last, full)
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bfloat16"), (False, "float32")])
+def test_default_dtype_is_bfloat16_only_where_the_cpu_computes_in_it(monkeypatch, native, expected):
+    from s2t import models
+
+    monkeypatch.delenv("S2T_DEFAULT_DTYPE")
+    monkeypatch.setattr(models.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_has_native_bfloat16", lambda: native)
+    assert default_dtype() == expected
+    assert resolve_dtype(None) == expected
+    assert resolve_dtype("float16") == "float16"  # a given dtype wins
+
+
+def test_bad_dtypes_are_refused_by_name(monkeypatch):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        resolve_dtype("int8")
+    monkeypatch.setenv("S2T_DEFAULT_DTYPE", "fp8")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        default_dtype()
 
 
 def test_unknown_model_name_gets_a_clear_error(monkeypatch):

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from s2t.builtin_models import cache_root
 from s2t.engine import CostRecord, Method, Scheduler, decode_stream
 from s2t.methods import build_method, calibrate, needs_calibration, trigger_statistics
-from s2t.models import LoadedModel, check_same_vocabulary, load_model, stop_token_ids
+from s2t.models import LoadedModel, check_same_vocabulary, load_model, resolve_dtype, stop_token_ids
 from s2t.policies.triggers import NeverTrigger, RandomTrigger
 from s2t.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from s2t.runs import locked, write_json_atomic
@@ -54,7 +54,8 @@ class S2TGenerator:
         slm: model name/path/Hub id, a loaded ``PreTrainedModel`` (then pass ``tokenizer``), or a ``LoadedModel``.
         llm: the same kinds of argument, or None. A name is loaded on first use by a method that needs it.
         tokenizer: the tokenizer for already-loaded models (shared by SLM and LLM).
-        dtype, device: for models loaded here (``llm_dtype``/``llm_device_map`` for the LLM).
+        dtype, device: for models loaded here (``llm_dtype``/``llm_device_map`` for the LLM); dtype
+            defaults to :func:`s2t.models.default_dtype` (bfloat16 on hardware that computes in it).
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class S2TGenerator:
         llm_dtype: str | None = None,
         llm_device_map: str | None = None,
     ):
+        dtype = resolve_dtype(dtype, device)  # bfloat16 where the hardware has it (models.default_dtype)
         self.slm = self._as_loaded(slm, tokenizer, dtype=dtype, device=device)
         self._llm_arg = llm
         self._llm: LoadedModel | None = None

@@ -38,7 +38,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from s2t.models import contiguous_output_head
+from s2t.models import cache_kwargs, contiguous_output_head
 from s2t.policies.candidates import TopK
 from s2t.policies.selectors import Selector, SLMSelector, StepContext
 from s2t.policies.triggers import NeverTrigger, Trigger
@@ -144,7 +144,7 @@ class ModelStream:
             input_ids=ids[:, self.seen :].to(device),
             attention_mask=mask.to(device),
             position_ids=positions[:, self.seen :].to(device),
-            past_key_values=self.cache,
+            **cache_kwargs(self.model, self.cache),
             use_cache=True,
             logits_to_keep=1,
             output_hidden_states=self.keep_hidden,

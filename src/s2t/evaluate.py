@@ -40,7 +40,7 @@ from s2t.methods import (
     needs_calibration,
     split_method_name,
 )
-from s2t.models import DEFAULT_LLM, DEFAULT_SLM
+from s2t.models import DEFAULT_LLM, DEFAULT_SLM, resolve_dtype
 from s2t.policies.triggers import TRIGGERS
 from s2t.runs import RunDirectory, locked
 
@@ -101,6 +101,7 @@ class EvalConfig:
                     f"method {m!r}: the learned trigger is stored with a selector: pass --selector DIR"
                 )
         self.methods = list(canonical)
+        self.dtype = resolve_dtype(self.dtype)  # recorded, so a run says which dtype made it
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         if self.calibration_problems < 1 and self.threshold is None:
@@ -141,6 +142,8 @@ RESUMABLE_KEYS = {"limit", "batch_size", "methods", "llm_device_map"}
 # it): a run may gain s2t-local later; each s2t-local record names its selector's weights digest
 # and a different selector for the same run directory is refused.
 SELECTOR_KEY = "selector"
+# Runs made before the dtype was resolved and recorded stored null, which then meant float32.
+LEGACY_CONFIG = {"dtype": "float32"}
 
 
 def is_local_method(name: str) -> bool:
@@ -221,7 +224,9 @@ class Evaluator:
         self.problems = list(problems) if problems is not None else self._load_problems()
         resumable = RESUMABLE_KEYS | ({SELECTOR_KEY} if config.trigger != "learned" else set())
         self.run = (
-            RunDirectory(out_dir, asdict(config), ignore_keys=resumable) if out_dir is not None else None
+            RunDirectory(out_dir, asdict(config), ignore_keys=resumable, legacy=LEGACY_CONFIG)
+            if out_dir is not None
+            else None
         )
         self.progress = progress
         self._generator = generator

@@ -7,6 +7,7 @@ and remote code is never trusted unless the caller asks for it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -95,6 +96,41 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU does bfloat16 arithmetic in hardware (x86 AVX512-BF16 or AMX-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def default_dtype(device: str | None = None) -> str:
+    """The decoding dtype when none is given: bfloat16 where the hardware computes in it, else float32.
+
+    On this project's CPU (AMD EPYC with AVX512-BF16) bfloat16 decodes up to 2.4× faster than float32
+    and gave the same greedy answers on the 100 GSM8K test problems (results/README.md, "dtype").
+    CUDA GPUs with bfloat16 support get it too; other CPUs keep float32, which bfloat16 would slow down.
+    ``S2T_DEFAULT_DTYPE`` overrides the choice (the test suite pins float32 with it).
+    """
+    forced = os.environ.get("S2T_DEFAULT_DTYPE")
+    if forced:
+        parse_dtype(forced)
+        return forced
+    on_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
+    if on_cuda:
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if cpu_has_native_bfloat16() else "float32"
+
+
+def resolve_dtype(dtype: str | None, device: str | None = None) -> str:
+    """A dtype name to record: the one given (checked), or :func:`default_dtype`."""
+    if dtype is None:
+        return default_dtype(device)
+    parse_dtype(dtype)
+    return dtype
+
+
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
@@ -140,6 +176,13 @@ def load_model(
     model.requires_grad_(False)
     contiguous_output_head(model)
     return LoadedModel(name=name, model=model, tokenizer=tokenizer)
+
+
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """The keyword that hands ``model.forward`` its KV cache: ``cache`` in newer transformers, which
+    deprecate (and will drop) ``past_key_values``; ``past_key_values`` before."""
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:

@@ -76,26 +76,41 @@ class RunDirectory:
     """A results directory bound to one configuration.
 
     ``ignore_keys`` names config entries that may change between resumptions without
-    changing the results (e.g. ``limit``, ``batch_size``, ``workers``).
+    changing the results (e.g. ``limit``, ``batch_size``, ``workers``). ``legacy`` says what a
+    null stored by an older version meant (e.g. ``{"dtype": "float32"}``), so such runs resume.
     """
 
-    def __init__(self, path: str | os.PathLike, config: dict, ignore_keys: Iterable[str] = ()):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        config: dict,
+        ignore_keys: Iterable[str] = (),
+        legacy: dict[str, Any] | None = None,
+    ):
         self.path = Path(path)
         self.config = json.loads(json.dumps(config, default=str))
         self.ignore_keys = set(ignore_keys)
+        self.legacy = dict(legacy or {})  # key -> what a stored null meant (an older default)
         self.path.mkdir(parents=True, exist_ok=True)
         config_file = self.path / "config.json"
         if config_file.is_file():
             existing = json.loads(config_file.read_text())
             diff = self._differences(existing, self.config)
             if diff:
+                legacy = [
+                    f"--{k.replace('_', '-')} {v}"
+                    for k, v in self.legacy.items()
+                    if existing.get(k, 0) is None
+                ]
+                hint = f" (it was made by an older version; {', '.join(legacy)} resumes it)" if legacy else ""
                 raise ConfigMismatchError(
                     f"{self.path} already holds results for a different configuration ({'; '.join(diff)}). "
-                    "Use a new --out directory, or the same arguments to resume."
+                    f"Use a new --out directory, or the same arguments to resume{hint}."
                 )
         write_json_atomic(config_file, self.config)
 
     def _differences(self, old: dict, new: dict) -> list[str]:
+        old = old | {k: v for k, v in self.legacy.items() if k in old and old[k] is None}
         keys = (set(old) | set(new)) - self.ignore_keys
         return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(keys) if old.get(k) != new.get(k)]
 

@@ -29,6 +29,13 @@ QuantileOpt = Annotated[
 KOpt = Annotated[int, typer.Option("--k", "-k", help="Candidate set size: the SLM's top-K.")]
 RatioOpt = Annotated[float | None, typer.Option(help="Keep candidates with p > ratio * p_max.")]
 DtypeOpt = Annotated[str | None, typer.Option(help="float32 (default), bfloat16 or float16.")]
+DecodeDtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="float32, bfloat16 or float16; default bfloat16 on hardware that computes in it "
+        "(CUDA, CPUs with AVX512-BF16 or AMX), else float32."
+    ),
+]
 LLMDtypeOpt = Annotated[
     str | None, typer.Option(help="The LLM's dtype (default: --dtype): float32, bfloat16 or float16.")
 ]

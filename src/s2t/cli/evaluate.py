@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from s2t.cli.app import (
-    DtypeOpt,
+    DecodeDtypeOpt,
     KOpt,
     LLMDeviceMapOpt,
     LLMDtypeOpt,
@@ -62,7 +62,7 @@ def eval_command(
     ] = 8,
     batch_size: Annotated[int, typer.Option(help="Problems decoded together.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed for sampling (maj@k) and random controls.")] = 0,
-    dtype: DtypeOpt = None,
+    dtype: DecodeDtypeOpt = None,
     selector: Annotated[
         str | None, typer.Option(help="Trained S2T-Local selector directory (s2t-local).")
     ] = None,

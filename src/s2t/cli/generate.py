@@ -11,7 +11,7 @@ from rich.table import Table
 from s2t.cli.app import (
     CalibrationProblemsOpt,
     DataDirOpt,
-    DtypeOpt,
+    DecodeDtypeOpt,
     KOpt,
     LLMDeviceMapOpt,
     LLMDtypeOpt,
@@ -70,7 +70,7 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 512,
     calibration_problems: CalibrationProblemsOpt = 8,
     data_dir: DataDirOpt = None,
-    dtype: DtypeOpt = None,
+    dtype: DecodeDtypeOpt = None,
     llm_dtype: LLMDtypeOpt = None,
     llm_device_map: LLMDeviceMapOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,

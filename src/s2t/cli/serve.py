@@ -9,7 +9,7 @@ import typer
 from s2t.cli.app import (
     CalibrationProblemsOpt,
     DataDirOpt,
-    DtypeOpt,
+    DecodeDtypeOpt,
     KOpt,
     LLMDeviceMapOpt,
     LLMDtypeOpt,
@@ -44,7 +44,7 @@ def serve(
     min_step: MinStepOpt = 3,
     calibration_problems: CalibrationProblemsOpt = 8,
     data_dir: DataDirOpt = None,
-    dtype: DtypeOpt = None,
+    dtype: DecodeDtypeOpt = None,
     llm_dtype: LLMDtypeOpt = None,
     llm_device_map: LLMDeviceMapOpt = None,
     host: Annotated[str, typer.Option(help="Address to bind (default: this machine only).")] = "127.0.0.1",

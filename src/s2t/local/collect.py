@@ -39,6 +39,7 @@ from s2t.models import (
     DEFAULT_LLM,
     DEFAULT_SLM,
     LoadedModel,
+    cache_kwargs,
     check_same_vocabulary,
     load_model,
     stop_token_ids,
@@ -108,7 +109,7 @@ def trajectory_forward(model, prompt: Sequence[int], trajectory: Sequence[int], 
     Pass a ``DynamicCache`` to keep the sequence's KV for :func:`candidate_hidden_states_at`.
     """
     ids = torch.tensor([list(prompt) + list(trajectory)], device=model.device)
-    out = model.model(input_ids=ids, past_key_values=cache, use_cache=cache is not None)
+    out = model.model(input_ids=ids, **cache_kwargs(model.model, cache), use_cache=cache is not None)
     hidden = out.last_hidden_state[0, len(prompt) - 1 : len(prompt) - 1 + len(trajectory)]
     return hidden, model.get_output_embeddings()(hidden)[:, :vocab_size].float()
 
@@ -139,7 +140,7 @@ def candidate_hidden_states_at(
         input_ids=candidates.reshape(1, m * k).to(model.device),
         attention_mask=block,
         position_ids=position_ids[None],
-        past_key_values=cache,
+        **cache_kwargs(model.model, cache),
         use_cache=True,
     )
     return out.last_hidden_state[0].reshape(m, k, -1)

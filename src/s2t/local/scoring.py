@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from s2t.models import cache_kwargs
+
 
 def candidate_attention_mask(prefix_mask: torch.Tensor, k: int, model: PreTrainedModel) -> torch.Tensor:
     """A (batch, 1, K, prefix + K) mask: candidate i attends to the valid prefix and to itself.
@@ -58,7 +60,7 @@ def candidate_hidden_states(
         input_ids=candidate_ids.to(device),
         attention_mask=candidate_attention_mask(prefix_mask.to(device), k, model),
         position_ids=positions.to(device),
-        past_key_values=cache,
+        **cache_kwargs(model.model, cache),
         use_cache=True,
     )
     return out.last_hidden_state

@@ -8,7 +8,7 @@ prompt, left-padded), exactly ``--tokens`` new tokens per sequence (stop tokens 
 so both do the same work), timed as the median over ``--repeats`` runs after a 4-token warm-up. Then S2T
 (SLM + LLM) at the evaluation trigger (entropy, the threshold calibrated at its 95% train quantile
 in results/eval-gsm8k-test-100) and at ``always``, and llama.cpp on the same GGUF weights at batch 1
-when ``llama-cpp-python`` is installed (a bench-only extra: ``pip install llama-cpp-python``).
+when ``llama-cpp-python`` is installed (a bench-only extra: ``pip install "select-to-think[bench]"``).
 Real models; not a test. Run it on a quiet machine: the figures are only as clean as the machine.
 
 Rows are written to ``--out`` as they finish, and a rerun with the same settings skips the rows that
@@ -57,6 +57,9 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+GGUF_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+                   11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+                   17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}  # fmt: skip  # llama.cpp's LLAMA_FTYPE_*
 WARMUP_TOKENS = 4  # the warm-up run: enough to allocate the caches and pick the kernels
 
 
@@ -124,16 +127,20 @@ def llama_cpp_row(name: str, prompt_text: str, tokens: int, threads: int, repeat
 
     with tempfile.TemporaryDirectory() as tmp:
         gguf = assemble_gguf(BUILTIN_MODELS[name], Path(tmp) / f"{name}.gguf", progress=False)
-        llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=2048, verbose=False)
+        llm = Llama(
+            model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=2048, verbose=False
+        )
         eos = llm.token_eos()
+        weights = GGUF_FILE_TYPES.get(int(llm.metadata.get("general.file_type", -1)), "gguf (as shipped)")
 
         def run(tokens: int) -> int:
+            llm.reset()  # read the prompt again each run, as our engine and generate do
             out = llm.create_completion(prompt_text, max_tokens=tokens, temperature=0.0,
                                         logit_bias={eos: float("-inf")})  # fmt: skip
             return out["usage"]["completion_tokens"]
 
-        return {"engine": "llama.cpp", "model": name, "dtype": "gguf (as shipped)", "batch_size": 1,
-                **timed(run, tokens, repeats)}  # fmt: skip
+        return {"engine": "llama.cpp", "model": name, "dtype": "gguf (as shipped)", "weights": weights,
+                "batch_size": 1, **timed(run, tokens, repeats)}  # fmt: skip
 
 
 def machine() -> dict:
@@ -202,7 +209,10 @@ def markdown_table(report: dict) -> str:
                          f"{r['tokens_per_second']:.1f} | {times} |")  # fmt: skip
     for r in rows:
         if r.get("engine") == "llama.cpp":
-            detail = r.get("skipped") or f"{r['tokens_per_second']:.1f} tok/s at batch 1"
+            detail = (
+                r.get("skipped")
+                or f"{r['tokens_per_second']:.1f} tok/s at batch 1 ({r.get('weights', 'gguf')} weights)"
+            )
             lines.append(f"\nllama.cpp, {short(r['model'])}: {detail}")
     return "\n".join(lines)
 

@@ -48,6 +48,7 @@ from s2t.models import (
     parse_dtype,
     resolve_model_path,
 )
+from s2t.prompts import build_prompt
 
 EVAL_CALIBRATION = Path("results/eval-gsm8k-test-100/calibration.json")
 
@@ -164,8 +165,9 @@ def load(name: str, dtype: str, random_weights: bool) -> LoadedModel:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialise where it runs
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=parse_dtype(dtype))
     model.eval().requires_grad_(False)
-    model.generation_config.pad_token_id = load_tokenizer(name).tokenizer.pad_token_id
-    return LoadedModel(name, contiguous_output_head(model), load_tokenizer(name).tokenizer)
+    tokenizer = load_tokenizer(name).tokenizer
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(name, contiguous_output_head(model), tokenizer)
 
 
 def row_key(row: dict) -> tuple:
@@ -231,6 +233,7 @@ def main() -> None:
     )
     parser.add_argument("--no-s2t", action="store_true", help="skip the S2T rows (they load both models)")
     parser.add_argument("--no-llama-cpp", action="store_true")
+    parser.add_argument("--only-llama-cpp", action="store_true", help="add only the llama.cpp rows to --out")
     parser.add_argument("--out", default=None, help="JSON written row by row; a rerun resumes it")
     parser.add_argument(
         "--table", metavar="JSON", default=None, help="print the markdown table of a result file"
@@ -266,7 +269,7 @@ def main() -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2) + "\n")
 
-    for dtype in args.dtypes.split(","):
+    for dtype in [] if args.only_llama_cpp else args.dtypes.split(","):
         greedy = build_method("greedy")
         for name in models:
             if not any(wanted(e, name, dtype, bs, "greedy") for bs in batch_sizes
@@ -303,8 +306,8 @@ def main() -> None:
                             "method": label, **timed(run, args.tokens, args.repeats)})  # fmt: skip
         del gen
     if not args.no_llama_cpp and not args.random_weights:
-        gen = S2TGenerator(load(models[0], "float32", False))
-        text = gen.tokenizer.decode(gen.encode(questions[:1])[0])
+        tokenizer = load_tokenizer(models[0]).tokenizer  # the prompt as text; no model needed
+        text = tokenizer.decode(build_prompt(tokenizer, questions[0]))
         for name in models:
             if wanted("llama.cpp", name, "gguf (as shipped)", 1, None):
                 record(llama_cpp_row(name, text, args.tokens, args.threads, args.repeats))

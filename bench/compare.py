@@ -44,6 +44,7 @@ from s2t.models import (
     DEFAULT_SLM,
     LoadedModel,
     contiguous_output_head,
+    load_model,
     load_tokenizer,
     parse_dtype,
     resolve_model_path,
@@ -159,7 +160,7 @@ def machine() -> dict:
 def load(name: str, dtype: str, random_weights: bool) -> LoadedModel:
     """A model for timing: its real weights, or random ones of the same shapes (``--random-weights``)."""
     if not random_weights:
-        return S2TGenerator(name, dtype=dtype).slm
+        return load_model(name, dtype=dtype)
     path = resolve_model_path(name)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialise where it runs

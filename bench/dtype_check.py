@@ -61,7 +61,7 @@ def compare(a_dir: Path, b_dir: Path, method: str) -> dict:
         "generated_tokens": {
             "a": sum(a[i]["cost"]["generated_tokens"] for i in ids),
             "b": sum(b[i]["cost"]["generated_tokens"] for i in ids),
-        },  # fmt: skip
+        },
         "wall_time_b_minus_a_s": {"mean": time_diff.mean_diff, "ci": [time_diff.low, time_diff.high]},
     }
 

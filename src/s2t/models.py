@@ -110,7 +110,8 @@ def cpu_has_native_bfloat16() -> bool:
 def default_dtype(device: str | None = None) -> str:
     """The decoding dtype when none is given: bfloat16 where the hardware computes in it, else float32.
 
-    On this project's CPU (AMD EPYC with AVX512-BF16) bfloat16 decodes up to 2.4× faster than float32,
+    On this project's CPU (AMD EPYC with AVX512-BF16) bfloat16 decodes 1.5–3.0× faster than float32
+    (results/bench/compare.json),
     and the SLM's greedy accuracy on the 100 GSM8K test problems matched float32's within noise (29% vs
     26%, McNemar p = 0.55; results/README.md, "bfloat16 against float32").
     CUDA GPUs with bfloat16 support get it too; other CPUs keep float32, which bfloat16 would slow down.

@@ -97,12 +97,12 @@ class RunDirectory:
             existing = json.loads(config_file.read_text())
             diff = self._differences(existing, self.config)
             if diff:
-                legacy = [
+                older = [
                     f"--{k.replace('_', '-')} {v}"
                     for k, v in self.legacy.items()
-                    if existing.get(k, 0) is None
+                    if k in existing and existing[k] is None
                 ]
-                hint = f" (it was made by an older version; {', '.join(legacy)} resumes it)" if legacy else ""
+                hint = f" (it was made by an older version; {', '.join(older)} resumes it)" if older else ""
                 raise ConfigMismatchError(
                     f"{self.path} already holds results for a different configuration ({'; '.join(diff)}). "
                     f"Use a new --out directory, or the same arguments to resume{hint}."

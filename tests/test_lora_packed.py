@@ -21,7 +21,7 @@ peft = pytest.importorskip("peft")
 def groups(tmp_path_factory, slm, llm):
     out = tmp_path_factory.mktemp("packed_groups")
     cfg = CollectConfig(slm="tiny-slm", llm="tiny-llm", dataset="tiny", k=4, max_new_tokens=16, batch_size=2,
-                        entropy_quantile=0.5)  # fmt: skip
+                        groups_at="entropy@0.5")  # fmt: skip
     Collector(cfg, out, slm=slm, llm=llm, problems=_problems(), progress=False).run_all()
     return out
 

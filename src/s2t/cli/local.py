@@ -37,9 +37,17 @@ def collect(
         str, typer.Option(help="teacher-forced (cheap) or on-policy (S2T decoding, as the paper).")
     ] = ("teacher-forced"),
     k: Annotated[int, typer.Option("--k", "-k", help="Candidates per group (the SLM's top-K).")] = 16,
-    entropy_quantile: Annotated[
-        float, typer.Option(help="teacher-forced: also keep positions in this SLM-entropy quantile.")
-    ] = 0.9,
+    groups_at: Annotated[
+        str,
+        typer.Option(
+            help="teacher-forced: keep the positions where any of these trigger settings fires "
+            "(entropy/margin/kl @QUANTILE or =THRESHOLD, or always; quantiles calibrated on the "
+            "collection's first --calibration-problems problems)."
+        ),
+    ] = "entropy@0.8,kl@0.9",
+    calibration_problems: Annotated[
+        int, typer.Option(help="Training problems that calibrate --groups-at quantiles.")
+    ] = 8,
     threshold: Annotated[float | None, typer.Option(help="on-policy: entropy trigger threshold.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Trajectory length limit.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Problems decoded together.")] = 8,
@@ -63,7 +71,8 @@ def collect(
             raise ValueError("on-policy collection needs --threshold (the entropy trigger's threshold)")
         config = CollectConfig(
             slm=slm, llm=llm, dataset=dataset, split=split, limit=limit, offset=offset, data_file=data_file,
-            mode=mode, k=k, entropy_quantile=entropy_quantile, on_policy_threshold=threshold,
+            mode=mode, k=k, groups_at=groups_at, calibration_problems=calibration_problems,
+            on_policy_threshold=threshold,
             max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, llm_dtype=llm_dtype,
             llm_device_map=llm_device_map,
         )  # fmt: skip

@@ -5,15 +5,21 @@ top-K candidates there, the SLM's and the LLM's probabilities on them, and trigg
 
 Two modes:
 - ``teacher-forced`` (default, cheap): the SLM decodes greedily; the LLM reads the whole
-  trajectory in one forward pass; groups are the positions where the SLM and the LLM disagree
-  on the top-1 token or where the SLM's entropy is high.
+  trajectory in one forward pass; groups are the positions where any of the ``groups_at``
+  trigger settings fires (default ``entropy@0.8,kl@0.9``: where the entropy trigger that
+  S2T-Local runs at would fire, and where the LLM's KL trigger would, which a learned trigger
+  imitates). Quantile settings are calibrated once per run, as evaluation calibrates them: on
+  the statistics of greedy SLM decoding of the collection's first (training) problems, stored in
+  the run's ``calibration.json``. Each group records every trigger statistic, so training can keep
+  exactly the groups of the trigger it will run at.
 - ``on-policy`` (as the paper): S2T decoding with the LLM selector over the SLM's top-K; groups
   are the triggered steps, on the trajectory S2T actually produced.
 
 For every problem the SLM also reads all candidates of all its groups in one more forward over
 the trajectory's KV cache (a 4D mask: each candidate sees its own prefix and itself), which
 gives the candidate hidden states that the head-mode trainer needs, plus per-position features
-(hidden state, entropy, margin, divergence label) for learning an LLM-free trigger.
+(hidden state, entropy, margin, KL(SLM‖LLM) over the SLM's top-64, divergence label) for
+learning an LLM-free trigger.
 
 Per problem, tensors go to ``features/<index>.safetensors`` and a record (trajectory, group
 metadata) is appended to ``problems.jsonl``; a run resumes by skipping recorded problems.
@@ -44,8 +50,8 @@ from s2t.models import (
     load_model,
     stop_token_ids,
 )
-from s2t.policies import EntropyTrigger, LLMSelector, TopK
-from s2t.policies.triggers import TOP_N_FOR_STATISTICS
+from s2t.policies import EntropyTrigger, KLTrigger, LLMSelector, MarginTrigger, TopK
+from s2t.policies.triggers import make_trigger
 from s2t.prompts import build_prompt
 from s2t.runs import RunDirectory, read_jsonl
 
@@ -71,7 +77,8 @@ class CollectConfig:
     data_file: str | None = None
     mode: str = "teacher-forced"
     k: int = 16
-    entropy_quantile: float = 0.9  # teacher-forced: also keep positions whose SLM entropy is in the top 10%
+    groups_at: str = "entropy@0.8,kl@0.9"  # teacher-forced: trigger settings whose firing positions are kept
+    calibration_problems: int = 8  # the dataset's first N training problems calibrate quantile settings
     on_policy_threshold: float | None = None  # on-policy: entropy threshold of the S2T trigger
     min_step: int = 3
     max_new_tokens: int = 512
@@ -90,15 +97,53 @@ class CollectConfig:
             )
         if not 1 <= self.k:
             raise ValueError(f"K must be >= 1; got {self.k}")
+        if self.calibration_problems < 1:
+            raise ValueError(f"calibration_problems must be >= 1; got {self.calibration_problems}")
+        group_settings(self.groups_at)  # validates the settings before any model loads
 
 
-def _softmax_top(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    probs = torch.softmax(logits.float(), dim=-1)
-    return probs.topk(n, dim=-1)
+GROUP_TRIGGERS = ("entropy", "margin", "kl", "always")
 
 
-def _entropy_top64(logits: torch.Tensor) -> torch.Tensor:
-    return EntropyTrigger().statistic(logits, None)
+def group_settings(spec: str):
+    """Parse ``groups_at`` ("entropy@0.8,kl@0.9") into trigger settings; raises ``ValueError``."""
+    from s2t.methods import split_method_name
+
+    settings = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        _, setting = split_method_name(f"s2t/{part}")
+        if setting.trigger not in GROUP_TRIGGERS or setting.k is not None:
+            raise ValueError(
+                f"--groups-at {part!r}: choose triggers from {', '.join(GROUP_TRIGGERS)} "
+                "(e.g. entropy@0.8, kl=1.1, always), without /kK"
+            )
+        settings.append(setting)
+    if not settings:
+        raise ValueError("--groups-at names no trigger setting (e.g. entropy@0.8,kl@0.9)")
+    return settings
+
+
+def position_statistics(slm_logits: torch.Tensor, llm_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each trigger's statistic at every position: (T,) float32 tensors keyed by trigger name.
+
+    The same definitions as the triggers at decoding time (:mod:`s2t.policies.triggers`).
+    """
+    return {
+        "entropy": EntropyTrigger().statistic(slm_logits, None),
+        "margin": MarginTrigger().statistic(slm_logits, None),
+        "kl": KLTrigger().statistic(slm_logits, llm_logits),
+    }
+
+
+def fires_at(setting, threshold: float | None, statistics: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Where a group setting fires, given its (calibrated) threshold; (T,) bool."""
+    if setting.trigger == "always":
+        return torch.ones_like(statistics["entropy"], dtype=torch.bool)
+    trigger = make_trigger(setting.trigger, threshold)
+    stat = statistics[setting.trigger]
+    return stat >= threshold if trigger.higher_is_critical else stat <= threshold
 
 
 @torch.inference_mode()
@@ -210,11 +255,18 @@ class Collector:
 
         done = self.done_ids()
         todo = [p for p in self.problems if p.id not in done]
+        thresholds = self.group_thresholds() if todo and self.config.mode == "teacher-forced" else {}
         bar = tqdm(total=len(self.problems), initial=len(self.problems) - len(todo), desc="collecting",
                    unit="problem", disable=not self.progress, dynamic_ncols=True)  # fmt: skip
         bs = self.config.batch_size
         worker = self._worker
-        make_worker = (lambda: worker) if worker is not None else partial(CollectWorker, self.config)
+        if worker is not None:
+            worker.group_thresholds = thresholds
+        make_worker = (
+            (lambda: worker)
+            if worker is not None
+            else partial(CollectWorker, self.config, group_thresholds=thresholds)
+        )
 
         def finished(record: dict) -> None:
             # features first: a recorded problem never points to a missing file
@@ -230,6 +282,34 @@ class Collector:
         return len(todo)
 
 
+    def group_thresholds(self) -> dict[str, float | None]:
+        """Each ``groups_at`` setting's threshold: given, or calibrated once per run and stored in
+        ``calibration.json`` (the quantile of the statistic over the greedy trajectories of the
+        collection's first ``calibration_problems`` problems, after ``min_step``)."""
+        c = self.config
+        stored_file = self.run.path / "calibration.json"
+        stored = json.loads(stored_file.read_text()) if stored_file.is_file() else {}
+        settings = group_settings(c.groups_at)
+        missing = [s for s in settings if s.quantile is not None and s.label not in stored]
+        if missing:
+            problems = self.problems[: c.calibration_problems]
+            logger.info("calibrating %s on %d training problems", c.groups_at, len(problems))
+            # with Ray workers the driver calibrates on a pair of its own (once per run)
+            stats = (self._worker or CollectWorker(c)).position_statistics(problems)
+            for s in missing:
+                trigger = make_trigger(s.trigger)
+                stored[s.label] = {
+                    "trigger": s.trigger,
+                    "quantile": s.quantile,
+                    "threshold": trigger.threshold_for_quantile(stats[s.trigger], s.quantile),
+                    "problems": [p.id for p in problems],
+                }
+            self.run.write_json("calibration.json", stored)
+        return {
+            s.label: (stored[s.label]["threshold"] if s.quantile is not None else s.threshold) for s in settings
+        }
+
+
 class CollectWorker:
     """Loads (or wraps) the model pair and turns a batch of problems into finished records.
 
@@ -238,8 +318,10 @@ class CollectWorker:
     workers need no shared filesystem).
     """
 
-    def __init__(self, config: CollectConfig, slm: LoadedModel | None = None, llm: LoadedModel | None = None):
+    def __init__(self, config: CollectConfig, slm: LoadedModel | None = None, llm: LoadedModel | None = None,
+                 group_thresholds: dict[str, float | None] | None = None):  # fmt: skip
         self.config = config
+        self.group_thresholds = group_thresholds or {}
         self.slm = slm or load_model(config.slm, dtype=config.dtype)
         self.llm = llm or load_model(
             config.llm, dtype=config.llm_dtype or config.dtype, device_map=config.llm_device_map
@@ -249,6 +331,18 @@ class CollectWorker:
 
     def run_shard(self, batch: Sequence[Problem]) -> list[dict]:
         return list(self._collect_batch(batch))
+
+    def position_statistics(self, problems: Sequence[Problem]) -> dict[str, torch.Tensor]:
+        """Trigger statistics at every position after ``min_step`` of the problems' greedy SLM
+        trajectories, both models teacher-forced (calibration of the ``groups_at`` settings)."""
+        prompts = [build_prompt(self.slm.tokenizer, p.question) for p in problems]
+        collected: dict[str, list[torch.Tensor]] = {}
+        for prompt, gen in zip(prompts, self._decode(prompts, None, None)):
+            _, slm_logits = trajectory_forward(self.slm.model, prompt, gen.token_ids, self.vocab_size)
+            _, llm_logits = trajectory_forward(self.llm.model, prompt, gen.token_ids, self.vocab_size)
+            for name, value in position_statistics(slm_logits.cpu(), llm_logits.cpu()).items():
+                collected.setdefault(name, []).append(value[self.config.min_step :])
+        return {name: torch.cat(values) for name, values in collected.items()}
 
     def _decode(self, prompts, method, llm):
         c = self.config
@@ -290,9 +384,8 @@ class CollectWorker:
         _, llm_logits = trajectory_forward(self.llm.model, prompt, trajectory, self.vocab_size)
         slm_logits, llm_logits = slm_logits.cpu(), llm_logits.cpu()
         slm_top1, llm_top1 = slm_logits.argmax(-1), llm_logits.argmax(-1)
-        entropy = _entropy_top64(slm_logits)
-        top2 = torch.softmax(slm_logits, -1).topk(2, -1).values
-        margin = top2[:, 0] - top2[:, 1]
+        stats = position_statistics(slm_logits, llm_logits)
+        entropy, margin, kl = stats["entropy"], stats["margin"], stats["kl"]
         divergent = slm_top1 != llm_top1
         eligible = torch.arange(t) >= c.min_step
 
@@ -304,9 +397,12 @@ class CollectWorker:
                 else torch.zeros(0, c.k, dtype=torch.long)
             )
         else:
-            cutoff = torch.quantile(entropy[eligible], c.entropy_quantile) if eligible.any() else float("inf")
-            chosen = eligible & (divergent | (entropy >= cutoff))
-            positions = chosen.nonzero().flatten().tolist()
+            chosen = torch.zeros(t, dtype=torch.bool)
+            for setting in group_settings(c.groups_at):
+                if setting.label not in self.group_thresholds:
+                    raise RuntimeError(f"no threshold for the group setting {setting.label!r} (not calibrated)")
+                chosen |= fires_at(setting, self.group_thresholds[setting.label], stats)
+            positions = (chosen & eligible).nonzero().flatten().tolist()
             cand_ids = (
                 slm_logits[positions].topk(c.k, -1).indices
                 if positions
@@ -336,6 +432,7 @@ class CollectWorker:
             "position_hidden": pos_hidden.half().cpu().contiguous(),
             "position_entropy": entropy.contiguous(),
             "position_margin": margin.contiguous(),
+            "position_kl": kl.contiguous(),
             "position_slm_topk_probs": torch.softmax(slm_logits, -1)
             .topk(POSITION_TOP_PROBS, -1)
             .values.contiguous(),
@@ -362,6 +459,7 @@ class CollectWorker:
                     "llm_best": int(llm_best[i]),
                     "entropy": round(float(entropy[pos]), 5),
                     "margin": round(float(margin[pos]), 5),
+                    "kl": round(float(kl[pos]), 5),
                     "divergent": bool(divergent[pos]),
                 }
                 for i, pos in enumerate(positions)
@@ -418,5 +516,4 @@ __all__ = [
     "collected_records",
     "LeakageError",
     "collect",
-    "TOP_N_FOR_STATISTICS",
 ]

@@ -125,10 +125,10 @@ class S2TGenerator:
         head-mode selector, or a new one around the SLM with the selector's LoRA adapter merged in
         (the LLM is never part of it).
         """
-        from s2t.local.selector import LocalSelector, load_adapted_slm, selector_directory
+        from s2t.local.selector import load_adapted_slm, load_selector, selector_directory, selector_kind
 
-        selector = LocalSelector.from_pretrained(selector_directory(directory), model=self.slm.model)
-        if selector.config.training.get("mode") != "lora":
+        selector = load_selector(selector_directory(directory), model=self.slm.model)
+        if selector_kind(directory) != "lora":
             return self, selector
         adapted = load_adapted_slm(self.slm.model, directory)
         return S2TGenerator(LoadedModel(f"{self.slm.name}+lora", adapted, self.slm.tokenizer)), selector

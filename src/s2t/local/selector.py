@@ -15,9 +15,8 @@ selector also carries a peft adapter (``adapter/``), merged into a copy of the S
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,16 +25,19 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from s2t.local.scoring import candidate_hidden_states, keep_candidate
+from s2t.policies.checkpoint import (  # noqa: F401 (re-exported: the selectors' checkpoint helpers)
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    SelectorCheckpointError,
+    checkpoint_digest,
+    matches_fingerprint,
+    model_fingerprint,
+    read_config,
+)
 from s2t.policies.selectors import Selector, StepContext
 
 NUM_BINS = 16
-WEIGHTS_NAME = "selector.safetensors"
-CONFIG_NAME = "selector_config.json"
 ADAPTER_DIR = "adapter"  # a LoRA selector's peft adapter, beside its bins
-
-
-class SelectorCheckpointError(ValueError):
-    """A selector checkpoint is missing, corrupted, or belongs to another base model."""
 
 
 def selector_directory(directory: str | Path | None) -> str | Path:
@@ -45,61 +47,6 @@ def selector_directory(directory: str | Path | None) -> str | Path:
             "the s2t-local method needs a trained selector: pass --selector DIR (see `s2t train`)"
         )
     return directory
-
-
-def read_config(path: Path, config_class):
-    """Build the dataclass ``config_class`` from a JSON file; a malformed file gets an error naming it."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SelectorCheckpointError(f"{path} is not readable JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise SelectorCheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
-    known = {f.name: f for f in fields(config_class)}
-    missing = [
-        n for n, f in known.items() if f.default is MISSING and f.default_factory is MISSING and n not in data
-    ]
-    unknown = sorted(set(data) - set(known))
-    if missing or unknown:
-        parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
-            [f"unknown {', '.join(unknown)}"] if unknown else []
-        )
-        raise SelectorCheckpointError(
-            f"{path} is malformed ({'; '.join(parts)}); re-save it with `s2t train`"
-        )
-    return config_class(**data)
-
-
-def checkpoint_digest(directory: str | Path) -> str:
-    """A short hash of a saved selector's weights: which trained selector produced a result."""
-    digest = hashlib.sha256((Path(directory) / WEIGHTS_NAME).read_bytes()).hexdigest()
-    return digest[:16]
-
-
-def model_fingerprint(model: PreTrainedModel) -> str:
-    """A short hash of a model's architecture and a sample of its weights.
-
-    Two loads of the same checkpoint agree in any dtype (the sample is rounded through bfloat16,
-    so a model trained on in bfloat16 is recognised in float32); different models do not.
-    """
-    return _fingerprint(model, torch.bfloat16)
-
-
-def matches_fingerprint(model: PreTrainedModel, fingerprint: str) -> bool:
-    """Whether ``model`` is the base model behind ``fingerprint`` (also in the form older releases wrote)."""
-    return fingerprint in (model_fingerprint(model), _fingerprint(model, None))
-
-
-def _fingerprint(model: PreTrainedModel, round_through: torch.dtype | None) -> str:
-    config = model.config
-    arch = [type(model).__name__, config.hidden_size, config.num_hidden_layers, config.vocab_size]
-    emb = model.get_input_embeddings().weight
-    sample = emb[: min(64, emb.shape[0]), : min(64, emb.shape[1])].detach()
-    if round_through is not None:
-        sample = sample.to(round_through)
-    digest = hashlib.sha256(json.dumps(arch).encode())
-    digest.update(torch.round(sample.float().cpu() * 1e3).to(torch.int32).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def reserved_ids(model: PreTrainedModel, vocab_size: int, n: int = NUM_BINS) -> list[int]:
@@ -217,6 +164,45 @@ class LocalSelector(Selector):
         if model is not None:
             selector.check_base(model)
         return selector
+
+
+SELECTOR_KINDS = ("head", "lora", "features")
+
+
+def selector_kind(directory: str | Path) -> str:
+    """Which kind of S2T-Local selector a checkpoint holds: ``head``, ``lora`` or ``features``.
+
+    Raises:
+        SelectorCheckpointError: no readable config, or a kind this release does not know.
+    """
+    path = Path(directory) / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SelectorCheckpointError(f"{directory} is not a selector checkpoint (no {CONFIG_NAME})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SelectorCheckpointError(f"{path} is not readable JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise SelectorCheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    kind = data.get("kind") or (data.get("training") or {}).get("mode") or "head"
+    if kind not in SELECTOR_KINDS:
+        raise SelectorCheckpointError(
+            f"{directory} holds a selector of kind {kind!r}, which this release cannot load; "
+            f"known kinds: {', '.join(SELECTOR_KINDS)}"
+        )
+    return kind
+
+
+def load_selector(directory: str | Path, model: PreTrainedModel | None = None) -> Selector:
+    """Load any kind of trained S2T-Local selector; with ``model``, refuse one trained on another SLM.
+
+    A ``lora`` selector's adapter is not merged here: see :func:`load_adapted_slm`.
+    """
+    from s2t.policies.feature_selector import FeatureSelector
+
+    if selector_kind(directory) == "features":
+        return FeatureSelector.from_pretrained(directory, model=model)
+    return LocalSelector.from_pretrained(directory, model=model)
 
 
 def load_adapted_slm(model, selector_dir: str | Path):

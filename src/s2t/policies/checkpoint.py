@@ -1,0 +1,74 @@
+"""What every saved selector and learned trigger shares: a JSON config read safely, and the
+fingerprint that pins a checkpoint to the SLM it was trained on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+WEIGHTS_NAME = "selector.safetensors"  # every selector kind's weights file
+CONFIG_NAME = "selector_config.json"  # ... and its JSON config
+
+
+class SelectorCheckpointError(ValueError):
+    """A selector checkpoint is missing, corrupted, or belongs to another base model."""
+
+
+def read_config(path: Path, config_class):
+    """Build the dataclass ``config_class`` from a JSON file; a malformed file gets an error naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SelectorCheckpointError(f"{path} is not readable JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise SelectorCheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    known = {f.name: f for f in fields(config_class)}
+    missing = [
+        n for n, f in known.items() if f.default is MISSING and f.default_factory is MISSING and n not in data
+    ]
+    unknown = sorted(set(data) - set(known))
+    if missing or unknown:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unknown {', '.join(unknown)}"] if unknown else []
+        )
+        raise SelectorCheckpointError(
+            f"{path} is malformed ({'; '.join(parts)}); re-save it with `s2t train`"
+        )
+    return config_class(**data)
+
+
+def checkpoint_digest(directory: str | Path) -> str:
+    """A short hash of a saved selector's weights: which trained selector produced a result."""
+    digest = hashlib.sha256((Path(directory) / WEIGHTS_NAME).read_bytes()).hexdigest()
+    return digest[:16]
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """A short hash of a model's architecture and a sample of its weights.
+
+    Two loads of the same checkpoint agree in any dtype (the sample is rounded through bfloat16,
+    so a model trained on in bfloat16 is recognised in float32); different models do not.
+    """
+    return _fingerprint(model, torch.bfloat16)
+
+
+def matches_fingerprint(model: PreTrainedModel, fingerprint: str) -> bool:
+    """Whether ``model`` is the base model behind ``fingerprint`` (also in the form older releases wrote)."""
+    return fingerprint in (model_fingerprint(model), _fingerprint(model, None))
+
+
+def _fingerprint(model: PreTrainedModel, round_through: torch.dtype | None) -> str:
+    config = model.config
+    arch = [type(model).__name__, config.hidden_size, config.num_hidden_layers, config.vocab_size]
+    emb = model.get_input_embeddings().weight
+    sample = emb[: min(64, emb.shape[0]), : min(64, emb.shape[1])].detach()
+    if round_through is not None:
+        sample = sample.to(round_through)
+    digest = hashlib.sha256(json.dumps(arch).encode())
+    digest.update(torch.round(sample.float().cpu() * 1e3).to(torch.int32).numpy().tobytes())
+    return digest.hexdigest()[:16]

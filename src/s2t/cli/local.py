@@ -88,8 +88,19 @@ def train_command(
     groups: Annotated[str, typer.Option(help="A collection directory made by `s2t collect`.")],
     out: Annotated[str, typer.Option(help="Where to save the selector (safetensors + JSON config).")],
     mode: Annotated[
-        str, typer.Option(help="head (frozen SLM; minutes) or lora (the paper's; packed by problem).")
+        str,
+        typer.Option(
+            help="features (a listwise scorer over the SLM's own top-K distribution; no extra forward "
+            "at inference; minutes), head (frozen SLM, score bins) or lora (the paper's; packed by problem)."
+        ),
     ] = "head",
+    groups_at: Annotated[
+        str | None,
+        typer.Option(
+            help="features: train only on groups where these trigger settings fire (e.g. entropy@0.8, "
+            "calibrated by the collection, or entropy=0.48): the points the selector will meet."
+        ),
+    ] = None,
     groups_subset: Annotated[
         str, typer.Option(help="all, or divergent (SLM top-1 ≠ LLM top-1) only.")
     ] = "all",
@@ -130,18 +141,56 @@ def train_command(
     trigger_rate: Annotated[
         float, typer.Option(help="Also train an LLM-free trigger firing on this share of steps (0 to skip).")
     ] = 0.05,
+    trigger_label: Annotated[
+        str,
+        typer.Option(
+            help="What the learned trigger predicts: kl@Q (KL(SLM||LLM) in its top 1-Q, where the "
+            "paper's KL trigger fires) or divergent (LLM top-1 != SLM top-1)."
+        ),
+    ] = "kl@0.95",
     dtype: DtypeOpt = None,
 ) -> None:
     """Train the S2T-Local selector (and an LLM-free trigger) from collected groups."""
     from s2t.local.objective import LORA_DEFAULT_LR, TrainConfig
     from s2t.local.selector import SelectorCheckpointError
     from s2t.local.train import train
+    from s2t.local.trigger import parse_label
 
-    defaults = {"head": (30, 1e-2, 256), "lora": (3, LORA_DEFAULT_LR, 1)}
+    defaults = {"head": (30, 1e-2, 256), "lora": (3, LORA_DEFAULT_LR, 1), "features": (30, 3e-3, 256)}
     try:
         if mode not in defaults:
-            raise ValueError(f"mode must be head or lora; got {mode!r}")
+            raise ValueError(f"mode must be features, head or lora; got {mode!r}")
+        if trigger_rate > 0:
+            parse_label(trigger_label)  # before any training
+        if groups_at and mode != "features":
+            raise ValueError("--groups-at applies to --mode features")
         d_epochs, d_lr, d_bs = defaults[mode]
+    except ValueError as e:
+        fail(str(e))
+    if mode == "features":
+        selector = _train_features(
+            groups,
+            out,
+            k or 8,
+            groups_at,
+            epochs or d_epochs,
+            lr or d_lr,
+            batch_size or d_bs,
+            val_fraction,
+            seed,
+            dtype,
+        )
+        try:
+            trigger = (
+                _train_trigger(groups, out, trigger_rate, val_fraction, seed, dtype, trigger_label)
+                if trigger_rate > 0
+                else None
+            )
+        except (ValueError, FileNotFoundError) as e:
+            fail(f"the selector is saved in {out}; the learned trigger failed: {e}")
+        _report(selector, trigger, trigger_rate, out)
+        return
+    try:
         config = TrainConfig(
             groups=groups, out=out, mode=mode, groups_subset=groups_subset, epochs=epochs or d_epochs,
             lr=lr or d_lr, batch_size=batch_size or d_bs, val_fraction=val_fraction, seed=seed, dtype=dtype,
@@ -155,7 +204,9 @@ def train_command(
             if not PartialState().is_main_process:  # under `accelerate launch`: the main process reports
                 return
         trigger = (
-            _train_trigger(groups, out, trigger_rate, val_fraction, seed, dtype) if trigger_rate > 0 else None
+            _train_trigger(groups, out, trigger_rate, val_fraction, seed, dtype, trigger_label)
+            if trigger_rate > 0
+            else None
         )
     except KeyboardInterrupt:
         fail(
@@ -163,6 +214,33 @@ def train_command(
         )
     except (ValueError, RuntimeError, FileNotFoundError, SelectorCheckpointError) as e:
         fail(str(e))
+    _report(selector, trigger, trigger_rate, out)
+
+
+def _train_features(groups, out, k, groups_at, epochs, lr, batch_size, val_fraction, seed, dtype):
+    from s2t.local.collect import collection_config
+    from s2t.local.feature_training import FeatureTrainConfig, train_feature_selector
+    from s2t.models import load_model
+
+    try:
+        config = FeatureTrainConfig(
+            groups=groups,
+            out=out,
+            k=k,
+            groups_at=groups_at,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            seed=seed,
+        )
+        slm = load_model(collection_config(groups)["slm"], dtype=dtype)
+        return train_feature_selector(config, slm=slm)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+
+
+def _report(selector, trigger, trigger_rate: float, out: str) -> None:
     metrics = selector.config.training["metrics"]
     for part in ("train", "validation"):
         m = metrics.get(part)
@@ -185,18 +263,21 @@ def train_command(
             if name in m:
                 recall = next(v for k, v in m[name].items() if k.startswith("recall_at"))
                 console.print(
-                    f"  {name:8s} validation AUROC {m[name]['auroc']:.3f}, divergence recall {recall:.1%}"
+                    f"  {name:8s} validation AUROC {m[name]['auroc']:.3f}, recall of {m.get('label', 'divergent')} "
+                    f"steps {recall:.1%}"
                 )
     console.print(f"saved to {out}")
 
 
-def _train_trigger(groups: str, out: str, rate: float, val_fraction: float, seed: int, dtype):
+def _train_trigger(groups: str, out: str, rate: float, val_fraction: float, seed: int, dtype, label: str):
 
     from s2t.local.collect import collection_config
     from s2t.local.trigger import train_trigger
     from s2t.models import load_model
 
     slm_name = collection_config(groups)["slm"]
-    trigger = train_trigger(groups, load_model(slm_name, dtype=dtype), slm_name, rate, val_fraction, seed)
+    trigger = train_trigger(
+        groups, load_model(slm_name, dtype=dtype), slm_name, rate, val_fraction, seed, label=label
+    )
     trigger.save_pretrained(out)
     return trigger

@@ -1,10 +1,17 @@
-"""An LLM-free trigger learned from collected groups: P(divergence | SLM state).
+"""An LLM-free trigger learned from collected groups: P(critical step | SLM state).
 
 Features per decoding step: the SLM's last hidden state, its top-64 entropy, its top-1/top-2
-margin and its top-16 probabilities, standardised; a logistic regression predicts whether the
-LLM's top-1 differs from the SLM's (a divergence point). Its threshold is set for a target
-trigger rate on the *training* problems. Validation (held-out training problems) compares it
-with the entropy and margin triggers at the same rate: AUROC and recall of divergence points.
+margin and its top-16 probabilities, standardised; a logistic regression predicts the step's
+label. Two labels:
+
+- ``kl@Q`` (default ``kl@0.95``): the step's KL(SLM‖LLM) over the SLM's top-64 lies in the top
+  ``1 - Q`` of the training positions' KL — where the paper's KL trigger would fire, so the
+  learned trigger imitates it without running the LLM (the paper's "criticality logit");
+- ``divergent``: the LLM's top-1 differs from the SLM's.
+
+Its threshold is set for a target trigger rate on the *training* problems. Validation
+(held-out training problems) compares it with the entropy and margin triggers at the same
+rate: AUROC and recall of the label.
 """
 
 from __future__ import annotations
@@ -109,13 +116,44 @@ def _recall_at_rate(scores: torch.Tensor, labels: torch.Tensor, rate: float) -> 
     return float((scores.double()[labels] >= cutoff).float().mean())
 
 
-def load_position_features(groups_dir: str | Path, min_step: int = 3):
-    """Per-position features, divergence labels and problem indices of a collection run."""
+TRIGGER_LABELS = "divergent, or kl@Q (KL in its top 1-Q, e.g. kl@0.95)"
+
+
+def parse_label(label: str) -> float | None:
+    """``"divergent"`` -> None; ``"kl@0.95"`` -> 0.95; anything else raises ``ValueError``."""
+    from s2t.policies.triggers import check_quantile
+
+    if label == "divergent":
+        return None
+    if label.startswith("kl@"):
+        try:
+            quantile = float(label[3:])
+        except ValueError:
+            raise ValueError(f"trigger label {label!r}: {label[3:]!r} is not a number") from None
+        check_quantile(quantile)
+        return quantile
+    raise ValueError(f"unknown trigger label {label!r}; choose {TRIGGER_LABELS}")
+
+
+def load_position_features(groups_dir: str | Path, min_step: int = 3, with_kl: bool = False):
+    """Per-position features, divergence labels and problem indices of a collection run.
+
+    With ``with_kl`` a seventh item is returned: each position's KL(SLM‖LLM) over the SLM's
+    top-64; a collection made before KL was recorded raises ``ValueError`` naming the fix.
+    """
     groups_dir = Path(groups_dir)
-    feats, labels, problems, entropy, margin = [], [], [], [], []
+    feats, labels, problems, entropy, margin, kl = [], [], [], [], [], []
     records = collected_records(groups_dir)
     for i, rec in enumerate(records):
         t = load_file(str(groups_dir / rec["features"]))
+        if with_kl:
+            if "position_kl" not in t:
+                raise ValueError(
+                    f"{groups_dir} records no per-position KL (collected before it was recorded), so a trigger "
+                    "cannot learn the kl label from it: collect again with `s2t collect --out NEW_DIR`, or "
+                    "train with --trigger-label divergent"
+                )
+            kl.append(t["position_kl"][min_step:].float())
         hidden = t["position_hidden"].float()
         top = t["position_slm_topk_probs"][:, :TOP_PROBS]
         e, m = t["position_entropy"], t["position_margin"]
@@ -126,7 +164,7 @@ def load_position_features(groups_dir: str | Path, min_step: int = 3):
         entropy.append(e[min_step:])
         margin.append(m[min_step:])
     cat = torch.cat
-    return (
+    out = (
         cat(feats),
         cat(labels).bool(),
         cat(problems),
@@ -134,17 +172,30 @@ def load_position_features(groups_dir: str | Path, min_step: int = 3):
         cat(margin),
         [r["problem_id"] for r in records],
     )
+    return (*out, cat(kl)) if with_kl else out
 
 
 def train_trigger(groups_dir: str | Path, slm, base_model: str, target_rate: float = 0.05, val_fraction: float = 0.1,
-                  seed: int = 0, epochs: int = 200, weight_decay: float = 1e-3) -> LearnedTrigger:  # fmt: skip
-    """Fit the logistic trigger on training problems and set its threshold for ``target_rate``."""
+                  seed: int = 0, epochs: int = 200, weight_decay: float = 1e-3,
+                  label: str = "kl@0.95") -> LearnedTrigger:  # fmt: skip
+    """Fit the logistic trigger on training problems and set its threshold for ``target_rate``.
+
+    ``label`` is what it learns to predict (see the module docstring); a ``kl@Q`` label's cutoff
+    is the ``Q`` quantile of the *training* problems' per-position KL.
+    """
     if not 0.0 < target_rate < 1.0:
         raise ValueError(f"target trigger rate must lie strictly between 0 and 1; got {target_rate}")
-    x, y, problem, entropy, margin, _ = load_position_features(groups_dir)
+    kl_quantile = parse_label(label)
+    loaded = load_position_features(groups_dir, with_kl=kl_quantile is not None)
+    x, y, problem, entropy, margin, _ = loaded[:6]
     train_p, val_p = split_problems(int(problem.max()) + 1, val_fraction, seed)
     tr = torch.tensor([int(p) in train_p for p in problem])
     va = ~tr
+    kl_cutoff = None
+    if kl_quantile is not None:
+        kl = loaded[6]
+        kl_cutoff = float(torch.quantile(kl[tr].double(), kl_quantile))
+        y = kl >= kl_cutoff
     mean, std = x[tr].mean(0), x[tr].std(0).clamp_min(1e-4)
     xs = (x - mean) / std
     torch.manual_seed(seed)
@@ -164,10 +215,11 @@ def train_trigger(groups_dir: str | Path, slm, base_model: str, target_rate: flo
     w, b = w.detach(), b.detach()
     scores = torch.sigmoid(xs @ w + b)
     threshold = float(torch.quantile(scores[tr].double(), 1 - target_rate))
-    metrics = {"train_positions": int(tr.sum()), "validation_positions": int(va.sum()),
-               "divergence_share": float(y.float().mean())}  # fmt: skip
+    metrics = {"train_positions": int(tr.sum()), "validation_positions": int(va.sum()), "label": label,
+               "label_share": float(y.float().mean()), "kl_cutoff": kl_cutoff}  # fmt: skip
     if va.any():
         for name, s in (("learned", scores[va]), ("entropy", entropy[va]), ("margin", -margin[va])):
+            # recall of the label at the target rate: the share of labelled steps the trigger catches
             metrics[name] = {
                 "auroc": _auroc(s, y[va]),
                 f"recall_at_{target_rate:g}": _recall_at_rate(s, y[va], target_rate),

@@ -1,0 +1,138 @@
+"""S2T-Local's feature selector: it learns a planted preference the SLM's top-1 cannot express,
+decodes like greedy until trained, and saves/loads like the other selector kinds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from s2t.engine import Method, decode
+from s2t.local.feature_training import FeatureTrainConfig, load_group_arrays, train_feature_selector
+from s2t.local.selector import SelectorCheckpointError, load_selector, selector_kind
+from s2t.policies import EntropyTrigger, TopK
+from s2t.policies.feature_selector import FeatureSelector
+from s2t.prompts import build_prompt
+from tests.conftest import make_model
+
+K = 8
+MARGIN_CUTOFF = 0.15
+
+
+def _planted_collection(path, n_problems=120, groups_per_problem=24, seed=0, with_kl=True):
+    """A collection whose LLM prefers the SLM's rank-2 candidate exactly where the SLM's margin is
+    below MARGIN_CUTOFF, and its rank-1 elsewhere: a rule the top-1 cannot express."""
+    g = torch.Generator().manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"slm": "tiny-slm", "llm": "tiny-llm", "dataset": "tiny", "split": "train", "k": 16,
+              "mode": "teacher-forced", "kind": "s2t-local-groups", "groups_at": "entropy@0.5"}  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "calibration.json").write_text(json.dumps({"entropy@0.5": {"threshold": 0.5}}))
+    lines = []
+    for p in range(n_problems):
+        groups = []
+        for position in range(groups_per_problem):
+            logits = torch.randn(16, generator=g) * 2.0
+            probs = torch.softmax(logits, -1).sort(descending=True).values * 0.9
+            margin = float(probs[0] - probs[1])
+            llm = torch.full((16,), 0.01)
+            llm[1 if margin < MARGIN_CUTOFF else 0] = 0.8
+            entropy = float(-(probs * probs.log()).sum())
+            group = {"position": position, "candidate_ids": list(range(16)), "slm_probs": probs.tolist(),
+                     "llm_probs": llm.tolist(), "llm_best": int(llm.argmax()), "entropy": entropy,
+                     "margin": margin, "divergent": margin < MARGIN_CUTOFF}  # fmt: skip
+            if with_kl:
+                group["kl"] = 1.0 if margin < MARGIN_CUTOFF else 0.0
+            groups.append(group)
+        lines.append(json.dumps({"problem_id": f"tiny/train/{p}", "split": "train", "groups": groups,
+                                 "features": f"features/train-{p}.safetensors"}))  # fmt: skip
+    (path / "problems.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return _planted_collection(tmp_path_factory.mktemp("planted") / "groups")
+
+
+@pytest.fixture(scope="module")
+def trained(planted, slm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("feature_selector")
+    cfg = FeatureTrainConfig(groups=str(planted), out=str(out), k=K, epochs=20, val_fraction=0.2)
+    return train_feature_selector(cfg, slm=slm, progress=False), out
+
+
+def test_feature_selector_learns_a_planted_rule_the_top1_cannot_express(trained):
+    selector, _ = trained
+    validation = selector.config.training["metrics"]["validation"]["all"]
+    # the SLM's top-1 is right only where the margin is large
+    assert validation["slm_top1_agreement_with_llm"] < 0.8
+    assert validation["agreement_with_llm"] >= 0.9, validation
+    divergent = selector.config.training["metrics"]["validation"]["divergent"]
+    assert divergent["agreement_with_llm"] >= 0.85, divergent
+
+
+def test_untrained_feature_selector_decodes_exactly_like_greedy(slm, tokenizer):
+    prompts = [build_prompt(tokenizer, q) for q in ("What is 2 + 2?", "Double 21.")]
+    kw = dict(vocab_size=len(tokenizer), stop_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id,
+              max_new_tokens=12)  # fmt: skip
+    selector = FeatureSelector.initial(slm.model, "tiny", K)
+    method = Method(EntropyTrigger(0.0), TopK(K), selector)
+    local = decode(slm.model, prompts, method, **kw)
+    assert [g.token_ids for g in local] == [g.token_ids for g in decode(slm.model, prompts, **kw)]
+    assert all(g.cost.triggers > 0 and g.cost.llm_forward_calls == 0 for g in local)
+
+
+def test_trained_feature_selector_leaves_the_top1_and_is_batch_independent(trained, slm, tokenizer):
+    selector, out = trained
+    prompts = [build_prompt(tokenizer, q) for q in ("What is 2 + 2?", "Double 21.", "How many eggs?")]
+    kw = dict(vocab_size=len(tokenizer), stop_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id,
+              max_new_tokens=12)  # fmt: skip
+    loaded = load_selector(out, model=slm.model)
+    assert isinstance(loaded, FeatureSelector) and selector_kind(out) == "features"
+    # push the learned part hard so that the random tiny model's steps leave the top-1
+    torch.nn.init.normal_(loaded.scorer.net[-1].weight, std=5.0)
+    method = Method(EntropyTrigger(0.0), TopK(K), loaded)
+    batched = decode(slm.model, prompts, method, **kw)
+    single = [decode(slm.model, [p], method, **kw)[0] for p in prompts]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+    assert sum(g.cost.overrides for g in batched) > 0
+
+
+def test_feature_selector_round_trips_and_refuses_other_models_kinds_and_k(trained, slm, tokenizer, tmp_path):
+    selector, out = trained
+    loaded = load_selector(out, model=slm.model)
+    probs = torch.softmax(torch.randn(5, K), -1).sort(descending=True).values
+    entropy, margin = torch.rand(5), probs[:, 0] - probs[:, 1]
+    torch.testing.assert_close(
+        loaded.group_scores(probs, entropy, margin), selector.group_scores(probs, entropy, margin)
+    )
+    with pytest.raises(ValueError, match="K=8"):
+        loaded.group_scores(probs[:, :4], entropy, margin)
+    other = make_model(tokenizer, seed=7, hidden=48, layers=1)
+    with pytest.raises(SelectorCheckpointError, match="trained on base model"):
+        load_selector(out, model=other)
+    config = json.loads((out / "selector_config.json").read_text())
+    (tmp_path / "selector_config.json").write_text(json.dumps({**config, "kind": "forest"}))
+    with pytest.raises(SelectorCheckpointError, match="kind 'forest'.*known kinds: head, lora, features"):
+        load_selector(tmp_path)
+    (tmp_path / "selector_config.json").write_text(json.dumps(config))
+    (tmp_path / "selector.safetensors").write_bytes((out / "selector.safetensors").read_bytes()[:100])
+    with pytest.raises(SelectorCheckpointError, match="corrupted"):
+        load_selector(tmp_path)
+
+
+def test_groups_at_keeps_only_the_trigger_points_and_kl_needs_recorded_kl(planted, tmp_path):
+    everything = load_group_arrays(planted, K)
+    high_entropy = load_group_arrays(planted, K, "entropy@0.5")
+    assert 0 < len(high_entropy.problem) < len(everything.problem)
+    assert bool((high_entropy.entropy >= 0.5).all())
+    assert len(load_group_arrays(planted, K, "kl=0.5").problem) == int(everything.divergent.sum())
+    with pytest.raises(ValueError, match="no calibrated threshold for 'entropy@0.8'"):
+        load_group_arrays(planted, K, "entropy@0.8")
+    with pytest.raises(ValueError, match="exceeds the collection's K=16"):
+        load_group_arrays(planted, 32)
+    old = _planted_collection(tmp_path / "old", n_problems=2, groups_per_problem=3, with_kl=False)
+    with pytest.raises(ValueError, match="records no per-group KL"):
+        load_group_arrays(old, K, "kl=0.5")

@@ -1,11 +1,13 @@
-"""Selectors side by side on the same held-out training problems: agreement with the LLM at top-K.
+"""The selector ladder on held-out training problems: the SLM's top-1, a shallow boosted-tree model,
+and trained selectors of any kind (features, head, LoRA), each with 95% bootstrap CIs over problems.
 
-    python bench/selector_agreement.py --groups results/collect-gsm8k-train-300 \
-        --selectors results/selector-head-gsm8k-train-300,results/selector-lora-gsm8k-train-300 \
-        --dtype bfloat16 --out results/bench/selector_agreement.json
+    python bench/selector_agreement.py --groups results/collect-gsm8k-train-300 \\
+        --selectors results/selector-features-gsm8k-train-300,results/selector-head-gsm8k-train-300,\\
+results/selector-lora-gsm8k-train-300 --validation-from results/selector-head-gsm8k-train-300 \\
+        --out results/bench/selector_ladder-300.json
 
-Every selector must hold out the same validation problems (the default split of the same
-collection does); the SLM's own top-1 is reported beside them.
+The held-out problems are a selector's validation problems (``--validation-from``) or the seeded
+split every trainer uses (``--val-fraction``, ``--seed``); every selector must have held them out.
 """
 
 from __future__ import annotations
@@ -16,40 +18,47 @@ from pathlib import Path
 
 import torch
 
-from s2t.local.agreement import selector_agreement
-from s2t.local.collect import collection_config
-from s2t.local.selector import LocalSelector
-from s2t.models import load_model
+from s2t.local.collect import collected_records, collection_config
+from s2t.local.ladder import format_ladder, selector_ladder, verdict
+from s2t.local.objective import split_problems
+from s2t.local.selector import load_selector
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", default="results/collect-gsm8k-train-300")
-    parser.add_argument("--selectors", required=True, help="comma-separated selector directories")
+    parser.add_argument("--selectors", default="", help="comma-separated selector directories")
+    parser.add_argument("--validation-from", default=None, help="a selector whose validation problems to use")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--groups-at", default=None, help="only groups where these trigger settings fire")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dirs = args.selectors.split(",")
-    held_out = [
-        sorted(LocalSelector.from_pretrained(d).config.training["validation_problem_ids"]) for d in dirs
-    ]
-    if any(h != held_out[0] for h in held_out):
-        raise SystemExit("the selectors hold out different validation problems: they cannot be compared")
-    slm = load_model(collection_config(args.groups)["slm"], dtype=args.dtype)
-    rows = [selector_agreement(d, args.groups, args.k, dtype=args.dtype, slm=slm) for d in dirs]
-    for row in rows:
-        a, d = row["all"], row["divergent"]
-        print(f"{row['selector']} ({row['mode']}): all {a['agreement_with_llm']:.1%} of {a['n_groups']} "
-              f"(SLM top-1 {a['slm_top1_agreement_with_llm']:.1%}); divergent {d['agreement_with_llm']:.1%} "
-              f"of {d['n_groups']} (SLM top-1 {d['slm_top1_agreement_with_llm']:.1%})")  # fmt: skip
+    if args.validation_from:
+        held_out = load_selector(args.validation_from).config.training["validation_problem_ids"]
+    else:
+        ids = [r["problem_id"] for r in collected_records(args.groups, need_features=False)]
+        _, val = split_problems(len(ids), args.val_fraction, args.seed)
+        held_out = [ids[i] for i in sorted(val)]
+    selectors = [d for d in args.selectors.split(",") if d]
+    slm = None
+    if selectors:
+        from s2t.models import load_model
+
+        slm = load_model(collection_config(args.groups)["slm"], dtype=args.dtype)
+    ladder = selector_ladder(
+        args.groups, held_out, args.k, args.groups_at, selectors, slm=slm, seed=args.seed
+    )
+    ladder["groups"] = args.groups
+    print(format_ladder(ladder))
+    print(verdict(ladder))
     if args.out:
-        Path(args.out).write_text(
-            json.dumps({"validation_problem_ids": held_out[0], "rows": rows}, indent=2) + "\n"
-        )
+        Path(args.out).write_text(json.dumps(ladder, indent=2) + "\n")
 
 
 if __name__ == "__main__":

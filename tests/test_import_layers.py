@@ -29,7 +29,7 @@ import pytest
 
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 
-TRAINING = {"s2t.local.train", "s2t.local.lora", "s2t.local.agreement"}
+TRAINING = {"s2t.local.train", "s2t.local.lora", "s2t.local.ladder", "s2t.local.feature_training"}
 
 # The README's layout, bottom up: a module imports only from its own layer and the ones below.
 # A name ending in "/" stands for a package and every module in it.
@@ -39,7 +39,8 @@ LAYERS = {
     "decoding": ["s2t", "s2t.policies/", "s2t.engine", "s2t.methods", "s2t.api", "s2t.local.scoring",
                  "s2t.local.selector"],
     "S2T-Local": ["s2t.local", "s2t.local.collect", "s2t.local.packing", "s2t.local.objective",
-                  "s2t.local.lora", "s2t.local.train", "s2t.local.agreement", "s2t.local.trigger"],
+                  "s2t.local.lora", "s2t.local.train", "s2t.local.ladder", "s2t.local.feature_training",
+                  "s2t.local.trigger"],
     "experiments": ["s2t.evaluate", "s2t.evaluate_distributed", "s2t.analysis", "s2t.lm_eval_adapter",
                     "s2t.reporting/", "s2t.serving/"],
     "command line": ["s2t.cli/"],

@@ -142,13 +142,19 @@ def test_interrupted_lora_training_resumes_to_the_weights_of_an_uninterrupted_ru
     assert history[0]["where"] == "start" and history[-1]["where"] == "epoch 2"
     assert all("validation" in h for h in history)
     # the saved selector (adapter merged into the SLM) scores held-out groups as training measured them
-    from s2t.local.agreement import selector_agreement
+    from s2t.local.ladder import selector_ladder
 
-    measured = selector_agreement(whole, groups, k=4, slm=copy.deepcopy(slm), progress=False)
-    recorded = json.loads((whole / "selector_config.json").read_text())["training"]["metrics"]["validation"]
-    for subset in ("all", "divergent"):
-        assert measured[subset]["n_groups"] == recorded[subset]["n_groups"] > 0
-        assert measured[subset]["agreement_with_llm"] == pytest.approx(recorded[subset]["agreement_with_llm"])
+    saved = json.loads((whole / "selector_config.json").read_text())["training"]
+    ladder = selector_ladder(
+        groups, saved["validation_problem_ids"], k=4, selectors=[whole], slm=copy.deepcopy(slm)
+    )
+    measured, recorded = ladder["rows"][-1], saved["metrics"]["validation"]
+    assert measured["n_groups"] == recorded["all"]["n_groups"] > 0
+    assert measured["n_divergent"] == recorded["divergent"]["n_groups"] > 0
+    assert measured["agreement"]["value"] == pytest.approx(recorded["all"]["agreement_with_llm"])
+    assert measured["agreement_divergent"]["value"] == pytest.approx(
+        recorded["divergent"]["agreement_with_llm"]
+    )
 
     cut = tmp_path / "cut"
     trainer = LoraTrainer(_lora_config(groups, cut, lora_layers=1), slm=copy.deepcopy(slm), progress=False)

@@ -66,6 +66,9 @@ class GroupArrays:
     divergent: torch.Tensor  # (N,) bool: the SLM's top-1 is not the LLM's top-1
     problem: torch.Tensor  # (N,) index into problem_ids
     problem_ids: list[str]
+    position: torch.Tensor  # (N,) the group's position in its answer (tokens)
+    candidate_ids: torch.Tensor  # (N, K) token ids
+    index: torch.Tensor  # (N,) the group's index among all of the collection's groups
 
     @property
     def llm_best(self) -> torch.Tensor:
@@ -76,8 +79,18 @@ class GroupArrays:
         return candidate_features(self.slm_probs, self.entropy, self.margin)
 
     def subset(self, mask: torch.Tensor) -> GroupArrays:
-        return GroupArrays(self.slm_probs[mask], self.llm_probs[mask], self.entropy[mask], self.margin[mask],
-                           self.divergent[mask], self.problem[mask], self.problem_ids)  # fmt: skip
+        return GroupArrays(
+            self.slm_probs[mask],
+            self.llm_probs[mask],
+            self.entropy[mask],
+            self.margin[mask],
+            self.divergent[mask],
+            self.problem[mask],
+            self.problem_ids,
+            self.position[mask],
+            self.candidate_ids[mask],
+            self.index[mask],
+        )
 
 
 def group_thresholds(groups_dir: str | Path, groups_at: str) -> dict[str, float | None]:
@@ -108,7 +121,8 @@ def load_group_arrays(groups_dir: str | Path, k: int, groups_at: str | None = No
     records = collected_records(groups_dir, need_features=False)
     settings = group_settings(groups_at) if groups_at else []
     thresholds = group_thresholds(groups_dir, groups_at) if groups_at else {}
-    rows: dict[str, list] = {n: [] for n in ("slm", "llm", "entropy", "margin", "divergent", "problem", "kl")}
+    names = ("slm", "llm", "entropy", "margin", "divergent", "problem", "kl", "position", "ids")
+    rows: dict[str, list] = {n: [] for n in names}
     for i, record in enumerate(records):
         for g in record["groups"]:
             rows["slm"].append(g["slm_probs"][:k])
@@ -118,6 +132,8 @@ def load_group_arrays(groups_dir: str | Path, k: int, groups_at: str | None = No
             rows["divergent"].append(g["divergent"])
             rows["problem"].append(i)
             rows["kl"].append(g.get("kl", float("nan")))
+            rows["position"].append(g["position"])
+            rows["ids"].append(g["candidate_ids"][:k])
     data = GroupArrays(
         torch.tensor(rows["slm"], dtype=torch.float32).reshape(-1, k),
         torch.tensor(rows["llm"], dtype=torch.float32).reshape(-1, k),
@@ -126,6 +142,9 @@ def load_group_arrays(groups_dir: str | Path, k: int, groups_at: str | None = No
         torch.tensor(rows["divergent"], dtype=torch.bool),
         torch.tensor(rows["problem"], dtype=torch.long),
         [r["problem_id"] for r in records],
+        torch.tensor(rows["position"], dtype=torch.long),
+        torch.tensor(rows["ids"], dtype=torch.long).reshape(-1, k),
+        torch.arange(len(rows["problem"])),
     )
     if settings:
         kl = torch.tensor(rows["kl"], dtype=torch.float32)

@@ -179,7 +179,9 @@ def selector_kind(directory: str | Path) -> str:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise SelectorCheckpointError(f"{directory} is not a selector checkpoint (no {CONFIG_NAME})") from None
+        raise SelectorCheckpointError(
+            f"{directory} is not a selector checkpoint (no {CONFIG_NAME})"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SelectorCheckpointError(f"{path} is not readable JSON: {e}") from e
     if not isinstance(data, dict):

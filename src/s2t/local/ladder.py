@@ -1,0 +1,190 @@
+"""The selector ladder: every selector scored on the same held-out *training* groups (issue 26).
+
+Rungs, bottom up: the SLM's own top-1 (the trivial selector), a shallow-feature model (gradient-
+boosted trees from scikit-learn over 22 cheap features of the SLM's distribution: its top-8
+probabilities and log-probabilities, entropy, margin, position and two token-id hashes), then the
+trained selectors (feature, head, LoRA). A learned selector is worth shipping only if it beats the
+shallow model; :func:`verdict` says whether it does.
+
+For each rung, with a 95% bootstrap CI over problems (a problem's groups are resampled together):
+
+- ``agreement``: share of groups where it picks the LLM's preferred candidate;
+- ``agreement_divergent``: the same on divergent groups (the SLM's top-1 is not the LLM's);
+- ``leave_rate``: share of groups where it does not pick the SLM's top-1;
+- ``precision_when_leaving``: of those, the share where its pick is the LLM's;
+- ``llm_prob_of_pick``: the LLM's probability of its pick, renormalised over the K candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from s2t.local.feature_training import GroupArrays, load_group_arrays
+from s2t.stats import ratio_bootstrap_ci
+
+METRICS = ("agreement", "agreement_divergent", "leave_rate", "precision_when_leaving", "llm_prob_of_pick")
+
+
+def ladder_metrics(picks: torch.Tensor, data: GroupArrays, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """The ladder's figures for ``picks`` (N,) candidate ranks on ``data``'s N groups, with CIs."""
+    picks = picks.long()
+    best = data.llm_best
+    llm = data.llm_probs / data.llm_probs.sum(-1, keepdim=True).clamp_min(1e-12)
+    hit = (picks == best).double()
+    left = (picks != 0).double()
+    parts = {
+        "agreement": (hit, torch.ones_like(hit)),
+        "agreement_divergent": (hit * data.divergent, data.divergent.double()),
+        "leave_rate": (left, torch.ones_like(hit)),
+        "precision_when_leaving": (hit * left, left),
+        "llm_prob_of_pick": (llm.gather(-1, picks[:, None]).squeeze(-1).double(), torch.ones_like(hit)),
+    }
+    n_problems = len(data.problem_ids)
+    out = {"n_groups": len(picks), "n_divergent": int(data.divergent.sum())}
+    for name, (num, den) in parts.items():
+        per_num = torch.zeros(n_problems, dtype=torch.float64).index_add_(0, data.problem, num)
+        per_den = torch.zeros(n_problems, dtype=torch.float64).index_add_(0, data.problem, den)
+        present = per_den > 0
+        if not present.any():
+            out[name] = None
+            continue
+        ci = ratio_bootstrap_ci(per_num[present].numpy(), per_den[present].numpy(), n_resamples, seed=seed)
+        out[name] = {"value": ci.estimate, "low": ci.low, "high": ci.high}
+    return out
+
+
+def shallow_features(data: GroupArrays, k: int = 8) -> np.ndarray:
+    """(N, 22) the shallow model's features (K=8): top-8 probabilities and log-probabilities,
+    entropy, margin, position, and hashes of the top-1 and top-2 token ids."""
+    probs = data.slm_probs[:, :k].double()
+    return torch.cat(
+        [probs, probs.clamp_min(1e-9).log(), data.entropy[:, None].double(), data.margin[:, None].double(),
+         data.position[:, None].double(), (data.candidate_ids[:, :2] % 997).double()],
+        -1,
+    ).numpy()  # fmt: skip
+
+
+def fit_shallow_model(train: GroupArrays, seed: int = 0):
+    """Gradient-boosted trees (scikit-learn) predicting the rank of the LLM's preferred candidate."""
+    from sklearn.dummy import DummyClassifier
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    if len(train.llm_best.unique()) < 2:  # one class only: the trees have nothing to split
+        return DummyClassifier(strategy="most_frequent").fit(shallow_features(train), train.llm_best.numpy())
+    model = HistGradientBoostingClassifier(max_iter=150, learning_rate=0.05, random_state=seed)
+    return model.fit(shallow_features(train), train.llm_best.numpy())
+
+
+def bin_selector_picks(
+    selector_dir: str | Path, groups_dir: str | Path, data: GroupArrays, k: int, slm
+) -> torch.Tensor:
+    """The picks (N,) of a head or LoRA selector on ``data``'s groups (one packed forward per problem)."""
+    from s2t.local.collect import collected_records
+    from s2t.local.lora import packed_group_scores
+    from s2t.local.packing import check_record, pack_problem
+    from s2t.local.selector import LocalSelector, load_adapted_slm, selector_kind
+
+    selector = LocalSelector.from_pretrained(selector_dir, model=slm.model)
+    model = load_adapted_slm(slm.model, selector_dir) if selector_kind(selector_dir) == "lora" else slm.model
+    records = collected_records(groups_dir, need_features=False)
+    offsets = np.cumsum([0] + [len(r["groups"]) for r in records])
+    wanted = set(data.problem.tolist())
+    picks = torch.zeros(int(offsets[-1]), dtype=torch.long)
+    with torch.no_grad():
+        for i in sorted(wanted):
+            record = records[i]
+            check_record(record, k, str(groups_dir))
+            if not record["groups"]:
+                continue
+            scores = packed_group_scores(model, selector, [(pack_problem(record, k), None)])[0]
+            picks[offsets[i] : offsets[i + 1]] = scores.argmax(-1)
+    return picks[data.index]
+
+
+def selector_ladder(
+    groups_dir: str | Path,
+    validation_problem_ids: Sequence[str],
+    k: int = 8,
+    groups_at: str | None = None,
+    selectors: Sequence[str | Path] = (),
+    slm=None,
+    seed: int = 0,
+) -> dict:
+    """Score the ladder on the groups of ``validation_problem_ids`` (the shallow model is fitted on
+    the collection's other problems). ``selectors``: trained selector directories of any kind; a
+    selector trained on any of the validation problems is refused.
+
+    Returns ``{"k", "groups_at", "validation_problem_ids", "rows": [{"name", **ladder_metrics}]}``.
+    """
+    from s2t.local.selector import load_selector, selector_kind
+
+    data = load_group_arrays(groups_dir, k, groups_at)
+    held_out = set(validation_problem_ids)
+    missing = held_out - set(data.problem_ids)
+    if missing:
+        raise ValueError(
+            f"{groups_dir} holds no groups for {len(missing)} validation problems (e.g. {min(missing)})"
+        )
+    in_val = torch.tensor([data.problem_ids[p] in held_out for p in data.problem.tolist()], dtype=torch.bool)
+    train, val = data.subset(~in_val), data.subset(in_val)
+    rows = [{"name": "SLM top-1", **ladder_metrics(torch.zeros(len(val.problem), dtype=torch.long), val)}]
+    shallow = fit_shallow_model(train, seed)
+    rows.append({"name": "shallow (boosted trees, 22 features)",
+                 **ladder_metrics(torch.from_numpy(shallow.predict(shallow_features(val))), val)})  # fmt: skip
+    for directory in selectors:
+        kind = selector_kind(directory)
+        if slm is None:
+            from s2t.local.collect import collection_config
+            from s2t.models import load_model
+
+            slm = load_model(collection_config(groups_dir)["slm"])
+        selector = load_selector(directory, model=slm.model)
+        trained_on = held_out & set(selector.config.training.get("train_problem_ids", []))
+        if trained_on:
+            raise ValueError(
+                f"{directory} was trained on {len(trained_on)} of the validation problems (e.g. {min(trained_on)})"
+            )
+        if kind == "features":
+            picks = selector.group_scores(val.slm_probs, val.entropy, val.margin).argmax(-1)
+        else:
+            picks = bin_selector_picks(directory, groups_dir, val, k, slm)
+        rows.append({"name": f"{kind} ({Path(directory).name})", **ladder_metrics(picks, val)})
+    return {"k": k, "groups_at": groups_at, "validation_problem_ids": sorted(held_out), "rows": rows}
+
+
+def verdict(ladder: dict) -> str:
+    """Whether each trained rung beats the shallow model's agreement (by its CI or its point)."""
+    shallow = ladder["rows"][1]["agreement"]
+    lines = []
+    for row in ladder["rows"][2:]:
+        a = row["agreement"]
+        if a["low"] > shallow["high"]:
+            lines.append(
+                f"{row['name']} beats the shallow model ({a['value']:.1%} vs {shallow['value']:.1%}, CIs apart)"
+            )
+        elif a["value"] > shallow["value"]:
+            lines.append(
+                f"{row['name']} is above the shallow model by its point estimate only ({a['value']:.1%} vs {shallow['value']:.1%}; CIs overlap)"
+            )
+        else:
+            lines.append(
+                f"{row['name']} does NOT beat the shallow model ({a['value']:.1%} vs {shallow['value']:.1%})"
+            )
+    return "\n".join(lines)
+
+
+def format_ladder(ladder: dict) -> str:
+    """A markdown table of the ladder (values with 95% CIs)."""
+
+    def cell(v):
+        return "–" if v is None else f"{v['value']:.1%} ({v['low']:.1%}–{v['high']:.1%})"
+
+    header = "| selector | agreement | on divergent groups | leaves the top-1 | right when it leaves | LLM prob. of pick |"
+    lines = [header, "|---|---|---|---|---|---|"]
+    for row in ladder["rows"]:
+        lines.append("| " + " | ".join([row["name"], *(cell(row[m]) for m in METRICS)]) + " |")
+    return "\n".join(lines)

@@ -127,8 +127,10 @@ def packed_loss(lm, selector: LocalSelector, bins, packed: PackedProblem, prepar
     """The problem's loss summed over its groups (divide by the batch's group count), and its scores (M, K)."""
     hidden = decoder_hidden(lm, packed, start, prepared.get("start_hidden"))
     m, k = packed.n_groups, packed.k
-    scores = selector.scores(hidden[packed.candidate_slice()].reshape(m, k, -1), bins)
-    loss = selector_loss(scores / cfg.score_temperature, packed.llm_probs.to(scores.device), cfg) * m
+    scores = selector.selection_logits(
+        hidden[packed.candidate_slice()].reshape(m, k, -1), packed.slm_probs, bins
+    )
+    loss = selector_loss(scores, packed.llm_probs.to(scores.device), cfg) * m
     if cfg.prefix_kl_weight > 0:
         weighted = packed.kl_weight > 0
         base = hidden[: packed.base_length][weighted.to(hidden.device)]
@@ -156,10 +158,8 @@ def per_group_loss(lm, selector: LocalSelector, bins, packed: PackedProblem, pre
         out = lm.model(input_ids=torch.cat([context, candidates]).to(lm.device)[None],
                        attention_mask=_mask(allowed, lm), position_ids=positions.to(lm.device)[None])  # fmt: skip
         hidden = out.last_hidden_state[0]
-        scores = selector.scores(hidden[n:], bins)[None]
-        total = total + selector_loss(
-            scores / cfg.score_temperature, packed.llm_probs[g : g + 1].to(lm.device), cfg
-        )
+        scores = selector.selection_logits(hidden[n:], packed.slm_probs[g], bins)[None]
+        total = total + selector_loss(scores, packed.llm_probs[g : g + 1].to(lm.device), cfg)
         if cfg.prefix_kl_weight > 0:
             w = min(cfg.prefix_kl_tokens, n)
             rows = torch.tensor([row_of[q] for q in range(n - w, n)])
@@ -180,7 +180,7 @@ def packed_group_scores(lm, selector: LocalSelector, problems, bins=None, start:
             continue
         hidden = decoder_hidden(lm, packed, start, start_hidden)
         candidates = hidden[packed.candidate_slice()].reshape(packed.n_groups, packed.k, -1)
-        scores.append(selector.scores(candidates, bins).float().cpu())
+        scores.append(selector.selection_logits(candidates, packed.slm_probs, bins).float().cpu())
         llm.append(packed.llm_probs)
         slm.append(packed.slm_probs)
         divergent.append(packed.divergent)

@@ -69,6 +69,10 @@ class LocalSelectorConfig:
     reserved_ids: list[int]
     num_bins: int = NUM_BINS
     score_temperature: float = 0.1  # scores in [0, 1] are divided by this before softmax losses
+    # "slm-logprob": selection logits are score / temperature + the SLM's log-probability of the candidate,
+    # so a selector with constant scores is greedy and training learns only where to leave the top-1;
+    # "none": score / temperature alone (selectors trained before the prior, which collapsed onto the top-1).
+    prior: str = "none"
     training: dict = field(default_factory=dict)  # how it was trained: data, split, problem ids, metrics
 
 
@@ -88,12 +92,29 @@ class LocalSelector(Selector):
         self.bin_values = torch.linspace(0, 1, config.num_bins)
 
     @classmethod
-    def initial(cls, model: PreTrainedModel, base_model: str, vocab_size: int) -> LocalSelector:
+    def initial(
+        cls, model: PreTrainedModel, base_model: str, vocab_size: int, prior: str = "slm-logprob"
+    ) -> LocalSelector:
         """A selector initialised from the model's own reserved output rows (before training)."""
         ids = reserved_ids(model, vocab_size)
         bins = model.get_output_embeddings().weight[ids].detach().float().cpu().clone()
-        config = LocalSelectorConfig(base_model, model_fingerprint(model), vocab_size, bins.shape[1], ids)
+        config = LocalSelectorConfig(
+            base_model, model_fingerprint(model), vocab_size, bins.shape[1], ids, prior=prior
+        )
         return cls(bins, config)
+
+    def selection_logits(
+        self, hidden: torch.Tensor, slm_probs: torch.Tensor, bins: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(..., K) logits over the K candidates: what the losses softmax and the selection argmaxes.
+
+        ``hidden`` (..., K, hidden) are the candidates' hidden states, ``slm_probs`` (..., K) the
+        SLM's probabilities of them (used with the ``slm-logprob`` prior).
+        """
+        logits = self.scores(hidden, bins) / self.config.score_temperature
+        if self.config.prior == "slm-logprob":
+            logits = logits + slm_probs.to(logits.device).float().clamp_min(1e-9).log()
+        return logits
 
     def scores(self, hidden: torch.Tensor, bins: torch.Tensor | None = None) -> torch.Tensor:
         """Expected bin value in [0, 1] for hidden states (..., hidden)."""
@@ -122,7 +143,10 @@ class LocalSelector(Selector):
         candidates[idle] = ctx.default_tokens[idle, None]
         prefix = stream.seen
         hidden = candidate_hidden_states(model, stream.cache, ctx.mask, candidates)
-        scores = self.scores(hidden).cpu().masked_fill(~ctx.candidates.valid, float("-inf"))
+        slm_probs = torch.softmax(ctx.slm_logits.float(), -1).gather(-1, candidates.to(ctx.slm_logits.device))
+        scores = (
+            self.selection_logits(hidden, slm_probs).cpu().masked_fill(~ctx.candidates.valid, float("-inf"))
+        )
         index = torch.where(ctx.fired, scores.argmax(-1), torch.zeros(batch, dtype=torch.long))
         keep_candidate(stream.cache, prefix, index)
         stream.seen = prefix + 1

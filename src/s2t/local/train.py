@@ -96,7 +96,7 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
         total = 0.0
         for start in range(0, len(perm), cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
-            logits = selector.scores(x_train[idx], bins) / cfg.score_temperature
+            logits = selector.selection_logits(x_train[idx], data.slm_probs[in_train][idx], bins)
             loss = selector_loss(logits, y_train[idx], cfg)
             optimizer.zero_grad()
             loss.backward()
@@ -105,7 +105,7 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
             total += float(loss.detach()) * len(idx)
         with torch.no_grad():
             val = (
-                selection_metrics(selector.scores(data.hidden[in_val].float(), bins), data.llm_probs[in_val], data.slm_probs[in_val])
+                selection_metrics(selector.selection_logits(data.hidden[in_val].float(), data.slm_probs[in_val], bins), data.llm_probs[in_val], data.slm_probs[in_val])
                 if in_val.any()
                 else {}
             )  # fmt: skip
@@ -122,9 +122,15 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
     selector.bins = best_state
     with torch.no_grad():
         metrics = {
-            "train": selection_metrics(selector.scores(x_train), y_train, data.slm_probs[in_train]),
+            "train": selection_metrics(
+                selector.selection_logits(x_train, data.slm_probs[in_train]),
+                y_train,
+                data.slm_probs[in_train],
+            ),
             "validation": selection_metrics(
-                selector.scores(data.hidden[in_val].float()), data.llm_probs[in_val], data.slm_probs[in_val]
+                selector.selection_logits(data.hidden[in_val].float(), data.slm_probs[in_val]),
+                data.llm_probs[in_val],
+                data.slm_probs[in_val],
             )
             if in_val.any()
             else None,

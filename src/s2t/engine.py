@@ -201,6 +201,27 @@ class ModelStream:
         return empty
 
 
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """``token``'s log-probability under ``logits`` (one row) and the ``top`` most likely tokens'."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logprobs.topk(min(top, logprobs.shape[-1])) if top > 0 else (logprobs[:0], logprobs[:0])
+    return float(logprobs[token]), [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist())]
+
+
+@torch.inference_mode()
+def prompt_logprobs(
+    model: PreTrainedModel, prompt: Sequence[int], vocab_size: int, top: int
+) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Each prompt token's log-probability given the tokens before it (from the second token on),
+    with the ``top`` most likely tokens at that position: what OpenAI's ``echo`` reports."""
+    ids = torch.as_tensor([list(prompt)], dtype=torch.long, device=model.device)
+    logits = to_host(model(input_ids=ids, use_cache=False).logits[0, :-1, :vocab_size])
+    return [
+        token_logprobs(logits[position], int(prompt[position + 1]), top)
+        for position in range(len(prompt) - 1)
+    ]
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -217,7 +238,9 @@ class Request:
     """One sequence to decode: its prompt's token ids and its own sampling settings.
 
     ``seed`` gives the sequence its own random stream (sampling, random trigger, random selector)
-    so that its tokens do not depend on which other sequences share its batch.
+    so that its tokens do not depend on which other sequences share its batch. ``logprobs``, when
+    not None, asks every step's output for the chosen token's log-probability under the SLM and the
+    SLM's ``logprobs`` most likely tokens (0: the chosen token's only).
     """
 
     prompt: Sequence[int]
@@ -225,6 +248,7 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    logprobs: int | None = None
 
     def __post_init__(self):
         if len(self.prompt) == 0:
@@ -244,6 +268,10 @@ class StepOutput:
     request_id: int
     token: int | None  # None for a sequence cancelled before this step
     generation: Generation | None = None
+    # When the request asked for them: the token's log-probability under the SLM's (unwarped)
+    # next-token distribution, and that distribution's most likely (token, log-probability) pairs.
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 class _Sequence:
@@ -401,7 +429,12 @@ class Scheduler:
             s.tokens.append(int(token[i]))
             s.cost.generated_tokens += 1
             finish = "stop" if stopped[i] else "length" if len(s.tokens) >= s.request.max_new_tokens else None
-            outputs.append(StepOutput(s.id, int(token[i]), s.result(finish) if finish else None))
+            out = StepOutput(s.id, int(token[i]), s.result(finish) if finish else None)
+            if s.request.logprobs is not None:
+                out.logprob, out.top_logprobs = token_logprobs(
+                    self.slm_logits[i], int(token[i]), s.request.logprobs
+                )
+            outputs.append(out)
             if finish is None:
                 keep.append(i)
         if len(keep) < len(rows):

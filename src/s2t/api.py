@@ -224,15 +224,23 @@ class S2TGenerator:
     def _decode_kwargs(self, max_new_tokens: int, model: LoadedModel | None = None) -> dict:
         return {**self._engine_kwargs(model), "max_new_tokens": max_new_tokens}
 
-    def scheduler(self, method: str | Method = "greedy", max_batch_size: int = 8, **kwargs) -> Scheduler:
+    def scheduler(
+        self,
+        method: str | Method = "greedy",
+        max_batch_size: int = 8,
+        prefill_chunk: int | None = None,
+        **kwargs,
+    ) -> Scheduler:
         """A continuous batch (:class:`~s2t.engine.Scheduler`) decoding with ``method``, for serving.
 
-        Keyword arguments are those of :meth:`method_models` (calibration, method options).
+        ``prefill_chunk`` reads longer prompts that many tokens per step (chunked prefill). Other
+        keyword arguments are those of :meth:`method_models` (calibration, method options).
         """
         decoder, llm, method_obj = self.method_models(method, batch_size=max_batch_size, **kwargs)
         return Scheduler(
-            decoder.model, method_obj, llm=llm, max_batch_size=max_batch_size, **self._engine_kwargs(decoder)
-        )
+            decoder.model, method_obj, llm=llm, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk,
+            **self._engine_kwargs(decoder),
+        )  # fmt: skip
 
     def generate(
         self, questions: Sequence[str], method: str | Method = "greedy", **kwargs

@@ -300,7 +300,10 @@ class Scheduler:
 
     ``vocab_size`` is the tokenizer's size: logits beyond it (padding or reserved rows of the
     output embedding) are never chosen. ``max_batch_size`` bounds the running sequences; the
-    others wait and join as running ones finish. Not thread-safe: one thread drives it.
+    others wait and join as running ones finish. With ``prefill_chunk``, a prompt longer than that
+    is read ``prefill_chunk`` tokens per step, between the running batch's decoding steps, and joins
+    the batch when it has been read (chunked prefill, as in vLLM): a long prompt no longer stalls
+    every running sequence for its whole prefill. Not thread-safe: one thread drives it.
     """
 
     def __init__(
@@ -314,12 +317,18 @@ class Scheduler:
         pad_id: int,
         max_batch_size: int | None = None,
         record_statistics: bool = False,
+        prefill_chunk: int | None = None,
     ):
         self.method = method or Method(name="greedy")
         if self.method.needs_llm and llm is None:
             raise ValueError(f"method {self.method.name!r} needs an LLM but none was given")
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1; got {max_batch_size}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1; got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        # Prompts longer than prefill_chunk, read one chunk per step before they join the batch.
+        self.prefilling: list[tuple[_Sequence, ModelStream]] = []
         self.method.candidates.check_vocab(vocab_size)
         self.slm, self.llm = slm, llm
         self.vocab_size, self.pad_id = vocab_size, pad_id
@@ -354,13 +363,14 @@ class Scheduler:
         self._cancelled.add(request_id)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.prefilling)
 
     def abort(self) -> list[int]:
         """Drop every waiting and running request (e.g. after a failed step); returns their ids."""
-        dropped = [s.id for s in (*self.running, *self.waiting)]
+        dropped = [s.id for s in (*self.running, *(s for s, _ in self.prefilling), *self.waiting)]
         self.waiting.clear()
         self.running = []
+        self.prefilling = []
         self._cancelled.clear()
         self._reset_batch()
         return dropped
@@ -455,17 +465,51 @@ class Scheduler:
         return outputs
 
     def _admit(self) -> None:
-        """Prefill waiting requests on their own and join them to the running batch."""
+        """Prefill waiting requests on their own and join them to the running batch; a prompt longer
+        than ``prefill_chunk`` is read one chunk per step first (:meth:`_prefill_chunk`)."""
         room = len(self.waiting)
         if self.max_batch_size is not None:
-            room = min(room, self.max_batch_size - len(self.running))
-        if room <= 0:
+            room = min(room, self.max_batch_size - len(self.running) - len(self.prefilling))
+        joining = [self.waiting.popleft() for _ in range(max(room, 0))]
+        if self.prefill_chunk is not None:
+            long = [s for s in joining if len(s.request.prompt) > self.prefill_chunk]
+            self.prefilling.extend((s, self._slm_stream()) for s in long)
+            joining = [s for s in joining if len(s.request.prompt) <= self.prefill_chunk]
+        if self.prefilling:
+            self._prefill_chunk()
+        if not joining:
             return
         start = time.perf_counter()
-        joining = [self.waiting.popleft() for _ in range(room)]
         ids, mask = left_pad([s.request.prompt for s in joining], self.pad_id)
         slm_stream = self._slm_stream()
         logits = slm_stream.advance(ids, mask)
+        self._join(joining, ids, mask, slm_stream, logits)
+        share = (time.perf_counter() - start) / len(joining)
+        for s in joining:
+            s.cost.wall_time_s += share
+
+    def _prefill_chunk(self) -> None:
+        """Read the next ``prefill_chunk`` prompt tokens of the longest-waiting long prompt; join it
+        to the batch once its whole prompt has been read."""
+        start = time.perf_counter()
+        sequence, stream = self.prefilling[0]
+        prompt = torch.as_tensor([list(sequence.request.prompt)], dtype=torch.long)
+        upto = min(stream.seen + self.prefill_chunk, prompt.shape[1])
+        logits = stream.advance(prompt[:, :upto], torch.ones_like(prompt[:, :upto]))
+        if upto == prompt.shape[1]:
+            self.prefilling.pop(0)
+            self._join([sequence], prompt, torch.ones_like(prompt), stream, logits)
+        sequence.cost.wall_time_s += time.perf_counter() - start
+
+    def _join(
+        self,
+        joining: list[_Sequence],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        slm_stream: ModelStream,
+        logits: torch.Tensor,
+    ) -> None:
+        """Add prefilled rows (their ids, mask, SLM cache and next-token logits) to the batch."""
         if not self.running:
             self._reset_batch()
             self.ids, self.mask, self.slm_stream, self.slm_logits = ids, mask, slm_stream, logits
@@ -480,9 +524,6 @@ class Scheduler:
             self.ids, self.mask = torch.cat([self.ids, ids]), torch.cat([self.mask, mask])
             self.slm_logits = torch.cat([self.slm_logits, logits])
         self.running.extend(joining)
-        share = (time.perf_counter() - start) / len(joining)
-        for s in joining:
-            s.cost.wall_time_s += share
 
     def _llm_catch_up(self, ids: torch.Tensor, prompt_lengths: list[int]) -> ModelStream:
         """LLM caches for joining rows over the columns the batch's LLM has read (each row alone)."""
@@ -535,6 +576,9 @@ class Scheduler:
         outputs = []
         for s in [s for s in self.waiting if s.id in self._cancelled]:
             self.waiting.remove(s)
+            outputs.append(StepOutput(s.id, None, s.result("cancelled")))
+        for s, stream in [p for p in self.prefilling if p[0].id in self._cancelled]:
+            self.prefilling.remove((s, stream))
             outputs.append(StepOutput(s.id, None, s.result("cancelled")))
         keep = [i for i, s in enumerate(self.running) if s.id not in self._cancelled]
         for i in sorted(set(range(len(self.running))) - set(keep)):

@@ -72,10 +72,11 @@ class EngineWorker:
         return await future
 
     def load(self) -> dict:
-        """Running and waiting sequences, and how many requests ended each way."""
+        """Running, waiting and prefilling sequences, and how many requests ended each way."""
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
+            "prefilling": len(self.scheduler.prefilling),  # long prompts being read chunk by chunk
             **self.counts,
         }
 

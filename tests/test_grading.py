@@ -183,6 +183,9 @@ def test_clean_answer_rewrites_words_wrappers_and_spaced_groups(raw: str, cleane
         "3.141\\,592",  # digits after a decimal point are not thousands groups
         "18 \\text{ dollars}",  # math-verify reads this one right already
         "2 x",  # one letter is a variable, not a unit word
+        "2 pi",  # mathematics, not a unit
+        "3 sqrt 2",
+        "2 ln 3",
     ],
 )
 def test_clean_answer_leaves_real_expressions_alone(answer: str) -> None:

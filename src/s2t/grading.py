@@ -44,6 +44,9 @@ _LEADING_NUMBER = (
     r"(?:\\[dt]?frac\{\d+\}\{\d+\}|\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?)"
     r"(?:\s*\\?%)?"
 )
+# Words after a number that are mathematics, not units: "2 pi" is not 2.
+_MATH_WORDS = {"pi", "inf", "infty", "infinity", "sqrt", "sin", "cos", "tan", "cot", "sec", "csc", "log", "ln",
+               "exp", "mod", "choose"}  # fmt: skip
 _NUMBER_THEN_WORDS = re.compile(
     rf"({_LEADING_NUMBER})(?:\s|\\ |\\,|~)+[A-Za-z]{{2,}}(?:[\s/-]+[A-Za-z]{{2,}})*\s*\.?"
 )
@@ -129,7 +132,7 @@ def clean_answer(answer: str) -> str:
     if wrapped:
         text = wrapped.group(1).strip()
     words = _NUMBER_THEN_WORDS.fullmatch(text)
-    if words:
+    if words and not _MATH_WORDS & set(re.findall(r"[a-z]+", text[words.end(1) :].lower())):
         text = words.group(1)
     return text
 

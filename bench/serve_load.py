@@ -61,6 +61,7 @@ async def run_load(
                 stream = await client.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": record["prompt"]}],
                     max_tokens=max_tokens, temperature=0.0, stream=True,
+                    stream_options={"include_usage": True},
                 )  # fmt: skip
                 pieces, first = [], None
                 async for chunk in stream:
@@ -68,9 +69,10 @@ async def run_load(
                         if first is None:  # the first text, not the role chunk sent before any token
                             first = time.perf_counter() - sent
                         pieces.append(chunk.choices[0].delta.content)
-                    if chunk.usage is not None:
-                        record["completion_tokens"] = chunk.usage.completion_tokens
+                    if chunk.choices and chunk.choices[0].finish_reason is not None:
                         record["finish_reason"] = chunk.choices[0].finish_reason
+                    if chunk.usage is not None:  # the last chunk, with no choices
+                        record["completion_tokens"] = chunk.usage.completion_tokens
                 record.update(
                     ok=True, text="".join(pieces), ttft_s=first, latency_s=time.perf_counter() - sent
                 )

@@ -304,3 +304,51 @@ def test_step_context_names_each_rows_sequence_while_rows_leave(slm, llm, prompt
     results = run_schedule(scheduler, {0: [Request(p, n) for p, n in zip(prompts, (5, 14, 9))]})
     assert [len(g.token_ids) for _, g in results] == [5, 14, 9]
     assert Counter(fired_for) == {i: g.cost.triggers for i, (_, g) in enumerate(results)}
+
+
+@pytest.mark.parametrize("name", ["greedy", "s2t", "s2t-kl", "s2t-local"])
+def test_chunked_prefill_decodes_the_same_tokens(slm, llm, tokenizer, prompts, kw, name):
+    method = continuous_method(name, slm, tokenizer)
+    longer = build_prompt(tokenizer, MORE_QUESTIONS[0])
+    arrivals = {
+        0: [Request(prompts[0], 14, seed=1)],
+        3: [Request(prompts[1], 20, seed=2), Request(longer, 12, seed=4)],
+        5: [Request(prompts[2], 10, temperature=0.7, top_p=0.8, seed=5)],
+    }
+    common = {k: v for k, v in kw.items() if k != "max_new_tokens"}
+    whole = run_schedule(Scheduler(slm.model, method, llm=llm.model, **common), arrivals)
+    chunk = 5
+    assert len(longer) > 2 * chunk and all(len(p) > chunk for p in prompts)
+    chunked = run_schedule(
+        Scheduler(slm.model, method, llm=llm.model, prefill_chunk=chunk, **common), arrivals
+    )
+    for (request, got), (_, expected) in zip(chunked, whole):
+        assert got.token_ids == expected.token_ids, request.prompt
+        assert got.trigger_steps == expected.trigger_steps
+
+
+def test_a_long_prompt_prefills_between_the_running_batchs_steps(slm, tokenizer, prompts, kw):
+    # No stop token can be generated (a reserved id): sequences end only at their budget.
+    common = {k: v for k, v in kw.items() if k != "max_new_tokens"} | {"stop_ids": [len(tokenizer)]}
+    scheduler = Scheduler(slm.model, prefill_chunk=16, **common)
+    short = build_prompt(tokenizer, MORE_QUESTIONS[1], None)[:4]
+    running = scheduler.add(Request(short, 100))
+    scheduler.step()
+    longer = build_prompt(tokenizer, MORE_QUESTIONS[0])
+    waiting = scheduler.add(Request(longer, 3))
+    chunks = -(-len(longer) // 16)
+    assert 2 < chunks < 90
+    for _ in range(chunks - 1):  # the running sequence decodes a token at every step meanwhile
+        assert [o.request_id for o in scheduler.step()] == [running]
+        assert [s.id for s, _ in scheduler.prefilling] == [waiting]
+    assert sorted(o.request_id for o in scheduler.step()) == [running, waiting]  # read, joined, decoded
+    assert scheduler.prefilling == []
+    cancelled = scheduler.add(Request(longer, 3))
+    scheduler.step()
+    assert [s.id for s, _ in scheduler.prefilling] == [cancelled]
+    scheduler.cancel(cancelled)
+    outputs = scheduler.step()
+    assert any(o.request_id == cancelled and o.generation.finish_reason == "cancelled" for o in outputs)
+    assert scheduler.prefilling == []
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Scheduler(slm.model, prefill_chunk=0, **common)

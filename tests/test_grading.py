@@ -6,7 +6,16 @@ import threading
 
 import pytest
 
-from s2t.grading import GradeResult, extract_answer, grade, is_correct, majority_vote, normalize_number
+from s2t.grading import (
+    GradeResult,
+    clean_answer,
+    extract_answer,
+    grade,
+    is_correct,
+    majority_vote,
+    normalize_number,
+    same_answer,
+)
 
 
 @pytest.mark.parametrize(
@@ -114,3 +123,123 @@ def test_majority_vote_ignores_none() -> None:
 def test_majority_vote_all_none() -> None:
     assert majority_vote([None, None]) is None
     assert majority_vote([]) is None
+
+
+# Spellings clean_answer rewrites before math-verify sees them (issue 23): unit words after a leading
+# number, \text{} wrappers around one, and digit groups split by \, / \  / {,} / thin spaces.
+@pytest.mark.parametrize(
+    ("raw", "cleaned"),
+    [
+        ("18 dollars", "18"),
+        ("18 dollars.", "18"),
+        ("\\text{18 dollars}", "18"),
+        ("\\text{ 18 dollars }", "18"),
+        ("\\textbf{18}", "18"),
+        ("\\mbox{18 dollars per hour}", "18"),
+        ("\\$18 dollars", "\\$18"),
+        ("-3 degrees", "-3"),
+        ("2.5 hours", "2.5"),
+        ("1,000 sq ft", "1,000"),
+        ("\\frac{1}{2} cups", "\\frac{1}{2}"),
+        ("25\\% off", "25\\%"),
+        ("1\\,000", "1000"),
+        ("1\\ 000", "1000"),
+        ("1{,}000", "1000"),
+        ("1\u2009000", "1000"),
+        ("1\u202f000", "1000"),
+        ("1\\thinspace 000", "1000"),
+        ("1\\,000\\,000", "1000000"),
+        ("12\\,345.5", "12345.5"),
+        ("\\text{1\\,000 dollars}", "1000"),
+    ],
+)
+def test_clean_answer_rewrites_words_wrappers_and_spaced_groups(raw: str, cleaned: str) -> None:
+    assert clean_answer(raw) == cleaned
+
+
+# Real expressions and answers that must reach math-verify exactly as written.
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "18",
+        "2x",
+        "3\\sqrt{2}",
+        "5 \\pi",
+        "2 \\cdot 3",
+        "x^2 + 1",
+        "[2, 5)",
+        "(1, 2)",
+        "(3, -1)",
+        "\\{1, 2\\}",
+        "1,000",
+        "10\\%",
+        "0.5",
+        "\\frac{270}7\\text{ degrees}",
+        "864 \\mbox{ inches}^2",
+        "\\text{(C)}",
+        "\\text{Evelyn}",
+        "\\begin{pmatrix} -1/3 \\\\ 2/3 \\end{pmatrix}",
+        "1\\,2",  # not a three-digit group
+        "3.141\\,592",  # digits after a decimal point are not thousands groups
+        "18 \\text{ dollars}",  # math-verify reads this one right already
+        "2 x",  # one letter is a variable, not a unit word
+        "2 pi",  # mathematics, not a unit
+        "3 sqrt 2",
+        "2 ln 3",
+    ],
+)
+def test_clean_answer_leaves_real_expressions_alone(answer: str) -> None:
+    assert clean_answer(answer) == answer
+
+
+@pytest.mark.parametrize(
+    ("gold", "text", "correct"),
+    [
+        ("18", "\\boxed{18 dollars}", True),
+        ("18", "\\boxed{\\text{18 dollars}}", True),
+        ("1000", "\\boxed{1\\,000}", True),
+        ("1000", "\\boxed{1\\ 000}", True),
+        ("1000", "\\boxed{1{,}000}", True),
+        ("1000", "\\boxed{1\u2009000}", True),
+        ("1000000", "\\boxed{1\\,000\\,000 dollars}", True),
+        ("1000", "\\boxed{1\\,000}", True),
+        ("5.4", "\\boxed{5.4 \\text{ cents}}", True),
+        ("2x", "\\boxed{2x}", True),
+        ("3\\sqrt{2}", "\\boxed{3\\sqrt{2}}", True),
+        ("[2, 5)", "\\boxed{[2,5)}", True),
+        ("(1, 2)", "\\boxed{(1, 2)}", True),
+        ("\\text{(C)}", "\\boxed{\\text{(C)}}", True),
+        ("18", "\\boxed{18x}", False),
+        ("1", "\\boxed{1\\,000}", False),
+        ("0", "\\boxed{1\\,000}", False),
+        ("18", "\\boxed{\\text{19 dollars}}", False),
+        ("[1, 2]", "\\boxed{(1, 2)}", False),
+    ],
+)
+def test_grading_of_worded_and_spaced_answers(gold: str, text: str, correct: bool) -> None:
+    assert is_correct(gold, text) is correct
+
+
+def test_majority_vote_clusters_by_value_not_spelling() -> None:
+    voted = majority_vote(["18 \\text{ dollars}", "18", "\\text{18}", "20", "20"])
+    assert voted is not None and is_correct("18", f"\\boxed{{{voted}}}")
+    assert majority_vote(["1\\,000", "7", "1000", "7", "1,000 dollars"]) == "1\\,000"
+    assert majority_vote(["0.5", "3", "\\frac{1}{2}"]) == "0.5"
+
+
+def test_majority_vote_ties_by_first_occurrence_of_the_value() -> None:
+    assert majority_vote(["\\frac{1}{2}", "3", "0.5", "3"]) == "\\frac{1}{2}"
+    assert majority_vote(["3", "\\frac{1}{2}", "0.5", "3"]) == "3"
+
+
+def test_majority_vote_keeps_distinct_values_apart() -> None:
+    assert majority_vote(["[1, 2]", "(1, 2)", "(1, 2)"]) == "(1, 2)"
+    assert majority_vote(["2x", "2", "2"]) == "2"
+    # Unparsable answers vote only with their own spelling.
+    assert majority_vote(["}{", "4", "}{"]) == "}{"
+
+
+def test_same_answer() -> None:
+    assert same_answer("18 dollars", "\\$18.00")
+    assert same_answer("1\\,000", "1000")
+    assert not same_answer("18", "19")

@@ -328,10 +328,10 @@ def test_cli_generate_decodes_with_a_trained_selector_and_never_loads_the_llm(co
     assert payload["s2t-local"]["cost"]["triggers"] > 0
     assert payload["s2t-local"]["cost"]["llm_forward_tokens"] == 0
     missing = CliRunner().invoke(app, args)
-    assert missing.exit_code == 2 and "--selector" in missing.stdout
+    assert missing.exit_code == 2 and "--selector" in missing.stderr  # --json: human text on stderr
     unloadable = [a if a != tiny_pair_dir["slm"] else "/nonexistent/slm" for a in args]
     early = CliRunner().invoke(app, unloadable)  # the missing selector is reported before the SLM loads
-    assert early.exit_code == 2 and "needs a trained selector" in early.stdout
+    assert early.exit_code == 2 and "needs a trained selector" in early.stderr
 
 
 def test_a_collection_without_its_features_says_how_to_recompute_them_and_resumes(

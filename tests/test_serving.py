@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 from s2t.api import S2TGenerator
 from s2t.engine import Scheduler, decode
@@ -93,10 +94,169 @@ def test_streaming_concatenates_to_the_non_streaming_answer(client):
         whole = create(model=MODEL, max_tokens=10, **kwargs)
         chunks = list(create(model=MODEL, max_tokens=10, stream=True, **kwargs))
         assert "".join(delta_of(c) or "" for c in chunks) == text_of(whole)
-        last = chunks[-1]
-        assert last.choices[0].finish_reason == whole.choices[0].finish_reason
-        assert last.usage.completion_tokens == whole.usage.completion_tokens
-        assert last.model_extra["s2t_cost"]["generated_tokens"] == whole.usage.completion_tokens
+        assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_streaming_usage_only_when_asked_in_a_last_chunk_without_choices(client):
+    kwargs = dict(model=MODEL, messages=chat("What is 2 + 2?"), max_tokens=10)
+    whole = client.chat.completions.create(**kwargs)
+    for create, extra in (
+        (client.chat.completions.create, kwargs),
+        (client.completions.create, dict(model=MODEL, prompt="Janet's ducks lay 16 eggs per day.", max_tokens=10)),
+    ):  # fmt: skip
+        plain = list(create(stream=True, **extra))
+        assert all(c.usage is None and "s2t_cost" not in (c.model_extra or {}) for c in plain)
+        assert plain[-1].choices[0].finish_reason is not None
+        counted = list(create(stream=True, stream_options={"include_usage": True}, **extra))
+        last = counted[-1]
+        assert last.choices == [] and last.usage is not None
+        assert all(c.usage is None and c.choices for c in counted[:-1])
+        assert last.model_extra["s2t_cost"]["generated_tokens"] == last.usage.completion_tokens
+        assert counted[-2].choices[0].finish_reason == plain[-1].choices[0].finish_reason
+    assert last.usage.completion_tokens <= 10
+    chat_usage = list(
+        client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    )
+    assert chat_usage[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_developer_messages_are_system_messages(client):
+    asked = [{"role": "user", "content": "Double 21."}]
+    as_system = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "Always answer in French."}, *asked],
+        max_tokens=8,
+    )
+    as_developer = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "developer", "content": "Always answer in French."}, *asked],
+        max_tokens=8,
+    )
+    assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+
+
+def slm_logprobs(generator, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """The SLM's log-probabilities at each position of prompt + tokens, teacher-forced, alone."""
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = generator.slm.model(input_ids=ids).logits[0, :, : len(generator.tokenizer)]
+    return torch.log_softmax(logits.float(), -1)
+
+
+def test_chat_logprobs_are_the_slms_for_the_chosen_tokens(client, generator, method):
+    messages = chat("Natalia sold clips to 48 of her friends.")
+    response = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=10, logprobs=True, top_logprobs=3
+    )
+    expected = alone(generator, method, messages, 10)
+    prompt = build_chat_prompt(generator.tokenizer, messages)
+    reference = slm_logprobs(generator, prompt, list(expected.token_ids))
+    content = response.choices[0].logprobs.content
+    assert len(content) == len(expected.token_ids) == response.usage.completion_tokens
+    text = response.choices[0].message.content
+    assert all(item.token == bytes(item.bytes).decode("utf-8", errors="replace") for item in content)
+    for step, (item, token) in enumerate(zip(content, expected.token_ids)):
+        row = reference[len(prompt) - 1 + step]
+        assert item.logprob == pytest.approx(float(row[token]), abs=1e-4)
+        assert [t.logprob for t in item.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+        assert item.top_logprobs[0].logprob >= item.logprob
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == text
+    streamed = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=10, logprobs=True, stream=True
+        )
+    )
+    items = [
+        i for c in streamed if c.choices and c.choices[0].logprobs for i in c.choices[0].logprobs.content
+    ]
+    assert [i.logprob for i in items] == pytest.approx([i.logprob for i in content], abs=1e-6)
+    assert all(i.top_logprobs == [] for i in items)
+
+
+def test_completion_echo_and_logprobs(client, generator):
+    text = "Janet's ducks lay 16 eggs per day."
+    prompt = generator.tokenizer(text, add_special_tokens=False)["input_ids"]
+    response = client.completions.create(model=MODEL, prompt=text, max_tokens=6, echo=True, logprobs=2)
+    choice = response.choices[0]
+    generated = choice.text[len(text) :]
+    assert choice.text.startswith(text)
+    assert generated == client.completions.create(model=MODEL, prompt=text, max_tokens=6).choices[0].text
+    logprobs = choice.logprobs
+    completion = response.usage.completion_tokens
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(prompt) + completion
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert "".join(logprobs.tokens[: len(prompt)]) == text
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset[len(prompt)] == len(text)
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+    tokens = generator.tokenizer(choice.text, add_special_tokens=False)["input_ids"]
+    reference = slm_logprobs(generator, prompt, [])
+    for position in range(1, len(prompt)):
+        row = reference[position - 1]
+        assert logprobs.token_logprobs[position] == pytest.approx(float(row[prompt[position]]), abs=1e-4)
+        assert max(logprobs.top_logprobs[position].values()) == pytest.approx(float(row.max()), abs=1e-4)
+    assert all(1 <= len(top) <= 2 for top in logprobs.top_logprobs[1:])
+    assert tokens[: len(prompt)] == prompt
+    # max_tokens 0 with echo scores the prompt only (what lm-evaluation-harness' loglikelihood asks).
+    scored = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=0)
+    assert scored.choices[0].text == text and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs == pytest.approx(logprobs.token_logprobs[: len(prompt)])
+    streamed = list(client.completions.create(model=MODEL, prompt=text, max_tokens=6, echo=True, logprobs=2,
+                                              stream=True))  # fmt: skip
+    assert "".join(c.choices[0].text for c in streamed) == choice.text
+    assert [
+        t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens
+    ] == logprobs.tokens
+
+
+@pytest.mark.parametrize(
+    "chat_endpoint, extra, param",
+    [
+        (True, {"presence_penalty": 0.5}, "presence_penalty"),
+        (False, {"frequency_penalty": 0.5}, "frequency_penalty"),
+        (True, {"logit_bias": {"5": 10}}, "logit_bias"),
+        (False, {"best_of": 2}, "best_of"),
+        (False, {"suffix": " the end"}, "suffix"),
+        (False, {"max_tokens": 0}, "max_tokens"),
+        (True, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        (True, {"tool_choice": "required"}, "tool_choice"),
+        (True, {"response_format": {"type": "json_object"}}, "response_format"),
+        (True, {"top_logprobs": 2}, "top_logprobs"),
+        (True, {"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        (False, {"logprobs": 21}, "logprobs"),
+        (True, {"stream_options": {"include_usage": True}}, "stream_options"),
+    ],
+)
+def test_unimplemented_parameters_get_a_400_naming_them(client, chat_endpoint, extra, param):
+    with pytest.raises(openai.BadRequestError) as raised:
+        if chat_endpoint:
+            client.chat.completions.create(model=MODEL, messages=chat("hi"), max_tokens=2, **extra)
+        else:
+            client.completions.create(model=MODEL, prompt="hi", **{"max_tokens": 2, **extra})
+    assert raised.value.body["param"] == param
+    assert param in raised.value.body["message"]
+
+
+def test_health_counts_stop_string_finishes_as_finished(generator, tokenizer):
+    # No stop token can be generated (a reserved id): every answer runs to max_tokens unless stopped.
+    scheduler = Scheduler(generator.slm.model, vocab_size=len(tokenizer), stop_ids=[len(tokenizer)],
+                          pad_id=tokenizer.pad_token_id, max_batch_size=2)  # fmt: skip
+    app = create_app(scheduler, tokenizer, model_name=MODEL, context_length=CONTEXT, default_max_tokens=16)
+    with running_server(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = chat("Double 21.")
+        text = client.chat.completions.create(model=MODEL, messages=messages).choices[0].message.content
+        stop = next(text[i : i + 2] for i in range(len(text) // 2, len(text)) if text[i : i + 2].strip())
+        for stream in (False, True):
+            response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, stop=[stop],
+                                                      stream=stream)  # fmt: skip
+            list(response) if stream else None
+        deadline = time.monotonic() + 30
+        while (health := httpx.get(f"{url}/health").json())["finished"] + health["cancelled"] < 3:
+            assert time.monotonic() < deadline, health
+            time.sleep(0.05)
+        assert (health["finished"], health["cancelled"]) == (3, 0)
 
 
 def test_stop_strings_end_the_answer_before_them(client):

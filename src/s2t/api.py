@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -167,6 +168,11 @@ class S2TGenerator:
         if stats_key not in self._trigger_statistics and not isinstance(
             method.trigger, RandomTrigger | NeverTrigger
         ):
+            started = time.perf_counter()
+            logger.info(
+                "calibrating the %s trigger: greedy decoding of %d calibration problems (up to %d new tokens each)",
+                method.trigger.name, len(calibration_questions), max_new_tokens,
+            )  # fmt: skip
             statistics = trigger_statistics(
                 method.trigger,
                 self.slm.model,
@@ -178,9 +184,11 @@ class S2TGenerator:
             )
             if use_cache:
                 self._trigger_statistics[stats_key] = statistics
+            logger.info("decoded the calibration problems in %.0f s", time.perf_counter() - started)
         else:
             statistics = self._trigger_statistics.get(stats_key)
         threshold = calibrate(method, self.slm.model, [], statistics=statistics)
+        logger.info("calibrated the %s trigger: threshold %.4g", method.trigger.name, threshold)
         if use_cache:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             with locked(cache_file.with_name(".calibration.json.lock")):
@@ -216,15 +224,23 @@ class S2TGenerator:
     def _decode_kwargs(self, max_new_tokens: int, model: LoadedModel | None = None) -> dict:
         return {**self._engine_kwargs(model), "max_new_tokens": max_new_tokens}
 
-    def scheduler(self, method: str | Method = "greedy", max_batch_size: int = 8, **kwargs) -> Scheduler:
+    def scheduler(
+        self,
+        method: str | Method = "greedy",
+        max_batch_size: int = 8,
+        prefill_chunk: int | None = None,
+        **kwargs,
+    ) -> Scheduler:
         """A continuous batch (:class:`~s2t.engine.Scheduler`) decoding with ``method``, for serving.
 
-        Keyword arguments are those of :meth:`method_models` (calibration, method options).
+        ``prefill_chunk`` reads longer prompts that many tokens per step (chunked prefill). Other
+        keyword arguments are those of :meth:`method_models` (calibration, method options).
         """
         decoder, llm, method_obj = self.method_models(method, batch_size=max_batch_size, **kwargs)
         return Scheduler(
-            decoder.model, method_obj, llm=llm, max_batch_size=max_batch_size, **self._engine_kwargs(decoder)
-        )
+            decoder.model, method_obj, llm=llm, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk,
+            **self._engine_kwargs(decoder),
+        )  # fmt: skip
 
     def generate(
         self, questions: Sequence[str], method: str | Method = "greedy", **kwargs

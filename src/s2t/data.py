@@ -197,6 +197,8 @@ def load_problems(
     spec = DATASETS.get(dataset)
     if data_file is not None:
         records = _read_jsonl(Path(data_file))
+        if not records:
+            raise ValueError(f"no problems in {data_file}")
         source = str(data_file)
         return _to_problems(
             records, source, dataset, split, spec, question_field, answer_field, limit, offset
@@ -230,8 +232,14 @@ def load_problems(
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
     """Parse a JSONL file into ``(1-based line number, record)`` pairs, skipping blank lines."""
     records: list[tuple[int, Any]] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+                ) from err
             if not line.strip():
                 continue
             try:

@@ -201,6 +201,27 @@ class ModelStream:
         return empty
 
 
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """``token``'s log-probability under ``logits`` (one row) and the ``top`` most likely tokens'."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logprobs.topk(min(top, logprobs.shape[-1])) if top > 0 else (logprobs[:0], logprobs[:0])
+    return float(logprobs[token]), [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist())]
+
+
+@torch.inference_mode()
+def prompt_logprobs(
+    model: PreTrainedModel, prompt: Sequence[int], vocab_size: int, top: int
+) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Each prompt token's log-probability given the tokens before it (from the second token on),
+    with the ``top`` most likely tokens at that position: what OpenAI's ``echo`` reports."""
+    ids = torch.as_tensor([list(prompt)], dtype=torch.long, device=model.device)
+    logits = to_host(model(input_ids=ids, use_cache=False).logits[0, :-1, :vocab_size])
+    return [
+        token_logprobs(logits[position], int(prompt[position + 1]), top)
+        for position in range(len(prompt) - 1)
+    ]
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -217,7 +238,9 @@ class Request:
     """One sequence to decode: its prompt's token ids and its own sampling settings.
 
     ``seed`` gives the sequence its own random stream (sampling, random trigger, random selector)
-    so that its tokens do not depend on which other sequences share its batch.
+    so that its tokens do not depend on which other sequences share its batch. ``logprobs``, when
+    not None, asks every step's output for the chosen token's log-probability under the SLM and the
+    SLM's ``logprobs`` most likely tokens (0: the chosen token's only).
     """
 
     prompt: Sequence[int]
@@ -225,6 +248,7 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    logprobs: int | None = None
 
     def __post_init__(self):
         if len(self.prompt) == 0:
@@ -244,6 +268,10 @@ class StepOutput:
     request_id: int
     token: int | None  # None for a sequence cancelled before this step
     generation: Generation | None = None
+    # When the request asked for them: the token's log-probability under the SLM's (unwarped)
+    # next-token distribution, and that distribution's most likely (token, log-probability) pairs.
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 class _Sequence:
@@ -272,7 +300,10 @@ class Scheduler:
 
     ``vocab_size`` is the tokenizer's size: logits beyond it (padding or reserved rows of the
     output embedding) are never chosen. ``max_batch_size`` bounds the running sequences; the
-    others wait and join as running ones finish. Not thread-safe: one thread drives it.
+    others wait and join as running ones finish. With ``prefill_chunk``, a prompt longer than that
+    is read ``prefill_chunk`` tokens per step, between the running batch's decoding steps, and joins
+    the batch when it has been read (chunked prefill, as in vLLM): a long prompt no longer stalls
+    every running sequence for its whole prefill. Not thread-safe: one thread drives it.
     """
 
     def __init__(
@@ -286,12 +317,18 @@ class Scheduler:
         pad_id: int,
         max_batch_size: int | None = None,
         record_statistics: bool = False,
+        prefill_chunk: int | None = None,
     ):
         self.method = method or Method(name="greedy")
         if self.method.needs_llm and llm is None:
             raise ValueError(f"method {self.method.name!r} needs an LLM but none was given")
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1; got {max_batch_size}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1; got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        # Prompts longer than prefill_chunk, read one chunk per step before they join the batch.
+        self.prefilling: list[tuple[_Sequence, ModelStream]] = []
         self.method.candidates.check_vocab(vocab_size)
         self.slm, self.llm = slm, llm
         self.vocab_size, self.pad_id = vocab_size, pad_id
@@ -326,13 +363,14 @@ class Scheduler:
         self._cancelled.add(request_id)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.prefilling)
 
     def abort(self) -> list[int]:
         """Drop every waiting and running request (e.g. after a failed step); returns their ids."""
-        dropped = [s.id for s in (*self.running, *self.waiting)]
+        dropped = [s.id for s in (*self.running, *(s for s, _ in self.prefilling), *self.waiting)]
         self.waiting.clear()
         self.running = []
+        self.prefilling = []
         self._cancelled.clear()
         self._reset_batch()
         return dropped
@@ -401,7 +439,12 @@ class Scheduler:
             s.tokens.append(int(token[i]))
             s.cost.generated_tokens += 1
             finish = "stop" if stopped[i] else "length" if len(s.tokens) >= s.request.max_new_tokens else None
-            outputs.append(StepOutput(s.id, int(token[i]), s.result(finish) if finish else None))
+            out = StepOutput(s.id, int(token[i]), s.result(finish) if finish else None)
+            if s.request.logprobs is not None:
+                out.logprob, out.top_logprobs = token_logprobs(
+                    self.slm_logits[i], int(token[i]), s.request.logprobs
+                )
+            outputs.append(out)
             if finish is None:
                 keep.append(i)
         if len(keep) < len(rows):
@@ -422,17 +465,51 @@ class Scheduler:
         return outputs
 
     def _admit(self) -> None:
-        """Prefill waiting requests on their own and join them to the running batch."""
+        """Prefill waiting requests on their own and join them to the running batch; a prompt longer
+        than ``prefill_chunk`` is read one chunk per step first (:meth:`_prefill_chunk`)."""
         room = len(self.waiting)
         if self.max_batch_size is not None:
-            room = min(room, self.max_batch_size - len(self.running))
-        if room <= 0:
+            room = min(room, self.max_batch_size - len(self.running) - len(self.prefilling))
+        joining = [self.waiting.popleft() for _ in range(max(room, 0))]
+        if self.prefill_chunk is not None:
+            long = [s for s in joining if len(s.request.prompt) > self.prefill_chunk]
+            self.prefilling.extend((s, self._slm_stream()) for s in long)
+            joining = [s for s in joining if len(s.request.prompt) <= self.prefill_chunk]
+        if self.prefilling:
+            self._prefill_chunk()
+        if not joining:
             return
         start = time.perf_counter()
-        joining = [self.waiting.popleft() for _ in range(room)]
         ids, mask = left_pad([s.request.prompt for s in joining], self.pad_id)
         slm_stream = self._slm_stream()
         logits = slm_stream.advance(ids, mask)
+        self._join(joining, ids, mask, slm_stream, logits)
+        share = (time.perf_counter() - start) / len(joining)
+        for s in joining:
+            s.cost.wall_time_s += share
+
+    def _prefill_chunk(self) -> None:
+        """Read the next ``prefill_chunk`` prompt tokens of the longest-waiting long prompt; join it
+        to the batch once its whole prompt has been read."""
+        start = time.perf_counter()
+        sequence, stream = self.prefilling[0]
+        prompt = torch.as_tensor([list(sequence.request.prompt)], dtype=torch.long)
+        upto = min(stream.seen + self.prefill_chunk, prompt.shape[1])
+        logits = stream.advance(prompt[:, :upto], torch.ones_like(prompt[:, :upto]))
+        if upto == prompt.shape[1]:
+            self.prefilling.pop(0)
+            self._join([sequence], prompt, torch.ones_like(prompt), stream, logits)
+        sequence.cost.wall_time_s += time.perf_counter() - start
+
+    def _join(
+        self,
+        joining: list[_Sequence],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        slm_stream: ModelStream,
+        logits: torch.Tensor,
+    ) -> None:
+        """Add prefilled rows (their ids, mask, SLM cache and next-token logits) to the batch."""
         if not self.running:
             self._reset_batch()
             self.ids, self.mask, self.slm_stream, self.slm_logits = ids, mask, slm_stream, logits
@@ -447,9 +524,6 @@ class Scheduler:
             self.ids, self.mask = torch.cat([self.ids, ids]), torch.cat([self.mask, mask])
             self.slm_logits = torch.cat([self.slm_logits, logits])
         self.running.extend(joining)
-        share = (time.perf_counter() - start) / len(joining)
-        for s in joining:
-            s.cost.wall_time_s += share
 
     def _llm_catch_up(self, ids: torch.Tensor, prompt_lengths: list[int]) -> ModelStream:
         """LLM caches for joining rows over the columns the batch's LLM has read (each row alone)."""
@@ -502,6 +576,9 @@ class Scheduler:
         outputs = []
         for s in [s for s in self.waiting if s.id in self._cancelled]:
             self.waiting.remove(s)
+            outputs.append(StepOutput(s.id, None, s.result("cancelled")))
+        for s, stream in [p for p in self.prefilling if p[0].id in self._cancelled]:
+            self.prefilling.remove((s, stream))
             outputs.append(StepOutput(s.id, None, s.result("cancelled")))
         keep = [i for i, s in enumerate(self.running) if s.id not in self._cancelled]
         for i in sorted(set(range(len(self.running))) - set(keep)):

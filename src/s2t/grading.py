@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import threading
-from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
@@ -28,6 +27,29 @@ _BOX_COMMANDS = ("\\boxed", "\\fbox")
 # A number with either proper thousands groups ("12,345.6") or none ("12345.6"). A minus sign
 # counts only when it is not a binary minus ("5-3" ends in 3, not -3).
 _NUMBER = re.compile(r"(?:(?<![\w)\]}])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+
+# Digit-group separators that math-verify misreads ("1\,000" parses as 1*0): a LaTeX thin space
+# (``\,`` or ``\thinspace``), a control space, a braced comma, a Unicode thin or narrow no-break space.
+_GROUP_SEPARATOR = r"(?:\\,|\\thinspace\s*|\\ |\{,\}|\u2009|\u202f)"
+# Three-digit groups joined by those separators, not part of a longer number or of a decimal part.
+_SPACED_GROUPS = re.compile(rf"(?<![\d.])\d{{1,3}}(?:{_GROUP_SEPARATOR}\d{{3}})+(?![\d])")
+# A text-mode wrapper around the whole answer whose content starts with a number: "\text{18 dollars}".
+_TEXT_WRAPPER = re.compile(
+    r"\\(?:text|textbf|textrm|mbox|mathrm)\s*\{\s*((?:[-+]\s*)?(?:\\?\$\s*)?\d[^{}]*)\}"
+)
+# A leading number (sign, dollar sign, thousands commas, decimals, percent, or a numeric fraction)
+# followed only by plain words of two or more letters: "18 dollars", "1,000 sq ft", "\frac{1}{2} cups".
+_LEADING_NUMBER = (
+    r"(?:[-+]\s*)?(?:\\?\$\s*)?"
+    r"(?:\\[dt]?frac\{\d+\}\{\d+\}|\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?)"
+    r"(?:\s*\\?%)?"
+)
+# Words after a number that are mathematics, not units: "2 pi" is not 2.
+_MATH_WORDS = {"pi", "inf", "infty", "infinity", "sqrt", "sin", "cos", "tan", "cot", "sec", "csc", "log", "ln",
+               "exp", "mod", "choose"}  # fmt: skip
+_NUMBER_THEN_WORDS = re.compile(
+    rf"({_LEADING_NUMBER})(?:\s|\\ |\\,|~)+[A-Za-z]{{2,}}(?:[\s/-]+[A-Za-z]{{2,}})*\s*\.?"
+)
 
 
 @dataclass(frozen=True)
@@ -91,6 +113,30 @@ def extract_answer(text: str) -> str | None:
     return _last_number(text)
 
 
+def clean_answer(answer: str) -> str:
+    """Rewrite the spellings math-verify misreads, leaving real expressions as they are.
+
+    - digit groups separated by ``\\,``, ``\\ ``, ``{,}`` or a thin space are joined
+      ("1\\,000" -> "1000"; math-verify would read ``1*0``);
+    - a ``\\text{...}`` (or ``\\textbf``, ``\\mbox``, ``\\mathrm``) wrapper around the whole answer
+      is dropped when its content starts with a number ("\\text{18 dollars}" -> "18 dollars");
+    - plain words after a leading number are dropped ("18 dollars" -> "18"; math-verify would
+      read a product of symbols).
+
+    Only whole-answer patterns are rewritten: "2x", "3\\sqrt{2}", "5 \\pi", intervals and tuples
+    do not match and come back unchanged.
+    """
+    text = answer.strip()
+    text = _SPACED_GROUPS.sub(lambda match: re.sub(_GROUP_SEPARATOR, "", match.group(0)), text)
+    wrapped = _TEXT_WRAPPER.fullmatch(text)
+    if wrapped:
+        text = wrapped.group(1).strip()
+    words = _NUMBER_THEN_WORDS.fullmatch(text)
+    if words and not _MATH_WORDS & set(re.findall(r"[a-z]+", text[words.end(1) :].lower())):
+        text = words.group(1)
+    return text
+
+
 def normalize_number(answer: str) -> str:
     """Canonical form of an answer for voting: "18", "18.00", "$18" and "18." all become "18".
 
@@ -138,22 +184,29 @@ def _parse_gold(gold: str) -> list:
     return []
 
 
+def _parse_answer(answer: str) -> list:
+    """An extracted answer, cleaned (:func:`clean_answer`) and parsed in ``\\boxed{}`` form."""
+    return _parse(f"\\boxed{{{clean_answer(answer)}}}")
+
+
+def _verify(gold_parsed: list, prediction: list) -> bool:
+    try:
+        # Gold first: math-verify's comparison is not symmetric (e.g. intervals, sets).
+        return bool(verify(gold_parsed, prediction, timeout_seconds=_timeouts()))
+    except (Exception, TimeoutException):
+        return False
+
+
 def _verify_extracted(gold: str, extracted: str | None, text: str) -> bool:
-    gold_parsed = _parse_gold(str(gold).strip())
+    gold_parsed = _parse_gold(clean_answer(str(gold)))
     if not gold_parsed:
         return False
-    candidates = [f"\\boxed{{{extracted}}}"] if extracted is not None else []
-    candidates.append(text)
-    for candidate in candidates:
-        prediction = _parse(candidate)
-        if not prediction:
-            continue
-        try:
-            # Gold first: math-verify's comparison is not symmetric (e.g. intervals, sets).
-            return bool(verify(gold_parsed, prediction, timeout_seconds=_timeouts()))
-        except (Exception, TimeoutException):
-            return False
-    return False
+    if extracted is not None:
+        prediction = _parse_answer(extracted)
+        if prediction:
+            return _verify(gold_parsed, prediction)
+    prediction = _parse(text)
+    return _verify(gold_parsed, prediction) if prediction else False
 
 
 def is_correct(gold: str, prediction_text: str) -> bool:
@@ -175,18 +228,43 @@ def grade(gold: str, text: str) -> GradeResult:
     return GradeResult(extracted=extracted, correct=_verify_extracted(gold, extracted, text))
 
 
-def majority_vote(answers: list[str | None]) -> str | None:
-    """The most common answer after :func:`normalize_number`, ignoring None.
+def same_answer(first: str, second: str) -> bool:
+    """Whether two extracted answers are the same value, as :func:`majority_vote` decides it."""
+    if normalize_number(clean_answer(first)) == normalize_number(clean_answer(second)):
+        return True
+    first_parsed, second_parsed = _parse_answer(first), _parse_answer(second)
+    return bool(first_parsed and second_parsed and _verify(first_parsed, second_parsed))
 
-    Ties go to the class that appears first in ``answers``; the returned string is that class's
-    first original spelling (so it can be graded like any single answer). None if all are None.
+
+def majority_vote(answers: list[str | None]) -> str | None:
+    """The most common answer by mathematical value, ignoring None.
+
+    Answers are clustered as the grader compares them: :func:`clean_answer`, then math-verify
+    against each cluster's first answer ("18 \\text{ dollars}", "18", "\\text{18}" and "18.00"
+    are one cluster). Answers with equal :func:`normalize_number` forms share a cluster without
+    asking math-verify; an answer math-verify cannot parse joins only its own spelling.
+    Ties go to the cluster that appears first in ``answers``; the returned string is that
+    cluster's first original spelling (so it can be graded like any single answer). None if all
+    are None.
     """
     present = [answer for answer in answers if answer is not None]
     if not present:
         return None
-    keys = [normalize_number(answer) for answer in present]
-    counts = Counter(keys)
-    best = max(counts.values())
-    # keys is in input order, so the first key reaching the top count is the earliest-occurring winner.
-    winner_index = next(index for index, key in enumerate(keys) if counts[key] == best)
-    return present[winner_index]
+    # One entry per cluster, in order of first appearance: [first spelling, its key, parsed, count].
+    clusters: list[list] = []
+    for answer in present:
+        key = normalize_number(clean_answer(answer))
+        parsed: list | None = None
+        for cluster in clusters:
+            if cluster[1] == key:
+                break
+            if parsed is None:
+                parsed = _parse_answer(answer)
+            if parsed and cluster[2] and _verify(cluster[2], parsed):
+                break
+        else:
+            cluster = [answer, key, parsed if parsed is not None else _parse_answer(answer), 0]
+            clusters.append(cluster)
+        cluster[3] += 1
+    best = max(cluster[3] for cluster in clusters)
+    return next(cluster[0] for cluster in clusters if cluster[3] == best)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Annotated
 
 import typer
@@ -62,12 +63,14 @@ DataDirOpt = Annotated[
 
 def fail(message: str) -> None:
     # escape: messages hold brackets (ids, "select-to-think[ray]") that rich would read as markup
-    console.print(f"[bold red]error:[/] {escape(message)}")
+    # soft_wrap: one line however narrow the terminal, so paths in it stay whole
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(2)
 
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    console.stderr = False  # a command may send its human text to stderr (generate --json)
     if not verbose:
         # transformers' per-load "Loading weights" bars are noise next to our own progress output
         import transformers
@@ -76,3 +79,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not verbose and not sys.stderr.isatty():
+        # Spinners and bars stay silent off a terminal: our own progress lines (model preparation,
+        # calibration) keep a log file or a pipe informed instead of minutes of silence.
+        logging.getLogger("s2t").setLevel(logging.INFO)

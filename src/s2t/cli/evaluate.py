@@ -103,6 +103,8 @@ def eval_command(
         DatasetUnavailableError,
     ) as e:
         fail(str(e))
+    except OSError as e:  # e.g. an unwritable --out: one line naming the path, not a traceback
+        fail(f"cannot write {e.filename or out}: {e.strerror or e}")
     console.print(markdown_table(payload["methods"]), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {out}/summary.json, {out}/report.md, {out}/accuracy_vs_cost.png")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated
 
 import typer
@@ -75,7 +76,13 @@ def generate(
     llm_device_map: LLMDeviceMapOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Answer one question with each method and print the answers and their costs."""
+    """Answer one question with each method and print the answers and their costs.
+
+    With ``--json`` stdout holds exactly one JSON document; everything meant for people (the
+    problem, progress, errors) goes to stderr.
+    """
+    if as_json:
+        console.stderr = True  # stdout holds the JSON document only (the app callback resets this)
     from s2t.api import S2TGenerator
     from s2t.grading import extract_answer, is_correct
     from s2t.local.selector import selector_directory
@@ -107,17 +114,19 @@ def generate(
         fail(str(e))
 
     if as_json:
-        payload = {
-            name: {
+        payload = {}
+        for name, (out, m) in results.items():
+            entry = {
                 "text": out.text,
                 "answer": extract_answer(out.text),
                 "finish_reason": out.finish_reason,
                 "cost": out.cost.to_dict(),
                 "method": m if isinstance(m, str) else m.describe(),
             }
-            for name, (out, m) in results.items()
-        }
-        print(json.dumps(payload, indent=2))
+            if gold is not None:
+                entry.update(problem_id=problem, gold=gold, correct=is_correct(gold, out.text))
+            payload[name] = entry
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
     for name, (out, m) in results.items():
         desc = "LLM alone" if isinstance(m, str) else _describe(m)

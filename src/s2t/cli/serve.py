@@ -51,6 +51,12 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     max_batch_size: Annotated[int, typer.Option(help="Sequences decoded together; others wait.")] = 8,
     max_tokens: Annotated[int, typer.Option(help="New tokens for requests that give no max_tokens.")] = 512,
+    prefill_chunk: Annotated[
+        int,
+        typer.Option(
+            help="Read long prompts this many tokens per step, between decoding steps (0: at once)."
+        ),
+    ] = 512,
     context_length: Annotated[
         int | None, typer.Option(help="Prompt + max_tokens limit (default: the SLM's position limit).")
     ] = None,
@@ -80,7 +86,9 @@ def serve(
             gen, method, local_selector, trigger=trigger, threshold=threshold, quantile=quantile, k=k,
             ratio=ratio, min_step=min_step, calibration_problems=calibration_problems, data_dir=data_dir,
         )  # fmt: skip
-        scheduler = decoder.scheduler(method_obj, max_batch_size=max_batch_size)
+        scheduler = decoder.scheduler(
+            method_obj, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk or None
+        )
         limit = context_length or getattr(decoder.slm.model.config, "max_position_embeddings", None) or 4096
         name = model_name or gen.slm.name
         server_app = create_app(

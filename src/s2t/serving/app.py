@@ -2,10 +2,14 @@
 ``/v1/models`` and ``/health``.
 
 The method, trigger, K and selector are the scheduler's, fixed at start-up; each request brings
-its own ``max_tokens``, ``temperature``, ``top_p``, ``stop`` and ``seed``. Every answer carries
-OpenAI's ``usage`` block and our cost record (``s2t_cost``: LLM calls and tokens, triggers,
-trigger rate, ...) for its sequence, as if it had been decoded alone. Errors use OpenAI's shape;
-a client that disconnects (streaming or not) frees its batch slot at the next step.
+its own ``max_tokens``, ``temperature``, ``top_p``, ``stop`` and ``seed``, and may ask for
+log-probabilities (``logprobs``/``echo`` on completions, ``logprobs``/``top_logprobs`` on chat),
+which come from the SLM's next-token distribution. Every answer carries OpenAI's ``usage`` block
+and our cost record (``s2t_cost``: LLM calls and tokens, triggers, trigger rate, ...) for its
+sequence, as if it had been decoded alone; a stream carries them in a last chunk with no choices,
+only when ``stream_options.include_usage`` asks. Parameters OpenAI defines that we do not implement
+get a 400 naming them. Errors use OpenAI's shape; a client that disconnects (streaming or not)
+frees its batch slot at the next step.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from transformers import PreTrainedTokenizerBase
 
-from s2t.engine import Generation, Request, Scheduler
+from s2t.engine import Generation, Request, Scheduler, StepOutput, prompt_logprobs
 from s2t.prompts import build_chat_prompt
 from s2t.serving.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, SamplingRequest
 from s2t.serving.worker import EngineWorker, Ticket
@@ -33,8 +37,40 @@ from s2t.serving.worker import EngineWorker, Ticket
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
+# Chat roles the tokenizer's template may not know, and the role they play (OpenAI maps
+# ``developer`` to the system message for models that have no developer role).
+ROLE_ALIASES = {"developer": "system"}
+
+
 async def _gather(items: AsyncIterator) -> list:
     return [item async for item in items]
+
+
+def _byte_level_decoder(tokenizer: PreTrainedTokenizerBase) -> dict[str, int] | None:
+    """GPT-2's byte-to-character table, inverted, when the tokenizer is byte-level BPE (Qwen's is)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or "ByteLevel" not in str(backend.decoder):
+        return None
+    # GPT-2's bytes_to_unicode: printable bytes stand for themselves, the rest map to 256 + n.
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte], extra = chr(256 + extra), extra + 1
+    return {char: byte for byte, char in chars.items()}
+
+
+def _first_per_key(pairs) -> dict:
+    result: dict = {}
+    for key, value in pairs:
+        result.setdefault(key, value)
+    return result
 
 
 class TextStream:
@@ -84,6 +120,7 @@ def create_app(
     """
     worker = EngineWorker(scheduler)
     method = scheduler.method
+    byte_decoder = getattr(tokenizer, "byte_decoder", None) or _byte_level_decoder(tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -121,13 +158,18 @@ def create_app(
         return {"object": "list", "data": [{**card, "s2t_method": method.describe()}]}
 
     def prepare(
-        body: SamplingRequest, prompt: list[int], prompt_param: str, max_tokens: int | None
+        body: SamplingRequest,
+        prompt: list[int],
+        prompt_param: str,
+        max_tokens: int | None,
+        logprobs: int | None = None,
     ) -> Request:
         if body.model != model_name:
             raise OpenAIError(
                 404, f"The model `{body.model}` does not exist; this server serves `{model_name}`",
                 param="model", code="model_not_found",
             )  # fmt: skip
+        body.check_supported()
         if not prompt:
             raise OpenAIError(400, "the prompt is empty", param=prompt_param)
         room = context_length - len(prompt)
@@ -140,11 +182,54 @@ def create_app(
             )  # fmt: skip
         seed = body.seed if body.seed is not None else random.getrandbits(31)
         max_new_tokens = max_tokens if max_tokens is not None else min(default_max_tokens, room)
-        return Request(prompt, max_new_tokens, body.temperature, body.top_p, seed)
+        # max_tokens 0 (echo only) is answered without decoding; Request needs at least one token.
+        return Request(prompt, max(1, max_new_tokens), body.temperature, body.top_p, seed, logprobs)
 
-    async def answer(ticket: Ticket, text: TextStream) -> AsyncIterator[str | Generation]:
-        """Text as it may be sent, then the finished :class:`Generation`; frees the slot if abandoned."""
+    def token_bytes(token: int) -> bytes:
+        """The bytes a token stands for (byte-level BPE pieces need not be whole UTF-8 characters)."""
+        piece = tokenizer.convert_ids_to_tokens(token)
+        if isinstance(piece, str) and byte_decoder and all(char in byte_decoder for char in piece):
+            return bytes(byte_decoder[char] for char in piece)
+        return tokenizer.decode([token]).encode("utf-8")
+
+    def token_text(token: int) -> str:
+        return token_bytes(token).decode("utf-8", errors="replace")
+
+    def chat_logprobs(entries: list[StepOutput]) -> dict:
+        """OpenAI's chat ``logprobs`` object for these tokens."""
+
+        def item(token: int, logprob: float) -> dict:
+            return {"token": token_text(token), "logprob": logprob, "bytes": list(token_bytes(token))}
+
+        content = [
+            {**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top_logprobs or []]}
+            for e in entries
+        ]
+        return {"content": content, "refusal": None}
+
+    def completion_logprobs(tokens: list[int], logprobs: list, tops: list, offset: int) -> tuple[dict, int]:
+        """OpenAI's completions ``logprobs`` object (``tokens``, ``token_logprobs``, ``top_logprobs``,
+        ``text_offset``) for these tokens, whose text starts at ``offset``; and the offset after them."""
+        texts, offsets = [token_text(t) for t in tokens], []
+        for text in texts:
+            offsets.append(offset)
+            offset += len(text)
+        # A dict keyed by text, as OpenAI's legacy shape has it: tokens that read alike (e.g. partial
+        # UTF-8 bytes) keep the likelier one's entry.
+        top = [
+            None if pairs is None else _first_per_key((token_text(t), lp) for t, lp in pairs)
+            for pairs in tops
+        ]
+        body = {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
+        return body, offset
+
+    async def answer(
+        ticket: Ticket, text: TextStream
+    ) -> AsyncIterator[tuple[str, list[StepOutput]] | Generation]:
+        """Text as it may be sent, each piece with the steps whose tokens it completes, then the
+        finished :class:`Generation`; frees the slot if abandoned."""
         finished = False
+        pending: list[StepOutput] = []  # steps whose text is held back (a possible stop string)
         try:
             while True:
                 item = await ticket.events.get()
@@ -153,17 +238,19 @@ def create_app(
                 if isinstance(item, Generation):
                     finished = True
                     rest = text.finish()
-                    if rest:
-                        yield rest
+                    if rest or pending:
+                        yield rest, pending
                     yield item
                     return
                 if text.stopped:
                     continue  # tokens decoded after a stop string, before the cancel took effect
-                delta = text.add(item)
+                pending.append(item)
+                delta = text.add(item.token)
                 if text.stopped:
-                    worker.cancel(ticket)
+                    worker.cancel(ticket, finished=True)
                 if delta:
-                    yield delta
+                    yield delta, pending
+                    pending = []
         finally:
             if not finished:  # the client went away (or an error): free the batch slot
                 worker.cancel(ticket)
@@ -191,21 +278,63 @@ def create_app(
     async def respond(
         body: SamplingRequest, prompt: list[int], request: Request, chat: bool, connection: HTTPRequest
     ):
-        stream = TextStream(tokenizer, body.stop_strings())
-        ticket = await worker.submit(request)
+        echo = not chat and body.echo
+        want_logprobs = request.logprobs is not None
+        echoed_text, echoed = "", None  # completions' echo: the prompt's text and logprobs object
+        offset = 0  # completions' text_offset of the next token
+        if echo:
+            echoed_text = body.prompt
+            if want_logprobs:
+                scored = await worker.call(
+                    lambda: prompt_logprobs(scheduler.slm, prompt, scheduler.vocab_size, request.logprobs)
+                )
+                echoed, _ = completion_logprobs(
+                    prompt, [None] + [lp for lp, _ in scored], [None] + [top for _, top in scored], 0
+                )
+            offset = len(echoed_text)
         prefix = "chatcmpl" if chat else "cmpl"
         head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+
+        def logprobs_of(entries: list[StepOutput]) -> dict | None:
+            nonlocal offset
+            if not want_logprobs:
+                return None
+            if chat:
+                return chat_logprobs(entries)
+            part, offset = completion_logprobs(
+                [e.token for e in entries],
+                [e.logprob for e in entries],
+                [e.top_logprobs for e in entries],
+                offset,
+            )
+            return part
+
+        def merge(first: dict | None, second: dict | None) -> dict | None:
+            if first is None or second is None:
+                return first or second
+            return {key: first[key] + second[key] for key in first}
+
+        if not body.stream and echo and body.max_tokens == 0:  # score the prompt, decode nothing
+            usage = {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}
+            choice = {"index": 0, "text": echoed_text, "logprobs": echoed, "finish_reason": "length"}
+            return {**head, "object": "text_completion", "choices": [choice], "usage": usage,
+                    "s2t_cost": {"method": method.name, "generated_tokens": 0}}  # fmt: skip
+
+        stream = TextStream(tokenizer, body.stop_strings())
+        ticket = await worker.submit(request)
         if not body.stream:
             pieces = await collect(ticket, stream, connection)
             if pieces is None:  # nobody is left to read an answer
                 return JSONResponse(OpenAIError(400, "the client disconnected").body(), status_code=400)
             finish, extra = summary(prompt, stream, pieces[-1])
-            content = "".join(pieces[:-1])
-            choice = (
-                {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
-                if chat
-                else {"index": 0, "text": content, "logprobs": None, "finish_reason": finish}
-            )
+            content = "".join(delta for delta, _ in pieces[:-1])
+            logprobs = logprobs_of([e for _, entries in pieces[:-1] for e in entries])
+            if chat:
+                message = {"role": "assistant", "content": content}
+                choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
+            else:
+                text, logprobs = echoed_text + content, merge(echoed, logprobs)
+                choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
             return {
                 **head,
                 "object": "chat.completion" if chat else "text_completion",
@@ -213,7 +342,10 @@ def create_app(
                 **extra,
             }
 
-        def chunk(delta: str | None, finish: str | None = None, first: bool = False, **extra) -> str:
+        include_usage = body.include_usage()
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, finish: str | None = None, first: bool = False, logprobs=None) -> str:
             if chat:
                 content = (
                     {"role": "assistant", "content": ""}
@@ -222,22 +354,28 @@ def create_app(
                     if delta is None
                     else {"content": delta}
                 )
-                choice = {"index": 0, "delta": content, "finish_reason": finish}
+                choice = {"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-            kind = "chat.completion.chunk" if chat else "text_completion"
-            return f"data: {json.dumps({**head, 'object': kind, 'choices': [choice], **extra})}\n\n"
+                choice = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
+            # With include_usage every chunk has a usage field, null until the last one (OpenAI's spec).
+            usage = {"usage": None} if include_usage else {}
+            return f"data: {json.dumps({**head, 'object': kind, 'choices': [choice], **usage})}\n\n"
 
         async def events() -> AsyncIterator[str]:
             if chat:
                 yield chunk(None, first=True)
+            elif echo:
+                yield chunk(echoed_text, logprobs=echoed)
             try:
                 async for item in answer(ticket, stream):
                     if isinstance(item, Generation):
                         finish, extra = summary(prompt, stream, item)
-                        yield chunk(None, finish, **extra)
+                        yield chunk(None, finish)
+                        if include_usage:
+                            yield f"data: {json.dumps({**head, 'object': kind, 'choices': [], **extra})}\n\n"
                     else:
-                        yield chunk(item)
+                        delta, entries = item
+                        yield chunk(delta, logprobs=logprobs_of(entries))
             except OpenAIError as error:
                 yield f"data: {json.dumps(error.body())}\n\n"
             yield "data: [DONE]\n\n"
@@ -247,14 +385,16 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, connection: HTTPRequest):
         prompt = tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
-        return await respond(
-            body, prompt, prepare(body, prompt, "prompt", body.max_tokens), False, connection
-        )
+        request = prepare(body, prompt, "prompt", body.max_tokens, body.logprobs)
+        return await respond(body, prompt, request, False, connection)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, connection: HTTPRequest):
-        prompt = build_chat_prompt(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+        messages = [{"role": ROLE_ALIASES.get(m.role, m.role), "content": m.text()} for m in body.messages]
+        prompt = build_chat_prompt(tokenizer, messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await respond(body, prompt, prepare(body, prompt, "messages", max_tokens), True, connection)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        request = prepare(body, prompt, "messages", max_tokens, logprobs)
+        return await respond(body, prompt, request, True, connection)
 
     return app

@@ -25,19 +25,50 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
 class SamplingRequest(BaseModel):
-    """What both endpoints share: the model name and per-request decoding settings."""
+    """What both endpoints share: the model name and per-request decoding settings.
+
+    Parameters OpenAI defines that change the answer but that we do not implement are declared
+    here so that :meth:`check_supported` can refuse them by name (a silent 200 would mislead);
+    metadata such as ``user`` is accepted and ignored.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with ``echo`` (completions): score the prompt
     temperature: float = Field(0.0, ge=0.0, le=2.0)  # 0: the method's own (greedy) decoding
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = None
     n: int = Field(1, ge=1, le=1)  # one choice per request
+    stream_options: StreamOptions | None = None
+    # Refused unless at their no-op values (see check_supported).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def check_supported(self) -> None:
+        """Raise a 400 naming the first parameter asked for that this server does not implement."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise OpenAIError(400, f"{name} is not supported by this server", param=name)
+        if self.logit_bias:
+            raise OpenAIError(400, "logit_bias is not supported by this server", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise OpenAIError(
+                400, "stream_options is only allowed when stream is true", param="stream_options"
+            )
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -48,6 +79,22 @@ class SamplingRequest(BaseModel):
 
 class CompletionRequest(SamplingRequest):
     prompt: str
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)  # log-probabilities of the top-N tokens per position
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.best_of not in (None, 1):
+            raise OpenAIError(400, "best_of is not supported by this server (one choice per request)",
+                              param="best_of")  # fmt: skip
+        if self.suffix:
+            raise OpenAIError(400, "suffix is not supported by this server", param="suffix")
+        if self.max_tokens == 0 and not self.echo:
+            raise OpenAIError(400, "max_tokens: 0 is only allowed with echo", param="max_tokens")
+        if self.max_tokens == 0 and self.stream:
+            raise OpenAIError(400, "max_tokens: 0 (scoring the prompt) cannot be streamed", param="stream")
 
 
 class TextPart(BaseModel):
@@ -70,3 +117,28 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.max_tokens == 0:
+            raise OpenAIError(400, "max_tokens must be at least 1", param="max_tokens")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise OpenAIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        for name in ("tools", "functions", "function_call"):
+            if getattr(self, name):
+                raise OpenAIError(
+                    400, f"{name} is not supported by this server (no tool calling)", param=name
+                )
+        if self.tool_choice not in (None, "none"):
+            raise OpenAIError(400, "tool_choice is not supported by this server (no tool calling)",
+                              param="tool_choice")  # fmt: skip
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise OpenAIError(400, "response_format other than text is not supported by this server",
+                              param="response_format")  # fmt: skip

@@ -6,7 +6,9 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from s2t.engine import Request, Scheduler
 
@@ -15,9 +17,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Ticket:
-    """A submitted request: the engine thread puts its token ids, then its
-    :class:`~s2t.engine.Generation` (or the exception that ended it), on ``events``, an asyncio
-    queue of the submitting loop."""
+    """A submitted request: the engine thread puts its :class:`~s2t.engine.StepOutput` per new
+    token, then its :class:`~s2t.engine.Generation` (or the exception that ended it), on ``events``,
+    an asyncio queue of the submitting loop."""
 
     request: Request
     loop: asyncio.AbstractEventLoop
@@ -40,6 +42,7 @@ class EngineWorker:
         self.counts = {"finished": 0, "cancelled": 0, "failed": 0}
         self._commands: queue.Queue = queue.Queue()
         self._tickets: dict[int, Ticket] = {}
+        self._stopped: set[int] = set()  # requests the server ended at a stop string: finished
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="s2t-engine", daemon=True)
 
@@ -56,15 +59,24 @@ class EngineWorker:
         self._commands.put(("add", ticket))
         return ticket
 
-    def cancel(self, ticket: Ticket) -> None:
-        """Free the request's batch slot (a client went away, or a stop string was reached)."""
-        self._commands.put(("cancel", ticket))
+    def cancel(self, ticket: Ticket, finished: bool = False) -> None:
+        """Free the request's batch slot: a client went away, or (``finished``) a stop string was
+        reached, which :meth:`load` counts as finished, not cancelled."""
+        self._commands.put(("stop" if finished else "cancel", ticket))
+
+    async def call(self, function: Callable[[], Any]) -> Any:
+        """Run ``function`` on the engine thread between decoding steps (the models are not shared
+        between threads); returns its result or raises its exception."""
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(("call", (function, future)))
+        return await future
 
     def load(self) -> dict:
-        """Running and waiting sequences, and how many requests ended each way."""
+        """Running, waiting and prefilling sequences, and how many requests ended each way."""
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
+            "prefilling": len(self.scheduler.prefilling),  # long prompts being read chunk by chunk
             **self.counts,
         }
 
@@ -72,10 +84,24 @@ class EngineWorker:
         if command is None:
             return
         kind, ticket = command
-        if kind == "add":
+        if kind == "call":
+            function, future = ticket
+            try:
+                result, error = function(), None
+            except Exception as failure:
+                result, error = None, failure
+            loop = future.get_loop()
+            deliver = future.set_exception if error is not None else future.set_result
+            try:
+                loop.call_soon_threadsafe(lambda: future.done() or deliver(error or result))
+            except RuntimeError:  # the loop has closed
+                pass
+        elif kind == "add":
             ticket.request_id = self.scheduler.add(ticket.request)
             self._tickets[ticket.request_id] = ticket
         elif ticket.request_id in self._tickets:
+            if kind == "stop":
+                self._stopped.add(ticket.request_id)
             self.scheduler.cancel(ticket.request_id)
 
     def _run(self) -> None:
@@ -94,6 +120,7 @@ class EngineWorker:
                 logger.exception("decoding step failed; dropping the batch")
                 for request_id in self.scheduler.abort():
                     self.counts["failed"] += 1
+                    self._stopped.discard(request_id)
                     self._tickets.pop(request_id).deliver(error)
                 continue
             for out in outputs:
@@ -101,9 +128,11 @@ class EngineWorker:
                 if ticket is None:
                     continue
                 if out.token is not None:
-                    ticket.deliver(out.token)
+                    ticket.deliver(out)
                 if out.generation is not None:
                     del self._tickets[out.request_id]
-                    cancelled = out.generation.finish_reason == "cancelled"
+                    stopped = out.request_id in self._stopped
+                    self._stopped.discard(out.request_id)
+                    cancelled = out.generation.finish_reason == "cancelled" and not stopped
                     self.counts["cancelled" if cancelled else "finished"] += 1
                     ticket.deliver(out.generation)

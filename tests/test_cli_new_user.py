@@ -1,0 +1,132 @@
+"""What a new user runs into (issue 23's trial): clean JSON on stdout, one-line errors for bad
+paths and bad data files, and progress lines when stderr is not a terminal."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from s2t.cli import app
+from s2t.data import load_problems
+
+PROBLEMS = [
+    {"question": "Janet has 3 eggs and buys 15 more. How many eggs?", "answer": "3 + 15 = 18\n#### 18"},
+    {"question": "What is 2 + 2?", "answer": "#### 4"},
+]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    return tmp_path
+
+
+def eval_args(tiny_pair_dir, data_file, out):
+    return ["eval", "--data-file", str(data_file), "--dataset", "tiny", "--methods", "greedy", "--slm",
+            tiny_pair_dir["slm"], "--max-new-tokens", "4", "--limit", "1", "--out", str(out)]  # fmt: skip
+
+
+def test_generate_json_prints_one_document_with_gold_and_correctness(tiny_pair_dir, data_dir):
+    result = CliRunner().invoke(
+        app,
+        ["generate", "--problem", "gsm8k/test/0", "--method", "greedy", "--slm", tiny_pair_dir["slm"],
+         "--max-new-tokens", "4", "--data-dir", str(data_dir), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)  # the whole of stdout is one JSON document
+    entry = payload["greedy"]
+    assert (entry["problem_id"], entry["gold"]) == ("gsm8k/test/0", "18")
+    assert entry["correct"] is False  # four tokens of a random tiny model
+    assert "gsm8k/test/0" in result.stderr and "gold answer" in result.stderr
+    # A free question has no gold: no gold or correct keys.
+    free = CliRunner().invoke(
+        app, ["generate", "2 + 2?", "--method", "greedy", "--slm", tiny_pair_dir["slm"], "--max-new-tokens", "2",
+              "--json"],
+    )  # fmt: skip
+    assert free.exit_code == 0, free.output
+    assert "gold" not in json.loads(free.stdout)["greedy"]
+    # Human text goes back to stdout for the next command without --json.
+    plain = CliRunner().invoke(
+        app,
+        ["generate", "2 + 2?", "--method", "greedy", "--slm", tiny_pair_dir["slm"], "--max-new-tokens", "2"],
+    )
+    assert "answer:" in plain.stdout
+
+
+def test_generate_json_errors_go_to_stderr(tiny_pair_dir, data_dir):
+    result = CliRunner().invoke(
+        app, ["generate", "--problem", "gsm8k/test/9", "--method", "greedy", "--slm", tiny_pair_dir["slm"],
+              "--data-dir", str(data_dir), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "no problem 'gsm8k/test/9'" in result.stderr
+
+
+def test_eval_into_an_unwritable_directory_is_a_one_line_error(tiny_pair_dir, data_dir, tmp_path):
+    data_file = data_dir / "gsm8k" / "test.jsonl"
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("")
+    outs = [in_the_way / "run"]
+    try:  # /sys refuses new directories on Linux, even to root (the trial's case)
+        os.mkdir("/sys/s2t-run-probe")
+        os.rmdir("/sys/s2t-run-probe")
+    except OSError:
+        outs.append("/sys/s2t-run")
+    for out in outs:
+        result = CliRunner().invoke(app, eval_args(tiny_pair_dir, data_file, out))
+        assert result.exit_code == 2, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and str(out) in errors[0], result.output
+        assert "Traceback" not in result.output
+
+
+def test_an_empty_data_file_is_refused(tiny_pair_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    result = CliRunner().invoke(app, eval_args(tiny_pair_dir, empty, tmp_path / "run"))
+    assert result.exit_code == 2
+    assert f"no problems in {empty}" in result.output
+    with pytest.raises(ValueError, match="no problems in"):
+        load_problems("tiny", data_file=empty)
+
+
+def test_a_non_utf8_data_file_error_names_the_file_and_line(tiny_pair_dir, tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(
+        json.dumps(PROBLEMS[0]).encode()
+        + b"\n"
+        + '{"question": "caf\xe9?", "answer": "1"}\n'.encode("latin-1")
+    )
+    with pytest.raises(ValueError, match=rf"{bad}:2: not UTF-8 text \(byte 0xe9"):
+        load_problems("tiny", data_file=bad)
+    result = CliRunner().invoke(app, eval_args(tiny_pair_dir, bad, tmp_path / "run"))
+    assert result.exit_code == 2 and f"{bad}:2" in result.output
+
+
+def test_progress_lines_are_logged_when_stderr_is_not_a_terminal(tiny_pair_dir, caplog):
+    s2t_logger = logging.getLogger("s2t")
+    try:
+        result = CliRunner().invoke(app, ["generate", "2 + 2?", "--method", "greedy", "--slm", tiny_pair_dir["slm"],
+                                          "--max-new-tokens", "1"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert s2t_logger.getEffectiveLevel() == logging.INFO  # CliRunner's stderr is no terminal
+    finally:
+        s2t_logger.setLevel(logging.NOTSET)
+
+
+def test_calibration_logs_its_progress(slm, caplog):
+    from s2t.api import S2TGenerator
+    from s2t.methods import build_method
+
+    generator = S2TGenerator(slm)
+    method = build_method("takeover", trigger="entropy", quantile=0.9, k=4)
+    with caplog.at_level(logging.INFO, logger="s2t"):
+        generator.calibrate(method, ["2 + 2?", "3 + 3?"], max_new_tokens=6, use_cache=False)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith("calibrating the entropy trigger") for m in messages), messages
+    assert any(m.startswith("calibrated the entropy trigger: threshold") for m in messages), messages

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from s2t.local.collect import collected_records, collection_config
-from s2t.local.lora import LORA_TARGETS, first_adapted_layer, frozen_pass, packed_loss, per_group_loss
-from s2t.local.packing import pack_problem
-from s2t.local.selector import LocalSelector
-from s2t.local.train import TrainConfig
 from s2t.models import load_model
+from s2t.policies.learned_selector import LocalSelector
+from s2t.training.collect import collected_records, collection_config
+from s2t.training.lora import LORA_TARGETS, first_adapted_layer, frozen_pass, packed_loss, per_group_loss
+from s2t.training.packing import pack_problem
+from s2t.training.train import TrainConfig
 
 
 def main() -> None:

@@ -31,8 +31,8 @@ from transformers import DynamicCache
 
 from s2t.api import S2TGenerator
 from s2t.data import load_problems
-from s2t.local.scoring import candidate_hidden_states, keep_candidate
 from s2t.models import DEFAULT_SLM, load_model
+from s2t.policies.scoring import candidate_hidden_states, keep_candidate
 
 REFERENCE_WINDOW = 511  # the reference re-reads the last 511 prefix tokens for every candidate
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from s2t.local.agreement import selector_agreement
-from s2t.local.collect import collection_config
-from s2t.local.selector import LocalSelector
 from s2t.models import load_model
+from s2t.policies.learned_selector import LocalSelector
+from s2t.training.agreement import selector_agreement
+from s2t.training.collect import collection_config
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ from s2t.data import Problem
 from s2t.distributed import RayUnavailableError, run_sharded
 from s2t.evaluate import EvalConfig, evaluate
 from s2t.evaluate_distributed import EvalShardWorker, eval_shards, evaluate_distributed
-from s2t.local.collect import CollectConfig, Collector
 from s2t.models import ModelSpec
+from s2t.training.collect import CollectConfig, Collector
 from tests.conftest import QUESTIONS
 
 METHODS = ["greedy", "s2t", "maj@2"]

@@ -178,7 +178,7 @@ MORE_QUESTIONS = [
 def continuous_method(name, slm, tokenizer):
     """The methods under test; triggers fire often so that selectors (and the LLM) run before joins."""
     if name == "s2t-local":
-        from s2t.local.selector import LocalSelector
+        from s2t.policies.learned_selector import LocalSelector
 
         selector = LocalSelector.initial(slm.model, "tiny", len(tokenizer))
         torch.manual_seed(0)

@@ -9,12 +9,12 @@ import torch
 
 from s2t.data import Problem
 from s2t.engine import Method, ModelStream, decode, left_pad
-from s2t.local.collect import CollectConfig, Collector, LeakageError
-from s2t.local.scoring import candidate_hidden_states
-from s2t.local.selector import LocalSelector, SelectorCheckpointError
-from s2t.local.train import TrainConfig, train
 from s2t.policies import EntropyTrigger, TopK
+from s2t.policies.learned_selector import LocalSelector, SelectorCheckpointError
+from s2t.policies.scoring import candidate_hidden_states
 from s2t.prompts import build_prompt
+from s2t.training.collect import CollectConfig, Collector, LeakageError
+from s2t.training.train import TrainConfig, train
 from tests.conftest import make_model
 
 QUESTIONS = [
@@ -226,7 +226,7 @@ def test_a_run_gains_s2t_local_later_but_never_mixes_two_selectors(collected, sl
 def test_learned_trigger_trains_reloads_and_drives_llm_free_decoding(
     collected, slm, prompts, tokenizer, tmp_path
 ):
-    from s2t.local.trigger import LearnedTrigger, train_trigger
+    from s2t.training.trigger import LearnedTrigger, train_trigger
 
     trigger = train_trigger(collected, slm, "tiny", target_rate=0.3, val_fraction=0.25, epochs=20)
     assert 0.0 <= trigger.threshold <= 1.0

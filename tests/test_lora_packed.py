@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from s2t.local.collect import CollectConfig, Collector
-from s2t.local.packing import CollectionFormatError, pack_problem, sparse_kl, sparse_targets
-from s2t.local.selector import LocalSelector
-from s2t.local.train import TrainConfig, train
+from s2t.policies.learned_selector import LocalSelector
+from s2t.training.collect import CollectConfig, Collector
+from s2t.training.packing import CollectionFormatError, pack_problem, sparse_kl, sparse_targets
+from s2t.training.train import TrainConfig, train
 from tests.test_local import _problems
 
 peft = pytest.importorskip("peft")
@@ -65,7 +65,7 @@ def test_packed_loss_and_gradients_equal_one_forward_per_group(groups, slm, lora
     gives the per-group loop's loss and gradients."""
     from peft import LoraConfig, get_peft_model
 
-    from s2t.local.lora import LORA_TARGETS, first_adapted_layer, frozen_pass, packed_loss, per_group_loss
+    from s2t.training.lora import LORA_TARGETS, first_adapted_layer, frozen_pass, packed_loss, per_group_loss
 
     cfg = TrainConfig(groups=str(groups), out="unused", mode="lora", prefix_kl_tokens=5, frozen_top=8)
     lm = copy.deepcopy(slm.model)
@@ -108,7 +108,7 @@ def test_packed_loss_and_gradients_equal_one_forward_per_group(groups, slm, lora
 
 
 def test_a_selector_trained_on_a_bfloat16_base_loads_on_the_float32_model_and_not_on_another(slm, tokenizer):
-    from s2t.local.selector import SelectorCheckpointError
+    from s2t.policies.learned_selector import SelectorCheckpointError
     from tests.conftest import make_model
 
     vocab = len(tokenizer)
@@ -134,7 +134,7 @@ def _saved(out):
 
 
 def test_interrupted_lora_training_resumes_to_the_weights_of_an_uninterrupted_run(groups, slm, tmp_path):
-    from s2t.local.lora import LoraTrainer, ResumeError
+    from s2t.training.lora import LoraTrainer, ResumeError
 
     whole = tmp_path / "whole"
     train(_lora_config(groups, whole, lora_layers=1), slm=copy.deepcopy(slm), progress=False)
@@ -142,7 +142,7 @@ def test_interrupted_lora_training_resumes_to_the_weights_of_an_uninterrupted_ru
     assert history[0]["where"] == "start" and history[-1]["where"] == "epoch 2"
     assert all("validation" in h for h in history)
     # the saved selector (adapter merged into the SLM) scores held-out groups as training measured them
-    from s2t.local.agreement import selector_agreement
+    from s2t.training.agreement import selector_agreement
 
     measured = selector_agreement(whole, groups, k=4, slm=copy.deepcopy(slm), progress=False)
     recorded = json.loads((whole / "selector_config.json").read_text())["training"]["metrics"]["validation"]

@@ -125,7 +125,7 @@ class S2TGenerator:
         head-mode selector, or a new one around the SLM with the selector's LoRA adapter merged in
         (the LLM is never part of it).
         """
-        from s2t.local.selector import LocalSelector, load_adapted_slm, selector_directory
+        from s2t.policies.learned_selector import LocalSelector, load_adapted_slm, selector_directory
 
         selector = LocalSelector.from_pretrained(selector_directory(directory), model=self.slm.model)
         if selector.config.training.get("mode") != "lora":

@@ -13,7 +13,7 @@ them again. With ``workers <= 1`` the same code runs in-process and Ray is not n
 This module knows nothing of what the work is. Each command owns its shard work and calls
 :func:`run_sharded`: evaluation in :mod:`s2t.evaluate_distributed` (``EvalShardWorker``), the
 hit@K analysis in :mod:`s2t.analysis` (``AnalyzeShardWorker``), collection in
-:mod:`s2t.local.collect` (``CollectWorker``). A command needs three things:
+:mod:`s2t.training.collect` (``CollectWorker``). A command needs three things:
 
 - a picklable factory building the worker inside an actor, e.g.
   ``functools.partial(MyWorker, config)``, where ``MyWorker`` is importable on the workers;

@@ -284,7 +284,7 @@ class Evaluator:
         return self.run.records()
 
     def _selector_digest(self) -> str:
-        from s2t.local.selector import checkpoint_digest, selector_directory
+        from s2t.policies.learned_selector import checkpoint_digest, selector_directory
 
         return checkpoint_digest(selector_directory(self.config.selector))
 
@@ -397,7 +397,7 @@ class Evaluator:
         return method
 
     def _learned_trigger(self):
-        from s2t.local.trigger import LearnedTrigger
+        from s2t.training.trigger import LearnedTrigger
 
         if not self.config.selector:
             raise ValueError("the learned trigger is stored with a trained selector: pass --selector DIR")
@@ -405,7 +405,7 @@ class Evaluator:
 
     def _local_selector(self):
         """The trained selector, checked against the SLM and against test-set leakage."""
-        from s2t.local.selector import selector_directory
+        from s2t.policies.learned_selector import selector_directory
 
         directory = selector_directory(self.config.selector)  # before any model is loaded
         generator, selector = self.generator.local_selector(directory)

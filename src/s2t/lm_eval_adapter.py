@@ -141,7 +141,7 @@ class S2TLM(LM):
         if method == "s2t-local":
             if not selector:
                 raise ValueError("method=s2t-local needs a trained selector: pass selector=DIR (`s2t train`)")
-            from s2t.local.selector import LocalSelector
+            from s2t.policies.learned_selector import LocalSelector
 
             local_selector = LocalSelector.from_pretrained(selector, model=self.generator.slm.model)
         elif selector:

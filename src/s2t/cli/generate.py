@@ -78,7 +78,7 @@ def generate(
     """Answer one question with each method and print the answers and their costs."""
     from s2t.api import S2TGenerator
     from s2t.grading import extract_answer, is_correct
-    from s2t.local.selector import selector_directory
+    from s2t.policies.learned_selector import selector_directory
 
     methods = [m.strip() for m in method.split(",") if m.strip()]
     gold = None

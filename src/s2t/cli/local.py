@@ -62,8 +62,8 @@ def collect(
 ) -> None:
     """Collect (context, top-K candidates, LLM preference) groups on training problems."""
     from s2t.data import DatasetUnavailableError
-    from s2t.local.collect import CollectConfig
-    from s2t.local.collect import collect as run_collect
+    from s2t.training.collect import CollectConfig
+    from s2t.training.collect import collect as run_collect
 
     out = out or str(Path("runs") / f"groups-{dataset}-{split}-{offset}-{limit}-{mode}")
     try:
@@ -133,9 +133,9 @@ def train_command(
     dtype: DtypeOpt = None,
 ) -> None:
     """Train the S2T-Local selector (and an LLM-free trigger) from collected groups."""
-    from s2t.local.objective import LORA_DEFAULT_LR, TrainConfig
-    from s2t.local.selector import SelectorCheckpointError
-    from s2t.local.train import train
+    from s2t.policies.learned_selector import SelectorCheckpointError
+    from s2t.training.objective import LORA_DEFAULT_LR, TrainConfig
+    from s2t.training.train import train
 
     defaults = {"head": (30, 1e-2, 256), "lora": (3, LORA_DEFAULT_LR, 1)}
     try:
@@ -192,9 +192,9 @@ def train_command(
 
 def _train_trigger(groups: str, out: str, rate: float, val_fraction: float, seed: int, dtype):
 
-    from s2t.local.collect import collection_config
-    from s2t.local.trigger import train_trigger
     from s2t.models import load_model
+    from s2t.training.collect import collection_config
+    from s2t.training.trigger import train_trigger
 
     slm_name = collection_config(groups)["slm"]
     trigger = train_trigger(groups, load_model(slm_name, dtype=dtype), slm_name, rate, val_fraction, seed)

@@ -65,7 +65,7 @@ def serve(
     """
     from s2t.api import S2TGenerator
     from s2t.cli.generate import cli_method
-    from s2t.local.selector import selector_directory
+    from s2t.policies.learned_selector import selector_directory
     from s2t.serving import create_app
     from s2t.serving.server import serve as run_server
 

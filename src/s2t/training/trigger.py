@@ -17,11 +17,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from s2t.local.collect import POSITION_TOP_PROBS as TOP_PROBS
-from s2t.local.collect import collected_records
-from s2t.local.objective import split_problems
-from s2t.local.selector import SelectorCheckpointError, matches_fingerprint, model_fingerprint, read_config
+from s2t.policies.learned_selector import (
+    SelectorCheckpointError,
+    matches_fingerprint,
+    model_fingerprint,
+    read_config,
+)
 from s2t.policies.triggers import EntropyTrigger, Trigger
+from s2t.training.collect import POSITION_TOP_PROBS as TOP_PROBS
+from s2t.training.collect import collected_records
+from s2t.training.objective import split_problems
 
 WEIGHTS_NAME = "trigger.safetensors"
 CONFIG_NAME = "trigger_config.json"

@@ -4,13 +4,13 @@ To score a candidate c, the SLM reads prefix + [c]; the logits of the reserved r
 position, softmaxed, give a distribution over 16 bins with values linspace(0, 1, 16), and the
 candidate's score is the expected bin value. The candidate with the highest score is chosen.
 All K candidates are scored in one forward pass over the prefix's KV cache
-(:mod:`s2t.local.scoring`), and that pass is also the SLM's decoding step for the next token.
+(:mod:`s2t.policies.scoring`), and that pass is also the SLM's decoding step for the next token.
 
 The rows are kept beside the model (``bins``) rather than written into its ``lm_head``: this
 is the same computation, leaves the loaded model untouched, and lets one SLM serve several
 selectors. Checkpoints are safetensors plus a JSON config that pins the base model. A LoRA-mode
 selector also carries a peft adapter (``adapter/``), merged into a copy of the SLM by
-:func:`load_adapted_slm`: training it is :mod:`s2t.local.lora`'s job, loading it is this module's.
+:func:`load_adapted_slm`: training it is :mod:`s2t.training.lora`'s job, loading it is this module's.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from s2t.local.scoring import candidate_hidden_states, keep_candidate
+from s2t.policies.scoring import candidate_hidden_states, keep_candidate
 from s2t.policies.selectors import Selector, StepContext
 
 NUM_BINS = 16

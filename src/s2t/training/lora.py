@@ -2,7 +2,7 @@
 
 One optimisation step reads whole problems: each problem's trajectory and the candidates of all
 its groups go through the adapted SLM in **one** forward pass under a 4D mask
-(:mod:`s2t.local.packing`), instead of one forward per group. The candidates' final hidden
+(:mod:`s2t.training.packing`), instead of one forward per group. The candidates' final hidden
 states are scored by the bins (the reserved output rows); the loss is the paper's selector loss
 per group plus ``prefix_kl_weight`` · KL(frozen SLM ‖ adapted SLM) over each group's last
 ``prefix_kl_tokens`` context tokens, which keeps ordinary generation close to the original model.
@@ -40,9 +40,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from s2t.local.collect import collected_records, collection_config
-from s2t.local.objective import TrainConfig, grouped_selection_metrics, selector_loss, split_problems
-from s2t.local.packing import (
+from s2t.policies.learned_selector import ADAPTER_DIR, LocalSelector, model_fingerprint
+from s2t.policies.scoring import attention_mask_for
+from s2t.runs import write_json_atomic
+from s2t.training.collect import collected_records, collection_config
+from s2t.training.objective import TrainConfig, grouped_selection_metrics, selector_loss, split_problems
+from s2t.training.packing import (
     PackedProblem,
     check_record,
     group_context,
@@ -50,9 +53,6 @@ from s2t.local.packing import (
     sparse_kl,
     sparse_targets,
 )
-from s2t.local.scoring import attention_mask_for
-from s2t.local.selector import ADAPTER_DIR, LocalSelector, model_fingerprint
-from s2t.runs import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """How often a trained selector picks the LLM's best candidate on collected groups it never trained on.
 
 Any selector (head or LoRA) is measured the same way: each held-out problem's groups are packed
-into one sequence (:mod:`s2t.local.packing`), the SLM (with the LoRA adapter merged in, for a
+into one sequence (:mod:`s2t.training.packing`), the SLM (with the LoRA adapter merged in, for a
 LoRA selector) reads it once, and the bins score every group's top-K candidates. Reported on all
 groups and on the divergent ones (SLM top-1 ≠ LLM top-1), beside the SLM's own top-1.
 """
@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from s2t.local.collect import collected_records, collection_config
-from s2t.local.lora import packed_group_scores
-from s2t.local.objective import grouped_selection_metrics
-from s2t.local.packing import check_record, pack_problem
-from s2t.local.selector import LocalSelector, load_adapted_slm
+from s2t.policies.learned_selector import LocalSelector, load_adapted_slm
+from s2t.training.collect import collected_records, collection_config
+from s2t.training.lora import packed_group_scores
+from s2t.training.objective import grouped_selection_metrics
+from s2t.training.packing import check_record, pack_problem
 
 
 @torch.no_grad()

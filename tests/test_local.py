@@ -226,7 +226,8 @@ def test_a_run_gains_s2t_local_later_but_never_mixes_two_selectors(collected, sl
 def test_learned_trigger_trains_reloads_and_drives_llm_free_decoding(
     collected, slm, prompts, tokenizer, tmp_path
 ):
-    from s2t.training.trigger import LearnedTrigger, train_trigger
+    from s2t.policies.learned_trigger import LearnedTrigger
+    from s2t.training.trigger import train_trigger
 
     trigger = train_trigger(collected, slm, "tiny", target_rate=0.3, val_fraction=0.25, epochs=20)
     assert 0.0 <= trigger.threshold <= 1.0

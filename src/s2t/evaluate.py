@@ -397,7 +397,7 @@ class Evaluator:
         return method
 
     def _learned_trigger(self):
-        from s2t.training.trigger import LearnedTrigger
+        from s2t.policies.learned_trigger import LearnedTrigger
 
         if not self.config.selector:
             raise ValueError("the learned trigger is stored with a trained selector: pass --selector DIR")

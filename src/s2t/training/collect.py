@@ -51,6 +51,7 @@ from s2t.models import (
     stop_token_ids,
 )
 from s2t.policies import EntropyTrigger, KLTrigger, LLMSelector, MarginTrigger, TopK
+from s2t.policies.features import logit_statistics
 from s2t.policies.triggers import make_trigger
 from s2t.prompts import build_prompt
 from s2t.runs import RunDirectory, read_jsonl
@@ -58,7 +59,6 @@ from s2t.runs import RunDirectory, read_jsonl
 logger = logging.getLogger(__name__)
 
 EVALUATION_SPLITS = {"test", "validation", "dev"}
-POSITION_TOP_PROBS = 16  # top-probabilities kept per position, features of the learned trigger
 MODES = ("teacher-forced", "on-policy")
 
 
@@ -435,9 +435,7 @@ class CollectWorker:
             "position_entropy": entropy.contiguous(),
             "position_margin": margin.contiguous(),
             "position_kl": kl.contiguous(),
-            "position_slm_topk_probs": torch.softmax(slm_logits, -1)
-            .topk(POSITION_TOP_PROBS, -1)
-            .values.contiguous(),
+            "position_slm_topk_probs": logit_statistics(slm_logits)["top_probs"].contiguous(),
             "position_divergent": divergent.contiguous(),
             "position_llm_top1_rank": (slm_logits > slm_logits.gather(-1, llm_top1[:, None])).sum(-1) + 1,
         }

@@ -33,7 +33,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src"
 # A name ending in "/" stands for a package and every module in it.
 LAYERS = {
     "foundations": ["s2t.runs", "s2t.data", "s2t.stats", "s2t.grading", "s2t.prompts",
-                    "s2t.builtin_models", "s2t.models", "s2t.distributed"],
+                    "s2t.builtin_models", "s2t.models", "s2t.distributed", "s2t.method_names"],
     "decoding": ["s2t", "s2t.policies/", "s2t.engine", "s2t.methods", "s2t.api"],
     "training": ["s2t.training/"],
     "experiments": ["s2t.evaluate", "s2t.evaluate_distributed", "s2t.analysis", "s2t.lm_eval_adapter",

@@ -43,3 +43,9 @@ def features_from_logits(slm_logits: torch.Tensor, hidden: torch.Tensor) -> torc
     """The step features of a decoding step from its logits (N, vocab) and last hidden state (N, H)."""
     stats = logit_statistics(slm_logits)
     return step_features(hidden, stats["entropy"], stats["margin"], stats["top_probs"])
+
+
+def rank_of(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """The 1-based rank of ``token_ids`` (N,) under ``logits`` (N, vocab): 1 + the number of tokens
+    scored strictly higher (e.g. the LLM's top-1 among the SLM's candidates)."""
+    return (logits > logits.gather(-1, token_ids[:, None])).sum(-1) + 1

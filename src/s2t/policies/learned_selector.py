@@ -38,13 +38,40 @@ class SelectorCheckpointError(ValueError):
     """A selector checkpoint is missing, corrupted, or belongs to another base model."""
 
 
-def selector_directory(directory: str | Path | None) -> str | Path:
-    """``directory``, or the error that the s2t-local method needs a trained selector."""
-    if not directory:
-        raise ValueError(
-            "the s2t-local method needs a trained selector: pass --selector DIR (see `s2t train`)"
-        )
-    return directory
+def check_selector_checkpoint(directory: str | Path, method: bool = True, trigger: bool = False) -> None:
+    """Check a trained selector's files without loading any model: the selector's config and weights
+    (``method``), its LoRA adapter when it has one, and the learned trigger stored beside it
+    (``trigger``).
+
+    Raises:
+        SelectorCheckpointError: a file is missing, truncated, corrupted or malformed.
+    """
+    directory = Path(directory)
+    if method:
+        LocalSelector.from_pretrained(directory)  # reads the config and the (small) bins
+        config = read_config(directory / CONFIG_NAME, LocalSelectorConfig)
+        if config.training.get("mode") == "lora":
+            _check_safetensors_dir(directory / ADAPTER_DIR, "adapter_config.json", "LoRA adapter")
+    if trigger:
+        from s2t.policies.learned_trigger import LearnedTrigger
+
+        LearnedTrigger.from_pretrained(directory)
+
+
+def _check_safetensors_dir(directory: Path, config_name: str, what: str) -> None:
+    from safetensors import safe_open
+
+    weights = sorted(directory.glob("*.safetensors"))
+    if not (directory / config_name).is_file() or not weights:
+        raise SelectorCheckpointError(f"the {what} in {directory} is missing ({config_name} + *.safetensors)")
+    try:
+        json.loads((directory / config_name).read_text())
+        for path in weights:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # reads every tensor: a truncated file fails here
+                    f.get_tensor(key)
+    except Exception as e:  # safetensors and json raise several unrelated types on corrupt files
+        raise SelectorCheckpointError(f"corrupted {what} in {directory}: {e}") from e
 
 
 def read_config(path: Path, config_class):

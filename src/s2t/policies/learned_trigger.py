@@ -9,7 +9,7 @@ beside a trained selector (``trigger.safetensors`` + ``trigger_config.json``).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -66,7 +66,9 @@ class LearnedTrigger(Trigger):
         (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, model=None) -> LearnedTrigger:
+    def from_pretrained(cls, directory: str | Path, model=None, threshold: float | None = None) -> LearnedTrigger:
+        """Load the trigger stored with a selector; with ``model``, refuse it for another SLM.
+        ``threshold`` replaces the stored one (which was set for the training trigger rate)."""
         directory = Path(directory)
         if not (directory / WEIGHTS_NAME).is_file():
             raise SelectorCheckpointError(f"no learned trigger in {directory} (train one with `s2t train`)")
@@ -79,4 +81,6 @@ class LearnedTrigger(Trigger):
             raise SelectorCheckpointError(
                 f"this trigger was trained on base model {config.base_model!r}, not this SLM"
             )
+        if threshold is not None:
+            config = replace(config, threshold=threshold)
         return cls(t["weight"], t["bias"][0], t["mean"], t["std"], config)

@@ -47,11 +47,11 @@ from s2t.models import (
     LoadedModel,
     cache_kwargs,
     check_same_vocabulary,
+    engine_kwargs,
     load_model,
-    stop_token_ids,
 )
 from s2t.policies import EntropyTrigger, KLTrigger, LLMSelector, MarginTrigger, TopK
-from s2t.policies.features import logit_statistics
+from s2t.policies.features import logit_statistics, rank_of
 from s2t.policies.triggers import make_trigger
 from s2t.prompts import build_prompt
 from s2t.runs import RunDirectory, read_jsonl
@@ -345,11 +345,9 @@ class CollectWorker:
         return {name: torch.cat(values) for name, values in collected.items()}
 
     def _decode(self, prompts, method, llm):
-        c = self.config
-        tok = self.slm.tokenizer
-        return decode(self.slm.model, prompts, method, llm=llm, vocab_size=self.vocab_size,
-                      stop_ids=stop_token_ids(self.slm), pad_id=tok.pad_token_id if tok.pad_token_id is not None
-                      else stop_token_ids(self.slm)[0], max_new_tokens=c.max_new_tokens)  # fmt: skip
+        return decode(
+            self.slm.model, prompts, method, llm=llm, **engine_kwargs(self.slm, self.config.max_new_tokens)
+        )
 
     def _collect_batch(self, batch: Sequence[Problem]):
         c = self.config
@@ -437,7 +435,7 @@ class CollectWorker:
             "position_kl": kl.contiguous(),
             "position_slm_topk_probs": logit_statistics(slm_logits)["top_probs"].contiguous(),
             "position_divergent": divergent.contiguous(),
-            "position_llm_top1_rank": (slm_logits > slm_logits.gather(-1, llm_top1[:, None])).sum(-1) + 1,
+            "position_llm_top1_rank": rank_of(slm_logits, llm_top1),
         }
         llm_best = llm_probs.argmax(-1) if positions else torch.zeros(0, dtype=torch.long)
         return {

@@ -103,7 +103,7 @@ def our_engine(gen: S2TGenerator, prompts: list[list[int]], method, llm=None) ->
     """Our engine's one decoding loop, exactly the given number of new tokens (no stop tokens), one batch."""
 
     def run(tokens: int) -> int:
-        kwargs = gen._decode_kwargs(tokens) | {"stop_ids": []}
+        kwargs = gen.decode_kwargs(tokens) | {"stop_ids": []}
         out = decode(gen.slm.model, prompts, method, llm=llm, **kwargs)
         produced = sum(len(g.token_ids) for g in out)
         run.extra = {"trigger_rate": round(sum(g.cost.triggers for g in out) / produced, 4),

@@ -108,14 +108,11 @@ def scoring_rows(model, tokenizer, lengths: list[int], ks: list[int], repeats: i
 
 def wall_time_rows(slm_name: str, selector_dir: str, trigger: str, threshold: float, k: int, problems: int,
                    max_new_tokens: int) -> dict:  # fmt: skip
-    from s2t.methods import build_method
-
     gen = S2TGenerator(slm_name)
-    # a LoRA selector decodes with its adapter merged into a copy of the SLM, as `s2t eval` does
-    local_gen, selector = gen.local_selector(selector_dir)
+    # resolved as every entry point resolves it: a LoRA selector decodes with its adapter merged in
     methods = {
-        "greedy": build_method("greedy"),
-        "s2t-local": build_method("s2t-local", selector=selector, trigger=trigger, threshold=threshold, k=k),
+        "greedy": gen.resolve("greedy"),
+        "s2t-local": gen.resolve("s2t-local", selector=selector_dir, trigger=trigger, threshold=threshold, k=k),
     }
     questions = [p.question for p in load_problems("gsm8k", "test", limit=problems)]
     gen.generate(questions[:1], methods["greedy"], max_new_tokens=4)  # warm-up
@@ -123,8 +120,7 @@ def wall_time_rows(slm_name: str, selector_dir: str, trigger: str, threshold: fl
     for question in questions:
         for name, method in methods.items():
             start = time.perf_counter()
-            decoder = local_gen if name == "s2t-local" else gen
-            (out,) = decoder.generate([question], method, max_new_tokens=max_new_tokens)
+            (out,) = gen.generate([question], method, max_new_tokens=max_new_tokens)
             totals[name]["seconds"] += time.perf_counter() - start
             totals[name]["tokens"] += len(out.token_ids)
             totals[name]["triggers"] += out.cost.triggers

@@ -57,7 +57,7 @@ def alone(generator, method, messages, max_tokens):
     """What the engine decodes for this chat when it is alone in its batch."""
     prompt = build_chat_prompt(generator.tokenizer, messages)
     return decode(generator.slm.model, [prompt], method, llm=generator.llm.model,
-                  **generator._decode_kwargs(max_tokens))[0]  # fmt: skip
+                  **generator.decode_kwargs(max_tokens))[0]  # fmt: skip
 
 
 def chat(content):

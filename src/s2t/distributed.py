@@ -21,7 +21,7 @@ hit@K analysis in :mod:`s2t.analysis` (``AnalyzeShardWorker``), collection in
 - an ``on_record`` that appends to the run directory, and a ``key``/``done`` pair so that
   resumed or retried work is never written twice::
 
-      run_sharded(partial(CollectWorker, config), "collect_shard", shards,
+      run_sharded(partial(CollectWorker, config), "run_shard", shards,
                   on_record=run.append, workers=4, ray_address="auto",
                   key=lambda r: r["problem_id"], done={r["problem_id"] for r in run.records()})
 

@@ -106,13 +106,22 @@ def scoring_rows(model, tokenizer, lengths: list[int], ks: list[int], repeats: i
     return rows
 
 
-def wall_time_rows(slm_name: str, selector_dir: str, trigger: str, threshold: float, k: int, problems: int,
-                   max_new_tokens: int) -> dict:  # fmt: skip
+def wall_time_rows(
+    slm_name: str,
+    selector_dir: str,
+    trigger: str,
+    threshold: float,
+    k: int,
+    problems: int,
+    max_new_tokens: int,
+) -> dict:
     gen = S2TGenerator(slm_name)
     # resolved as every entry point resolves it: a LoRA selector decodes with its adapter merged in
     methods = {
         "greedy": gen.resolve("greedy"),
-        "s2t-local": gen.resolve("s2t-local", selector=selector_dir, trigger=trigger, threshold=threshold, k=k),
+        "s2t-local": gen.resolve(
+            "s2t-local", selector=selector_dir, trigger=trigger, threshold=threshold, k=k
+        ),
     }
     questions = [p.question for p in load_problems("gsm8k", "test", limit=problems)]
     gen.generate(questions[:1], methods["greedy"], max_new_tokens=4)  # warm-up
@@ -135,7 +144,7 @@ def wall_time_rows(slm_name: str, selector_dir: str, trigger: str, threshold: fl
         "k": k,
         "methods": totals,
         "wall_time_ratio": round(totals["s2t-local"]["seconds"] / totals["greedy"]["seconds"], 3),
-        "selector_mode": selector.config.training.get("mode"),
+        "selector_mode": methods["s2t-local"].method.selector.config.training.get("mode"),
         "per_token_ratio": round(
             totals["s2t-local"]["seconds_per_token"] / totals["greedy"]["seconds_per_token"], 3
         ),
@@ -160,8 +169,12 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    report = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "dtype": "float32", "slm": args.slm}  # fmt: skip
+    report = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "slm": args.slm,
+    }
     if not args.skip_scoring:
         slm = load_model(args.slm)
         report["scoring"] = scoring_rows(
@@ -177,8 +190,9 @@ def main() -> None:
             parser.error(
                 "--selector needs --threshold (e.g. the calibrated one in the eval run's calibration.json)"
             )
-        report["wall_time"] = wall_time_rows(args.slm, args.selector, args.trigger, args.threshold, args.k,
-                                             args.problems, args.max_new_tokens)  # fmt: skip
+        report["wall_time"] = wall_time_rows(
+            args.slm, args.selector, args.trigger, args.threshold, args.k, args.problems, args.max_new_tokens
+        )
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

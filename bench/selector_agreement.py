@@ -43,9 +43,11 @@ def main() -> None:
     rows = [selector_agreement(d, args.groups, args.k, dtype=args.dtype, slm=slm) for d in dirs]
     for row in rows:
         a, d = row["all"], row["divergent"]
-        print(f"{row['selector']} ({row['mode']}): all {a['agreement_with_llm']:.1%} of {a['n_groups']} "
-              f"(SLM top-1 {a['slm_top1_agreement_with_llm']:.1%}); divergent {d['agreement_with_llm']:.1%} "
-              f"of {d['n_groups']} (SLM top-1 {d['slm_top1_agreement_with_llm']:.1%})")  # fmt: skip
+        print(
+            f"{row['selector']} ({row['mode']}): all {a['agreement_with_llm']:.1%} of {a['n_groups']} "
+            f"(SLM top-1 {a['slm_top1_agreement_with_llm']:.1%}); divergent {d['agreement_with_llm']:.1%} "
+            f"of {d['n_groups']} (SLM top-1 {d['slm_top1_agreement_with_llm']:.1%})"
+        )
     if args.out:
         Path(args.out).write_text(
             json.dumps({"validation_problem_ids": held_out[0], "rows": rows}, indent=2) + "\n"

@@ -59,9 +59,12 @@ async def run_load(
             record: dict = {"index": index, "prompt": prompts[index % len(prompts)]}
             try:
                 stream = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": record["prompt"]}],
-                    max_tokens=max_tokens, temperature=0.0, stream=True,
-                )  # fmt: skip
+                    model=model,
+                    messages=[{"role": "user", "content": record["prompt"]}],
+                    max_tokens=max_tokens,
+                    temperature=0.0,
+                    stream=True,
+                )
                 pieces, first = [], None
                 async for chunk in stream:
                     if chunk.choices and chunk.choices[0].delta.content:
@@ -95,7 +98,7 @@ async def run_load(
             "p50": percentile(latencies, 0.5),
             "p95": percentile(latencies, 0.95),
             "max": max(latencies, default=None),
-        },  # fmt: skip
+        },
         "time_to_first_token_s": {"p50": percentile(ttfts, 0.5), "p95": percentile(ttfts, 0.95)},
         "completion_tokens": tokens,
         "tokens_per_s": round(tokens / wall, 3) if wall else None,
@@ -139,8 +142,17 @@ def main() -> None:
     prompts = [p.question for p in load_problems("gsm8k", "train", limit=64)]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "s2t.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               *args.server_args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "s2t.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args.server_args,
+    ]
     server = subprocess.Popen(command)
     try:
         health = wait_healthy(url, server, args.startup_timeout)
@@ -153,7 +165,7 @@ def main() -> None:
                 requests=args.requests,
                 max_tokens=args.max_tokens,
                 time_limit=args.time_limit,
-            )  # fmt: skip
+            )
         )
         health_after = httpx.get(f"{url}/health", timeout=5).json()
     finally:

@@ -32,14 +32,29 @@ SOURCE = Path(__file__).resolve().parents[1] / "src"
 # The README's layout, bottom up: a module imports only from its own layer and the ones below.
 # A name ending in "/" stands for a package and every module in it.
 LAYERS = {
-    "foundations": ["s2t.runs", "s2t.data", "s2t.stats", "s2t.grading", "s2t.prompts",
-                    "s2t.builtin_models", "s2t.models", "s2t.distributed", "s2t.method_names"],
+    "foundations": [
+        "s2t.runs",
+        "s2t.data",
+        "s2t.stats",
+        "s2t.grading",
+        "s2t.prompts",
+        "s2t.builtin_models",
+        "s2t.models",
+        "s2t.distributed",
+        "s2t.method_names",
+    ],
     "decoding": ["s2t", "s2t.policies/", "s2t.engine", "s2t.methods", "s2t.api"],
     "training": ["s2t.training/"],
-    "experiments": ["s2t.evaluate", "s2t.evaluate_distributed", "s2t.analysis", "s2t.lm_eval_adapter",
-                    "s2t.reporting/", "s2t.serving/"],
+    "experiments": [
+        "s2t.evaluate",
+        "s2t.evaluate_distributed",
+        "s2t.analysis",
+        "s2t.lm_eval_adapter",
+        "s2t.reporting/",
+        "s2t.serving/",
+    ],
     "command line": ["s2t.cli/"],
-}  # fmt: skip
+}
 
 
 def module_files() -> dict[str, Path]:
@@ -107,15 +122,23 @@ def test_no_two_modules_import_each_other_directly_or_through_others():
 
 def layer_of(module: str) -> int:
     """The index of ``module``'s layer in :data:`LAYERS`."""
-    matches = [i for i, names in enumerate(LAYERS.values()) for name in names
-               if module == name.rstrip("/") or (name.endswith("/") and module.startswith(name[:-1] + "."))]  # fmt: skip
+    matches = [
+        i
+        for i, names in enumerate(LAYERS.values())
+        for name in names
+        if module == name.rstrip("/") or (name.endswith("/") and module.startswith(name[:-1] + "."))
+    ]
     assert len(matches) == 1, f"{module} belongs to {len(matches)} layers; place it in LAYERS and the README"
     return matches[0]
 
 
 def test_every_module_imports_only_its_own_layer_and_those_below():
-    upward = [f"{m} -> {t}" for m, targets in import_graph().items() for t in sorted(targets)
-              if layer_of(t) > layer_of(m)]  # fmt: skip
+    upward = [
+        f"{m} -> {t}"
+        for m, targets in import_graph().items()
+        for t in sorted(targets)
+        if layer_of(t) > layer_of(m)
+    ]
     assert upward == []
 
 

@@ -20,8 +20,15 @@ peft = pytest.importorskip("peft")
 @pytest.fixture(scope="module")
 def groups(tmp_path_factory, slm, llm):
     out = tmp_path_factory.mktemp("packed_groups")
-    cfg = CollectConfig(slm="tiny-slm", llm="tiny-llm", dataset="tiny", k=4, max_new_tokens=16, batch_size=2,
-                        groups_at="entropy@0.5")  # fmt: skip
+    cfg = CollectConfig(
+        slm="tiny-slm",
+        llm="tiny-llm",
+        dataset="tiny",
+        k=4,
+        max_new_tokens=16,
+        batch_size=2,
+        groups_at="entropy@0.5",
+    )
     Collector(cfg, out, slm=slm, llm=llm, problems=_problems(), progress=False).run_all()
     return out
 
@@ -50,8 +57,9 @@ def test_packed_problem_gives_each_candidate_its_own_context_and_position(groups
 def test_sparse_kl_is_exact_when_the_targets_hold_the_whole_distribution():
     torch.manual_seed(0)
     frozen, adapted = torch.randn(5, 11), torch.randn(5, 11)
-    full = torch.nn.functional.kl_div(adapted.log_softmax(-1), frozen.log_softmax(-1), log_target=True,
-                                      reduction="none").sum(-1)  # fmt: skip
+    full = torch.nn.functional.kl_div(
+        adapted.log_softmax(-1), frozen.log_softmax(-1), log_target=True, reduction="none"
+    ).sum(-1)
     ids, logprobs = sparse_targets(frozen, 11)
     torch.testing.assert_close(sparse_kl(adapted, ids, logprobs), full, atol=1e-5, rtol=1e-5)
     ids, logprobs = sparse_targets(frozen, 3)  # coarsened: a lower bound, zero when the models agree
@@ -78,8 +86,16 @@ def test_packed_loss_and_gradients_equal_one_forward_per_group(groups, slm, lora
     prepared = frozen_pass(lm, packed, vocab, cfg.frozen_top, start)
     assert ("start_hidden" in prepared) == (start > 0)
     torch.manual_seed(1)
-    model = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                                          layers_to_transform=list(range(start, lm.config.num_hidden_layers))))  # fmt: skip
+    model = get_peft_model(
+        lm,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS,
+            layers_to_transform=list(range(start, lm.config.num_hidden_layers)),
+        ),
+    )
     with torch.no_grad():  # LoRA's B starts at zero; move it so the adapter changes the model
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -119,8 +135,21 @@ def test_a_selector_trained_on_a_bfloat16_base_loads_on_the_float32_model_and_no
 
 
 def _lora_config(groups, out, **overrides):
-    base = dict(groups=str(groups), out=str(out), mode="lora", epochs=2, lr=1e-2, batch_size=1, val_fraction=0.25,
-                lora_r=2, lora_dropout=0.0, prefix_kl_tokens=4, frozen_top=8, checkpoint_every=1, eval_every=2)  # fmt: skip
+    base = dict(
+        groups=str(groups),
+        out=str(out),
+        mode="lora",
+        epochs=2,
+        lr=1e-2,
+        batch_size=1,
+        val_fraction=0.25,
+        lora_r=2,
+        lora_dropout=0.0,
+        prefix_kl_tokens=4,
+        frozen_top=8,
+        checkpoint_every=1,
+        eval_every=2,
+    )
     return TrainConfig(**{**base, **overrides})
 
 

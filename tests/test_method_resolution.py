@@ -51,8 +51,9 @@ def learned_trigger_dir(tmp_path_factory, slm) -> Path:
     size = slm.model.config.hidden_size + 18
     generator = torch.Generator().manual_seed(0)
     config = LearnedTriggerConfig("tiny", model_fingerprint(slm.model), threshold=0.5, target_rate=0.5)
-    trigger = LearnedTrigger(torch.randn(size, generator=generator), torch.tensor(0.0), torch.zeros(size),
-                             torch.ones(size), config)  # fmt: skip
+    trigger = LearnedTrigger(
+        torch.randn(size, generator=generator), torch.tensor(0.0), torch.zeros(size), torch.ones(size), config
+    )
     trigger.save_pretrained(out)
     return out
 
@@ -73,10 +74,32 @@ def test_lm_eval_s2t_local_with_a_lora_selector_produces_the_text_of_s2t_generat
     from s2t.lm_eval_adapter import S2TLM
 
     options = dict(trigger="entropy", threshold=0.0, k=4)
-    generated = _generate_json([QUESTION, "--method", "s2t-local", "--selector", str(lora_selector), "--slm",
-                                tiny_pair_dir["slm"], "--threshold", "0", "--k", "4", "--max-new-tokens", "10"])  # fmt: skip
-    lm = S2TLM(slm=tiny_pair_dir["slm"], llm=None, method="s2t-local", selector=str(lora_selector),
-               dtype="float32", max_new_tokens=10, **options)  # fmt: skip
+    generated = _generate_json(
+        [
+            QUESTION,
+            "--method",
+            "s2t-local",
+            "--selector",
+            str(lora_selector),
+            "--slm",
+            tiny_pair_dir["slm"],
+            "--threshold",
+            "0",
+            "--k",
+            "4",
+            "--max-new-tokens",
+            "10",
+        ]
+    )
+    lm = S2TLM(
+        slm=tiny_pair_dir["slm"],
+        llm=None,
+        method="s2t-local",
+        selector=str(lora_selector),
+        dtype="float32",
+        max_new_tokens=10,
+        **options,
+    )
     context = tokenizer.decode(build_prompt(tokenizer, QUESTION))  # the chat prompt `generate` decodes
     request = Instance(request_type="generate_until", doc={}, arguments=(context, {"until": []}), idx=0)
     assert lm.generate_until([request]) == [generated["s2t-local"]["text"]]
@@ -94,8 +117,18 @@ def test_the_learned_trigger_works_in_generate_and_serve_and_is_listed_in_help(
 ):
     from s2t.serving import server
 
-    args = ["--trigger", "learned", "--selector", str(learned_trigger_dir), "--slm", tiny_pair_dir["slm"],
-            "--llm", tiny_pair_dir["llm"], "--k", "4"]  # fmt: skip
+    args = [
+        "--trigger",
+        "learned",
+        "--selector",
+        str(learned_trigger_dir),
+        "--slm",
+        tiny_pair_dir["slm"],
+        "--llm",
+        tiny_pair_dir["llm"],
+        "--k",
+        "4",
+    ]
     out = _generate_json([QUESTION, "--method", "s2t", "--max-new-tokens", "12", *args])
     assert out["s2t"]["method"]["trigger"]["name"] == "learned"
     assert out["s2t"]["method"]["trigger"]["threshold"] == 0.5  # the one stored with it
@@ -145,11 +178,36 @@ def test_every_entry_point_takes_its_method_names_from_one_list():
 def test_generate_and_eval_calibrate_the_same_default_method_to_the_same_threshold(
     tiny_pair_dir, data_file, calibration_data, tmp_path
 ):
-    models = ["--slm", tiny_pair_dir["slm"], "--llm", tiny_pair_dir["llm"], "--calibration-problems", "2",
-              "--max-new-tokens", "16"]  # fmt: skip
+    models = [
+        "--slm",
+        tiny_pair_dir["slm"],
+        "--llm",
+        tiny_pair_dir["llm"],
+        "--calibration-problems",
+        "2",
+        "--max-new-tokens",
+        "16",
+    ]
     generated = _generate_json([QUESTION, "--method", "s2t", *models])
-    result = CliRunner().invoke(app, ["eval", "--methods", "s2t", "--data-file", data_file, "--dataset", "tiny",
-                                      "--limit", "1", "--dtype", "float32", "--out", str(tmp_path / "run"), *models])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--methods",
+            "s2t",
+            "--data-file",
+            data_file,
+            "--dataset",
+            "tiny",
+            "--limit",
+            "1",
+            "--dtype",
+            "float32",
+            "--out",
+            str(tmp_path / "run"),
+            *models,
+        ],
+    )
     assert result.exit_code == 0, result.output
     calibration = json.loads((tmp_path / "run" / "calibration.json").read_text())
     assert generated["s2t"]["method"]["trigger"]["threshold"] == calibration["entropy@0.95"]["threshold"]
@@ -175,8 +233,14 @@ def _corrupt_selector(directory: Path, slm, tokenizer, what: str) -> Path:
         (["--methods", "greedy,s2t", "--ratio", "2"], "candidate ratio"),
         (["--methods", "greedy,s2t", "--trigger", "sometimes"], "unknown trigger 'sometimes'"),
         (["--methods", "greedy,s2t-local", "--threshold", "1"], "needs a trained selector"),
-        (["--methods", "greedy,s2t-local", "--threshold", "1", "--selector", "truncated"], "corrupted selector"),
-        (["--methods", "greedy,s2t-local", "--threshold", "1", "--selector", "malformed"], "not readable JSON"),
+        (
+            ["--methods", "greedy,s2t-local", "--threshold", "1", "--selector", "truncated"],
+            "corrupted selector",
+        ),
+        (
+            ["--methods", "greedy,s2t-local", "--threshold", "1", "--selector", "malformed"],
+            "not readable JSON",
+        ),
     ],
 )
 def test_a_bad_configuration_fails_before_any_model_loads_and_leaves_no_run_directory(
@@ -198,11 +262,31 @@ def test_a_bad_configuration_fails_before_any_model_loads_and_leaves_no_run_dire
     assert result.exit_code == 2 and message in result.output, result.output
 
 
-def test_a_refused_eval_leaves_nothing_and_the_corrected_command_then_runs(tmp_path, data_file, tiny_pair_dir):
+def test_a_refused_eval_leaves_nothing_and_the_corrected_command_then_runs(
+    tmp_path, data_file, tiny_pair_dir
+):
     run = tmp_path / "run"
-    common = ["eval", "--data-file", data_file, "--dataset", "tiny", "--limit", "1", "--methods", "greedy,s2t",
-              "--slm", tiny_pair_dir["slm"], "--llm", tiny_pair_dir["llm"], "--max-new-tokens", "4",
-              "--dtype", "float32", "--out", str(run)]  # fmt: skip
+    common = [
+        "eval",
+        "--data-file",
+        data_file,
+        "--dataset",
+        "tiny",
+        "--limit",
+        "1",
+        "--methods",
+        "greedy,s2t",
+        "--slm",
+        tiny_pair_dir["slm"],
+        "--llm",
+        tiny_pair_dir["llm"],
+        "--max-new-tokens",
+        "4",
+        "--dtype",
+        "float32",
+        "--out",
+        str(run),
+    ]
     refused = CliRunner().invoke(app, [*common, "--quantile", "1.5"])
     assert refused.exit_code == 2 and "quantile" in refused.output and not run.exists()
     corrected = CliRunner().invoke(app, [*common, "--threshold", "1.0"])
@@ -217,8 +301,21 @@ def test_a_truncated_lora_adapter_is_refused_before_any_model_loads(lora_selecto
     shutil.copytree(lora_selector, broken)
     adapter = broken / "adapter" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[: adapter.stat().st_size // 2])
-    result = CliRunner().invoke(app, ["generate", QUESTION, "--method", "greedy,s2t-local", "--selector", str(broken),
-                                      "--threshold", "1", "--slm", "no-such-model"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            QUESTION,
+            "--method",
+            "greedy,s2t-local",
+            "--selector",
+            str(broken),
+            "--threshold",
+            "1",
+            "--slm",
+            "no-such-model",
+        ],
+    )
     assert result.exit_code == 2 and "corrupted LoRA adapter" in result.output, result.output
 
 

@@ -327,8 +327,10 @@ def analyze(
 
     if workers > 1:
         import_ray()  # fail before any model is loaded
-        models = [m if isinstance(m, ModelSpec) else ModelSpec(m.name, str(m.model.dtype).removeprefix("torch."))
-                  for m in (slm, llm)]  # fmt: skip
+        models = [
+            m if isinstance(m, ModelSpec) else ModelSpec(m.name, str(m.model.dtype).removeprefix("torch."))
+            for m in (slm, llm)
+        ]
         slm, llm = models
     elif isinstance(slm, ModelSpec) or isinstance(llm, ModelSpec):
         slm = slm.load() if isinstance(slm, ModelSpec) else slm

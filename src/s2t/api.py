@@ -39,7 +39,14 @@ from s2t.runs import locked, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LLM_ALONE", "CalibrationStore", "Calibrator", "GenerationOutput", "ResolvedMethod", "S2TGenerator"]
+__all__ = [
+    "LLM_ALONE",
+    "CalibrationStore",
+    "Calibrator",
+    "GenerationOutput",
+    "ResolvedMethod",
+    "S2TGenerator",
+]
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,9 @@ class S2TGenerator:
         self._llm: LoadedModel | None = None
         self._llm_kwargs = {"dtype": llm_dtype or dtype, "device": device, "device_map": llm_device_map}
         self._tokenizer = tokenizer
-        self._local_selectors: dict[str, tuple[LoadedModel, object]] = {}  # selector directory -> (decoder, selector)
+        self._local_selectors: dict[
+            str, tuple[LoadedModel, object]
+        ] = {}  # selector directory -> (decoder, selector)
         self.calibrator = Calibrator(self)
         if llm is not None and not isinstance(llm, str):
             self._llm = self._as_loaded(llm, tokenizer)
@@ -139,7 +148,9 @@ class S2TGenerator:
     ) -> list[list[int]]:
         return [build_prompt(self.tokenizer, q, system_prompt) for q in questions]
 
-    def resolve(self, spec: MethodSpec | str, calibrator: Calibrator | None = None, **options) -> ResolvedMethod:
+    def resolve(
+        self, spec: MethodSpec | str, calibrator: Calibrator | None = None, **options
+    ) -> ResolvedMethod:
         """The decoding model, the LLM (or None) and the finished method for ``spec``.
 
         ``spec`` is a :class:`~s2t.methods.MethodSpec`, or a method name parsed with ``options``
@@ -155,7 +166,9 @@ class S2TGenerator:
                 options["calibration"] = CalibrationSource.from_questions(questions) if questions else None
             spec = MethodSpec.parse(spec, **options)
         if spec.method == LLM_ALONE:
-            return ResolvedMethod(self.llm, None, build_method("greedy", min_step=spec.min_step), llm_alone=True)
+            return ResolvedMethod(
+                self.llm, None, build_method("greedy", min_step=spec.min_step), llm_alone=True
+            )
         decoder, selector = self.slm, None
         if spec.method == LOCAL_METHOD:
             decoder, selector = self._local_selector(spec.selector)
@@ -393,10 +406,17 @@ class Calibrator:
 
     def _scope(self, spec: MethodSpec, quantile: bool = False) -> str:
         needs_llm = make_trigger(spec.trigger).needs_llm
-        blob = json.dumps([
-            self.generator.slm.name, self.generator.llm_name() if needs_llm else None, spec.trigger,
-            spec.quantile if quantile else None, spec.min_step, self.system_prompt, spec.calibration.identity(),
-        ])
+        blob = json.dumps(
+            [
+                self.generator.slm.name,
+                self.generator.llm_name() if needs_llm else None,
+                spec.trigger,
+                spec.quantile if quantile else None,
+                spec.min_step,
+                self.system_prompt,
+                spec.calibration.identity(),
+            ]
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     def threshold(self, spec: MethodSpec) -> float:

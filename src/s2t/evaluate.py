@@ -44,7 +44,6 @@ from s2t.runs import RunDirectory
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class EvalConfig:
     """Everything that determines an evaluation's results (stored as the run's config.json)."""
@@ -112,9 +111,16 @@ class EvalConfig:
         if majority_samples(method) is not None:
             return None
         return MethodSpec.parse(
-            method, trigger=self.trigger, threshold=self.threshold, quantile=self.quantile, k=self.k,
-            ratio=self.ratio, min_step=self.min_step, selector=self.selector, calibration=self.calibration_source(),
-        )  # fmt: skip
+            method,
+            trigger=self.trigger,
+            threshold=self.threshold,
+            quantile=self.quantile,
+            k=self.k,
+            ratio=self.ratio,
+            min_step=self.min_step,
+            selector=self.selector,
+            calibration=self.calibration_source(),
+        )
 
     def trigger_name(self, method: str) -> str | None:
         """The trigger a method consults (None for greedy, the LLM alone and maj@K)."""
@@ -155,8 +161,16 @@ def _cost_dict(cost: CostRecord) -> dict:
 def _sum_costs(costs: Sequence[CostRecord]) -> dict:
     total = CostRecord()
     for c in costs:
-        for name in ("generated_tokens", "slm_forward_calls", "slm_forward_tokens", "llm_forward_calls",
-                     "llm_forward_tokens", "triggers", "overrides", "wall_time_s"):  # fmt: skip
+        for name in (
+            "generated_tokens",
+            "slm_forward_calls",
+            "slm_forward_tokens",
+            "llm_forward_calls",
+            "llm_forward_tokens",
+            "triggers",
+            "overrides",
+            "wall_time_s",
+        ):
             setattr(total, name, getattr(total, name) + getattr(c, name))
     return total.to_dict()
 
@@ -195,7 +209,9 @@ class Evaluator:
         self.store = (
             CalibrationStore(self.run.path / "calibration.json")
             if self.run is not None
-            else CalibrationStore(None, {k: {"threshold": t} for k, t in (thresholds or {}).items()}, read_only=True)
+            else CalibrationStore(
+                None, {k: {"threshold": t} for k, t in (thresholds or {}).items()}, read_only=True
+            )
         )
         self._calibrator: Calibrator | None = None
 
@@ -204,9 +220,12 @@ class Evaluator:
         """Calibrates this run's triggers on training problems, keyed ``trigger@quantile`` in the run's store."""
         if self._calibrator is None:
             self._calibrator = Calibrator(
-                self.generator, self.store, scoped=False, batch_size=self.config.batch_size,
+                self.generator,
+                self.store,
+                scoped=False,
+                batch_size=self.config.batch_size,
                 evaluated_ids={p.id for p in self.problems},
-            )  # fmt: skip
+            )
         return self._calibrator
 
     @property
@@ -254,8 +273,14 @@ class Evaluator:
                 continue
             if is_local_method(method):
                 self.check_same_selector(method)
-            bar = tqdm(total=len(self.problems), initial=len(self.problems) - len(todo), desc=method,
-                       unit="problem", disable=not self.progress, dynamic_ncols=True)  # fmt: skip
+            bar = tqdm(
+                total=len(self.problems),
+                initial=len(self.problems) - len(todo),
+                desc=method,
+                unit="problem",
+                disable=not self.progress,
+                dynamic_ncols=True,
+            )
             for record in self.run_method(method, todo):
                 self.run.append(record)
                 if on_record:
@@ -331,9 +356,15 @@ class Evaluator:
             questions = [p.question for p in batch for _ in range(k)]
             seeds = [sample_seed(c.seed, p.id, j) for p in batch for j in range(k)]
             outs = self.generator.generate(
-                questions, greedy, max_new_tokens=c.max_new_tokens, batch_size=max(c.batch_size, k),
-                temperature=c.sample_temperature, top_p=c.sample_top_p, seeds=seeds, progress=self.progress,
-            )  # fmt: skip
+                questions,
+                greedy,
+                max_new_tokens=c.max_new_tokens,
+                batch_size=max(c.batch_size, k),
+                temperature=c.sample_temperature,
+                top_p=c.sample_top_p,
+                seeds=seeds,
+                progress=self.progress,
+            )
             for i, p in enumerate(batch):
                 samples = outs[i * k : (i + 1) * k]
                 grades = [grade(p.answer, s.text) for s in samples]

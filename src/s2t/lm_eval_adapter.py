@@ -111,9 +111,16 @@ class S2TLM(LM):
         super().__init__()
         # the whole method is checked before any model loads
         self.spec = MethodSpec.parse(
-            method, trigger=trigger, threshold=threshold, quantile=quantile, k=k, ratio=ratio, min_step=min_step,
-            selector=selector, calibration=CalibrationSource(problems=calibration_problems, max_new_tokens=max_new_tokens),
-        )  # fmt: skip
+            method,
+            trigger=trigger,
+            threshold=threshold,
+            quantile=quantile,
+            k=k,
+            ratio=ratio,
+            min_step=min_step,
+            selector=selector,
+            calibration=CalibrationSource(problems=calibration_problems, max_new_tokens=max_new_tokens),
+        )
         if unused:
             logger.info("s2t lm-eval adapter: ignoring arguments %s", sorted(unused))
         if device and device.startswith("cuda"):
@@ -170,8 +177,13 @@ class S2TLM(LM):
             indices = sorted(indices, key=lambda i: -len(settings[i][0]))
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start : start + self.batch_size]
-                texts = self._generate([settings[i][0] for i in batch], max_gen, temperature, top_p,
-                                       seeds=[self.seed * 1_000_003 + i for i in batch])  # fmt: skip
+                texts = self._generate(
+                    [settings[i][0] for i in batch],
+                    max_gen,
+                    temperature,
+                    top_p,
+                    seeds=[self.seed * 1_000_003 + i for i in batch],
+                )
                 for i, text in zip(batch, texts):
                     results[i] = truncate_at_stop(text, until)
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
@@ -189,9 +201,15 @@ class S2TLM(LM):
             prompts = [p[-keep:] for p in prompts]
         r = self.resolved
         outs = decode(
-            r.decoder.model, prompts, r.method, llm=r.llm, temperature=temperature, top_p=top_p, seeds=seeds,
+            r.decoder.model,
+            prompts,
+            r.method,
+            llm=r.llm,
+            temperature=temperature,
+            top_p=top_p,
+            seeds=seeds,
             **gen.decode_kwargs(max_gen, r.decoder),
-        )  # fmt: skip
+        )
         return [gen.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):

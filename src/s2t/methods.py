@@ -412,7 +412,9 @@ class MethodSpec:
             if trigger in TRIGGERS:
                 make_trigger(trigger, threshold)  # validates the threshold's range
             elif not 0.0 <= threshold <= 1.0:
-                raise ValueError(f"threshold for the 'learned' trigger must lie in [0.0, 1.0]; got {threshold}")
+                raise ValueError(
+                    f"threshold for the 'learned' trigger must lie in [0.0, 1.0]; got {threshold}"
+                )
         elif trigger in ("always", "never"):
             quantile = None
         elif trigger == "learned":
@@ -437,7 +439,15 @@ class MethodSpec:
 
             check_selector_checkpoint(selector, method=method == LOCAL_METHOD, trigger=trigger == "learned")
         return cls(
-            name, method, trigger, quantile, threshold, k, ratio, min_step, selector if uses_selector else None,
+            name,
+            method,
+            trigger,
+            quantile,
+            threshold,
+            k,
+            ratio,
+            min_step,
+            selector if uses_selector else None,
             calibration,
         )
 

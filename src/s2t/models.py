@@ -246,5 +246,9 @@ def pad_token_id(loaded: LoadedModel) -> int:
 def engine_kwargs(loaded: LoadedModel, max_new_tokens: int | None = None) -> dict:
     """The engine's token settings for a loaded model: ``vocab_size`` (the tokenizer's, so that padded
     output rows are never generated), ``stop_ids``, ``pad_id`` and, if given, ``max_new_tokens``."""
-    kwargs = {"vocab_size": len(loaded.tokenizer), "stop_ids": stop_token_ids(loaded), "pad_id": pad_token_id(loaded)}
+    kwargs = {
+        "vocab_size": len(loaded.tokenizer),
+        "stop_ids": stop_token_ids(loaded),
+        "pad_id": pad_token_id(loaded),
+    }
     return kwargs | ({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {})

@@ -82,12 +82,29 @@ def eval_command(
     out = out or _default_out(dataset, split, limit, offset)
     try:
         config = EvalConfig(
-            slm=slm, llm=llm, dataset=dataset, split=split, limit=limit, offset=offset, data_file=data_file,
-            methods=[m.strip() for m in methods.split(",") if m.strip()], max_new_tokens=max_new_tokens,
-            trigger=trigger, threshold=threshold, quantile=quantile, k=k, ratio=ratio, min_step=min_step,
-            calibration_problems=calibration_problems, seed=seed, dtype=dtype, batch_size=batch_size,
-            selector=selector, llm_dtype=llm_dtype, llm_device_map=llm_device_map,
-        )  # fmt: skip
+            slm=slm,
+            llm=llm,
+            dataset=dataset,
+            split=split,
+            limit=limit,
+            offset=offset,
+            data_file=data_file,
+            methods=[m.strip() for m in methods.split(",") if m.strip()],
+            max_new_tokens=max_new_tokens,
+            trigger=trigger,
+            threshold=threshold,
+            quantile=quantile,
+            k=k,
+            ratio=ratio,
+            min_step=min_step,
+            calibration_problems=calibration_problems,
+            seed=seed,
+            dtype=dtype,
+            batch_size=batch_size,
+            selector=selector,
+            llm_dtype=llm_dtype,
+            llm_device_map=llm_device_map,
+        )
         console.print(f"run directory: {out}")
         if workers > 1:
             from s2t.evaluate_distributed import evaluate_distributed

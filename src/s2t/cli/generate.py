@@ -84,8 +84,15 @@ def generate(
     try:
         if (question is None) == (problem is None):
             raise ValueError("give either a QUESTION or --problem ID")
-        options = dict(trigger=trigger, threshold=threshold, quantile=quantile, k=k, ratio=ratio,
-                       min_step=min_step, selector=selector)  # fmt: skip
+        options = dict(
+            trigger=trigger,
+            threshold=threshold,
+            quantile=quantile,
+            k=k,
+            ratio=ratio,
+            min_step=min_step,
+            selector=selector,
+        )
         dataset = problem.split("/")[0] if problem else None
         specs = method_specs(method, options, calibration_problems, max_new_tokens, data_dir, dataset)
         if problem is not None:

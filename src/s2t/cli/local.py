@@ -70,12 +70,24 @@ def collect(
         if mode == "on-policy" and threshold is None:
             raise ValueError("on-policy collection needs --threshold (the entropy trigger's threshold)")
         config = CollectConfig(
-            slm=slm, llm=llm, dataset=dataset, split=split, limit=limit, offset=offset, data_file=data_file,
-            mode=mode, k=k, groups_at=groups_at, calibration_problems=calibration_problems,
+            slm=slm,
+            llm=llm,
+            dataset=dataset,
+            split=split,
+            limit=limit,
+            offset=offset,
+            data_file=data_file,
+            mode=mode,
+            k=k,
+            groups_at=groups_at,
+            calibration_problems=calibration_problems,
             on_policy_threshold=threshold,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, llm_dtype=llm_dtype,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            dtype=dtype,
+            llm_dtype=llm_dtype,
             llm_device_map=llm_device_map,
-        )  # fmt: skip
+        )
         console.print(f"collecting into {out}" + (f" on {workers} Ray workers" if workers > 1 else ""))
         run_collect(config, out, workers=workers, ray_address=ray_address)
     except (ValueError, RuntimeError, FileNotFoundError, DatasetUnavailableError) as e:
@@ -143,11 +155,26 @@ def train_command(
             raise ValueError(f"mode must be head or lora; got {mode!r}")
         d_epochs, d_lr, d_bs = defaults[mode]
         config = TrainConfig(
-            groups=groups, out=out, mode=mode, groups_subset=groups_subset, epochs=epochs or d_epochs,
-            lr=lr or d_lr, batch_size=batch_size or d_bs, val_fraction=val_fraction, seed=seed, dtype=dtype,
-            lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_layers=lora_layers, k=k, bins_lr=bins_lr,
-            prefix_kl_weight=prefix_kl_weight, checkpoint_every=checkpoint_every, eval_every=eval_every,
-        )  # fmt: skip
+            groups=groups,
+            out=out,
+            mode=mode,
+            groups_subset=groups_subset,
+            epochs=epochs or d_epochs,
+            lr=lr or d_lr,
+            batch_size=batch_size or d_bs,
+            val_fraction=val_fraction,
+            seed=seed,
+            dtype=dtype,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            lora_layers=lora_layers,
+            k=k,
+            bins_lr=bins_lr,
+            prefix_kl_weight=prefix_kl_weight,
+            checkpoint_every=checkpoint_every,
+            eval_every=eval_every,
+        )
         selector = train(config, resume=resume)
         if mode == "lora":
             from accelerate import PartialState

@@ -34,7 +34,10 @@ SERVED_METHODS = tuple(m for m in METHODS if m != LLM_ALONE)  # the LLM alone is
 @app.command()
 def serve(
     method: Annotated[
-        str, typer.Option(help=f"The method served: {', '.join(SERVED_METHODS)} (a trigger setting may follow a '/').")
+        str,
+        typer.Option(
+            help=f"The method served: {', '.join(SERVED_METHODS)} (a trigger setting may follow a '/')."
+        ),
     ] = "greedy",
     selector: SelectorOpt = None,
     slm: SLMOpt = DEFAULT_SLM,
@@ -74,13 +77,22 @@ def serve(
     try:
         if method.split("/", 1)[0] not in SERVED_METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(SERVED_METHODS)}")
-        options = dict(trigger=trigger, threshold=threshold, quantile=quantile, k=k, ratio=ratio,
-                       min_step=min_step, selector=selector)  # fmt: skip
+        options = dict(
+            trigger=trigger,
+            threshold=threshold,
+            quantile=quantile,
+            k=k,
+            ratio=ratio,
+            min_step=min_step,
+            selector=selector,
+        )
         (spec,) = method_specs(method, options, calibration_problems, max_tokens, data_dir)
         gen = S2TGenerator(slm, llm=llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map)
         resolved = resolve_with_status(gen, spec)
         scheduler = gen.scheduler(resolved, max_batch_size=max_batch_size)
-        limit = context_length or getattr(resolved.decoder.model.config, "max_position_embeddings", None) or 4096
+        limit = (
+            context_length or getattr(resolved.decoder.model.config, "max_position_embeddings", None) or 4096
+        )
         name = model_name or gen.slm.name
         server_app = create_app(
             scheduler, gen.tokenizer, model_name=name, context_length=limit, default_max_tokens=max_tokens

@@ -39,8 +39,14 @@ class LearnedTrigger(Trigger):
     needs_hidden = True
     threshold_range = (0.0, 1.0)
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                 config: LearnedTriggerConfig):  # fmt: skip
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        config: LearnedTriggerConfig,
+    ):
         super().__init__(config.threshold)
         self.weight, self.bias, self.mean, self.std, self.config = weight, bias, mean, std, config
 
@@ -66,7 +72,9 @@ class LearnedTrigger(Trigger):
         (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, model=None, threshold: float | None = None) -> LearnedTrigger:
+    def from_pretrained(
+        cls, directory: str | Path, model=None, threshold: float | None = None
+    ) -> LearnedTrigger:
         """Load the trigger stored with a selector; with ``model``, refuse it for another SLM.
         ``threshold`` replaces the stored one (which was set for the training trigger rate)."""
         directory = Path(directory)

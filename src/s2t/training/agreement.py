@@ -52,8 +52,16 @@ def selector_agreement(
     for record in records:
         check_record(record, k, str(groups_dir))
     model = load_adapted_slm(slm.model, selector_dir) if training.get("mode") == "lora" else slm.model
-    problems = ((pack_problem(r, k), None) for r in tqdm(records, desc="scoring held-out groups", unit="problem",
-                                                           disable=not progress))  # fmt: skip
+    problems = (
+        (pack_problem(r, k), None)
+        for r in tqdm(records, desc="scoring held-out groups", unit="problem", disable=not progress)
+    )
     metrics = grouped_selection_metrics(*packed_group_scores(model, selector, problems))
-    return {"selector": str(selector_dir), "mode": training.get("mode"), "k": k, "problems": len(records),
-            "dtype": str(model.dtype), **metrics}  # fmt: skip
+    return {
+        "selector": str(selector_dir),
+        "mode": training.get("mode"),
+        "k": k,
+        "problems": len(records),
+        "dtype": str(model.dtype),
+        **metrics,
+    }

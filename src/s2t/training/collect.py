@@ -209,9 +209,17 @@ class RecordingLLMSelector(LLMSelector):
 class Collector:
     """Collects groups for the configured training problems into a resumable run directory."""
 
-    def __init__(self, config: CollectConfig, out_dir: str | Path, slm: LoadedModel | None = None,
-                 llm: LoadedModel | None = None, problems: Sequence[Problem] | None = None, progress: bool = True,
-                 workers: int = 1, ray_address: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config: CollectConfig,
+        out_dir: str | Path,
+        slm: LoadedModel | None = None,
+        llm: LoadedModel | None = None,
+        problems: Sequence[Problem] | None = None,
+        progress: bool = True,
+        workers: int = 1,
+        ray_address: str | None = None,
+    ):
         """``workers > 1`` shards the problems over Ray actors, each loading its own pair (then
         ``slm``/``llm`` must be None); otherwise the pair is loaded here (or the given one used)."""
         self.config = config
@@ -246,8 +254,11 @@ class Collector:
     def done_ids(self) -> set[str]:
         """Problems recorded with their feature file present (a copy without ``features/``, e.g. a
         clone of committed results, recomputes the features)."""
-        return {r["problem_id"] for r in self.run.records("problems.jsonl")
-                if (self.run.path / r["features"]).is_file()}  # fmt: skip
+        return {
+            r["problem_id"]
+            for r in self.run.records("problems.jsonl")
+            if (self.run.path / r["features"]).is_file()
+        }
 
     def run_all(self) -> int:
         """Collect every problem not yet recorded; returns how many were collected now."""
@@ -256,8 +267,14 @@ class Collector:
         done = self.done_ids()
         todo = [p for p in self.problems if p.id not in done]
         thresholds = self.group_thresholds() if todo and self.config.mode == "teacher-forced" else {}
-        bar = tqdm(total=len(self.problems), initial=len(self.problems) - len(todo), desc="collecting",
-                   unit="problem", disable=not self.progress, dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=len(self.problems),
+            initial=len(self.problems) - len(todo),
+            desc="collecting",
+            unit="problem",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         bs = self.config.batch_size
         worker = self._worker
         if worker is not None:
@@ -275,9 +292,17 @@ class Collector:
             bar.update(1)
 
         if todo:
-            run_sharded(make_worker, "run_shard", [todo[i : i + bs] for i in range(0, len(todo), bs)],
-                        on_record=finished, workers=self.workers, ray_address=self.ray_address,
-                        key=lambda r: r["problem_id"], done=done, progress=False)  # fmt: skip
+            run_sharded(
+                make_worker,
+                "run_shard",
+                [todo[i : i + bs] for i in range(0, len(todo), bs)],
+                on_record=finished,
+                workers=self.workers,
+                ray_address=self.ray_address,
+                key=lambda r: r["problem_id"],
+                done=done,
+                progress=False,
+            )
         bar.close()
         return len(todo)
 
@@ -318,8 +343,13 @@ class CollectWorker:
     workers need no shared filesystem).
     """
 
-    def __init__(self, config: CollectConfig, slm: LoadedModel | None = None, llm: LoadedModel | None = None,
-                 group_thresholds: dict[str, float | None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config: CollectConfig,
+        slm: LoadedModel | None = None,
+        llm: LoadedModel | None = None,
+        group_thresholds: dict[str, float | None] | None = None,
+    ):
         self.config = config
         self.group_thresholds = group_thresholds or {}
         self.slm = slm or load_model(config.slm, dtype=config.dtype)

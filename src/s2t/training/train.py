@@ -105,10 +105,14 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
             total += float(loss.detach()) * len(idx)
         with torch.no_grad():
             val = (
-                selection_metrics(selector.scores(data.hidden[in_val].float(), bins), data.llm_probs[in_val], data.slm_probs[in_val])
+                selection_metrics(
+                    selector.scores(data.hidden[in_val].float(), bins),
+                    data.llm_probs[in_val],
+                    data.slm_probs[in_val],
+                )
                 if in_val.any()
                 else {}
-            )  # fmt: skip
+            )
         history.append(
             {
                 "epoch": epoch + 1,

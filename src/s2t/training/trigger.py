@@ -62,8 +62,16 @@ def load_position_features(groups_dir: str | Path, min_step: int = 3):
     )
 
 
-def train_trigger(groups_dir: str | Path, slm, base_model: str, target_rate: float = 0.05, val_fraction: float = 0.1,
-                  seed: int = 0, epochs: int = 200, weight_decay: float = 1e-3) -> LearnedTrigger:  # fmt: skip
+def train_trigger(
+    groups_dir: str | Path,
+    slm,
+    base_model: str,
+    target_rate: float = 0.05,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    epochs: int = 200,
+    weight_decay: float = 1e-3,
+) -> LearnedTrigger:
     """Fit the logistic trigger on training problems and set its threshold for ``target_rate``."""
     if not 0.0 < target_rate < 1.0:
         raise ValueError(f"target trigger rate must lie strictly between 0 and 1; got {target_rate}")
@@ -90,8 +98,11 @@ def train_trigger(groups_dir: str | Path, slm, base_model: str, target_rate: flo
     w, b = w.detach(), b.detach()
     scores = torch.sigmoid(xs @ w + b)
     threshold = float(torch.quantile(scores[tr].double(), 1 - target_rate))
-    metrics = {"train_positions": int(tr.sum()), "validation_positions": int(va.sum()),
-               "divergence_share": float(y.float().mean())}  # fmt: skip
+    metrics = {
+        "train_positions": int(tr.sum()),
+        "validation_positions": int(va.sum()),
+        "divergence_share": float(y.float().mean()),
+    }
     if va.any():
         for name, s in (("learned", scores[va]), ("entropy", entropy[va]), ("margin", -margin[va])):
             metrics[name] = {

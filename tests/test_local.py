@@ -479,3 +479,18 @@ def test_a_collection_without_its_features_says_how_to_recompute_them_and_resume
     train(TrainConfig(groups=str(copy), out=str(tmp_path / "sel"), epochs=1), slm=slm, progress=False)
     lines = (copy / "problems.jsonl").read_text().splitlines()
     assert len(lines) == 8  # the recomputed records were appended; readers keep the last per problem
+
+
+def test_the_learned_trigger_sees_at_inference_the_features_it_was_trained_on(collected, slm, tokenizer):
+    from s2t.policies.features import features_from_logits
+    from s2t.training.collect import trajectory_forward
+    from s2t.training.trigger import load_position_features
+
+    features, _, problem, *_ = load_position_features(collected, min_step=0)
+    record = json.loads((collected / "problems.jsonl").read_text().splitlines()[0])
+    hidden, logits = trajectory_forward(
+        slm.model, record["prompt_ids"], record["trajectory_ids"], len(tokenizer)
+    )
+    # what decoding computes at each step (the stored hidden states are float16)
+    at_inference = features_from_logits(logits, hidden.half().float())
+    torch.testing.assert_close(features[problem == 0], at_inference, atol=1e-4, rtol=1e-4)

@@ -166,9 +166,8 @@ class S2TGenerator:
                 options["calibration"] = CalibrationSource.from_questions(questions) if questions else None
             spec = MethodSpec.parse(spec, **options)
         if spec.method == LLM_ALONE:
-            return ResolvedMethod(
-                self.llm, None, build_method("greedy", min_step=spec.min_step), llm_alone=True
-            )
+            greedy = build_method("greedy", min_step=spec.min_step, label=spec.name)
+            return ResolvedMethod(self.llm, None, greedy, llm_alone=True)
         decoder, selector = self.slm, None
         if spec.method == LOCAL_METHOD:
             decoder, selector = self._local_selector(spec.selector)
@@ -435,6 +434,8 @@ class Calibrator:
                 f"this process cannot calibrate (its store is read-only): give it the threshold for {self.label(spec)}"
             )
         if spec.calibration is None:
+            if spec.trigger == "random":  # its threshold is the firing rate, 1 - quantile: nothing to decode
+                return make_trigger("random").threshold_for_quantile(torch.empty(0), spec.quantile)
             raise ValueError(f"the {spec.trigger!r} trigger has no threshold and no calibration source")
         questions, ids = spec.calibration.load()
         overlap = self.evaluated_ids & set(ids or ())

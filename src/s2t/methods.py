@@ -436,8 +436,12 @@ class MethodSpec:
             calibration.check()
         if uses_selector:
             from s2t.policies.learned_selector import check_selector_checkpoint
+            from s2t.policies.learned_trigger import LearnedTrigger
 
-            check_selector_checkpoint(selector, method=method == LOCAL_METHOD, trigger=trigger == "learned")
+            if method == LOCAL_METHOD:
+                check_selector_checkpoint(selector)
+            if trigger == "learned":
+                LearnedTrigger.from_pretrained(selector)  # reads the trigger's small files only
         return cls(
             name,
             method,

@@ -38,24 +38,18 @@ class SelectorCheckpointError(ValueError):
     """A selector checkpoint is missing, corrupted, or belongs to another base model."""
 
 
-def check_selector_checkpoint(directory: str | Path, method: bool = True, trigger: bool = False) -> None:
-    """Check a trained selector's files without loading any model: the selector's config and weights
-    (``method``), its LoRA adapter when it has one, and the learned trigger stored beside it
-    (``trigger``).
+def check_selector_checkpoint(directory: str | Path) -> None:
+    """Check a trained selector's files without loading any model: its config and weights, and its
+    LoRA adapter when it has one.
 
     Raises:
         SelectorCheckpointError: a file is missing, truncated, corrupted or malformed.
     """
     directory = Path(directory)
-    if method:
-        LocalSelector.from_pretrained(directory)  # reads the config and the (small) bins
-        config = read_config(directory / CONFIG_NAME, LocalSelectorConfig)
-        if config.training.get("mode") == "lora":
-            _check_safetensors_dir(directory / ADAPTER_DIR, "adapter_config.json", "LoRA adapter")
-    if trigger:
-        from s2t.policies.learned_trigger import LearnedTrigger
-
-        LearnedTrigger.from_pretrained(directory)
+    LocalSelector.from_pretrained(directory)  # reads the config and the (small) bins
+    config = read_config(directory / CONFIG_NAME, LocalSelectorConfig)
+    if config.training.get("mode") == "lora":
+        _check_safetensors_dir(directory / ADAPTER_DIR, "adapter_config.json", "LoRA adapter")
 
 
 def _check_safetensors_dir(directory: Path, config_name: str, what: str) -> None:

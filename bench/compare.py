@@ -59,9 +59,25 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-GGUF_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-                   11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
-                   17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}  # fmt: skip  # llama.cpp's LLAMA_FTYPE_*
+GGUF_FILE_TYPES = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    32: "BF16",
+}  # llama.cpp's LLAMA_FTYPE_*
 WARMUP_TOKENS = 4  # the warm-up run: enough to allocate the caches and pick the kernels
 
 
@@ -77,8 +93,12 @@ def timed(run: Callable[[int], int], tokens: int, repeats: int) -> dict:
         synchronize()
         seconds.append(time.perf_counter() - start)
     median = statistics.median(seconds)
-    row = {"tokens": produced, "seconds": round(median, 3), "tokens_per_second": round(produced / median, 2),
-           "all_seconds": [round(s, 3) for s in seconds]}  # fmt: skip
+    row = {
+        "tokens": produced,
+        "seconds": round(median, 3),
+        "tokens_per_second": round(produced / median, 2),
+        "all_seconds": [round(s, 3) for s in seconds],
+    }
     return row | getattr(run, "extra", {})
 
 
@@ -92,8 +112,14 @@ def hf_generate(gen: S2TGenerator, prompts: list[list[int]]) -> Callable[[int], 
 
     def run(tokens: int) -> int:
         with torch.inference_mode():
-            out = gen.slm.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=tokens,
-                                         min_new_tokens=tokens, pad_token_id=pad)  # fmt: skip
+            out = gen.slm.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                pad_token_id=pad,
+            )
         return (out.shape[1] - width) * len(prompts)
 
     return run
@@ -103,11 +129,13 @@ def our_engine(gen: S2TGenerator, prompts: list[list[int]], method, llm=None) ->
     """Our engine's one decoding loop, exactly the given number of new tokens (no stop tokens), one batch."""
 
     def run(tokens: int) -> int:
-        kwargs = gen._decode_kwargs(tokens) | {"stop_ids": []}
+        kwargs = gen.decode_kwargs(tokens) | {"stop_ids": []}
         out = decode(gen.slm.model, prompts, method, llm=llm, **kwargs)
         produced = sum(len(g.token_ids) for g in out)
-        run.extra = {"trigger_rate": round(sum(g.cost.triggers for g in out) / produced, 4),
-                     "llm_forward_calls": sum(g.cost.llm_forward_calls for g in out)}  # fmt: skip
+        run.extra = {
+            "trigger_rate": round(sum(g.cost.triggers for g in out) / produced, 4),
+            "llm_forward_calls": sum(g.cost.llm_forward_calls for g in out),
+        }
         return produced
 
     return run
@@ -137,12 +165,19 @@ def llama_cpp_row(name: str, prompt_text: str, tokens: int, threads: int, repeat
 
         def run(tokens: int) -> int:
             llm.reset()  # read the prompt again each run, as our engine and generate do
-            out = llm.create_completion(prompt_text, max_tokens=tokens, temperature=0.0,
-                                        logit_bias={eos: float("-inf")})  # fmt: skip
+            out = llm.create_completion(
+                prompt_text, max_tokens=tokens, temperature=0.0, logit_bias={eos: float("-inf")}
+            )
             return out["usage"]["completion_tokens"]
 
-        return {"engine": "llama.cpp", "model": name, "dtype": "gguf (as shipped)", "weights": weights,
-                "batch_size": 1, **timed(run, tokens, repeats)}  # fmt: skip
+        return {
+            "engine": "llama.cpp",
+            "model": name,
+            "dtype": "gguf (as shipped)",
+            "weights": weights,
+            "batch_size": 1,
+            **timed(run, tokens, repeats),
+        }
 
 
 def machine() -> dict:
@@ -150,8 +185,11 @@ def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]  # fmt: skip
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "gpu": gpu, "device": "cuda" if gpu else "cpu"}
@@ -185,11 +223,14 @@ def markdown_table(report: dict) -> str:
     rows = report["results"]
     by_key = {row_key(r): r for r in rows if "tokens_per_second" in r}
     m = report["machine"]
-    lines = [f"Machine: {m['gpu'] or m['cpu']} ({m['device']}), {report['threads']} thread(s), "
-             f"{report['tokens_per_sequence']} new tokens per sequence, median of {report['repeats']}, "
-             f"torch {report['torch']}" + (", random weights" if report.get("random_weights") else "") + ".",
-             "", "| model | dtype | batch | `generate` tok/s | engine tok/s | engine / generate |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        f"Machine: {m['gpu'] or m['cpu']} ({m['device']}), {report['threads']} thread(s), "
+        f"{report['tokens_per_sequence']} new tokens per sequence, median of {report['repeats']}, "
+        f"torch {report['torch']}" + (", random weights" if report.get("random_weights") else "") + ".",
+        "",
+        "| model | dtype | batch | `generate` tok/s | engine tok/s | engine / generate |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         if r.get("engine") != "transformers.generate" or "tokens_per_second" not in r:
             continue
@@ -197,19 +238,26 @@ def markdown_table(report: dict) -> str:
         if ours is None:
             continue
         ratio = ours["tokens_per_second"] / r["tokens_per_second"]
-        lines.append(f"| {short(r['model'])} | {r['dtype']} | {r['batch_size']} | {r['tokens_per_second']:.1f} | "
-                     f"{ours['tokens_per_second']:.1f} | {ratio:.2f}× |")  # fmt: skip
+        lines.append(
+            f"| {short(r['model'])} | {r['dtype']} | {r['batch_size']} | {r['tokens_per_second']:.1f} | "
+            f"{ours['tokens_per_second']:.1f} | {ratio:.2f}× |"
+        )
     s2t_rows = [r for r in rows if r.get("method", "").startswith("s2t/") and "seconds" in r]
     if s2t_rows:
-        lines += ["", "| S2T (SLM + LLM) | dtype | batch | trigger rate | seconds | tok/s | × our greedy SLM time |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        lines += [
+            "",
+            "| S2T (SLM + LLM) | dtype | batch | trigger rate | seconds | tok/s | × our greedy SLM time |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for r in s2t_rows:
             slm = r["model"].split(" + ")[0]
             base = by_key.get(("s2t engine", slm, r["dtype"], r["batch_size"], "greedy"))
             times = f"{r['seconds'] / base['seconds']:.2f}×" if base else "–"
             rate = f"{r['trigger_rate']:.1%}" if "trigger_rate" in r else "–"
-            lines.append(f"| {r['method']} | {r['dtype']} | {r['batch_size']} | {rate} | {r['seconds']:.2f} | "
-                         f"{r['tokens_per_second']:.1f} | {times} |")  # fmt: skip
+            lines.append(
+                f"| {r['method']} | {r['dtype']} | {r['batch_size']} | {rate} | {r['seconds']:.2f} | "
+                f"{r['tokens_per_second']:.1f} | {times} |"
+            )
     for r in rows:
         if r.get("engine") == "llama.cpp":
             detail = (
@@ -222,8 +270,11 @@ def markdown_table(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=f"{DEFAULT_SLM},{DEFAULT_LLM}",
-                        help="comma-separated; the S2T rows pair the first (SLM) with the last (LLM)")  # fmt: skip
+    parser.add_argument(
+        "--models",
+        default=f"{DEFAULT_SLM},{DEFAULT_LLM}",
+        help="comma-separated; the S2T rows pair the first (SLM) with the last (LLM)",
+    )
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--tokens", type=int, default=64)
@@ -247,9 +298,15 @@ def main() -> None:
     models = [m.rstrip("/") for m in args.models.split(",")]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     questions = [p.question for p in load_problems("gsm8k", "train", limit=max(batch_sizes))]
-    report = {"machine": machine(), "threads": args.threads, "tokens_per_sequence": args.tokens,
-              "repeats": args.repeats, "torch": torch.__version__, "random_weights": args.random_weights,
-              "results": []}  # fmt: skip
+    report = {
+        "machine": machine(),
+        "threads": args.threads,
+        "tokens_per_sequence": args.tokens,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "random_weights": args.random_weights,
+        "results": [],
+    }
     out = Path(args.out) if args.out else None
     if out and out.is_file():
         previous = json.loads(out.read_text())
@@ -273,21 +330,37 @@ def main() -> None:
     for dtype in [] if args.only_llama_cpp else args.dtypes.split(","):
         greedy = build_method("greedy")
         for name in models:
-            if not any(wanted(e, name, dtype, bs, "greedy") for bs in batch_sizes
-                       for e in ("transformers.generate", "s2t engine")):  # fmt: skip
+            if not any(
+                wanted(e, name, dtype, bs, "greedy")
+                for bs in batch_sizes
+                for e in ("transformers.generate", "s2t engine")
+            ):
                 continue
             gen = S2TGenerator(load(name, dtype, args.random_weights))
             for bs in batch_sizes:
                 prompts = gen.encode(questions[:bs])
-                for engine, run in (("transformers.generate", hf_generate(gen, prompts)),
-                                    ("s2t engine", our_engine(gen, prompts, greedy))):  # fmt: skip
+                for engine, run in (
+                    ("transformers.generate", hf_generate(gen, prompts)),
+                    ("s2t engine", our_engine(gen, prompts, greedy)),
+                ):
                     if wanted(engine, name, dtype, bs, "greedy"):
-                        record({"engine": engine, "model": name, "dtype": dtype, "batch_size": bs,
-                                "method": "greedy", **timed(run, args.tokens, args.repeats)})  # fmt: skip
+                        record(
+                            {
+                                "engine": engine,
+                                "model": name,
+                                "dtype": dtype,
+                                "batch_size": bs,
+                                "method": "greedy",
+                                **timed(run, args.tokens, args.repeats),
+                            }
+                        )
             del gen
         pair = f"{models[0]} + {models[-1]}"
-        if args.no_s2t or not any(wanted("s2t engine", pair, dtype, bs, m) for bs in batch_sizes
-                                  for m in ("s2t/entropy@0.95", "s2t/random@0.05", "s2t/always")):  # fmt: skip
+        if args.no_s2t or not any(
+            wanted("s2t engine", pair, dtype, bs, m)
+            for bs in batch_sizes
+            for m in ("s2t/entropy@0.95", "s2t/random@0.05", "s2t/always")
+        ):
             continue
         gen = S2TGenerator(
             load(models[0], dtype, args.random_weights), llm=load(models[-1], dtype, args.random_weights)
@@ -303,8 +376,16 @@ def main() -> None:
             for label, method in methods.items():
                 if wanted("s2t engine", pair, dtype, bs, label):
                     run = our_engine(gen, prompts, method, llm=gen.llm.model)
-                    record({"engine": "s2t engine", "model": pair, "dtype": dtype, "batch_size": bs,
-                            "method": label, **timed(run, args.tokens, args.repeats)})  # fmt: skip
+                    record(
+                        {
+                            "engine": "s2t engine",
+                            "model": pair,
+                            "dtype": dtype,
+                            "batch_size": bs,
+                            "method": label,
+                            **timed(run, args.tokens, args.repeats),
+                        }
+                    )
         del gen
     if not args.no_llama_cpp and not args.random_weights:
         tokenizer = load_tokenizer(models[0]).tokenizer  # the prompt as text; no model needed

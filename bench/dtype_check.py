@@ -46,9 +46,13 @@ def compare(a_dir: Path, b_dir: Path, method: str) -> dict:
 
     def run_summary(directory: Path, config: dict, ok: list[bool], times: list[float]) -> dict:
         ci = bootstrap_ci(ok)
-        return {"run": str(directory), "dtype": config.get("dtype") or "float32 (recorded as null)",
-                "accuracy": ci.estimate, "accuracy_ci": [ci.low, ci.high],
-                "wall_time_s_per_problem": sum(times) / len(times)}  # fmt: skip
+        return {
+            "run": str(directory),
+            "dtype": config.get("dtype") or "float32 (recorded as null)",
+            "accuracy": ci.estimate,
+            "accuracy_ci": [ci.low, ci.high],
+            "wall_time_s_per_problem": sum(times) / len(times),
+        }
 
     return {
         "method": method,

@@ -37,8 +37,10 @@ def check_gold_set(name: str, pairs: list[tuple[str, str]]) -> dict:
             if clean_answer(spelling) != spelling.strip():
                 rewritten.append({"index": index, "before": spelling, "after": clean_answer(spelling)})
     seconds = time.perf_counter() - started
-    print(f"{name}: {len(pairs) - len(wrong)}/{len(pairs)} gold solutions graded correct "
-          f"({len(rewritten)} spellings rewritten by clean_answer), {seconds:.1f} s")  # fmt: skip
+    print(
+        f"{name}: {len(pairs) - len(wrong)}/{len(pairs)} gold solutions graded correct "
+        f"({len(rewritten)} spellings rewritten by clean_answer), {seconds:.1f} s"
+    )
     return {
         "problems": len(pairs),
         "correct": len(pairs) - len(wrong),
@@ -62,9 +64,11 @@ def time_votes(path: Path, method: str) -> dict:
             changed.append({"problem_id": record["problem_id"], "stored": stored, "now": voted})
     per_record.sort()
     total = sum(per_record)
-    print(f"{method} votes over {len(records)} records: {total:.2f} s in all, "
-          f"median {1000 * per_record[len(per_record) // 2]:.1f} ms, max {1000 * per_record[-1]:.1f} ms; "
-          f"{len(changed)} votes changed")  # fmt: skip
+    print(
+        f"{method} votes over {len(records)} records: {total:.2f} s in all, "
+        f"median {1000 * per_record[len(per_record) // 2]:.1f} ms, max {1000 * per_record[-1]:.1f} ms; "
+        f"{len(changed)} votes changed"
+    )
     return {
         "records": len(records),
         "total_s": round(total, 3),

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from s2t.local.collect import collected_records, collection_config
-from s2t.local.lora import LORA_TARGETS, first_adapted_layer, frozen_pass, packed_loss, per_group_loss
-from s2t.local.packing import pack_problem
-from s2t.local.selector import LocalSelector
-from s2t.local.train import TrainConfig
 from s2t.models import load_model
+from s2t.policies.learned_selector import LocalSelector
+from s2t.training.collect import collected_records, collection_config
+from s2t.training.lora import LORA_TARGETS, first_adapted_layer, frozen_pass, packed_loss, per_group_loss
+from s2t.training.packing import pack_problem
+from s2t.training.train import TrainConfig
 
 
 def main() -> None:
@@ -59,8 +59,16 @@ def main() -> None:
                 prepared.append(frozen_pass(lm, p, vocab, cfg.frozen_top, start))
                 frozen_s.append(time.perf_counter() - t0)
             torch.manual_seed(0)
-            model = get_peft_model(lm, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                                                  layers_to_transform=list(range(start, lm.config.num_hidden_layers))))  # fmt: skip
+            model = get_peft_model(
+                lm,
+                LoraConfig(
+                    r=16,
+                    lora_alpha=32,
+                    lora_dropout=0.0,
+                    target_modules=LORA_TARGETS,
+                    layers_to_transform=list(range(start, lm.config.num_hidden_layers)),
+                ),
+            )
             inner = model.base_model.model
             bins = torch.nn.Parameter(selector.bins.clone())
             step_s = []
@@ -79,24 +87,44 @@ def main() -> None:
             # the old loop also ran a second (frozen) forward per group for the KL targets
             with torch.no_grad(), model.disable_adapter():
                 for g in range(sub.n_groups):
-                    frozen_pass(lm, pack_problem({**records[0], "groups": [records[0]["groups"][g]]}, args.k),
-                                vocab, cfg.frozen_top, 0)  # fmt: skip
+                    frozen_pass(
+                        lm,
+                        pack_problem({**records[0], "groups": [records[0]["groups"][g]]}, args.k),
+                        vocab,
+                        cfg.frozen_top,
+                        0,
+                    )
             per_group = (time.perf_counter() - t0) / sub.n_groups * packs[0].n_groups
             model.unload()
             row = {
-                "dtype": dtype, "adapted_layers": n_layers, "k": args.k, "threads": args.threads,
-                "problems": len(packs), "tokens_per_problem": statistics.median(len(p.input_ids) for p in packs),
+                "dtype": dtype,
+                "adapted_layers": n_layers,
+                "k": args.k,
+                "threads": args.threads,
+                "problems": len(packs),
+                "tokens_per_problem": statistics.median(len(p.input_ids) for p in packs),
                 "groups_per_problem": statistics.median(p.n_groups for p in packs),
-                "packed_step_s": statistics.median(step_s), "frozen_pass_s": statistics.median(frozen_s),
-                "per_group_loop_s_first_problem": per_group, "packed_step_s_first_problem": step_s[0],
-            }  # fmt: skip
+                "packed_step_s": statistics.median(step_s),
+                "frozen_pass_s": statistics.median(frozen_s),
+                "per_group_loop_s_first_problem": per_group,
+                "packed_step_s_first_problem": step_s[0],
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
         del slm
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"machine": "CPU, 2 cores (AMD EPYC Zen 3), nothing else running",
-                                              "torch": torch.__version__, "rows": rows}, indent=2) + "\n")  # fmt: skip
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "machine": "CPU, 2 cores (AMD EPYC Zen 3), nothing else running",
+                    "torch": torch.__version__,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

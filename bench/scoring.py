@@ -31,8 +31,8 @@ from transformers import DynamicCache
 
 from s2t.api import S2TGenerator
 from s2t.data import load_problems
-from s2t.local.scoring import candidate_hidden_states, keep_candidate
 from s2t.models import DEFAULT_SLM, load_model
+from s2t.policies.scoring import candidate_hidden_states, keep_candidate
 
 REFERENCE_WINDOW = 511  # the reference re-reads the last 511 prefix tokens for every candidate
 
@@ -106,16 +106,22 @@ def scoring_rows(model, tokenizer, lengths: list[int], ks: list[int], repeats: i
     return rows
 
 
-def wall_time_rows(slm_name: str, selector_dir: str, trigger: str, threshold: float, k: int, problems: int,
-                   max_new_tokens: int) -> dict:  # fmt: skip
-    from s2t.methods import build_method
-
+def wall_time_rows(
+    slm_name: str,
+    selector_dir: str,
+    trigger: str,
+    threshold: float,
+    k: int,
+    problems: int,
+    max_new_tokens: int,
+) -> dict:
     gen = S2TGenerator(slm_name)
-    # a LoRA selector decodes with its adapter merged into a copy of the SLM, as `s2t eval` does
-    local_gen, selector = gen.local_selector(selector_dir)
+    # resolved as every entry point resolves it: a LoRA selector decodes with its adapter merged in
     methods = {
-        "greedy": build_method("greedy"),
-        "s2t-local": build_method("s2t-local", selector=selector, trigger=trigger, threshold=threshold, k=k),
+        "greedy": gen.resolve("greedy"),
+        "s2t-local": gen.resolve(
+            "s2t-local", selector=selector_dir, trigger=trigger, threshold=threshold, k=k
+        ),
     }
     questions = [p.question for p in load_problems("gsm8k", "test", limit=problems)]
     gen.generate(questions[:1], methods["greedy"], max_new_tokens=4)  # warm-up
@@ -123,8 +129,7 @@ def wall_time_rows(slm_name: str, selector_dir: str, trigger: str, threshold: fl
     for question in questions:
         for name, method in methods.items():
             start = time.perf_counter()
-            decoder = local_gen if name == "s2t-local" else gen
-            (out,) = decoder.generate([question], method, max_new_tokens=max_new_tokens)
+            (out,) = gen.generate([question], method, max_new_tokens=max_new_tokens)
             totals[name]["seconds"] += time.perf_counter() - start
             totals[name]["tokens"] += len(out.token_ids)
             totals[name]["triggers"] += out.cost.triggers
@@ -139,7 +144,7 @@ def wall_time_rows(slm_name: str, selector_dir: str, trigger: str, threshold: fl
         "k": k,
         "methods": totals,
         "wall_time_ratio": round(totals["s2t-local"]["seconds"] / totals["greedy"]["seconds"], 3),
-        "selector_mode": selector.config.training.get("mode"),
+        "selector_mode": methods["s2t-local"].method.selector.config.training.get("mode"),
         "per_token_ratio": round(
             totals["s2t-local"]["seconds_per_token"] / totals["greedy"]["seconds_per_token"], 3
         ),
@@ -164,8 +169,12 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    report = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "dtype": "float32", "slm": args.slm}  # fmt: skip
+    report = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "slm": args.slm,
+    }
     if not args.skip_scoring:
         slm = load_model(args.slm)
         report["scoring"] = scoring_rows(
@@ -181,8 +190,9 @@ def main() -> None:
             parser.error(
                 "--selector needs --threshold (e.g. the calibrated one in the eval run's calibration.json)"
             )
-        report["wall_time"] = wall_time_rows(args.slm, args.selector, args.trigger, args.threshold, args.k,
-                                             args.problems, args.max_new_tokens)  # fmt: skip
+        report["wall_time"] = wall_time_rows(
+            args.slm, args.selector, args.trigger, args.threshold, args.k, args.problems, args.max_new_tokens
+        )
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from s2t.local.collect import collected_records, collection_config
-from s2t.local.ladder import format_ladder, selector_ladder, verdict
-from s2t.local.objective import split_problems
-from s2t.local.selector import load_selector
+from s2t.policies.learned_selector import load_selector
+from s2t.training.collect import collected_records, collection_config
+from s2t.training.ladder import format_ladder, selector_ladder, verdict
+from s2t.training.objective import split_problems
 
 
 def main() -> None:

@@ -59,10 +59,13 @@ async def run_load(
             record: dict = {"index": index, "prompt": prompts[index % len(prompts)]}
             try:
                 stream = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": record["prompt"]}],
-                    max_tokens=max_tokens, temperature=0.0, stream=True,
+                    model=model,
+                    messages=[{"role": "user", "content": record["prompt"]}],
+                    max_tokens=max_tokens,
+                    temperature=0.0,
+                    stream=True,
                     stream_options={"include_usage": True},
-                )  # fmt: skip
+                )
                 pieces, first = [], None
                 async for chunk in stream:
                     if chunk.choices and chunk.choices[0].delta.content:
@@ -97,7 +100,7 @@ async def run_load(
             "p50": percentile(latencies, 0.5),
             "p95": percentile(latencies, 0.95),
             "max": max(latencies, default=None),
-        },  # fmt: skip
+        },
         "time_to_first_token_s": {"p50": percentile(ttfts, 0.5), "p95": percentile(ttfts, 0.95)},
         "completion_tokens": tokens,
         "tokens_per_s": round(tokens / wall, 3) if wall else None,
@@ -141,8 +144,17 @@ def main() -> None:
     prompts = [p.question for p in load_problems("gsm8k", "train", limit=64)]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "s2t.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               *args.server_args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "s2t.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args.server_args,
+    ]
     server = subprocess.Popen(command)
     try:
         health = wait_healthy(url, server, args.startup_timeout)
@@ -155,7 +167,7 @@ def main() -> None:
                 requests=args.requests,
                 max_tokens=args.max_tokens,
                 time_limit=args.time_limit,
-            )  # fmt: skip
+            )
         )
         health_after = httpx.get(f"{url}/health", timeout=5).json()
     finally:

@@ -111,8 +111,13 @@ def llm(tiny_pair_dir) -> LoadedModel:
 
 
 # Tiny GSM-style problems: a local JSONL dataset ("tiny") for evaluation tests.
-QUESTIONS = [("How many eggs are left? 16 - 3 - 4", "9"), ("What is 2 + 2?", "4"), ("Double 21.", "42"),
-             ("Half of 48?", "24"), ("5 times 3?", "15")]  # fmt: skip
+QUESTIONS = [
+    ("How many eggs are left? 16 - 3 - 4", "9"),
+    ("What is 2 + 2?", "4"),
+    ("Double 21.", "42"),
+    ("Half of 48?", "24"),
+    ("5 times 3?", "15"),
+]
 
 
 @pytest.fixture()

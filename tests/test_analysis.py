@@ -189,9 +189,31 @@ def test_cli_runs_end_to_end_on_a_jsonl_file(tiny_pair_dir, tmp_path):
         "".join(json.dumps({"question": q, "answer": s}) + "\n" for q, s in zip(QUESTIONS, SOLUTIONS))
     )
     out = tmp_path / "run"
-    args = ["analyze", "--slm", tiny_pair_dir["slm"], "--llm", tiny_pair_dir["llm"], "--dataset", "gsm8k",
-            "--split", "test", "--limit", "2", "--offset", "1", "--data-file", str(data), "--max-new-tokens", "6",
-            "--batch-size", "2", "--ks", "1,2,4,8", "--out", str(out)]  # fmt: skip
+    args = [
+        "analyze",
+        "--slm",
+        tiny_pair_dir["slm"],
+        "--llm",
+        tiny_pair_dir["llm"],
+        "--dataset",
+        "gsm8k",
+        "--split",
+        "test",
+        "--limit",
+        "2",
+        "--offset",
+        "1",
+        "--data-file",
+        str(data),
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "2",
+        "--ks",
+        "1,2,4,8",
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "hit@K" in result.stdout and "summary.json" in result.stdout

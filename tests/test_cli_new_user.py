@@ -27,16 +27,43 @@ def data_dir(tmp_path):
 
 
 def eval_args(tiny_pair_dir, data_file, out):
-    return ["eval", "--data-file", str(data_file), "--dataset", "tiny", "--methods", "greedy", "--slm",
-            tiny_pair_dir["slm"], "--max-new-tokens", "4", "--limit", "1", "--out", str(out)]  # fmt: skip
+    return [
+        "eval",
+        "--data-file",
+        str(data_file),
+        "--dataset",
+        "tiny",
+        "--methods",
+        "greedy",
+        "--slm",
+        tiny_pair_dir["slm"],
+        "--max-new-tokens",
+        "4",
+        "--limit",
+        "1",
+        "--out",
+        str(out),
+    ]
 
 
 def test_generate_json_prints_one_document_with_gold_and_correctness(tiny_pair_dir, data_dir):
     result = CliRunner().invoke(
         app,
-        ["generate", "--problem", "gsm8k/test/0", "--method", "greedy", "--slm", tiny_pair_dir["slm"],
-         "--max-new-tokens", "4", "--data-dir", str(data_dir), "--json"],
-    )  # fmt: skip
+        [
+            "generate",
+            "--problem",
+            "gsm8k/test/0",
+            "--method",
+            "greedy",
+            "--slm",
+            tiny_pair_dir["slm"],
+            "--max-new-tokens",
+            "4",
+            "--data-dir",
+            str(data_dir),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)  # the whole of stdout is one JSON document
     entry = payload["greedy"]
@@ -45,9 +72,19 @@ def test_generate_json_prints_one_document_with_gold_and_correctness(tiny_pair_d
     assert "gsm8k/test/0" in result.stderr and "gold answer" in result.stderr
     # A free question has no gold: no gold or correct keys.
     free = CliRunner().invoke(
-        app, ["generate", "2 + 2?", "--method", "greedy", "--slm", tiny_pair_dir["slm"], "--max-new-tokens", "2",
-              "--json"],
-    )  # fmt: skip
+        app,
+        [
+            "generate",
+            "2 + 2?",
+            "--method",
+            "greedy",
+            "--slm",
+            tiny_pair_dir["slm"],
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ],
+    )
     assert free.exit_code == 0, free.output
     assert "gold" not in json.loads(free.stdout)["greedy"]
     # Human text goes back to stdout for the next command without --json.
@@ -60,9 +97,20 @@ def test_generate_json_prints_one_document_with_gold_and_correctness(tiny_pair_d
 
 def test_generate_json_errors_go_to_stderr(tiny_pair_dir, data_dir):
     result = CliRunner().invoke(
-        app, ["generate", "--problem", "gsm8k/test/9", "--method", "greedy", "--slm", tiny_pair_dir["slm"],
-              "--data-dir", str(data_dir), "--json"],
-    )  # fmt: skip
+        app,
+        [
+            "generate",
+            "--problem",
+            "gsm8k/test/9",
+            "--method",
+            "greedy",
+            "--slm",
+            tiny_pair_dir["slm"],
+            "--data-dir",
+            str(data_dir),
+            "--json",
+        ],
+    )
     assert result.exit_code == 2 and result.stdout == ""
     assert "no problem 'gsm8k/test/9'" in result.stderr
 
@@ -111,8 +159,19 @@ def test_a_non_utf8_data_file_error_names_the_file_and_line(tiny_pair_dir, tmp_p
 def test_progress_lines_are_logged_when_stderr_is_not_a_terminal(tiny_pair_dir, caplog):
     s2t_logger = logging.getLogger("s2t")
     try:
-        result = CliRunner().invoke(app, ["generate", "2 + 2?", "--method", "greedy", "--slm", tiny_pair_dir["slm"],
-                                          "--max-new-tokens", "1"])  # fmt: skip
+        result = CliRunner().invoke(
+            app,
+            [
+                "generate",
+                "2 + 2?",
+                "--method",
+                "greedy",
+                "--slm",
+                tiny_pair_dir["slm"],
+                "--max-new-tokens",
+                "1",
+            ],
+        )
         assert result.exit_code == 0, result.output
         assert s2t_logger.getEffectiveLevel() == logging.INFO  # CliRunner's stderr is no terminal
     finally:

@@ -19,8 +19,8 @@ from s2t.data import Problem
 from s2t.distributed import RayUnavailableError, run_sharded
 from s2t.evaluate import EvalConfig, evaluate
 from s2t.evaluate_distributed import EvalShardWorker, eval_shards, evaluate_distributed
-from s2t.local.collect import CollectConfig, Collector
 from s2t.models import ModelSpec
+from s2t.training.collect import CollectConfig, Collector
 from tests.conftest import QUESTIONS
 
 METHODS = ["greedy", "s2t", "maj@2"]
@@ -39,9 +39,21 @@ def ray_cluster():
 
 def make_config(data_file, tiny_pair_dir, **overrides) -> EvalConfig:
     # models by path, so that every Ray actor can load its own copy
-    base = dict(slm=tiny_pair_dir["slm"], llm=tiny_pair_dir["llm"], dataset="tiny", split="test",
-                data_file=data_file, limit=None, max_new_tokens=8, methods=METHODS, trigger="entropy",
-                threshold=None, quantile=0.8, calibration_problems=2, batch_size=2)  # fmt: skip
+    base = dict(
+        slm=tiny_pair_dir["slm"],
+        llm=tiny_pair_dir["llm"],
+        dataset="tiny",
+        split="test",
+        data_file=data_file,
+        limit=None,
+        max_new_tokens=8,
+        methods=METHODS,
+        trigger="entropy",
+        threshold=None,
+        quantile=0.8,
+        calibration_problems=2,
+        batch_size=2,
+    )
     base.update(overrides)
     return EvalConfig(**base)
 
@@ -52,8 +64,10 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def without_times(record: dict) -> dict:
-    return {k: ({c: v for c, v in val.items() if c != "wall_time_s"} if k == "cost" else val)
-            for k, val in record.items()}  # fmt: skip
+    return {
+        k: ({c: v for c, v in val.items() if c != "wall_time_s"} if k == "cost" else val)
+        for k, val in record.items()
+    }
 
 
 def by_key(recs: list[dict]) -> dict:
@@ -61,8 +75,10 @@ def by_key(recs: list[dict]) -> dict:
 
 
 def strip_summary(payload: dict) -> dict:
-    return {m: {k: v for k, v in e.items() if "wall" not in k and "time" not in k}
-            for m, e in payload["methods"].items()}  # fmt: skip
+    return {
+        m: {k: v for k, v in e.items() if "wall" not in k and "time" not in k}
+        for m, e in payload["methods"].items()
+    }
 
 
 class CrashOnceWorker(EvalShardWorker):
@@ -109,9 +125,14 @@ def test_a_worker_killed_mid_shard_is_retried_and_nothing_is_lost(
     marker = tmp_path / "crashed"
     config = make_config(data_file, tiny_pair_dir, methods=["greedy", "s2t"], threshold=0.9)
     evaluate_distributed(
-        config, run_dir, workers=2, shard_size=2, max_retries=2, progress=False,
+        config,
+        run_dir,
+        workers=2,
+        shard_size=2,
+        max_retries=2,
+        progress=False,
         worker_factory=partial(CrashOnceWorker, marker=str(marker), crash_on="tiny/test/2"),
-    )  # fmt: skip
+    )
 
     assert marker.exists(), "the worker was never killed"
     recs = records(run_dir)
@@ -124,8 +145,9 @@ def test_a_worker_killed_mid_shard_is_retried_and_nothing_is_lost(
 def test_a_shard_that_keeps_failing_raises_after_max_retries_and_keeps_finished_work(ray_cluster):
     written = []
     with pytest.raises(RuntimeError, match="shard 1 failed 2 times"):
-        run_sharded(FlakyWorker, "run", [1, 2, 3], on_record=written.append, workers=2, max_retries=1,
-                    progress=False)  # fmt: skip
+        run_sharded(
+            FlakyWorker, "run", [1, 2, 3], on_record=written.append, workers=2, max_retries=1, progress=False
+        )
     finished = [r["shard"] for r in written]
     assert 1 in finished and 2 not in finished and len(finished) == len(set(finished))
 
@@ -144,14 +166,33 @@ def test_run_sharded_in_process_skips_records_already_done():
         def work(self, shard):
             return [{"id": i} for i in shard]
 
-    count = run_sharded(Worker, "work", [[0, 1], [2, 3], [3, 4]], on_record=written.append, workers=1,
-                        key=lambda r: r["id"], done={1}, progress=False)  # fmt: skip
+    count = run_sharded(
+        Worker,
+        "work",
+        [[0, 1], [2, 3], [3, 4]],
+        on_record=written.append,
+        workers=1,
+        key=lambda r: r["id"],
+        done={1},
+        progress=False,
+    )
     assert [r["id"] for r in written] == [0, 2, 3, 4] and count == 4
 
 
 def cli_args(data_file, tiny_pair_dir) -> list[str]:
-    return ["eval", "--data-file", data_file, "--dataset", "tiny", "--slm", tiny_pair_dir["slm"],
-            "--llm", tiny_pair_dir["llm"], "--threshold", "0.9"]  # fmt: skip
+    return [
+        "eval",
+        "--data-file",
+        data_file,
+        "--dataset",
+        "tiny",
+        "--slm",
+        tiny_pair_dir["slm"],
+        "--llm",
+        tiny_pair_dir["llm"],
+        "--threshold",
+        "0.9",
+    ]
 
 
 def test_more_than_one_worker_without_ray_names_the_install_command(
@@ -161,8 +202,9 @@ def test_more_than_one_worker_without_ray_names_the_install_command(
     config = make_config(data_file, tiny_pair_dir, threshold=0.9)
     with pytest.raises(RayUnavailableError, match=r'pip install "select-to-think\[ray\]"'):
         evaluate_distributed(config, tmp_path / "run", workers=2, progress=False)
-    result = CliRunner().invoke(app, [*cli_args(data_file, tiny_pair_dir), "--workers", "2", "--out",
-                                      str(tmp_path / "cli")])  # fmt: skip
+    result = CliRunner().invoke(
+        app, [*cli_args(data_file, tiny_pair_dir), "--workers", "2", "--out", str(tmp_path / "cli")]
+    )
     assert result.exit_code == 2
     assert "select-to-think[ray]" in result.stdout
 
@@ -177,9 +219,22 @@ def test_cli_eval_with_workers_uses_the_distributed_runner(tmp_path, data_file, 
         return evaluate(config, out, progress=False)
 
     monkeypatch.setattr(s2t.evaluate_distributed, "evaluate_distributed", fake)
-    result = CliRunner().invoke(app, [*cli_args(data_file, tiny_pair_dir), "--methods", "greedy",
-                                      "--max-new-tokens", "4", "--workers", "3", "--ray-address", "auto",
-                                      "--out", str(tmp_path / "cli")])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            *cli_args(data_file, tiny_pair_dir),
+            "--methods",
+            "greedy",
+            "--max-new-tokens",
+            "4",
+            "--workers",
+            "3",
+            "--ray-address",
+            "auto",
+            "--out",
+            str(tmp_path / "cli"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert calls["workers"] == 3 and calls["ray_address"] == "auto"
     assert "| greedy |" in result.stdout
@@ -227,8 +282,14 @@ def test_analyze_on_two_ray_workers_gives_the_single_process_records(ray_cluster
 
 def test_collect_on_two_ray_workers_gives_the_single_process_groups(ray_cluster, tmp_path, tiny_pair_dir):
     problems = problem_set("train")
-    config = CollectConfig(slm=tiny_pair_dir["slm"], llm=tiny_pair_dir["llm"], dataset="tiny", k=4,
-                           max_new_tokens=8, batch_size=2)  # fmt: skip
+    config = CollectConfig(
+        slm=tiny_pair_dir["slm"],
+        llm=tiny_pair_dir["llm"],
+        dataset="tiny",
+        k=4,
+        max_new_tokens=8,
+        batch_size=2,
+    )
     Collector(config, tmp_path / "single", problems=problems, progress=False).run_all()
     assert Collector(config, tmp_path / "ray", problems=problems, progress=False, workers=2).run_all() == 5
     single = {r["problem_id"]: r for r in jsonl(tmp_path / "single" / "problems.jsonl")}
@@ -255,9 +316,26 @@ def test_analyze_and_collect_with_workers_but_without_ray_name_the_install_comma
 ):
     monkeypatch.setitem(sys.modules, "ray", None)
     split = "test" if command == "analyze" else "train"
-    result = CliRunner().invoke(app, [command, "--data-file", data_file, "--dataset", "tiny", "--split", split,
-                                      "--slm", tiny_pair_dir["slm"], "--llm", tiny_pair_dir["llm"],
-                                      "--workers", "2", "--out", str(tmp_path / command)])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            command,
+            "--data-file",
+            data_file,
+            "--dataset",
+            "tiny",
+            "--split",
+            split,
+            "--slm",
+            tiny_pair_dir["slm"],
+            "--llm",
+            tiny_pair_dir["llm"],
+            "--workers",
+            "2",
+            "--out",
+            str(tmp_path / command),
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "select-to-think[ray]" in result.stdout
     assert not (tmp_path / command / "problems.jsonl").exists()

@@ -178,7 +178,7 @@ MORE_QUESTIONS = [
 def continuous_method(name, slm, tokenizer):
     """The methods under test; triggers fire often so that selectors (and the LLM) run before joins."""
     if name == "s2t-local":
-        from s2t.local.selector import LocalSelector
+        from s2t.policies.learned_selector import LocalSelector
 
         selector = LocalSelector.initial(slm.model, "tiny", len(tokenizer))
         torch.manual_seed(0)
@@ -227,10 +227,16 @@ def test_sequences_joining_mid_batch_decode_as_if_alone(slm, llm, tokenizer, pro
     assert len(together) == 6
     for request, got in together:
         alone = decode(
-            slm.model, [request.prompt], method, llm=llm.model, seeds=[request.seed],
-            max_new_tokens=request.max_new_tokens, temperature=request.temperature, top_p=request.top_p,
+            slm.model,
+            [request.prompt],
+            method,
+            llm=llm.model,
+            seeds=[request.seed],
+            max_new_tokens=request.max_new_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
             **common,
-        )[0]  # fmt: skip
+        )[0]
         assert got.token_ids == alone.token_ids
         assert got.finish_reason == alone.finish_reason
         assert got.trigger_steps == alone.trigger_steps

@@ -21,9 +21,17 @@ def generator(slm, llm):
 
 
 def config(data_file, **overrides):
-    base = dict(dataset="tiny", split="test", data_file=data_file, limit=None, max_new_tokens=10,
-                methods=["greedy", "s2t", "takeover", "llm", "maj@3"], trigger="margin", threshold=0.9,
-                batch_size=2)  # fmt: skip
+    base = dict(
+        dataset="tiny",
+        split="test",
+        data_file=data_file,
+        limit=None,
+        max_new_tokens=10,
+        methods=["greedy", "s2t", "takeover", "llm", "maj@3"],
+        trigger="margin",
+        threshold=0.9,
+        batch_size=2,
+    )
     base.update(overrides)
     return EvalConfig(**base)
 
@@ -67,16 +75,22 @@ def test_resumed_run_gives_the_same_summary_as_an_uninterrupted_one(tmp_path, da
         ev.run_all(on_record=stop_after_three)
     with open(tmp_path / "b" / "results.jsonl", "a") as f:
         f.write('{"method": "greedy", "probl')
-    resumed = Evaluator(config(data_file, methods=["greedy", "s2t"]), tmp_path / "b", progress=False,
-                        generator=generator)  # fmt: skip
+    resumed = Evaluator(
+        config(data_file, methods=["greedy", "s2t"]), tmp_path / "b", progress=False, generator=generator
+    )
     new = []
     resumed.run_all(on_record=new.append)
     assert len(new) == 10 - 3, "finished work must not be redone"
     from s2t.reporting.eval_report import write_report
 
     again = write_report(tmp_path / "b")
-    strip = lambda p: {m: {k: v for k, v in e.items() if "wall" not in k and "time" not in k}  # noqa: E731
-                       for m, e in p["methods"].items()}  # fmt: skip
+
+    def strip(payload):
+        return {
+            m: {k: v for k, v in e.items() if "wall" not in k and "time" not in k}
+            for m, e in payload["methods"].items()
+        }
+
     assert strip(again) == strip(full)
 
 
@@ -117,8 +131,16 @@ def test_calibration_uses_training_problems_and_refuses_overlap(tmp_path, data_f
     payload = evaluate(cfg, tmp_path / "run", progress=False, generator=generator)
     assert payload["calibration"]["entropy@0.8"]["problems"] == [f"gsm8k/train/{i}" for i in range(3)]
     # evaluating on the very problems used for calibration is refused
-    cfg = config(None, dataset="gsm8k", split="train", methods=["s2t"], trigger="entropy", threshold=None,
-                 calibration_problems=3, limit=2)  # fmt: skip
+    cfg = config(
+        None,
+        dataset="gsm8k",
+        split="train",
+        methods=["s2t"],
+        trigger="entropy",
+        threshold=None,
+        calibration_problems=3,
+        limit=2,
+    )
     with pytest.raises(ValueError, match="overlap"):
         evaluate(cfg, tmp_path / "run2", progress=False, generator=generator)
 
@@ -138,8 +160,15 @@ def test_unknown_method_is_refused(data_file):
 
 def test_summary_statistics_match_hand_computed_values():
     def rec(method, pid, correct):
-        cost = dict(generated_tokens=10, slm_forward_tokens=20, llm_forward_tokens=0, llm_forward_calls=0,
-                    triggers=1, overrides=0, wall_time_s=1.0 if method == "greedy" else 2.0)  # fmt: skip
+        cost = dict(
+            generated_tokens=10,
+            slm_forward_tokens=20,
+            llm_forward_tokens=0,
+            llm_forward_calls=0,
+            triggers=1,
+            overrides=0,
+            wall_time_s=1.0 if method == "greedy" else 2.0,
+        )
         return {"method": method, "problem_id": pid, "correct": correct, "cost": cost}
 
     greedy = [True, False, False, False, False, True]
@@ -156,9 +185,29 @@ def test_summary_statistics_match_hand_computed_values():
 
 
 def test_cli_eval_runs_and_resumes(tmp_path, data_file, tiny_pair_dir):
-    args = ["eval", "--data-file", data_file, "--dataset", "tiny", "--methods", "greedy,s2t", "--slm",
-            tiny_pair_dir["slm"], "--llm", tiny_pair_dir["llm"], "--trigger", "margin", "--threshold", "0.9",
-            "--max-new-tokens", "6", "--limit", "3", "--out", str(tmp_path / "run")]  # fmt: skip
+    args = [
+        "eval",
+        "--data-file",
+        data_file,
+        "--dataset",
+        "tiny",
+        "--methods",
+        "greedy,s2t",
+        "--slm",
+        tiny_pair_dir["slm"],
+        "--llm",
+        tiny_pair_dir["llm"],
+        "--trigger",
+        "margin",
+        "--threshold",
+        "0.9",
+        "--max-new-tokens",
+        "6",
+        "--limit",
+        "3",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "| greedy |" in first.stdout
@@ -197,8 +246,15 @@ def test_two_processes_appending_to_one_run_directory_never_interleave_lines(tmp
 
 
 def test_llm_dtype_and_device_map_reach_the_generator(data_file, tiny_pair_dir):
-    config = EvalConfig(slm=tiny_pair_dir["slm"], llm=tiny_pair_dir["llm"], dataset="tiny", data_file=data_file,
-                        limit=None, llm_dtype="bfloat16", llm_device_map="auto")  # fmt: skip
+    config = EvalConfig(
+        slm=tiny_pair_dir["slm"],
+        llm=tiny_pair_dir["llm"],
+        dataset="tiny",
+        data_file=data_file,
+        limit=None,
+        llm_dtype="bfloat16",
+        llm_device_map="auto",
+    )
     evaluator = Evaluator(config, None, progress=False)
     kwargs = evaluator.generator._llm_kwargs
     assert kwargs["dtype"] == "bfloat16" and kwargs["device_map"] == "auto"

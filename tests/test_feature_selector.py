@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from s2t.engine import Method, decode
-from s2t.local.feature_training import FeatureTrainConfig, load_group_arrays, train_feature_selector
-from s2t.local.selector import SelectorCheckpointError, load_selector, selector_kind
 from s2t.policies import EntropyTrigger, TopK
 from s2t.policies.feature_selector import FeatureSelector
+from s2t.policies.learned_selector import SelectorCheckpointError, load_selector, selector_kind
 from s2t.prompts import build_prompt
+from s2t.training.feature_training import FeatureTrainConfig, load_group_arrays, train_feature_selector
 from tests.conftest import make_model
 
 K = 8
@@ -25,8 +25,16 @@ def _planted_collection(path, n_problems=120, groups_per_problem=24, seed=0, wit
     below MARGIN_CUTOFF, and its rank-1 elsewhere: a rule the top-1 cannot express."""
     g = torch.Generator().manual_seed(seed)
     path.mkdir(parents=True, exist_ok=True)
-    config = {"slm": "tiny-slm", "llm": "tiny-llm", "dataset": "tiny", "split": "train", "k": 16,
-              "mode": "teacher-forced", "kind": "s2t-local-groups", "groups_at": "entropy@0.5"}  # fmt: skip
+    config = {
+        "slm": "tiny-slm",
+        "llm": "tiny-llm",
+        "dataset": "tiny",
+        "split": "train",
+        "k": 16,
+        "mode": "teacher-forced",
+        "kind": "s2t-local-groups",
+        "groups_at": "entropy@0.5",
+    }
     (path / "config.json").write_text(json.dumps(config))
     (path / "calibration.json").write_text(json.dumps({"entropy@0.5": {"threshold": 0.5}}))
     lines = []
@@ -39,14 +47,29 @@ def _planted_collection(path, n_problems=120, groups_per_problem=24, seed=0, wit
             llm = torch.full((16,), 0.01)
             llm[1 if margin < MARGIN_CUTOFF else 0] = 0.8
             entropy = float(-(probs * probs.log()).sum())
-            group = {"position": position, "candidate_ids": list(range(16)), "slm_probs": probs.tolist(),
-                     "llm_probs": llm.tolist(), "llm_best": int(llm.argmax()), "entropy": entropy,
-                     "margin": margin, "divergent": margin < MARGIN_CUTOFF}  # fmt: skip
+            group = {
+                "position": position,
+                "candidate_ids": list(range(16)),
+                "slm_probs": probs.tolist(),
+                "llm_probs": llm.tolist(),
+                "llm_best": int(llm.argmax()),
+                "entropy": entropy,
+                "margin": margin,
+                "divergent": margin < MARGIN_CUTOFF,
+            }
             if with_kl:
                 group["kl"] = 1.0 if margin < MARGIN_CUTOFF else 0.0
             groups.append(group)
-        lines.append(json.dumps({"problem_id": f"tiny/train/{p}", "split": "train", "groups": groups,
-                                 "features": f"features/train-{p}.safetensors"}))  # fmt: skip
+        lines.append(
+            json.dumps(
+                {
+                    "problem_id": f"tiny/train/{p}",
+                    "split": "train",
+                    "groups": groups,
+                    "features": f"features/train-{p}.safetensors",
+                }
+            )
+        )
     (path / "problems.jsonl").write_text("\n".join(lines) + "\n")
     return path
 
@@ -75,8 +98,12 @@ def test_feature_selector_learns_a_planted_rule_the_top1_cannot_express(trained)
 
 def test_untrained_feature_selector_decodes_exactly_like_greedy(slm, tokenizer):
     prompts = [build_prompt(tokenizer, q) for q in ("What is 2 + 2?", "Double 21.")]
-    kw = dict(vocab_size=len(tokenizer), stop_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id,
-              max_new_tokens=12)  # fmt: skip
+    kw = dict(
+        vocab_size=len(tokenizer),
+        stop_ids=[tokenizer.eos_token_id],
+        pad_id=tokenizer.pad_token_id,
+        max_new_tokens=12,
+    )
     selector = FeatureSelector.initial(slm.model, "tiny", K)
     method = Method(EntropyTrigger(0.0), TopK(K), selector)
     local = decode(slm.model, prompts, method, **kw)
@@ -87,8 +114,12 @@ def test_untrained_feature_selector_decodes_exactly_like_greedy(slm, tokenizer):
 def test_trained_feature_selector_leaves_the_top1_and_is_batch_independent(trained, slm, tokenizer):
     selector, out = trained
     prompts = [build_prompt(tokenizer, q) for q in ("What is 2 + 2?", "Double 21.", "How many eggs?")]
-    kw = dict(vocab_size=len(tokenizer), stop_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id,
-              max_new_tokens=12)  # fmt: skip
+    kw = dict(
+        vocab_size=len(tokenizer),
+        stop_ids=[tokenizer.eos_token_id],
+        pad_id=tokenizer.pad_token_id,
+        max_new_tokens=12,
+    )
     loaded = load_selector(out, model=slm.model)
     assert isinstance(loaded, FeatureSelector) and selector_kind(out) == "features"
     # push the learned part hard so that the random tiny model's steps leave the top-1

@@ -9,7 +9,7 @@ its edges, per import statement anywhere in a module:
 - relative imports are resolved first; a module's imports of itself are dropped.
 
 An import is an edge to the module it names, not to the packages above it. Python does run
-``s2t/__init__.py`` (which imports ``s2t.api``) before ``s2t.local.selector``, but a package's
+``s2t/__init__.py`` (which imports ``s2t.api``) before ``s2t.policies.learned_selector``, but a package's
 ``__init__`` only re-exports: its own imports are the edges of its node (``s2t``), and any
 module that imports the package explicitly (``import s2t``, ``from s2t import x``) gets an edge
 to that node. So a cycle through a package ``__init__`` still shows up as a cycle here.
@@ -29,22 +29,32 @@ import pytest
 
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 
-TRAINING = {"s2t.local.train", "s2t.local.lora", "s2t.local.ladder", "s2t.local.feature_training"}
-
 # The README's layout, bottom up: a module imports only from its own layer and the ones below.
 # A name ending in "/" stands for a package and every module in it.
 LAYERS = {
-    "foundations": ["s2t.runs", "s2t.data", "s2t.stats", "s2t.grading", "s2t.prompts",
-                    "s2t.builtin_models", "s2t.models", "s2t.distributed"],
-    "decoding": ["s2t", "s2t.policies/", "s2t.engine", "s2t.methods", "s2t.api", "s2t.local.scoring",
-                 "s2t.local.selector"],
-    "S2T-Local": ["s2t.local", "s2t.local.collect", "s2t.local.packing", "s2t.local.objective",
-                  "s2t.local.lora", "s2t.local.train", "s2t.local.ladder", "s2t.local.feature_training",
-                  "s2t.local.trigger"],
-    "experiments": ["s2t.evaluate", "s2t.evaluate_distributed", "s2t.analysis", "s2t.lm_eval_adapter",
-                    "s2t.reporting/", "s2t.serving/"],
+    "foundations": [
+        "s2t.runs",
+        "s2t.data",
+        "s2t.stats",
+        "s2t.grading",
+        "s2t.prompts",
+        "s2t.builtin_models",
+        "s2t.models",
+        "s2t.distributed",
+        "s2t.method_names",
+    ],
+    "decoding": ["s2t", "s2t.policies/", "s2t.engine", "s2t.methods", "s2t.api"],
+    "training": ["s2t.training/"],
+    "experiments": [
+        "s2t.evaluate",
+        "s2t.evaluate_distributed",
+        "s2t.analysis",
+        "s2t.lm_eval_adapter",
+        "s2t.reporting/",
+        "s2t.serving/",
+    ],
     "command line": ["s2t.cli/"],
-}  # fmt: skip
+}
 
 
 def module_files() -> dict[str, Path]:
@@ -100,7 +110,7 @@ def import_cycles() -> list[list[str]]:
 
 def test_the_graph_sees_function_local_imports():
     # the CLI imports the trainer only inside its `train` command
-    assert "s2t.local.train" in import_graph()["s2t.cli.local"]
+    assert "s2t.training.train" in import_graph()["s2t.cli.local"]
     # `from s2t.cli import analyze` is an edge to the module s2t.cli.analyze
     assert "s2t.cli.analyze" in import_graph()["s2t.cli"]
 
@@ -112,15 +122,23 @@ def test_no_two_modules_import_each_other_directly_or_through_others():
 
 def layer_of(module: str) -> int:
     """The index of ``module``'s layer in :data:`LAYERS`."""
-    matches = [i for i, names in enumerate(LAYERS.values()) for name in names
-               if module == name.rstrip("/") or (name.endswith("/") and module.startswith(name[:-1] + "."))]  # fmt: skip
+    matches = [
+        i
+        for i, names in enumerate(LAYERS.values())
+        for name in names
+        if module == name.rstrip("/") or (name.endswith("/") and module.startswith(name[:-1] + "."))
+    ]
     assert len(matches) == 1, f"{module} belongs to {len(matches)} layers; place it in LAYERS and the README"
     return matches[0]
 
 
 def test_every_module_imports_only_its_own_layer_and_those_below():
-    upward = [f"{m} -> {t}" for m, targets in import_graph().items() for t in sorted(targets)
-              if layer_of(t) > layer_of(m)]  # fmt: skip
+    upward = [
+        f"{m} -> {t}"
+        for m, targets in import_graph().items()
+        for t in sorted(targets)
+        if layer_of(t) > layer_of(m)
+    ]
     assert upward == []
 
 
@@ -128,22 +146,48 @@ def test_the_ray_runner_imports_no_other_s2t_module():
     assert import_graph()["s2t.distributed"] == frozenset()
 
 
-@pytest.mark.parametrize("inference", ["s2t.api", "s2t.engine", "s2t.local.selector", "s2t.lm_eval_adapter"])
-def test_generation_reaches_no_training_collection_or_evaluation_code(inference):
-    forbidden = TRAINING | {"s2t.local.objective", "s2t.local.collect", "s2t.evaluate", "s2t.distributed"}
-    assert reachable(inference) & forbidden == set()
+# What decoding loads: the generator, the engine, the policies, methods, and the entry points
+# that only decode (generate, serve, the lm-eval adapter).
+DECODING_ENTRY_POINTS = [
+    "s2t.api",
+    "s2t.engine",
+    "s2t.methods",
+    "s2t.policies",
+    "s2t.lm_eval_adapter",
+    "s2t.cli.generate",
+    "s2t.cli.serve",
+    "s2t.serving",
+]
+
+
+def training_modules(modules) -> set[str]:
+    return {m for m in modules if m == "s2t.training" or m.startswith("s2t.training.")}
+
+
+@pytest.mark.parametrize("inference", DECODING_ENTRY_POINTS)
+def test_decoding_never_imports_training_collection_or_evaluation_code(inference):
+    reached = reachable(inference) | {inference}
+    assert training_modules(reached) == set()
+    assert reached & {"s2t.evaluate", "s2t.distributed"} == set()
+
+
+@pytest.mark.parametrize("module", sorted(m for m in module_files() if m.startswith("s2t.policies")))
+def test_no_policy_imports_training_code(module):
+    assert training_modules(reachable(module)) == set()
 
 
 @pytest.mark.parametrize("evaluation", ["s2t.evaluate", "s2t.evaluate_distributed"])
 def test_evaluation_reaches_no_training_code(evaluation):
-    assert reachable(evaluation) & TRAINING == set()
+    assert training_modules(reachable(evaluation)) == set()
 
 
 def test_the_trainers_share_code_through_a_module_below_both():
     graph = import_graph()
-    assert "s2t.local.lora" not in reachable("s2t.local.objective")
-    assert "s2t.local.train" not in reachable("s2t.local.lora")
-    assert {"s2t.local.objective", "s2t.local.selector"} <= graph["s2t.local.train"] & graph["s2t.local.lora"]
+    assert "s2t.training.lora" not in reachable("s2t.training.objective")
+    assert "s2t.training.train" not in reachable("s2t.training.lora")
+    assert {"s2t.training.objective", "s2t.policies.learned_selector"} <= graph["s2t.training.train"] & graph[
+        "s2t.training.lora"
+    ]
 
 
 def test_importing_the_generator_and_the_evaluator_loads_no_training_code():
@@ -157,5 +201,5 @@ def test_importing_the_generator_and_the_evaluator_loads_no_training_code():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     modules, heavy = json.loads(result.stdout.splitlines()[-1])
     assert "s2t.evaluate" in modules
-    assert set(modules) & (TRAINING | {"s2t.local.objective", "s2t.local.collect"}) == set()
+    assert training_modules(modules) == set()
     assert heavy == []

@@ -20,8 +20,15 @@ def request(context: str, **gen_kwargs) -> Instance:
 
 @pytest.fixture(scope="module")
 def model(slm, llm):
-    return S2TLM(method="s2t", trigger="margin", threshold=0.9, k=4, batch_size=2, max_new_tokens=6,
-                 generator=S2TGenerator(slm, llm=llm))  # fmt: skip
+    return S2TLM(
+        method="s2t",
+        trigger="margin",
+        threshold=0.9,
+        k=4,
+        batch_size=2,
+        max_new_tokens=6,
+        generator=S2TGenerator(slm, llm=llm),
+    )
 
 
 def test_the_model_is_registered_with_lm_eval_under_s2t():
@@ -43,11 +50,13 @@ def test_generate_until_answers_each_request_and_cuts_at_the_first_stop_string(m
     free = model.generate_until([request(prompt, until=[], max_gen_toks=12)])[0]
     assert free, "the tiny model generated nothing to cut"
     stop = free[len(free) // 2 :][:2]  # a string that occurs in the free answer
-    cut, again, short = model.generate_until([
-        request(prompt, until=["@@never@@", stop], max_gen_toks=12),
-        request(prompt, until=[], max_gen_toks=12),
-        request(prompt, until=[], max_gen_toks=2),
-    ])  # fmt: skip
+    cut, again, short = model.generate_until(
+        [
+            request(prompt, until=["@@never@@", stop], max_gen_toks=12),
+            request(prompt, until=[], max_gen_toks=12),
+            request(prompt, until=[], max_gen_toks=2),
+        ]
+    )
     assert again == free, "the same request must give the same answer"
     assert cut == free[: free.index(stop)] and stop not in cut
     assert sorted(budgets) == [2, 12, 12, 12], "max_gen_toks is each request's token budget"

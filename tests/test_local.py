@@ -9,12 +9,12 @@ import torch
 
 from s2t.data import Problem
 from s2t.engine import Method, ModelStream, decode, left_pad
-from s2t.local.collect import CollectConfig, Collector, LeakageError
-from s2t.local.scoring import candidate_hidden_states
-from s2t.local.selector import LocalSelector, SelectorCheckpointError
-from s2t.local.train import TrainConfig, train
 from s2t.policies import EntropyTrigger, TopK
+from s2t.policies.learned_selector import LocalSelector, SelectorCheckpointError
+from s2t.policies.scoring import candidate_hidden_states
 from s2t.prompts import build_prompt
+from s2t.training.collect import CollectConfig, Collector, LeakageError
+from s2t.training.train import TrainConfig, train
 from tests.conftest import make_model
 
 QUESTIONS = [
@@ -45,8 +45,12 @@ def test_one_pass_masked_scoring_equals_scoring_each_candidate_alone(slm, prompt
 
 
 def test_local_selector_decoding_is_batch_independent_and_degenerates_to_greedy(slm, prompts, tokenizer):
-    kw = dict(vocab_size=len(tokenizer), stop_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id,
-              max_new_tokens=16)  # fmt: skip
+    kw = dict(
+        vocab_size=len(tokenizer),
+        stop_ids=[tokenizer.eos_token_id],
+        pad_id=tokenizer.pad_token_id,
+        max_new_tokens=16,
+    )
     selector = LocalSelector.initial(slm.model, "tiny", len(tokenizer))
     torch.manual_seed(0)
     selector.bins = torch.randn_like(selector.bins)
@@ -108,8 +112,16 @@ def test_collected_groups_match_the_llm_and_resume_without_recomputing(collected
 
 
 def test_on_policy_collection_records_triggered_steps(tmp_path, slm, llm):
-    cfg = CollectConfig(slm="s", llm="l", dataset="tiny", mode="on-policy", on_policy_threshold=0.0, k=4,
-                        max_new_tokens=8, batch_size=2)  # fmt: skip
+    cfg = CollectConfig(
+        slm="s",
+        llm="l",
+        dataset="tiny",
+        mode="on-policy",
+        on_policy_threshold=0.0,
+        k=4,
+        max_new_tokens=8,
+        batch_size=2,
+    )
     Collector(cfg, tmp_path, slm=slm, llm=llm, problems=_problems()[:2], progress=False).run_all()
     records = [json.loads(line) for line in (tmp_path / "problems.jsonl").read_text().splitlines()]
     for r in records:
@@ -156,14 +168,28 @@ def test_s2t_local_evaluation_needs_no_llm_and_refuses_leaky_problems(collected,
     from s2t.api import S2TGenerator
     from s2t.evaluate import EvalConfig, evaluate
 
-    train(TrainConfig(groups=str(collected), out=str(tmp_path / "sel"), epochs=2, val_fraction=0.0), slm=slm,
-          progress=False)  # fmt: skip
+    train(
+        TrainConfig(groups=str(collected), out=str(tmp_path / "sel"), epochs=2, val_fraction=0.0),
+        slm=slm,
+        progress=False,
+    )
     test_file = tmp_path / "test.jsonl"
     test_file.write_text("\n".join(json.dumps({"question": q, "answer": "#### 4"}) for q in QUESTIONS[:2]))
     gen = S2TGenerator(slm, llm="/nonexistent/llm/never/loaded")
-    cfg = EvalConfig(slm="tiny", llm="none", dataset="tiny", split="test", data_file=str(test_file), limit=None,
-                     methods=["greedy", "s2t-local"], trigger="entropy", threshold=0.5, k=4, max_new_tokens=8,
-                     selector=str(tmp_path / "sel"))  # fmt: skip
+    cfg = EvalConfig(
+        slm="tiny",
+        llm="none",
+        dataset="tiny",
+        split="test",
+        data_file=str(test_file),
+        limit=None,
+        methods=["greedy", "s2t-local"],
+        trigger="entropy",
+        threshold=0.5,
+        k=4,
+        max_new_tokens=8,
+        selector=str(tmp_path / "sel"),
+    )
     payload = evaluate(cfg, tmp_path / "run", progress=False, generator=gen)
     assert not gen.llm_loaded
     assert payload["methods"]["s2t-local"]["n"] == 2
@@ -185,13 +211,29 @@ def test_a_run_gains_s2t_local_later_but_never_mixes_two_selectors(collected, sl
     from s2t.evaluate import EvalConfig, evaluate
 
     for name, epochs in (("sel", 2), ("other", 1)):
-        train(TrainConfig(groups=str(collected), out=str(tmp_path / name), epochs=epochs, val_fraction=0.0,
-                          seed=epochs), slm=slm, progress=False)  # fmt: skip
+        train(
+            TrainConfig(
+                groups=str(collected), out=str(tmp_path / name), epochs=epochs, val_fraction=0.0, seed=epochs
+            ),
+            slm=slm,
+            progress=False,
+        )
     test_file = tmp_path / "test.jsonl"
     test_file.write_text("\n".join(json.dumps({"question": q, "answer": "#### 4"}) for q in QUESTIONS[:2]))
     gen = S2TGenerator(slm, llm="/nonexistent/llm/never/loaded")
-    base = EvalConfig(slm="tiny", llm="none", dataset="tiny", split="test", data_file=str(test_file), limit=None,
-                      methods=["greedy"], trigger="entropy", threshold=0.5, k=4, max_new_tokens=6)  # fmt: skip
+    base = EvalConfig(
+        slm="tiny",
+        llm="none",
+        dataset="tiny",
+        split="test",
+        data_file=str(test_file),
+        limit=None,
+        methods=["greedy"],
+        trigger="entropy",
+        threshold=0.5,
+        k=4,
+        max_new_tokens=6,
+    )
     evaluate(base, tmp_path / "run", progress=False, generator=gen)
     with_local = replace(base, methods=["greedy", "s2t-local"], selector=str(tmp_path / "sel"))
     payload = evaluate(with_local, tmp_path / "run", progress=False, generator=gen)
@@ -209,8 +251,12 @@ def test_a_run_gains_s2t_local_later_but_never_mixes_two_selectors(collected, sl
     by_path = replace(with_local, slm=str(slm.model.name_or_path), limit=1)
     evaluate(by_path, tmp_path / "run2", progress=False, generator=gen)
     with pytest.raises(ValueError, match="s2t-local results of another selector"):  # the Ray path too
-        evaluate_distributed(replace(by_path, limit=None, selector=str(tmp_path / "other")), tmp_path / "run2",
-                             workers=1, progress=False)  # fmt: skip
+        evaluate_distributed(
+            replace(by_path, limit=None, selector=str(tmp_path / "other")),
+            tmp_path / "run2",
+            workers=1,
+            progress=False,
+        )
     # ... but under a labelled name it joins the run beside the first, each method with its own selector
     labelled = evaluate(
         replace(other, methods=["s2t-local:other"]), tmp_path / "run1", progress=False, generator=gen
@@ -226,7 +272,8 @@ def test_a_run_gains_s2t_local_later_but_never_mixes_two_selectors(collected, sl
 def test_learned_trigger_trains_reloads_and_drives_llm_free_decoding(
     collected, slm, prompts, tokenizer, tmp_path
 ):
-    from s2t.local.trigger import LearnedTrigger, train_trigger
+    from s2t.policies.learned_trigger import LearnedTrigger
+    from s2t.training.trigger import train_trigger
 
     trigger = train_trigger(collected, slm, "tiny", target_rate=0.3, val_fraction=0.25, epochs=20)
     assert 0.0 <= trigger.threshold <= 1.0
@@ -236,8 +283,12 @@ def test_learned_trigger_trains_reloads_and_drives_llm_free_decoding(
     x = torch.randn(3, slm.model.config.hidden_size + 18)
     torch.testing.assert_close(reloaded.predict(x), trigger.predict(x))
     selector = LocalSelector.initial(slm.model, "tiny", len(tokenizer))
-    kw = dict(vocab_size=len(tokenizer), stop_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id,
-              max_new_tokens=12)  # fmt: skip
+    kw = dict(
+        vocab_size=len(tokenizer),
+        stop_ids=[tokenizer.eos_token_id],
+        pad_id=tokenizer.pad_token_id,
+        max_new_tokens=12,
+    )
     batched = decode(slm.model, prompts, Method(reloaded, TopK(4), selector), **kw)
     single = [decode(slm.model, [p], Method(reloaded, TopK(4), selector), **kw)[0] for p in prompts]
     assert [g.token_ids for g in batched] == [g.token_ids for g in single]
@@ -251,8 +302,16 @@ def test_lora_training_saves_an_adapter_that_s2t_local_evaluation_uses(collected
 
     slm = load_model(tiny_pair_dir["slm"], device="cpu")  # a private copy: training must leave it unchanged
     before = {k: v.clone() for k, v in slm.model.state_dict().items()}
-    cfg = TrainConfig(groups=str(collected), out=str(tmp_path / "sel"), mode="lora", epochs=1, lr=1e-3,
-                      batch_size=4, val_fraction=0.0, prefix_kl_tokens=8)  # fmt: skip
+    cfg = TrainConfig(
+        groups=str(collected),
+        out=str(tmp_path / "sel"),
+        mode="lora",
+        epochs=1,
+        lr=1e-3,
+        batch_size=4,
+        val_fraction=0.0,
+        prefix_kl_tokens=8,
+    )
     selector = train(cfg, slm=slm, progress=False)
     assert (tmp_path / "sel" / "adapter" / "adapter_model.safetensors").is_file()
     assert selector.config.training["mode"] == "lora"
@@ -261,9 +320,20 @@ def test_lora_training_saves_an_adapter_that_s2t_local_evaluation_uses(collected
     test_file = tmp_path / "test.jsonl"
     test_file.write_text(json.dumps({"question": QUESTIONS[0], "answer": "#### 4"}))
     gen = S2TGenerator(slm)
-    cfg = EvalConfig(slm="tiny", llm="none", dataset="tiny", split="test", data_file=str(test_file), limit=None,
-                     methods=["s2t-local"], trigger="entropy", threshold=0.0, k=4, max_new_tokens=6,
-                     selector=str(tmp_path / "sel"))  # fmt: skip
+    cfg = EvalConfig(
+        slm="tiny",
+        llm="none",
+        dataset="tiny",
+        split="test",
+        data_file=str(test_file),
+        limit=None,
+        methods=["s2t-local"],
+        trigger="entropy",
+        threshold=0.0,
+        k=4,
+        max_new_tokens=6,
+        selector=str(tmp_path / "sel"),
+    )
     payload = evaluate(cfg, tmp_path / "run", progress=False, generator=gen)
     assert payload["methods"]["s2t-local"]["n"] == 1
 
@@ -284,11 +354,34 @@ def test_lora_training_under_accelerate_launch_on_two_processes_takes_the_single
 
     pytest.importorskip("peft")
     groups = tmp_path / "groups"
-    cfg = CollectConfig(slm=tiny_pair_dir["slm"], llm=tiny_pair_dir["llm"], dataset="tiny", k=4,
-                        max_new_tokens=10, batch_size=2)  # fmt: skip
+    cfg = CollectConfig(
+        slm=tiny_pair_dir["slm"],
+        llm=tiny_pair_dir["llm"],
+        dataset="tiny",
+        k=4,
+        max_new_tokens=10,
+        batch_size=2,
+    )
     Collector(cfg, groups, slm=slm, llm=llm, problems=_problems(), progress=False).run_all()
-    args = ["train", "--mode", "lora", "--groups", str(groups), "--epochs", "1", "--lr", "1e-3", "--batch-size",
-            "4", "--val-fraction", "0", "--trigger-rate", "0", "--lora-dropout", "0"]  # fmt: skip
+    args = [
+        "train",
+        "--mode",
+        "lora",
+        "--groups",
+        str(groups),
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "4",
+        "--val-fraction",
+        "0",
+        "--trigger-rate",
+        "0",
+        "--lora-dropout",
+        "0",
+    ]
     single = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
     assert single.exit_code == 0, single.output
     with socket.socket() as s:
@@ -296,11 +389,30 @@ def test_lora_training_under_accelerate_launch_on_two_processes_takes_the_single
         port = s.getsockname()[1]
     launcher = Path(sys.executable).parent / "accelerate"
     launched = subprocess.run(
-        [str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-         "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "s2t.cli", *args,
-         "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            str(launcher),
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(port),
+            "-m",
+            "s2t.cli",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     for name in ("selector.safetensors", "adapter/adapter_model.safetensors"):
         one, two = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
@@ -312,16 +424,35 @@ def test_lora_training_under_accelerate_launch_on_two_processes_takes_the_single
     assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
 
 
-def test_cli_generate_decodes_with_a_trained_selector_and_never_loads_the_llm(collected, slm, tiny_pair_dir,
-                                                                               tmp_path):  # fmt: skip
+def test_cli_generate_decodes_with_a_trained_selector_and_never_loads_the_llm(
+    collected, slm, tiny_pair_dir, tmp_path
+):
     from typer.testing import CliRunner
 
     from s2t.cli import app
 
-    train(TrainConfig(groups=str(collected), out=str(tmp_path / "sel"), epochs=1, val_fraction=0.0), slm=slm,
-          progress=False)  # fmt: skip
-    args = ["generate", QUESTIONS[0], "--slm", tiny_pair_dir["slm"], "--llm", "/nonexistent/never/loaded",
-            "--method", "greedy,s2t-local", "--threshold", "0.0", "--k", "4", "--max-new-tokens", "5", "--json"]  # fmt: skip
+    train(
+        TrainConfig(groups=str(collected), out=str(tmp_path / "sel"), epochs=1, val_fraction=0.0),
+        slm=slm,
+        progress=False,
+    )
+    args = [
+        "generate",
+        QUESTIONS[0],
+        "--slm",
+        tiny_pair_dir["slm"],
+        "--llm",
+        "/nonexistent/never/loaded",
+        "--method",
+        "greedy,s2t-local",
+        "--threshold",
+        "0.0",
+        "--k",
+        "4",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    ]
     result = CliRunner().invoke(app, [*args, "--selector", str(tmp_path / "sel")])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
@@ -348,3 +479,18 @@ def test_a_collection_without_its_features_says_how_to_recompute_them_and_resume
     train(TrainConfig(groups=str(copy), out=str(tmp_path / "sel"), epochs=1), slm=slm, progress=False)
     lines = (copy / "problems.jsonl").read_text().splitlines()
     assert len(lines) == 8  # the recomputed records were appended; readers keep the last per problem
+
+
+def test_the_learned_trigger_sees_at_inference_the_features_it_was_trained_on(collected, slm, tokenizer):
+    from s2t.policies.features import features_from_logits
+    from s2t.training.collect import trajectory_forward
+    from s2t.training.trigger import load_position_features
+
+    features, _, problem, *_ = load_position_features(collected, min_step=0)
+    record = json.loads((collected / "problems.jsonl").read_text().splitlines()[0])
+    hidden, logits = trajectory_forward(
+        slm.model, record["prompt_ids"], record["trajectory_ids"], len(tokenizer)
+    )
+    # what decoding computes at each step (the stored hidden states are float16)
+    at_inference = features_from_logits(logits, hidden.half().float())
+    torch.testing.assert_close(features[problem == 0], at_inference, atol=1e-4, rtol=1e-4)

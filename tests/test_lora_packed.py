@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from s2t.local.collect import CollectConfig, Collector
-from s2t.local.packing import CollectionFormatError, pack_problem, sparse_kl, sparse_targets
-from s2t.local.selector import LocalSelector
-from s2t.local.train import TrainConfig, train
+from s2t.policies.learned_selector import LocalSelector
+from s2t.training.collect import CollectConfig, Collector
+from s2t.training.packing import CollectionFormatError, pack_problem, sparse_kl, sparse_targets
+from s2t.training.train import TrainConfig, train
 from tests.test_local import _problems
 
 peft = pytest.importorskip("peft")
@@ -20,8 +20,15 @@ peft = pytest.importorskip("peft")
 @pytest.fixture(scope="module")
 def groups(tmp_path_factory, slm, llm):
     out = tmp_path_factory.mktemp("packed_groups")
-    cfg = CollectConfig(slm="tiny-slm", llm="tiny-llm", dataset="tiny", k=4, max_new_tokens=16, batch_size=2,
-                        groups_at="entropy@0.5")  # fmt: skip
+    cfg = CollectConfig(
+        slm="tiny-slm",
+        llm="tiny-llm",
+        dataset="tiny",
+        k=4,
+        max_new_tokens=16,
+        batch_size=2,
+        groups_at="entropy@0.5",
+    )
     Collector(cfg, out, slm=slm, llm=llm, problems=_problems(), progress=False).run_all()
     return out
 
@@ -50,8 +57,9 @@ def test_packed_problem_gives_each_candidate_its_own_context_and_position(groups
 def test_sparse_kl_is_exact_when_the_targets_hold_the_whole_distribution():
     torch.manual_seed(0)
     frozen, adapted = torch.randn(5, 11), torch.randn(5, 11)
-    full = torch.nn.functional.kl_div(adapted.log_softmax(-1), frozen.log_softmax(-1), log_target=True,
-                                      reduction="none").sum(-1)  # fmt: skip
+    full = torch.nn.functional.kl_div(
+        adapted.log_softmax(-1), frozen.log_softmax(-1), log_target=True, reduction="none"
+    ).sum(-1)
     ids, logprobs = sparse_targets(frozen, 11)
     torch.testing.assert_close(sparse_kl(adapted, ids, logprobs), full, atol=1e-5, rtol=1e-5)
     ids, logprobs = sparse_targets(frozen, 3)  # coarsened: a lower bound, zero when the models agree
@@ -65,7 +73,7 @@ def test_packed_loss_and_gradients_equal_one_forward_per_group(groups, slm, lora
     gives the per-group loop's loss and gradients."""
     from peft import LoraConfig, get_peft_model
 
-    from s2t.local.lora import LORA_TARGETS, first_adapted_layer, frozen_pass, packed_loss, per_group_loss
+    from s2t.training.lora import LORA_TARGETS, first_adapted_layer, frozen_pass, packed_loss, per_group_loss
 
     cfg = TrainConfig(groups=str(groups), out="unused", mode="lora", prefix_kl_tokens=5, frozen_top=8)
     lm = copy.deepcopy(slm.model)
@@ -78,8 +86,16 @@ def test_packed_loss_and_gradients_equal_one_forward_per_group(groups, slm, lora
     prepared = frozen_pass(lm, packed, vocab, cfg.frozen_top, start)
     assert ("start_hidden" in prepared) == (start > 0)
     torch.manual_seed(1)
-    model = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                                          layers_to_transform=list(range(start, lm.config.num_hidden_layers))))  # fmt: skip
+    model = get_peft_model(
+        lm,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS,
+            layers_to_transform=list(range(start, lm.config.num_hidden_layers)),
+        ),
+    )
     with torch.no_grad():  # LoRA's B starts at zero; move it so the adapter changes the model
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -108,7 +124,7 @@ def test_packed_loss_and_gradients_equal_one_forward_per_group(groups, slm, lora
 
 
 def test_a_selector_trained_on_a_bfloat16_base_loads_on_the_float32_model_and_not_on_another(slm, tokenizer):
-    from s2t.local.selector import SelectorCheckpointError
+    from s2t.policies.learned_selector import SelectorCheckpointError
     from tests.conftest import make_model
 
     vocab = len(tokenizer)
@@ -119,8 +135,21 @@ def test_a_selector_trained_on_a_bfloat16_base_loads_on_the_float32_model_and_no
 
 
 def _lora_config(groups, out, **overrides):
-    base = dict(groups=str(groups), out=str(out), mode="lora", epochs=2, lr=1e-2, batch_size=1, val_fraction=0.25,
-                lora_r=2, lora_dropout=0.0, prefix_kl_tokens=4, frozen_top=8, checkpoint_every=1, eval_every=2)  # fmt: skip
+    base = dict(
+        groups=str(groups),
+        out=str(out),
+        mode="lora",
+        epochs=2,
+        lr=1e-2,
+        batch_size=1,
+        val_fraction=0.25,
+        lora_r=2,
+        lora_dropout=0.0,
+        prefix_kl_tokens=4,
+        frozen_top=8,
+        checkpoint_every=1,
+        eval_every=2,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -134,7 +163,7 @@ def _saved(out):
 
 
 def test_interrupted_lora_training_resumes_to_the_weights_of_an_uninterrupted_run(groups, slm, tmp_path):
-    from s2t.local.lora import LoraTrainer, ResumeError
+    from s2t.training.lora import LoraTrainer, ResumeError
 
     whole = tmp_path / "whole"
     train(_lora_config(groups, whole, lora_layers=1), slm=copy.deepcopy(slm), progress=False)
@@ -142,7 +171,7 @@ def test_interrupted_lora_training_resumes_to_the_weights_of_an_uninterrupted_ru
     assert history[0]["where"] == "start" and history[-1]["where"] == "epoch 2"
     assert all("validation" in h for h in history)
     # the saved selector (adapter merged into the SLM) scores held-out groups as training measured them
-    from s2t.local.ladder import selector_ladder
+    from s2t.training.ladder import selector_ladder
 
     saved = json.loads((whole / "selector_config.json").read_text())["training"]
     ladder = selector_ladder(

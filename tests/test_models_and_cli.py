@@ -188,10 +188,24 @@ def test_builtin_parts_that_do_not_form_a_gguf_are_refused(tmp_path, monkeypatch
 def test_cli_generate_prints_answers_and_costs_as_json(tiny_pair_dir):
     result = CliRunner().invoke(
         app,
-        ["generate", "How many eggs?", "--method", "greedy,s2t,takeover", "--slm", tiny_pair_dir["slm"],
-         "--llm", tiny_pair_dir["llm"], "--trigger", "margin", "--threshold", "0.5", "--max-new-tokens", "8",
-         "--json"],
-    )  # fmt: skip
+        [
+            "generate",
+            "How many eggs?",
+            "--method",
+            "greedy,s2t,takeover",
+            "--slm",
+            tiny_pair_dir["slm"],
+            "--llm",
+            tiny_pair_dir["llm"],
+            "--trigger",
+            "margin",
+            "--threshold",
+            "0.5",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert set(payload) == {"greedy", "s2t", "takeover"}
@@ -202,9 +216,22 @@ def test_cli_generate_prints_answers_and_costs_as_json(tiny_pair_dir):
 
 def test_cli_bad_k_exits_with_a_message_not_a_traceback(tiny_pair_dir):
     result = CliRunner().invoke(
-        app, ["generate", "q", "--method", "s2t", "--slm", tiny_pair_dir["slm"], "--llm", tiny_pair_dir["llm"],
-              "--k", "0", "--threshold", "1.0"],
-    )  # fmt: skip
+        app,
+        [
+            "generate",
+            "q",
+            "--method",
+            "s2t",
+            "--slm",
+            tiny_pair_dir["slm"],
+            "--llm",
+            tiny_pair_dir["llm"],
+            "--k",
+            "0",
+            "--threshold",
+            "1.0",
+        ],
+    )
     assert result.exit_code == 2
     assert "K must be an integer >= 1" in result.output
 

@@ -43,8 +43,13 @@ def method():
 @pytest.fixture(scope="module")
 def server(generator, method):
     """S2T with the tiny pair (the LLM is used), batches of 4."""
-    app = create_app(generator.scheduler(method, max_batch_size=4), generator.tokenizer, model_name=MODEL,
-                     context_length=CONTEXT, default_max_tokens=16)  # fmt: skip
+    app = create_app(
+        generator.scheduler(method, max_batch_size=4),
+        generator.tokenizer,
+        model_name=MODEL,
+        context_length=CONTEXT,
+        default_max_tokens=16,
+    )
     with running_server(app) as url:
         yield url
 
@@ -57,8 +62,9 @@ def client(server):
 def alone(generator, method, messages, max_tokens):
     """What the engine decodes for this chat when it is alone in its batch."""
     prompt = build_chat_prompt(generator.tokenizer, messages)
-    return decode(generator.slm.model, [prompt], method, llm=generator.llm.model,
-                  **generator._decode_kwargs(max_tokens))[0]  # fmt: skip
+    return decode(
+        generator.slm.model, [prompt], method, llm=generator.llm.model, **generator.decode_kwargs(max_tokens)
+    )[0]
 
 
 def chat(content):
@@ -82,10 +88,13 @@ def test_chat_completion_is_the_engines_answer_with_usage_and_cost(client, gener
 
 def test_streaming_concatenates_to_the_non_streaming_answer(client):
     for create, text_of, delta_of in (
-        (client.chat.completions.create, lambda r: r.choices[0].message.content,
-         lambda c: c.choices[0].delta.content if c.choices else None),
+        (
+            client.chat.completions.create,
+            lambda r: r.choices[0].message.content,
+            lambda c: c.choices[0].delta.content if c.choices else None,
+        ),
         (client.completions.create, lambda r: r.choices[0].text, lambda c: c.choices[0].text),
-    ):  # fmt: skip
+    ):
         kwargs = (
             dict(messages=chat("What is 2 + 2?"))
             if create == client.chat.completions.create
@@ -102,8 +111,11 @@ def test_streaming_usage_only_when_asked_in_a_last_chunk_without_choices(client)
     whole = client.chat.completions.create(**kwargs)
     for create, extra in (
         (client.chat.completions.create, kwargs),
-        (client.completions.create, dict(model=MODEL, prompt="Janet's ducks lay 16 eggs per day.", max_tokens=10)),
-    ):  # fmt: skip
+        (
+            client.completions.create,
+            dict(model=MODEL, prompt="Janet's ducks lay 16 eggs per day.", max_tokens=10),
+        ),
+    ):
         plain = list(create(stream=True, **extra))
         assert all(c.usage is None and "s2t_cost" not in (c.model_extra or {}) for c in plain)
         assert plain[-1].choices[0].finish_reason is not None
@@ -202,8 +214,9 @@ def test_completion_echo_and_logprobs(client, generator):
     scored = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=0)
     assert scored.choices[0].text == text and scored.usage.completion_tokens == 0
     assert scored.choices[0].logprobs.token_logprobs == pytest.approx(logprobs.token_logprobs[: len(prompt)])
-    streamed = list(client.completions.create(model=MODEL, prompt=text, max_tokens=6, echo=True, logprobs=2,
-                                              stream=True))  # fmt: skip
+    streamed = list(
+        client.completions.create(model=MODEL, prompt=text, max_tokens=6, echo=True, logprobs=2, stream=True)
+    )
     assert "".join(c.choices[0].text for c in streamed) == choice.text
     assert [
         t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens
@@ -240,8 +253,13 @@ def test_unimplemented_parameters_get_a_400_naming_them(client, chat_endpoint, e
 
 def test_health_counts_stop_string_finishes_as_finished(generator, tokenizer):
     # No stop token can be generated (a reserved id): every answer runs to max_tokens unless stopped.
-    scheduler = Scheduler(generator.slm.model, vocab_size=len(tokenizer), stop_ids=[len(tokenizer)],
-                          pad_id=tokenizer.pad_token_id, max_batch_size=2)  # fmt: skip
+    scheduler = Scheduler(
+        generator.slm.model,
+        vocab_size=len(tokenizer),
+        stop_ids=[len(tokenizer)],
+        pad_id=tokenizer.pad_token_id,
+        max_batch_size=2,
+    )
     app = create_app(scheduler, tokenizer, model_name=MODEL, context_length=CONTEXT, default_max_tokens=16)
     with running_server(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
@@ -249,8 +267,9 @@ def test_health_counts_stop_string_finishes_as_finished(generator, tokenizer):
         text = client.chat.completions.create(model=MODEL, messages=messages).choices[0].message.content
         stop = next(text[i : i + 2] for i in range(len(text) // 2, len(text)) if text[i : i + 2].strip())
         for stream in (False, True):
-            response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, stop=[stop],
-                                                      stream=stream)  # fmt: skip
+            response = client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=16, stop=[stop], stream=stream
+            )
             list(response) if stream else None
         deadline = time.monotonic() + 30
         while (health := httpx.get(f"{url}/health").json())["finished"] + health["cancelled"] < 3:
@@ -266,8 +285,9 @@ def test_stop_strings_end_the_answer_before_them(client):
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     assert stop.strip(), "the tiny model's answer should have text to stop at"
     for stream in (False, True):
-        response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, stop=[stop],
-                                                  stream=stream)  # fmt: skip
+        response = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=16, stop=[stop], stream=stream
+        )
         if stream:
             chunks = list(response)
             got = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -288,14 +308,24 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
     url = f"{server}/v1/chat/completions"
     good = {"model": MODEL, "messages": chat("2 + 2?"), "max_tokens": 4}
     cases = [
-        (httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400, None, None),
+        (
+            httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}),
+            400,
+            None,
+            None,
+        ),
         (httpx.post(url, json={**good, "model": "gpt-5"}), 404, "model", "model_not_found"),
         (httpx.post(url, json={**good, "max_tokens": -3}), 400, "max_tokens", None),
-        (httpx.post(url, json={**good, "messages": chat("eggs " * 400)}), 400, "messages", "context_length_exceeded"),
+        (
+            httpx.post(url, json={**good, "messages": chat("eggs " * 400)}),
+            400,
+            "messages",
+            "context_length_exceeded",
+        ),
         (httpx.post(url, json={**good, "max_tokens": CONTEXT}), 400, "max_tokens", "context_length_exceeded"),
         (httpx.post(url, json={"model": MODEL}), 400, "messages", None),
         (httpx.post(f"{server}/v1/nothing", json=good), 404, None, None),
-    ]  # fmt: skip
+    ]
     for response, status, param, code in cases:
         assert response.status_code == status, response.text
         error = response.json()["error"]
@@ -310,8 +340,13 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
 
 def test_a_client_disconnecting_mid_stream_frees_its_batch_slot(generator, tokenizer):
     # No stop token can be generated (a reserved id): only the disconnect can end this request early.
-    scheduler = Scheduler(generator.slm.model, vocab_size=len(tokenizer), stop_ids=[len(tokenizer)],
-                          pad_id=tokenizer.pad_token_id, max_batch_size=2)  # fmt: skip
+    scheduler = Scheduler(
+        generator.slm.model,
+        vocab_size=len(tokenizer),
+        stop_ids=[len(tokenizer)],
+        pad_id=tokenizer.pad_token_id,
+        max_batch_size=2,
+    )
     app = create_app(scheduler, tokenizer, model_name=MODEL, context_length=1024)
     with running_server(app) as url:
         body = {"model": MODEL, "messages": chat("2 + 2?"), "max_tokens": 900, "stream": True}
@@ -364,8 +399,21 @@ def test_cli_serve_builds_the_app_and_loads_no_llm_for_greedy(tiny_pair_dir, mon
 
     served = {}
     monkeypatch.setattr(server, "serve", lambda app, host, port: served.update(app=app, host=host, port=port))
-    args = ["serve", "--slm", tiny_pair_dir["slm"], "--llm", "/nonexistent", "--method", "greedy",
-            "--port", "8123", "--model-name", MODEL, "--max-tokens", "5"]  # fmt: skip
+    args = [
+        "serve",
+        "--slm",
+        tiny_pair_dir["slm"],
+        "--llm",
+        "/nonexistent",
+        "--method",
+        "greedy",
+        "--port",
+        "8123",
+        "--model-name",
+        MODEL,
+        "--max-tokens",
+        "5",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "no LLM loaded" in result.output

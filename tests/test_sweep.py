@@ -21,9 +21,19 @@ def generator(slm, llm):
 
 
 def config(data_file, **overrides) -> EvalConfig:
-    base = dict(dataset="tiny", split="test", data_file=data_file, limit=None, max_new_tokens=8,
-                methods=["greedy"], trigger="entropy", threshold=None, quantile=0.95, calibration_problems=2,
-                batch_size=2)  # fmt: skip
+    base = dict(
+        dataset="tiny",
+        split="test",
+        data_file=data_file,
+        limit=None,
+        max_new_tokens=8,
+        methods=["greedy"],
+        trigger="entropy",
+        threshold=None,
+        quantile=0.95,
+        calibration_problems=2,
+        batch_size=2,
+    )
     base.update(overrides)
     return EvalConfig(**base)
 
@@ -92,8 +102,22 @@ def test_bad_settings_are_refused_before_any_model_loads(tmp_path, data_file):
         ("greedy,s2t/entropy@1.5", "quantile"),
         ("s2t/margin@0.8,s2t/margin@.8", "one setting"),
     ):
-        result = CliRunner().invoke(app, ["eval", "--data-file", data_file, "--dataset", "tiny", "--methods", methods,
-                                          "--slm", "no-such-model", "--out", str(tmp_path / "run")])  # fmt: skip
+        result = CliRunner().invoke(
+            app,
+            [
+                "eval",
+                "--data-file",
+                data_file,
+                "--dataset",
+                "tiny",
+                "--methods",
+                methods,
+                "--slm",
+                "no-such-model",
+                "--out",
+                str(tmp_path / "run"),
+            ],
+        )
         assert result.exit_code == 2, result.output
         assert message in result.output
         assert not (tmp_path / "run").exists()
@@ -137,30 +161,48 @@ def test_a_sweep_calibrates_each_setting_and_can_be_extended(
 
 
 def test_a_named_setting_equals_the_same_run_level_trigger(tmp_path, data_file, calibration_data, generator):
-    named = evaluate(config(data_file, methods=["s2t/margin@0.6"]), tmp_path / "named", progress=False,
-                     generator=generator)  # fmt: skip
-    plain = evaluate(config(data_file, methods=["s2t"], trigger="margin", quantile=0.6), tmp_path / "plain",
-                     progress=False, generator=generator)  # fmt: skip
+    named = evaluate(
+        config(data_file, methods=["s2t/margin@0.6"]), tmp_path / "named", progress=False, generator=generator
+    )
+    plain = evaluate(
+        config(data_file, methods=["s2t"], trigger="margin", quantile=0.6),
+        tmp_path / "plain",
+        progress=False,
+        generator=generator,
+    )
     assert named["calibration"]["margin@0.6"]["threshold"] == plain["calibration"]["margin@0.6"]["threshold"]
     strip = lambda recs: [(r["problem_id"], r["text"], r["trigger_steps"]) for r in recs]  # noqa: E731
     assert strip(records(tmp_path / "named")) == strip(records(tmp_path / "plain"))
 
 
-def test_a_worker_without_a_run_directory_uses_the_drivers_thresholds(tmp_path, data_file, calibration_data,
-                                                                       generator):  # fmt: skip
+def test_a_worker_without_a_run_directory_uses_the_drivers_thresholds(
+    tmp_path, data_file, calibration_data, generator
+):
     cfg = config(data_file, methods=["s2t/entropy@0.5"])
     thresholds = Evaluator(cfg, tmp_path / "run", progress=False, generator=generator).prepare_methods()
     assert set(thresholds) == {"entropy@0.5"}
     worker = Evaluator(cfg, None, progress=False, generator=generator, problems=[], thresholds=thresholds)
     assert worker._method("s2t/entropy@0.5").trigger.threshold == thresholds["entropy@0.5"]
     with pytest.raises(RuntimeError, match="entropy@0.7"):
-        Evaluator(config(data_file, methods=["s2t/entropy@0.7"]), None, generator=generator, problems=[],
-                  thresholds=thresholds)._method("s2t/entropy@0.7")  # fmt: skip
+        Evaluator(
+            config(data_file, methods=["s2t/entropy@0.7"]),
+            None,
+            generator=generator,
+            problems=[],
+            thresholds=thresholds,
+        )._method("s2t/entropy@0.7")
 
 
 def _record(method, pid, correct, llm_calls=0.0, setting=None):
-    cost = dict(generated_tokens=100, slm_forward_tokens=100, llm_forward_tokens=10 * llm_calls,
-                llm_forward_calls=llm_calls, triggers=llm_calls, overrides=0, wall_time_s=1.0 + llm_calls)  # fmt: skip
+    cost = dict(
+        generated_tokens=100,
+        slm_forward_tokens=100,
+        llm_forward_tokens=10 * llm_calls,
+        llm_forward_calls=llm_calls,
+        triggers=llm_calls,
+        overrides=0,
+        wall_time_s=1.0 + llm_calls,
+    )
     return {"method": method, "problem_id": pid, "correct": correct, "cost": cost} | (
         {"setting": setting} if setting else {}
     )
@@ -201,8 +243,9 @@ def test_the_frontier_reports_gap_recovered_tests_and_the_cheapest_setting(tmp_p
     assert (tmp_path / "frontier.png").stat().st_size > 0
 
 
-def test_a_sweep_decodes_the_calibration_questions_once_per_trigger(tmp_path, data_file, calibration_data,
-                                                                    generator, monkeypatch):  # fmt: skip
+def test_a_sweep_decodes_the_calibration_questions_once_per_trigger(
+    tmp_path, data_file, calibration_data, generator, monkeypatch
+):
     import s2t.api
 
     calls = []

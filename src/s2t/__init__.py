@@ -1,14 +1,17 @@
 """select-to-think: SLMs that select among their own top-K next-token candidates (S2T)."""
 
-from s2t.api import GenerationOutput, S2TGenerator
+from s2t.api import GenerationOutput, ResolvedMethod, S2TGenerator
 from s2t.engine import CostRecord, Generation, Method, decode
-from s2t.methods import build_method, calibrate
+from s2t.methods import CalibrationSource, MethodSpec, build_method, calibrate
 
 __all__ = [
+    "CalibrationSource",
     "CostRecord",
     "Generation",
     "GenerationOutput",
     "Method",
+    "MethodSpec",
+    "ResolvedMethod",
     "S2TGenerator",
     "build_method",
     "calibrate",

@@ -39,10 +39,12 @@ from s2t.models import (
     LoadedTokenizer,
     ModelSpec,
     check_same_vocabulary,
+    engine_kwargs,
     load_tokenizer,
+    pad_token_id,
     parse_dtype,
-    stop_token_ids,
 )
+from s2t.policies.features import rank_of
 from s2t.policies.triggers import EntropyTrigger, KLTrigger, check_quantile
 from s2t.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from s2t.reporting.hitk import plot_hitk
@@ -137,10 +139,6 @@ def _ci_dict(ci: ConfidenceInterval | None) -> dict:
     return {"estimate": ci.estimate, "low": ci.low, "high": ci.high}
 
 
-def _pad_id(tokenizer, stop_ids: Sequence[int]) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-
-
 @torch.inference_mode()
 def score_trajectories(
     slm: LoadedModel,
@@ -168,7 +166,7 @@ def score_trajectories(
     if any(len(prompts[i]) == 0 for i in rows):
         raise ValueError("every prompt needs at least one token")
 
-    pad_id = _pad_id(slm.tokenizer, stop_token_ids(slm))
+    pad_id = pad_token_id(slm)
     sequences = [list(prompts[i]) + list(answers[i][:-1]) for i in rows]
     lengths = [len(answers[i]) for i in rows]
     ids, mask = left_pad(sequences, pad_id)
@@ -195,7 +193,7 @@ def score_trajectories(
         q = llm_logits[row, keep - length :, :vocab_size].to(s.device).float()
         slm_top1 = s.argmax(-1)
         llm_top1 = q.argmax(-1)
-        rank = 1 + (s > s.gather(-1, llm_top1[:, None])).sum(-1)
+        rank = rank_of(s, llm_top1)
         results[i] = PositionStatistics(
             slm_top1=slm_top1.tolist(),
             llm_top1=llm_top1.tolist(),
@@ -229,15 +227,7 @@ def _trajectories(
             reasons.append("reference")
         return answers, reasons
     decoder = slm if trajectory == "slm" else llm
-    stop_ids = stop_token_ids(decoder)
-    gens = decode(
-        decoder.model,
-        prompts,
-        vocab_size=len(tokenizer),
-        stop_ids=stop_ids,
-        pad_id=_pad_id(tokenizer, stop_ids),
-        max_new_tokens=max_new_tokens,
-    )
+    gens = decode(decoder.model, prompts, **engine_kwargs(decoder, max_new_tokens))
     return [g.token_ids for g in gens], [g.finish_reason for g in gens]
 
 
@@ -337,8 +327,10 @@ def analyze(
 
     if workers > 1:
         import_ray()  # fail before any model is loaded
-        models = [m if isinstance(m, ModelSpec) else ModelSpec(m.name, str(m.model.dtype).removeprefix("torch."))
-                  for m in (slm, llm)]  # fmt: skip
+        models = [
+            m if isinstance(m, ModelSpec) else ModelSpec(m.name, str(m.model.dtype).removeprefix("torch."))
+            for m in (slm, llm)
+        ]
         slm, llm = models
     elif isinstance(slm, ModelSpec) or isinstance(llm, ModelSpec):
         slm = slm.load() if isinstance(slm, ModelSpec) else slm

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -23,15 +24,41 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from s2t.builtin_models import cache_root
 from s2t.engine import CostRecord, Method, Scheduler, decode_stream
-from s2t.methods import build_method, calibrate, needs_calibration, trigger_statistics
-from s2t.models import LoadedModel, check_same_vocabulary, load_model, resolve_dtype, stop_token_ids
-from s2t.policies.triggers import NeverTrigger, RandomTrigger
+from s2t.methods import (
+    LLM_ALONE,
+    LOCAL_METHOD,
+    CalibrationSource,
+    MethodSpec,
+    build_method,
+    needs_calibration,
+    trigger_statistics,
+)
+from s2t.models import LoadedModel, check_same_vocabulary, engine_kwargs, load_model, resolve_dtype
+from s2t.policies.triggers import make_trigger
 from s2t.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from s2t.runs import locked, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-LLM_ALONE = "llm"  # the method name for decoding with the LLM alone (a baseline, not an S2T method)
+__all__ = [
+    "LLM_ALONE",
+    "CalibrationStore",
+    "Calibrator",
+    "GenerationOutput",
+    "ResolvedMethod",
+    "S2TGenerator",
+]
+
+
+@dataclass(frozen=True)
+class ResolvedMethod:
+    """What decodes a :class:`~s2t.methods.MethodSpec`: the decoding model (the SLM, the SLM with a
+    LoRA selector's adapter merged in, or the LLM alone), the LLM it consults (or None) and the method."""
+
+    decoder: LoadedModel
+    llm: PreTrainedModel | None
+    method: Method
+    llm_alone: bool = False
 
 
 @dataclass
@@ -46,6 +73,8 @@ class GenerationOutput:
 
 
 ModelArg = str | PreTrainedModel | LoadedModel
+# A method name, its checked spec, a method built by hand, or one already resolved.
+MethodArg = str | MethodSpec | Method | ResolvedMethod
 
 
 class S2TGenerator:
@@ -75,9 +104,10 @@ class S2TGenerator:
         self._llm: LoadedModel | None = None
         self._llm_kwargs = {"dtype": llm_dtype or dtype, "device": device, "device_map": llm_device_map}
         self._tokenizer = tokenizer
-        self._trigger_statistics: dict[
-            str, torch.Tensor
-        ] = {}  # calibration statistics, by trigger and questions
+        self._local_selectors: dict[
+            str, tuple[LoadedModel, object]
+        ] = {}  # selector directory -> (decoder, selector)
+        self.calibrator = Calibrator(self)
         if llm is not None and not isinstance(llm, str):
             self._llm = self._as_loaded(llm, tokenizer)
             check_same_vocabulary(self.slm, self._llm)
@@ -119,114 +149,86 @@ class S2TGenerator:
     ) -> list[list[int]]:
         return [build_prompt(self.tokenizer, q, system_prompt) for q in questions]
 
-    def local_selector(self, directory) -> tuple[S2TGenerator, object]:
-        """Load a trained S2T-Local selector for this generator's SLM (refused for another SLM).
+    def resolve(
+        self, spec: MethodSpec | str, calibrator: Calibrator | None = None, **options
+    ) -> ResolvedMethod:
+        """The decoding model, the LLM (or None) and the finished method for ``spec``.
 
-        Returns the generator to decode ``s2t-local`` with and the selector: this generator for a
-        head-mode selector, or a new one around the SLM with the selector's LoRA adapter merged in
-        (the LLM is never part of it).
+        ``spec`` is a :class:`~s2t.methods.MethodSpec`, or a method name parsed with ``options``
+        (those of :meth:`MethodSpec.parse`). A trained selector is loaded and checked against this
+        SLM; a LoRA-mode selector's adapter is merged into a copy of the SLM, which then decodes. A
+        trigger without a threshold is calibrated first (by ``calibrator``, default :attr:`calibrator`,
+        whose store is the model cache's ``calibration.json``), so the method is
+        built once, complete, and never changed afterwards. The LLM is loaded only if the method needs it.
         """
-        from s2t.local.selector import load_adapted_slm, load_selector, selector_directory, selector_kind
+        if isinstance(spec, str):
+            questions = options.pop("calibration_questions", None)
+            if "calibration" not in options:  # the Python API calibrates only on questions it is given
+                options["calibration"] = CalibrationSource.from_questions(questions) if questions else None
+            spec = MethodSpec.parse(spec, **options)
+        if spec.method == LLM_ALONE:
+            greedy = build_method("greedy", min_step=spec.min_step, label=spec.name)
+            return ResolvedMethod(self.llm, None, greedy, llm_alone=True)
+        decoder, selector = self.slm, None
+        if spec.method == LOCAL_METHOD:
+            decoder, selector = self._local_selector(spec.selector)
+        threshold = spec.threshold
+        if spec.needs_calibration:
+            threshold = (calibrator or self.calibrator).threshold(spec)
+        trigger = self._trigger(spec, threshold)
+        method = build_method(
+            spec.method,
+            trigger=trigger,
+            quantile=spec.quantile,
+            k=spec.k,
+            ratio=spec.ratio,
+            min_step=spec.min_step,
+            selector=selector,
+            label=spec.name,
+        )
+        return ResolvedMethod(decoder, self.llm.model if method.needs_llm else None, method)
 
-        selector = load_selector(selector_directory(directory), model=self.slm.model)
-        if selector_kind(directory) != "lora":
-            return self, selector
-        adapted = load_adapted_slm(self.slm.model, directory)
-        return S2TGenerator(LoadedModel(f"{self.slm.name}+lora", adapted, self.slm.tokenizer)), selector
+    def _trigger(self, spec: MethodSpec, threshold: float | None):
+        if spec.trigger != "learned":
+            return make_trigger(spec.trigger, threshold)
+        from s2t.policies.learned_trigger import LearnedTrigger
 
-    def make_method(self, method: str | Method = "greedy", **method_kwargs) -> Method:
-        if isinstance(method, Method):
-            return method
-        return build_method(method, **method_kwargs)
+        return LearnedTrigger.from_pretrained(spec.selector, model=self.slm.model, threshold=threshold)
 
-    def calibrate(
-        self,
-        method: Method,
-        calibration_questions: Sequence[str],
-        *,
-        max_new_tokens: int = 256,
-        batch_size: int = 8,
-        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-        use_cache: bool = True,
-    ) -> float:
-        """Calibrate ``method``'s trigger on training questions; thresholds are cached on disk.
+    def _local_selector(self, directory: str) -> tuple[LoadedModel, object]:
+        """The model that decodes with a trained selector, and the selector (loaded once per directory).
 
-        The trigger's statistics on the calibration questions are kept in memory too, so that a
-        sweep over quantiles of one trigger decodes the calibration questions once. A learned
-        trigger (one that reads hidden states) is specific to its selector and is never cached.
+        A head-mode selector decodes with this SLM; a LoRA-mode one with a copy of it that has the
+        selector's adapter merged in. A selector trained on another SLM is refused.
         """
-        use_cache = use_cache and not method.trigger.needs_hidden
-        key = self._calibration_key(method, calibration_questions, max_new_tokens, system_prompt)
-        cache_file = cache_root() / "calibration.json"
-        cached = json.loads(cache_file.read_text()) if use_cache and cache_file.is_file() else {}
-        if key in cached:
-            method.trigger.threshold = cached[key]
-            return cached[key]
-        stats_key = self._calibration_key(
-            method, calibration_questions, max_new_tokens, system_prompt, quantile=False
-        )
-        if stats_key not in self._trigger_statistics and not isinstance(
-            method.trigger, RandomTrigger | NeverTrigger
-        ):
-            started = time.perf_counter()
-            logger.info(
-                "calibrating the %s trigger: greedy decoding of %d calibration problems (up to %d new tokens each)",
-                method.trigger.name, len(calibration_questions), max_new_tokens,
-            )  # fmt: skip
-            statistics = trigger_statistics(
-                method.trigger,
-                self.slm.model,
-                self.encode(calibration_questions, system_prompt),
-                llm=self.llm.model if method.trigger.needs_llm else None,
-                min_step=method.min_step,
-                batch_size=batch_size,
-                **self._decode_kwargs(max_new_tokens),
-            )
-            if use_cache:
-                self._trigger_statistics[stats_key] = statistics
-            logger.info("decoded the calibration problems in %.0f s", time.perf_counter() - started)
-        else:
-            statistics = self._trigger_statistics.get(stats_key)
-        threshold = calibrate(method, self.slm.model, [], statistics=statistics)
-        logger.info("calibrated the %s trigger: threshold %.4g", method.trigger.name, threshold)
-        if use_cache:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            with locked(cache_file.with_name(".calibration.json.lock")):
-                fresh = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-                fresh[key] = threshold
-                write_json_atomic(cache_file, fresh)
-        return threshold
+        from s2t.policies.learned_selector import load_adapted_slm, load_selector, selector_kind
 
-    def _calibration_key(
-        self, method, questions, max_new_tokens, system_prompt, quantile: bool = True
-    ) -> str:
-        llm_name = self._llm.name if self._llm else self._llm_arg if isinstance(self._llm_arg, str) else None
-        blob = json.dumps(
-            [
-                self.slm.name,
-                llm_name if method.trigger.needs_llm else None,
-                method.trigger.name,
-                method.quantile if quantile else None,
-                method.min_step,
-                max_new_tokens,
-                system_prompt,
-                list(questions),
-            ],
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+        key = str(directory)
+        if key not in self._local_selectors:
+            selector = load_selector(directory, model=self.slm.model)
+            decoder = self.slm
+            if selector_kind(directory) == "lora":
+                adapted = load_adapted_slm(self.slm.model, directory)
+                decoder = LoadedModel(f"{self.slm.name}+lora", adapted, self.slm.tokenizer)
+            self._local_selectors[key] = (decoder, selector)
+        return self._local_selectors[key]
 
-    def _engine_kwargs(self, model: LoadedModel | None = None) -> dict:
-        model = model or self.slm
-        tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else stop_token_ids(model)[0]
-        return {"vocab_size": self.vocab_size, "stop_ids": stop_token_ids(model), "pad_id": pad}
+    def local_selector_config(self, directory: str):
+        """The loaded selector's config (its training record: problem ids, mode, metrics)."""
+        return self._local_selector(directory)[1].config
 
-    def _decode_kwargs(self, max_new_tokens: int, model: LoadedModel | None = None) -> dict:
-        return {**self._engine_kwargs(model), "max_new_tokens": max_new_tokens}
+    def llm_name(self) -> str | None:
+        if self._llm is not None:
+            return self._llm.name
+        return self._llm_arg if isinstance(self._llm_arg, str) else None
+
+    def decode_kwargs(self, max_new_tokens: int, model: LoadedModel | None = None) -> dict:
+        """The engine's token settings (vocabulary size, stop ids, pad id, budget) for ``model`` (the SLM)."""
+        return engine_kwargs(model or self.slm, max_new_tokens)
 
     def scheduler(
         self,
-        method: str | Method = "greedy",
+        method: MethodArg = "greedy",
         max_batch_size: int = 8,
         prefill_chunk: int | None = None,
         **kwargs,
@@ -234,21 +236,25 @@ class S2TGenerator:
         """A continuous batch (:class:`~s2t.engine.Scheduler`) decoding with ``method``, for serving.
 
         ``prefill_chunk`` reads longer prompts that many tokens per step (chunked prefill). Other
-        keyword arguments are those of :meth:`method_models` (calibration, method options).
+        keyword arguments are those of :meth:`MethodSpec.parse` (method options, calibration source).
         """
-        decoder, llm, method_obj = self.method_models(method, batch_size=max_batch_size, **kwargs)
+        resolved = self._resolved(method, **kwargs)
         return Scheduler(
-            decoder.model, method_obj, llm=llm, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk,
-            **self._engine_kwargs(decoder),
-        )  # fmt: skip
+            resolved.decoder.model,
+            resolved.method,
+            llm=resolved.llm,
+            max_batch_size=max_batch_size,
+            prefill_chunk=prefill_chunk,
+            **engine_kwargs(resolved.decoder),
+        )
 
     def generate(
-        self, questions: Sequence[str], method: str | Method = "greedy", **kwargs
+        self, questions: Sequence[str], method: MethodArg = "greedy", **kwargs
     ) -> list[GenerationOutput]:
         """Answer each question with ``method``; returns texts, token ids and cost records in order.
 
-        ``method`` is a :class:`~s2t.engine.Method` or a name: ``greedy``, ``s2t``, ``takeover``,
-        ``random-select``, or ``llm`` (the LLM alone). Other keyword arguments are those of
+        ``method`` is a name (one of :data:`s2t.methods.METHODS`, ``llm`` being the LLM alone), a
+        :class:`~s2t.methods.MethodSpec`, a :class:`ResolvedMethod` or a built :class:`~s2t.engine.Method`. Other keyword arguments are those of
         :meth:`generate_stream`.
         """
         outputs: list[GenerationOutput | None] = [None] * len(questions)
@@ -259,7 +265,7 @@ class S2TGenerator:
     def generate_stream(
         self,
         questions: Sequence[str],
-        method: str | Method = "greedy",
+        method: MethodArg = "greedy",
         *,
         max_new_tokens: int = 512,
         batch_size: int = 8,
@@ -268,24 +274,22 @@ class S2TGenerator:
         seed: int = 0,
         seeds: Sequence[int] | None = None,
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-        calibration_questions: Sequence[str] | None = None,
         progress: bool = False,
-        **method_kwargs,
+        **method_options,
     ) -> Iterator[tuple[int, GenerationOutput]]:
         """Answer the questions in one continuous batch of ``batch_size`` sequences; yield
         ``(question index, output)`` as each finishes (a finished sequence's place goes to the next
         question at once).
 
-        Keyword arguments other than those listed (``trigger``, ``threshold``, ``quantile``, ``k``,
-        ``ratio``, ``min_step``) build a named method. A method whose trigger has no threshold is
-        calibrated on ``calibration_questions``.
+        ``method`` is a name, a :class:`~s2t.methods.MethodSpec` or a built :class:`~s2t.engine.Method`.
+        Other keyword arguments (``trigger``, ``threshold``, ``quantile``, ``k``, ``ratio``,
+        ``min_step``, ``selector``, ``calibration``) are those of :meth:`MethodSpec.parse`; a
+        trigger without a threshold is calibrated on ``calibration`` (default: GSM8K train).
         """
         prompts = self.encode(questions, system_prompt)
         seeds = list(seeds) if seeds is not None else [seed * 1_000_003 + i for i in range(len(prompts))]
-        decoder, llm, method_obj = self.method_models(
-            method, calibration_questions, batch_size, **method_kwargs
-        )
-        label = method if isinstance(method, str) else method.name
+        resolved = self._resolved(method, **method_options)
+        label = resolved.method.name
         if temperature > 0:
             label = f"{label}, sampling at T={temperature:g}, top-p {top_p:g}"
         bar = tqdm(total=len(prompts), desc=f"decoding ({label})", unit="prompt", disable=not progress)
@@ -296,18 +300,18 @@ class S2TGenerator:
             steps.set_postfix(running=running, refresh=False)
 
         for i, g in decode_stream(
-            decoder.model,
+            resolved.decoder.model,
             prompts,
-            method_obj,
-            llm=llm,
+            resolved.method,
+            llm=resolved.llm,
             temperature=temperature,
             top_p=top_p,
             seeds=seeds,
             max_batch_size=batch_size,
             on_step=show_step if progress else None,
-            **self._decode_kwargs(max_new_tokens, decoder),
+            **engine_kwargs(resolved.decoder, max_new_tokens),
         ):
-            if method == LLM_ALONE:
+            if resolved.llm_alone:
                 g.cost = _as_llm_cost(g.cost)
             text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
             bar.update(1)
@@ -315,30 +319,18 @@ class S2TGenerator:
         steps.close()
         bar.close()
 
-    def method_models(
-        self,
-        method: str | Method,
-        calibration_questions: Sequence[str] | None = None,
-        batch_size: int = 8,
-        **method_kwargs,
-    ) -> tuple[LoadedModel, PreTrainedModel | None, Method]:
-        """The decoding model, the LLM it needs (or None) and the method object for ``method``.
-
-        ``llm`` (the LLM alone) decodes greedily with the LLM; other names build a method (loading the
-        LLM only if it needs one), calibrating its trigger on ``calibration_questions`` when it has no
-        threshold.
-        """
-        if method == LLM_ALONE:
-            return self.llm, None, build_method("greedy")
-        method_obj = self.make_method(method, **method_kwargs)
-        if needs_calibration(method_obj):
-            if not calibration_questions:
-                raise ValueError(
-                    f"the {method_obj.trigger.name!r} trigger has no threshold: pass threshold=, or "
-                    "calibration_questions= (training problems) to calibrate it as a quantile"
-                )
-            self.calibrate(method_obj, calibration_questions, batch_size=batch_size)
-        return self.slm, (self.llm.model if method_obj.needs_llm else None), method_obj
+    def _resolved(self, method: MethodArg, **options) -> ResolvedMethod:
+        if isinstance(method, ResolvedMethod):
+            return method
+        if not isinstance(method, Method):
+            return self.resolve(method, **options)
+        # a method built by hand (build_method): decoded by this SLM, as given
+        if needs_calibration(method):
+            raise ValueError(
+                f"the {method.trigger.name!r} trigger has no threshold: pass threshold=, or a method name "
+                "(its trigger is then calibrated on training problems, see MethodSpec.calibration)"
+            )
+        return ResolvedMethod(self.slm, self.llm.model if method.needs_llm else None, method)
 
 
 def _as_llm_cost(cost: CostRecord) -> CostRecord:
@@ -349,3 +341,145 @@ def _as_llm_cost(cost: CostRecord) -> CostRecord:
         llm_forward_tokens=cost.slm_forward_tokens,
         wall_time_s=cost.wall_time_s,
     )
+
+
+class CalibrationStore:
+    """Calibrated thresholds in one JSON file, one entry per key: ``{"trigger", "quantile",
+    "threshold", "problems"}``. ``path=None`` keeps the entries in memory only; ``read_only``
+    refuses new entries (a distributed worker holds its driver's thresholds)."""
+
+    def __init__(self, path: str | Path | None, entries: dict | None = None, read_only: bool = False):
+        self.path = Path(path) if path is not None else None
+        self._entries = dict(entries or {})
+        self.read_only = read_only
+
+    def entries(self) -> dict[str, dict]:
+        if self.path is not None and self.path.is_file():
+            stored = json.loads(self.path.read_text())
+            return {k: v for k, v in stored.items() if isinstance(v, dict)}  # older caches held bare floats
+        return dict(self._entries)
+
+    def get(self, key: str) -> dict | None:
+        return self.entries().get(key)
+
+    def put(self, key: str, entry: dict) -> dict:
+        """Store ``entry`` unless another process stored ``key`` first; returns the stored entry."""
+        if self.path is None:
+            return self._entries.setdefault(key, entry)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with locked(self.path.with_name(f".{self.path.name}.lock")):
+            stored = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            stored.setdefault(key, entry)
+            write_json_atomic(self.path, stored)
+        return stored[key]
+
+
+class Calibrator:
+    """The one place trigger thresholds are calibrated: the ``quantile`` of the trigger's statistic
+    while the SLM greedily decodes the spec's :class:`~s2t.methods.CalibrationSource` (after
+    ``min_step``), stored in a :class:`CalibrationStore`.
+
+    By default the store is ``calibration.json`` in the model cache, keyed by everything that
+    determines the threshold (models, trigger, quantile, min_step, source, token budget, prompt).
+    An evaluation run keys its own ``calibration.json`` by ``trigger@quantile`` alone
+    (``scoped=False``): the run's config pins the rest. A trigger's statistics are kept in memory,
+    so that a sweep over quantiles decodes the calibration questions once per trigger.
+    """
+
+    def __init__(
+        self,
+        generator: S2TGenerator,
+        store: CalibrationStore | None = None,
+        *,
+        scoped: bool = True,
+        batch_size: int = 8,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        evaluated_ids: set[str] | None = None,
+    ):
+        self.generator = generator
+        self.store = store if store is not None else CalibrationStore(cache_root() / "calibration.json")
+        self.scoped = scoped
+        self.batch_size = batch_size
+        self.system_prompt = system_prompt
+        self.evaluated_ids = set(evaluated_ids or ())
+        self._statistics: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def label(spec: MethodSpec) -> str:
+        """``entropy@0.95``: one entry per trigger and quantile."""
+        return f"{spec.trigger}@{spec.quantile}"
+
+    def key(self, spec: MethodSpec) -> str:
+        return f"{self._scope(spec, quantile=True)}/{self.label(spec)}" if self.scoped else self.label(spec)
+
+    def _scope(self, spec: MethodSpec, quantile: bool = False) -> str:
+        needs_llm = make_trigger(spec.trigger).needs_llm
+        blob = json.dumps(
+            [
+                self.generator.slm.name,
+                self.generator.llm_name() if needs_llm else None,
+                spec.trigger,
+                spec.quantile if quantile else None,
+                spec.min_step,
+                self.system_prompt,
+                spec.calibration.identity(),
+            ]
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    def threshold(self, spec: MethodSpec) -> float:
+        """The calibrated threshold for ``spec``'s trigger and quantile (stored, or computed and stored).
+
+        Raises:
+            ValueError: the calibration problems overlap the evaluated ones, or the trigger cannot be
+                calibrated; RuntimeError: a read-only store lacks the entry.
+        """
+        key = self.key(spec)
+        entry = self.store.get(key)
+        if entry is not None:
+            return entry["threshold"]
+        if self.store.read_only:
+            raise RuntimeError(
+                f"this process cannot calibrate (its store is read-only): give it the threshold for {self.label(spec)}"
+            )
+        if spec.calibration is None:
+            if spec.trigger == "random":  # its threshold is the firing rate, 1 - quantile: nothing to decode
+                return make_trigger("random").threshold_for_quantile(torch.empty(0), spec.quantile)
+            raise ValueError(f"the {spec.trigger!r} trigger has no threshold and no calibration source")
+        questions, ids = spec.calibration.load()
+        overlap = self.evaluated_ids & set(ids or ())
+        if overlap:
+            raise ValueError(
+                f"calibration problems overlap the evaluated problems ({sorted(overlap)[:3]}...): "
+                "thresholds must be chosen on training problems only"
+            )
+        trigger = make_trigger(spec.trigger)
+        statistics = torch.empty(0) if spec.trigger == "random" else self._trigger_statistics(spec, questions)
+        threshold = trigger.threshold_for_quantile(statistics, spec.quantile)
+        entry = {"trigger": spec.trigger, "quantile": spec.quantile, "threshold": threshold, "problems": ids}
+        logger.info("calibrated %s: threshold %.4g", self.label(spec), threshold)
+        return self.store.put(key, entry)["threshold"]
+
+    def _trigger_statistics(self, spec: MethodSpec, questions: Sequence[str]) -> torch.Tensor:
+        scope = self._scope(spec)
+        if scope not in self._statistics:
+            gen = self.generator
+            trigger = make_trigger(spec.trigger)
+            started = time.perf_counter()
+            logger.info(
+                "calibrating the %s trigger: greedy decoding of %d calibration problems (up to %d new tokens each)",
+                spec.trigger,
+                len(questions),
+                spec.calibration.max_new_tokens,
+            )
+            self._statistics[scope] = trigger_statistics(
+                trigger,
+                gen.slm.model,
+                gen.encode(questions, self.system_prompt),
+                llm=gen.llm.model if trigger.needs_llm else None,
+                min_step=spec.min_step,
+                batch_size=self.batch_size,
+                **gen.decode_kwargs(spec.calibration.max_new_tokens),
+            )
+            logger.info("decoded the calibration problems in %.0f s", time.perf_counter() - started)
+        return self._statistics[scope]

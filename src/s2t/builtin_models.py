@@ -186,9 +186,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, provenance: dict) -> Path:
         trim_padding_tokens(staging)
         drop_gguf_quantization_config(staging)
         provenance = dict(
-            provenance, conversion_seconds=round(time.perf_counter() - start, 1), tokenizer_trimmed=True,
+            provenance,
+            conversion_seconds=round(time.perf_counter() - start, 1),
+            tokenizer_trimmed=True,
             quantization_config_dropped=True,
-        )  # fmt: skip
+        )
         (staging / "s2t_source.json").write_text(json.dumps(provenance, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)

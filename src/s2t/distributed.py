@@ -13,7 +13,7 @@ them again. With ``workers <= 1`` the same code runs in-process and Ray is not n
 This module knows nothing of what the work is. Each command owns its shard work and calls
 :func:`run_sharded`: evaluation in :mod:`s2t.evaluate_distributed` (``EvalShardWorker``), the
 hit@K analysis in :mod:`s2t.analysis` (``AnalyzeShardWorker``), collection in
-:mod:`s2t.local.collect` (``CollectWorker``). A command needs three things:
+:mod:`s2t.training.collect` (``CollectWorker``). A command needs three things:
 
 - a picklable factory building the worker inside an actor, e.g.
   ``functools.partial(MyWorker, config)``, where ``MyWorker`` is importable on the workers;
@@ -21,7 +21,7 @@ hit@K analysis in :mod:`s2t.analysis` (``AnalyzeShardWorker``), collection in
 - an ``on_record`` that appends to the run directory, and a ``key``/``done`` pair so that
   resumed or retried work is never written twice::
 
-      run_sharded(partial(CollectWorker, config), "collect_shard", shards,
+      run_sharded(partial(CollectWorker, config), "run_shard", shards,
                   on_record=run.append, workers=4, ray_address="auto",
                   key=lambda r: r["problem_id"], done={r["problem_id"] for r in run.records()})
 

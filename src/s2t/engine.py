@@ -412,9 +412,17 @@ class Scheduler:
                 llm_logits = self.llm_stream.advance(self.ids, self.mask)
                 fired_any_llm |= fired.cpu()
             ctx = StepContext(
-                self.slm_logits, candidates, fired, llm_logits, generators, default, self.slm_stream,
-                self.ids, self.mask, sequence_ids=[s.id for s in rows],
-            )  # fmt: skip
+                self.slm_logits,
+                candidates,
+                fired,
+                llm_logits,
+                generators,
+                default,
+                self.slm_stream,
+                self.ids,
+                self.mask,
+                sequence_ids=[s.id for s in rows],
+            )
             chosen = method.selector.select(ctx)
             token = torch.where(fired, chosen, default)
             for i in fired.nonzero().flatten().tolist():
@@ -626,9 +634,15 @@ def decode_stream(
         raise ValueError("need one seed per prompt")
     requests = [Request(p, max_new_tokens, temperature, top_p, s) for p, s in zip(prompts, seeds)]
     scheduler = Scheduler(
-        slm, method, llm=llm, vocab_size=vocab_size, stop_ids=stop_ids, pad_id=pad_id,
-        max_batch_size=max_batch_size, record_statistics=record_statistics,
-    )  # fmt: skip
+        slm,
+        method,
+        llm=llm,
+        vocab_size=vocab_size,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        max_batch_size=max_batch_size,
+        record_statistics=record_statistics,
+    )
     index = {scheduler.add(r): i for i, r in enumerate(requests)}
     step = 0
     while scheduler.has_work():

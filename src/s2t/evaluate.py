@@ -18,9 +18,7 @@ can gain settings later without re-running what finished.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,30 +26,22 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from s2t.api import LLM_ALONE, S2TGenerator
+from s2t.api import CalibrationStore, Calibrator, ResolvedMethod, S2TGenerator
 from s2t.data import Problem, load_problems
 from s2t.engine import CostRecord, Method
 from s2t.grading import grade, majority_vote
 from s2t.methods import (
-    METHOD_SELECTORS,
-    SETTING_SYNTAX,
-    TriggerSetting,
+    CalibrationSource,
+    MethodSpec,
     build_method,
-    needs_calibration,
-    split_method_name,
+    is_local_method,
+    majority_samples,
 )
+from s2t.methods import canonical_method_name as _canonical_method_name
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM, resolve_dtype
-from s2t.policies.triggers import TRIGGERS
-from s2t.runs import RunDirectory, locked
+from s2t.runs import RunDirectory
 
 logger = logging.getLogger(__name__)
-
-MAJ_PATTERN = re.compile(r"^maj@(\d+)$")
-# s2t-local, or s2t-local:LABEL: a labelled variant lets a second selector join a run directory
-LOCAL_PATTERN = re.compile(r"^s2t-local(?::[a-z0-9][a-z0-9._-]*)?$")
-SINGLE_METHODS = ("greedy", LLM_ALONE, *[m for m in METHOD_SELECTORS if m != "greedy"])
-# Methods that consult a trigger, and so may carry their own trigger setting in their name.
-TRIGGERED_METHODS = tuple(m for m in METHOD_SELECTORS if m != "greedy")
 
 
 @dataclass
@@ -73,7 +63,7 @@ class EvalConfig:
     k: int = 8
     ratio: float | None = None
     min_step: int = 3
-    calibration_dataset: str = "gsm8k"
+    calibration_dataset: str | None = None  # default: the dataset's training split, else GSM8K's
     calibration_split: str = "train"
     calibration_problems: int = 8
     sample_temperature: float = 0.7
@@ -86,6 +76,8 @@ class EvalConfig:
     selector: str | None = None  # a trained S2T-Local selector directory (for the s2t-local method)
 
     def __post_init__(self):
+        """Check every option and every method's whole configuration (selector checkpoint included),
+        so that a bad configuration fails before any model loads or any run directory is made."""
         canonical: dict[str, str] = {}
         for m in self.methods:
             name = canonical_method_name(m)
@@ -95,45 +87,50 @@ class EvalConfig:
                 )
                 raise ValueError(f"method {m!r} {same} ({name}): give each setting once")
             canonical[name] = m
-            setting = split_method_name(name)[1]
-            if setting is not None and setting.trigger == "learned" and not self.selector:
-                raise ValueError(
-                    f"method {m!r}: the learned trigger is stored with a selector: pass --selector DIR"
-                )
         self.methods = list(canonical)
+        if self.calibration_dataset is None:
+            self.calibration_dataset = CalibrationSource.for_dataset(self.dataset).dataset
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
+        for name in self.methods:
+            self.spec(name)  # raises ValueError naming the method or the option
         self.dtype = resolve_dtype(self.dtype)  # recorded, so a run says which dtype made it
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         if self.calibration_problems < 1 and self.threshold is None:
             raise ValueError("calibration_problems must be >= 1 unless a threshold is given")
 
-    def method_kwargs(self, setting: TriggerSetting | None = None) -> dict:
-        """Keyword arguments for :func:`~s2t.methods.build_method`: the run's trigger configuration,
-        or a method's own ``setting`` in its place."""
-        kwargs = dict(
+    def calibration_source(self) -> CalibrationSource:
+        """The training problems and token budget every trigger of this run is calibrated on."""
+        return CalibrationSource(
+            self.calibration_dataset, self.calibration_split, self.calibration_problems, self.max_new_tokens
+        )
+
+    def spec(self, method: str) -> MethodSpec | None:
+        """The checked :class:`~s2t.methods.MethodSpec` of ``method`` under this run's options (None for maj@K)."""
+        if majority_samples(method) is not None:
+            return None
+        return MethodSpec.parse(
+            method,
             trigger=self.trigger,
             threshold=self.threshold,
-            quantile=None if self.threshold is not None else self.quantile,
+            quantile=self.quantile,
             k=self.k,
             ratio=self.ratio,
             min_step=self.min_step,
+            selector=self.selector,
+            calibration=self.calibration_source(),
         )
-        return kwargs | (setting.method_kwargs() if setting is not None else {})
 
     def trigger_name(self, method: str) -> str | None:
-        """The trigger a method consults (None for greedy, the LLM alone and maj@k)."""
-        base, setting = split_method_name(method)
-        if setting is not None:
-            return setting.trigger
-        return self.trigger if base in TRIGGERED_METHODS or is_local_method(base) else None
+        """The trigger a method consults (None for greedy, the LLM alone and maj@K)."""
+        spec = self.spec(method)
+        return spec.trigger if spec is not None and spec.trigger != "never" else None
 
     def needs_llm(self, method: str) -> bool:
         """Whether ``method`` needs the LLM loaded (decided from the configuration, before any model loads)."""
-        base = split_method_name(method)[0]
-        if base == LLM_ALONE:
-            return True
-        trigger = self.trigger_name(method)
-        return base in ("s2t", "takeover") or (trigger in TRIGGERS and TRIGGERS[trigger].needs_llm)
+        spec = self.spec(method)
+        return spec is not None and spec.needs_llm
 
 
 # Config entries that do not change results, so a run may resume with other values.
@@ -146,42 +143,10 @@ SELECTOR_KEY = "selector"
 LEGACY_CONFIG = {"dtype": "float32"}
 
 
-def is_local_method(name: str) -> bool:
-    """``s2t-local`` or a labelled variant ``s2t-local:LABEL`` (e.g. ``s2t-local:lora``), with or
-    without a trigger setting (``s2t-local/margin@0.8``)."""
-    return bool(LOCAL_PATTERN.match(name.split("/", 1)[0]))
-
-
 def canonical_method_name(name: str) -> str:
-    """Check a method name and return its canonical spelling (``s2t/entropy@0.80`` -> ``s2t/entropy@0.8``).
-
-    Raises ``ValueError`` naming the method for an unknown method, a malformed or out-of-range
-    trigger setting, a setting on a method without a trigger, or an LLM trigger on S2T-Local.
-    """
-    base, setting = split_method_name(name)
-    match = MAJ_PATTERN.match(base)
-    if not (base in SINGLE_METHODS or is_local_method(base) or (match and int(match.group(1)) >= 1)):
-        raise ValueError(
-            f"unknown method {name!r}; choose from {', '.join(SINGLE_METHODS)}, s2t-local, s2t-local:LABEL "
-            f"(lowercase letters, digits, '.', '_', '-'), maj@K; a trigger setting follows a '/' ({SETTING_SYNTAX})"
-        )
-    if setting is None:
-        return base
-    if base not in TRIGGERED_METHODS and not is_local_method(base):
-        raise ValueError(
-            f"method {name!r}: {base} consults no trigger, so it takes no trigger setting; "
-            f"settings apply to {', '.join(TRIGGERED_METHODS)} and s2t-local"
-        )
-    if is_local_method(base) and setting.trigger in TRIGGERS and TRIGGERS[setting.trigger].needs_llm:
-        raise ValueError(
-            f"method {name!r}: S2T-Local runs without an LLM, and the {setting.trigger!r} trigger needs one; "
-            "use an SLM-only trigger (entropy, margin, random, learned)"
-        )
-    return f"{base}/{setting.label}"
-
-
-def check_method_name(name: str) -> None:
-    canonical_method_name(name)
+    """A method name ``s2t eval`` accepts, canonically spelled: those of :data:`s2t.methods.METHODS`
+    (with a trigger setting, or ``s2t-local:LABEL``) and ``maj@K``; else ``ValueError``."""
+    return _canonical_method_name(name, majority=True)
 
 
 def sample_seed(seed: int, problem_id: str, sample: int) -> int:
@@ -196,8 +161,16 @@ def _cost_dict(cost: CostRecord) -> dict:
 def _sum_costs(costs: Sequence[CostRecord]) -> dict:
     total = CostRecord()
     for c in costs:
-        for name in ("generated_tokens", "slm_forward_calls", "slm_forward_tokens", "llm_forward_calls",
-                     "llm_forward_tokens", "triggers", "overrides", "wall_time_s"):  # fmt: skip
+        for name in (
+            "generated_tokens",
+            "slm_forward_calls",
+            "slm_forward_tokens",
+            "llm_forward_calls",
+            "llm_forward_tokens",
+            "triggers",
+            "overrides",
+            "wall_time_s",
+        ):
             setattr(total, name, getattr(total, name) + getattr(c, name))
     return total.to_dict()
 
@@ -219,9 +192,10 @@ class Evaluator:
         (:mod:`s2t.evaluate_distributed`). It cannot calibrate, so give it the calibrated ``thresholds``
         (:meth:`prepare_methods` of the driver's evaluator)."""
         self.config = config
-        self.thresholds: dict[str, float] = dict(thresholds or {})  # calibration key -> threshold
         # Problems first: a dataset that cannot be loaded must not leave a run directory behind.
         self.problems = list(problems) if problems is not None else self._load_problems()
+        if any(is_local_method(m) for m in config.methods):
+            self._check_selector_leakage()  # nor a selector trained on the evaluated problems
         resumable = RESUMABLE_KEYS | ({SELECTOR_KEY} if config.trigger != "learned" else set())
         self.run = (
             RunDirectory(out_dir, asdict(config), ignore_keys=resumable, legacy=LEGACY_CONFIG)
@@ -230,7 +204,29 @@ class Evaluator:
         )
         self.progress = progress
         self._generator = generator
-        self._local_generator: S2TGenerator | None = None  # an SLM with a LoRA selector's adapter merged in
+        # A run calibrates into its own calibration.json (resumed runs reuse it); a worker without a
+        # run directory holds its driver's thresholds and cannot calibrate.
+        self.store = (
+            CalibrationStore(self.run.path / "calibration.json")
+            if self.run is not None
+            else CalibrationStore(
+                None, {k: {"threshold": t} for k, t in (thresholds or {}).items()}, read_only=True
+            )
+        )
+        self._calibrator: Calibrator | None = None
+
+    @property
+    def calibrator(self) -> Calibrator:
+        """Calibrates this run's triggers on training problems, keyed ``trigger@quantile`` in the run's store."""
+        if self._calibrator is None:
+            self._calibrator = Calibrator(
+                self.generator,
+                self.store,
+                scoped=False,
+                batch_size=self.config.batch_size,
+                evaluated_ids={p.id for p in self.problems},
+            )
+        return self._calibrator
 
     @property
     def generator(self) -> S2TGenerator:
@@ -258,10 +254,15 @@ class Evaluator:
         problems). Distributed runs call it on the driver before fanning out and hand the
         thresholds to the workers.
         """
+        labels = set()
         for name in self.config.methods:
-            if self.config.trigger_name(name) is not None:
+            spec = self.config.spec(name)
+            if spec is not None and spec.trigger != "never":
                 self._method(name)
-        return dict(self.thresholds)
+                if spec.needs_calibration:
+                    labels.add(Calibrator.label(spec))
+        entries = self.store.entries()
+        return {label: entries[label]["threshold"] for label in sorted(labels)}
 
     def run_all(self, on_record: Callable[[dict], None] | None = None) -> list[dict]:
         """Evaluate every configured method on every problem not yet finished; returns all records."""
@@ -272,8 +273,14 @@ class Evaluator:
                 continue
             if is_local_method(method):
                 self.check_same_selector(method)
-            bar = tqdm(total=len(self.problems), initial=len(self.problems) - len(todo), desc=method,
-                       unit="problem", disable=not self.progress, dynamic_ncols=True)  # fmt: skip
+            bar = tqdm(
+                total=len(self.problems),
+                initial=len(self.problems) - len(todo),
+                desc=method,
+                unit="problem",
+                disable=not self.progress,
+                dynamic_ncols=True,
+            )
             for record in self.run_method(method, todo):
                 self.run.append(record)
                 if on_record:
@@ -284,9 +291,9 @@ class Evaluator:
         return self.run.records()
 
     def _selector_digest(self) -> str:
-        from s2t.local.selector import checkpoint_digest, selector_directory
+        from s2t.policies.learned_selector import checkpoint_digest
 
-        return checkpoint_digest(selector_directory(self.config.selector))
+        return checkpoint_digest(self.config.selector)
 
     def check_same_selector(self, method: str) -> None:
         """Refuse to mix results of two different trained selectors under one method name."""
@@ -306,21 +313,18 @@ class Evaluator:
 
     def run_method(self, method: str, problems: Sequence[Problem]):
         """Yield one graded record per problem, as each finishes."""
-        match = MAJ_PATTERN.match(method)
-        if match:
-            yield from self._run_majority(int(match.group(1)), problems)
+        samples = majority_samples(method)
+        if samples is not None:
+            yield from self._run_majority(samples, problems)
             return
-        method_obj = self._method(method)
-        generator = (
-            self._local_generator if is_local_method(method) and self._local_generator else self.generator
-        )
+        resolved = self._resolve(method)
         extra = {"selector": self._selector_digest()} if is_local_method(method) else {}
         if self.config.trigger_name(method) is not None:
-            extra["setting"] = _setting_record(method_obj)
+            extra["setting"] = _setting_record(resolved.method)
         # One continuous batch: a finished problem's place goes to the next one at once.
-        outs = generator.generate_stream(
+        outs = self.generator.generate_stream(
             [p.question for p in problems],
-            method_obj,
+            resolved,
             max_new_tokens=self.config.max_new_tokens,
             batch_size=self.config.batch_size,
             seeds=[sample_seed(self.config.seed, p.id, 0) for p in problems],
@@ -352,9 +356,15 @@ class Evaluator:
             questions = [p.question for p in batch for _ in range(k)]
             seeds = [sample_seed(c.seed, p.id, j) for p in batch for j in range(k)]
             outs = self.generator.generate(
-                questions, greedy, max_new_tokens=c.max_new_tokens, batch_size=max(c.batch_size, k),
-                temperature=c.sample_temperature, top_p=c.sample_top_p, seeds=seeds, progress=self.progress,
-            )  # fmt: skip
+                questions,
+                greedy,
+                max_new_tokens=c.max_new_tokens,
+                batch_size=max(c.batch_size, k),
+                temperature=c.sample_temperature,
+                top_p=c.sample_top_p,
+                seeds=seeds,
+                progress=self.progress,
+            )
             for i, p in enumerate(batch):
                 samples = outs[i * k : (i + 1) * k]
                 grades = [grade(p.answer, s.text) for s in samples]
@@ -374,42 +384,19 @@ class Evaluator:
                     "cost": _sum_costs([s.cost for s in samples]),
                 }
 
-    def _method(self, name: str):
-        if name == LLM_ALONE:
-            return LLM_ALONE
-        base, setting = split_method_name(name)
-        selector = self._local_selector() if is_local_method(base) else None
-        kwargs = self.config.method_kwargs(setting)
-        if kwargs["trigger"] == "learned":
-            kwargs["trigger"] = self._learned_trigger()
-            if setting is not None and (setting.threshold is not None or setting.quantile is not None):
-                # the name overrides the threshold stored with the trigger (a quantile recalibrates it)
-                kwargs["trigger"].threshold = setting.threshold
-        method = build_method(base, selector=selector, **kwargs)
-        method.name = name
-        if is_local_method(name) and method.needs_llm:
-            raise ValueError(
-                f"{name} runs without an LLM; the {method.trigger.name!r} trigger needs one: "
-                "use an SLM-only trigger (entropy, margin, random)"
-            )
-        if needs_calibration(method):
-            self._calibrate(method)
-        return method
+    def _resolve(self, name: str) -> ResolvedMethod:
+        """The method ``name`` resolved against this run's models, calibrated into this run's store."""
+        return self.generator.resolve(self.config.spec(name), calibrator=self.calibrator)
 
-    def _learned_trigger(self):
-        from s2t.local.trigger import LearnedTrigger
+    def _method(self, name: str) -> Method:
+        return self._resolve(name).method
 
-        if not self.config.selector:
-            raise ValueError("the learned trigger is stored with a trained selector: pass --selector DIR")
-        return LearnedTrigger.from_pretrained(self.config.selector, model=self.generator.slm.model)
+    def _check_selector_leakage(self) -> None:
+        """Refuse a selector trained (or validated) on any of the evaluated problems (read from its
+        config, before any model loads)."""
+        from s2t.policies.learned_selector import LocalSelector
 
-    def _local_selector(self):
-        """The trained selector, checked against the SLM and against test-set leakage."""
-        from s2t.local.selector import selector_directory
-
-        directory = selector_directory(self.config.selector)  # before any model is loaded
-        generator, selector = self.generator.local_selector(directory)
-        training = selector.config.training
+        training = LocalSelector.from_pretrained(self.config.selector).config.training
         seen = set(training.get("train_problem_ids", [])) | set(training.get("validation_problem_ids", []))
         leaked = seen & {p.id for p in self.problems}
         if leaked:
@@ -417,57 +404,6 @@ class Evaluator:
                 f"the selector was trained on {len(leaked)} of the evaluated problems (e.g. {sorted(leaked)[0]}): "
                 "refusing a leaky evaluation"
             )
-        if generator is not self.generator:
-            self._local_generator = generator
-        return selector
-
-    def _calibrate(self, method: Method) -> None:
-        """Calibrate on training problems once per run and trigger setting; reuse the stored
-        threshold on resume (and in other processes sharing the run directory)."""
-        c = self.config
-        key = calibration_key(method)
-        if key in self.thresholds:
-            method.trigger.threshold = self.thresholds[key]
-            return
-        if self.run is None:
-            raise RuntimeError(
-                f"an evaluator without a run directory cannot calibrate: give it the threshold for {key}"
-            )
-        cal_file = self.run.path / "calibration.json"
-        stored = json.loads(cal_file.read_text()) if cal_file.is_file() else {}
-        if key not in stored:
-            problems = load_problems(c.calibration_dataset, c.calibration_split, limit=c.calibration_problems)
-            evaluated = {p.id for p in self.problems}
-            overlap = evaluated & {p.id for p in problems}
-            if overlap:
-                raise ValueError(
-                    f"calibration problems overlap the evaluated problems ({sorted(overlap)[:3]}...): "
-                    "thresholds must be chosen on training problems only"
-                )
-            threshold = self.generator.calibrate(
-                method,
-                [p.question for p in problems],
-                max_new_tokens=c.max_new_tokens,
-                batch_size=c.batch_size,
-            )
-            entry = {
-                "trigger": method.trigger.name,
-                "quantile": method.quantile,
-                "threshold": threshold,
-                "problems": [p.id for p in problems],
-            }
-            # Another process may have calibrated other settings meanwhile: merge under the lock.
-            with locked(self.run.path / ".calibration.json.lock"):
-                stored = json.loads(cal_file.read_text()) if cal_file.is_file() else {}
-                stored.setdefault(key, entry)
-                self.run.write_json("calibration.json", stored)
-        self.thresholds[key] = stored[key]["threshold"]
-        method.trigger.threshold = self.thresholds[key]
-
-
-def calibration_key(method: Method) -> str:
-    """Where a calibrated threshold is stored: one entry per trigger and quantile (``entropy@0.95``)."""
-    return f"{method.trigger.name}@{method.quantile}"
 
 
 def _setting_record(method: Method) -> dict:

@@ -45,8 +45,24 @@ _LEADING_NUMBER = (
     r"(?:\s*\\?%)?"
 )
 # Words after a number that are mathematics, not units: "2 pi" is not 2.
-_MATH_WORDS = {"pi", "inf", "infty", "infinity", "sqrt", "sin", "cos", "tan", "cot", "sec", "csc", "log", "ln",
-               "exp", "mod", "choose"}  # fmt: skip
+_MATH_WORDS = {
+    "pi",
+    "inf",
+    "infty",
+    "infinity",
+    "sqrt",
+    "sin",
+    "cos",
+    "tan",
+    "cot",
+    "sec",
+    "csc",
+    "log",
+    "ln",
+    "exp",
+    "mod",
+    "choose",
+}
 _NUMBER_THEN_WORDS = re.compile(
     rf"({_LEADING_NUMBER})(?:\s|\\ |\\,|~)+[A-Za-z]{{2,}}(?:[\s/-]+[A-Za-z]{{2,}})*\s*\.?"
 )

@@ -15,7 +15,7 @@ Model arguments: ``slm``, ``llm`` (names, directories, .gguf files or Hub ids, a
 in s2t), ``method`` (``greedy``, ``s2t``, ``takeover``, ``random-select``, ``llm`` or
 ``s2t-local`` with ``selector=DIR``), ``trigger``, ``threshold``, ``quantile`` (without a
 threshold the trigger is calibrated as this quantile on ``calibration_problems`` GSM8K *train*
-problems), ``k``, ``ratio``, ``min_step``, ``dtype``, ``llm_dtype``, ``llm_device_map``,
+problems, with ``max_new_tokens`` new tokens each, as ``s2t generate`` and ``s2t eval`` do), ``k``, ``ratio``, ``min_step``, ``dtype``, ``llm_dtype``, ``llm_device_map``,
 ``batch_size``, ``max_new_tokens`` (the default when a request gives no ``max_gen_toks``) and
 ``max_length`` (prompts longer than ``max_length - max_gen_toks`` keep their last tokens).
 
@@ -34,15 +34,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from s2t.api import LLM_ALONE, S2TGenerator
-from s2t.engine import Method, decode
-from s2t.methods import METHOD_SELECTORS, build_method, needs_calibration
+from s2t.api import S2TGenerator
+from s2t.engine import decode
+from s2t.methods import CalibrationSource, MethodSpec
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM
 
 logger = logging.getLogger(__name__)
 
 LM_EVAL_INSTALL_HINT = 'pip install "select-to-think[lm-eval]"'
-METHODS = (*METHOD_SELECTORS, LLM_ALONE, "s2t-local")
 
 try:  # optional dependency: without it the class exists but cannot be built, and nothing is registered
     import lm_eval.models  # noqa: F401  (registers lm-eval's own models lazily, so they stay available)
@@ -110,8 +109,18 @@ class S2TLM(LM):
         if register_model is None:
             raise ImportError(f"the lm-eval adapter needs lm-eval: {LM_EVAL_INSTALL_HINT}")
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        # the whole method is checked before any model loads
+        self.spec = MethodSpec.parse(
+            method,
+            trigger=trigger,
+            threshold=threshold,
+            quantile=quantile,
+            k=k,
+            ratio=ratio,
+            min_step=min_step,
+            selector=selector,
+            calibration=CalibrationSource(problems=calibration_problems, max_new_tokens=max_new_tokens),
+        )
         if unused:
             logger.info("s2t lm-eval adapter: ignoring arguments %s", sorted(unused))
         if device and device.startswith("cuda"):
@@ -129,33 +138,11 @@ class S2TLM(LM):
         self.max_length = max_length
         self.seed = seed
         self.method_name = method
-        self.method = self._build_method(method, trigger, threshold, quantile, k, ratio, min_step, selector,
-                                         calibration_problems)  # fmt: skip
-
-    def _build_method(
-        self, method, trigger, threshold, quantile, k, ratio, min_step, selector, n_calibration
-    ):
-        if method == LLM_ALONE:
-            return LLM_ALONE
-        local_selector = None
-        if method == "s2t-local":
-            if not selector:
-                raise ValueError("method=s2t-local needs a trained selector: pass selector=DIR (`s2t train`)")
-            from s2t.local.selector import LocalSelector
-
-            local_selector = LocalSelector.from_pretrained(selector, model=self.generator.slm.model)
-        elif selector:
-            raise ValueError(f"selector= is only used by method=s2t-local, not {method!r}")
-        quantile = None if threshold is not None else quantile
-        built: Method = build_method(method, trigger=trigger, threshold=threshold, quantile=quantile, k=k,
-                                     ratio=ratio, min_step=min_step, selector=local_selector)  # fmt: skip
-        if needs_calibration(built):
-            from s2t.data import load_problems
-
-            problems = load_problems("gsm8k", "train", limit=n_calibration)
-            self.generator.calibrate(built, [p.question for p in problems], batch_size=self.batch_size)
-            logger.info("calibrated the %s trigger: threshold %.4g", trigger, built.trigger.threshold)
-        return built
+        # the same resolver as `s2t generate`: a LoRA selector decodes with its adapter merged in
+        self.resolved = self.generator.resolve(self.spec)
+        self.method = self.resolved.method
+        if self.spec.needs_calibration:
+            logger.info("calibrated the %s trigger: threshold %.4g", trigger, self.method.trigger.threshold)
 
     # -- chat templating (used by lm-eval when --apply_chat_template is given) --
 
@@ -190,8 +177,13 @@ class S2TLM(LM):
             indices = sorted(indices, key=lambda i: -len(settings[i][0]))
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start : start + self.batch_size]
-                texts = self._generate([settings[i][0] for i in batch], max_gen, temperature, top_p,
-                                       seeds=[self.seed * 1_000_003 + i for i in batch])  # fmt: skip
+                texts = self._generate(
+                    [settings[i][0] for i in batch],
+                    max_gen,
+                    temperature,
+                    top_p,
+                    seeds=[self.seed * 1_000_003 + i for i in batch],
+                )
                 for i, text in zip(batch, texts):
                     results[i] = truncate_at_stop(text, until)
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
@@ -207,11 +199,17 @@ class S2TLM(LM):
         if self.max_length:
             keep = max(1, self.max_length - max_gen)
             prompts = [p[-keep:] for p in prompts]
-        decoder, llm, method = gen.method_models(self.method)
+        r = self.resolved
         outs = decode(
-            decoder.model, prompts, method, llm=llm, temperature=temperature, top_p=top_p, seeds=seeds,
-            **gen._decode_kwargs(max_gen, decoder),
-        )  # fmt: skip
+            r.decoder.model,
+            prompts,
+            r.method,
+            llm=r.llm,
+            temperature=temperature,
+            top_p=top_p,
+            seeds=seeds,
+            **gen.decode_kwargs(max_gen, r.decoder),
+        )
         return [gen.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):

@@ -1,4 +1,10 @@
-"""Named decoding methods (greedy, s2t, takeover, random-select) and trigger calibration.
+"""Named decoding methods, :class:`MethodSpec` (a method's whole configuration) and trigger calibration.
+
+A :class:`MethodSpec` is what every entry point (``s2t generate``, ``s2t serve``, ``s2t eval``,
+the lm-eval adapter, :class:`s2t.api.S2TGenerator`) builds from its options with
+:meth:`MethodSpec.parse`, which validates everything before any model loads;
+:meth:`s2t.api.S2TGenerator.resolve` turns it into the decoding model, the LLM (or None) and a
+finished :class:`~s2t.engine.Method`. The accepted method names are :data:`METHODS`.
 
 A method name fixes the selector; the trigger, K and candidate filter are options, so that
 S2T and its controls can be compared at exactly the same trigger points.
@@ -18,12 +24,13 @@ import copy
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
 
 from s2t.engine import Method, decode
+from s2t.method_names import LLM_ALONE, LOCAL_METHOD, METHOD_SELECTORS, METHODS, TRIGGER_NAMES
 from s2t.policies.candidates import TopK, make_candidates
 from s2t.policies.selectors import Selector, make_selector
 from s2t.policies.triggers import (
@@ -38,11 +45,15 @@ from s2t.policies.triggers import (
 DEFAULT_QUANTILE = 0.95
 DEFAULT_K = 8
 
-# method name -> selector name; "greedy" never triggers
-METHOD_SELECTORS = {"greedy": "slm", "s2t": "llm", "takeover": "takeover", "random-select": "random"}
+# Methods that consult a trigger, and so may carry their own trigger setting in their name.
+TRIGGERED_METHODS = (*(m for m in METHOD_SELECTORS if m != "greedy"), LOCAL_METHOD)
+# s2t-local, or s2t-local:LABEL: a labelled variant lets a second selector join a run directory
+_LOCAL_PATTERN = re.compile(r"^s2t-local(?::[a-z0-9][a-z0-9._-]*)?$")
+_MAJORITY_PATTERN = re.compile(r"^maj@(?P<k>[0-9]+)$")
+DEFAULT_MAX_NEW_TOKENS = 512
 
 # Triggers a method-name setting may use: the built-in ones and the learned one stored with a selector.
-SETTING_TRIGGERS = (*TRIGGERS, "learned")
+SETTING_TRIGGERS = TRIGGER_NAMES
 _TRIGGER_PART = re.compile(r"^(?P<trigger>[a-z]+)(?:(?P<op>[@=])(?P<value>.+))?$")
 _K_PART = re.compile(r"^k(?P<k>[0-9]+)$")
 SETTING_SYNTAX = "METHOD/TRIGGER[@QUANTILE|=THRESHOLD][/kK], e.g. s2t/entropy@0.8, s2t/margin=0.3, s2t/always"
@@ -136,13 +147,15 @@ def build_method(
     ratio: float | None = None,
     min_step: int = 3,
     selector: Selector | None = None,
+    label: str | None = None,
 ) -> Method:
     """Build a named method. Without a threshold the trigger must be calibrated (see :func:`calibrate`).
 
-    ``selector`` overrides the named method's selector (used by S2T-Local's learned selector).
+    ``selector`` overrides the named method's selector (used by S2T-Local's learned selector);
+    ``label`` is the built method's name (default ``name``).
     """
     if name == "greedy":
-        return Method(NeverTrigger(), TopK(1), make_selector("slm"), min_step, name="greedy")
+        return Method(NeverTrigger(), TopK(1), make_selector("slm"), min_step, name=label or "greedy")
     if name not in METHOD_SELECTORS and selector is None:
         if name == "s2t-local":
             raise ValueError("the s2t-local method needs a trained selector (selector=LocalSelector...)")
@@ -151,9 +164,9 @@ def build_method(
         check_quantile(quantile)
     trig: Trigger = trigger if isinstance(trigger, Trigger) else make_trigger(trigger, threshold)
     selector = selector or make_selector(METHOD_SELECTORS[name])
-    if threshold is None and quantile is None and not isinstance(trig, NeverTrigger):
+    if trig.threshold is None and quantile is None and not isinstance(trig, NeverTrigger):
         quantile = DEFAULT_QUANTILE
-    return Method(trig, make_candidates(k, ratio), selector, min_step, name=name, quantile=quantile)
+    return Method(trig, make_candidates(k, ratio), selector, min_step, name=label or name, quantile=quantile)
 
 
 def needs_calibration(method: Method) -> bool:
@@ -214,3 +227,241 @@ def calibrate(
         statistics = trigger_statistics(trigger, slm, prompts, llm=llm, min_step=method.min_step, **kwargs)
     trigger.calibrate(statistics, quantile)
     return float(trigger.threshold)
+
+
+def is_local_method(name: str) -> bool:
+    """``s2t-local`` or a labelled variant ``s2t-local:LABEL`` (e.g. ``s2t-local:lora``), with or
+    without a trigger setting (``s2t-local/margin@0.8``)."""
+    return bool(_LOCAL_PATTERN.match(name.split("/", 1)[0]))
+
+
+def base_method(name: str) -> str:
+    """The entry of :data:`METHODS` behind a name: ``s2t-local:lora/margin@0.8`` -> ``s2t-local``."""
+    base = name.split("/", 1)[0]
+    return LOCAL_METHOD if is_local_method(base) else base
+
+
+def majority_samples(name: str) -> int | None:
+    """K for ``maj@K`` (K samples, majority vote; an evaluation baseline), else None."""
+    match = _MAJORITY_PATTERN.match(name)
+    return int(match["k"]) if match and int(match["k"]) >= 1 else None
+
+
+def canonical_method_name(name: str, majority: bool = False) -> str:
+    """Check a method name and return its canonical spelling (``s2t/entropy@0.80`` -> ``s2t/entropy@0.8``).
+
+    Names are those of :data:`METHODS` (and ``s2t-local:LABEL``), with ``maj@K`` where
+    ``majority`` (``s2t eval``). Raises ``ValueError`` naming the method for an unknown method, a
+    malformed or out-of-range trigger setting, a setting on a method without a trigger, or an LLM
+    trigger on S2T-Local.
+    """
+    base, setting = split_method_name(name)
+    known_majority = majority and majority_samples(base) is not None
+    if not (base in METHODS or is_local_method(base) or known_majority):
+        raise ValueError(
+            f"unknown method {name!r}; choose from {', '.join(METHODS)} (or s2t-local:LABEL: lowercase "
+            f"letters, digits, '.', '_', '-'){', maj@K' if majority else ''}; a trigger setting follows a "
+            f"'/' ({SETTING_SYNTAX})"
+        )
+    if setting is None:
+        return base
+    if base_method(base) not in TRIGGERED_METHODS:
+        raise ValueError(
+            f"method {name!r}: {base} consults no trigger, so it takes no trigger setting; "
+            f"settings apply to {', '.join(TRIGGERED_METHODS)}"
+        )
+    _check_local_trigger(name, setting.trigger)
+    return f"{base}/{setting.label}"
+
+
+def _check_local_trigger(name: str, trigger: str) -> None:
+    if is_local_method(name) and trigger in TRIGGERS and TRIGGERS[trigger].needs_llm:
+        raise ValueError(
+            f"method {name!r}: S2T-Local runs without an LLM, and the {trigger!r} trigger needs one; "
+            "use an SLM-only trigger (entropy, margin, random, learned)"
+        )
+
+
+@dataclass(frozen=True)
+class CalibrationSource:
+    """Where and how a trigger is calibrated: the first ``problems`` questions of ``dataset``/``split``
+    (training problems, never evaluated ones), greedily decoded by the SLM for ``max_new_tokens``.
+
+    This is the whole calibration definition: two entry points with equal sources and equal
+    models calibrate the same method to the same threshold.
+    """
+
+    dataset: str = "gsm8k"
+    split: str = "train"
+    problems: int = 8
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    data_dir: str | None = field(default=None, compare=False)  # where the files are, not what they are
+    questions: tuple[str, ...] | None = None  # given questions instead of a dataset (the Python API)
+
+    @classmethod
+    def for_dataset(cls, dataset: str | None = None, **kwargs) -> CalibrationSource:
+        """The training split of ``dataset`` when the registry has one, else GSM8K's training split."""
+        from s2t.data import DATASETS
+
+        spec = DATASETS.get(dataset) if dataset else None
+        return cls(dataset=dataset if spec is not None and "train" in spec.splits else "gsm8k", **kwargs)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` unless this source can calibrate (at least one problem and token)."""
+        if self.problems < 1:
+            raise ValueError(
+                f"--calibration-problems must be >= 1 (or give --threshold); got {self.problems}"
+            )
+        if self.max_new_tokens < 1:
+            raise ValueError(f"the calibration token budget must be >= 1; got {self.max_new_tokens}")
+
+    @classmethod
+    def from_questions(cls, questions: Sequence[str], **kwargs) -> CalibrationSource:
+        """Calibrate on the given (training) questions rather than on a dataset's problems."""
+        return cls(problems=max(len(questions), 1), questions=tuple(questions), **kwargs)
+
+    def load(self) -> tuple[list[str], list[str] | None]:
+        """The calibration questions and their problem ids (None for given questions)."""
+        if self.questions is not None:
+            return list(self.questions), None
+        from s2t.data import load_problems
+
+        problems = load_problems(self.dataset, self.split, limit=self.problems, data_dir=self.data_dir)
+        return [p.question for p in problems], [p.id for p in problems]
+
+    def identity(self) -> list:
+        """What determines the calibration: the questions (given or named) and the token budget."""
+        named = [self.dataset, self.split, self.problems]
+        return [list(self.questions) if self.questions is not None else named, self.max_new_tokens]
+
+    def describe(self) -> str:
+        what = "given questions" if self.questions is not None else f"{self.dataset} {self.split} problems"
+        return f"{self.problems} {what}, {self.max_new_tokens} new tokens each"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A decoding method's whole configuration, checked, before any model loads.
+
+    ``name`` is the method's canonical name (``s2t``, ``s2t/entropy@0.8/k4``, ``s2t-local:lora``);
+    ``method`` is its entry of :data:`METHODS`. The trigger has either a ``threshold`` or a
+    ``quantile`` to be calibrated on ``calibration`` (neither for ``always``/``never``, and the
+    learned trigger keeps the threshold stored with it unless one is given). ``selector`` is a
+    trained selector's directory (``s2t-local``, and the learned trigger stored beside it).
+    Build one with :meth:`parse`; :meth:`s2t.api.S2TGenerator.resolve` turns it into a method.
+    """
+
+    name: str
+    method: str
+    trigger: str = "never"
+    quantile: float | None = None
+    threshold: float | None = None
+    k: int = DEFAULT_K
+    ratio: float | None = None
+    min_step: int = 3
+    selector: str | None = None
+    calibration: CalibrationSource | None = field(default_factory=CalibrationSource)
+
+    @classmethod
+    def parse(
+        cls,
+        name: str,
+        *,
+        trigger: str = "entropy",
+        threshold: float | None = None,
+        quantile: float | None = None,
+        k: int = DEFAULT_K,
+        ratio: float | None = None,
+        min_step: int = 3,
+        selector: str | None = None,
+        calibration: CalibrationSource | None = CalibrationSource(),
+    ) -> MethodSpec:
+        """The spec of method ``name`` under an entry point's options.
+
+        A trigger setting in the name (``s2t/margin@0.8/k4``) replaces the options' trigger,
+        threshold, quantile and K. Without a threshold the trigger is calibrated at ``quantile``
+        (default 0.95) on ``calibration`` (None: refuse to calibrate). Greedy and the LLM alone
+        ignore the trigger options.
+
+        Raises:
+            ValueError: an unknown method or trigger, a quantile outside (0, 1), a threshold outside
+                the trigger's range, K < 1, a ratio outside (0, 1], a negative ``min_step``, an LLM
+                trigger on s2t-local, or a missing, truncated or corrupted ``selector`` where the
+                method or the learned trigger needs one (:class:`SelectorCheckpointError`).
+        """
+        name = canonical_method_name(name.strip())
+        base, setting = split_method_name(name)
+        method = base_method(base)
+        if min_step < 0:
+            raise ValueError(f"min_step must be >= 0; got {min_step}")
+        if method in ("greedy", LLM_ALONE):
+            return cls(name, method, min_step=min_step, calibration=calibration)
+        if setting is not None:
+            trigger, threshold, quantile = setting.trigger, setting.threshold, setting.quantile
+            k = setting.k if setting.k is not None else k
+        if trigger not in SETTING_TRIGGERS:
+            raise ValueError(f"unknown trigger {trigger!r}; choose from {', '.join(SETTING_TRIGGERS)}")
+        _check_local_trigger(name, trigger)
+        uses_selector = method == LOCAL_METHOD or trigger == "learned"
+        if uses_selector and not selector:
+            needs = "the s2t-local method" if method == LOCAL_METHOD else "the learned trigger"
+            raise ValueError(f"{needs} needs a trained selector: pass --selector DIR (see `s2t train`)")
+        make_candidates(k, ratio)  # validates K and the ratio
+        if threshold is not None:
+            quantile = None
+            if trigger in TRIGGERS:
+                make_trigger(trigger, threshold)  # validates the threshold's range
+            elif not 0.0 <= threshold <= 1.0:
+                raise ValueError(
+                    f"threshold for the 'learned' trigger must lie in [0.0, 1.0]; got {threshold}"
+                )
+        elif trigger in ("always", "never"):
+            quantile = None
+        elif trigger == "learned":
+            if setting is not None and quantile is not None:
+                raise ValueError(
+                    f"method {name!r}: the learned trigger's threshold is set at training time "
+                    "(--trigger-rate); give learned=THRESHOLD or plain learned"
+                )
+            quantile = None
+        else:
+            quantile = DEFAULT_QUANTILE if quantile is None else quantile
+            check_quantile(quantile)
+        if quantile is not None and trigger != "random":
+            if calibration is None:
+                raise ValueError(
+                    f"the {trigger!r} trigger has no threshold: pass threshold=, or calibration_questions= "
+                    "(training problems) to calibrate it as a quantile"
+                )
+            calibration.check()
+        if uses_selector:
+            from s2t.policies.learned_selector import check_selector_checkpoint
+            from s2t.policies.learned_trigger import LearnedTrigger
+
+            if method == LOCAL_METHOD:
+                check_selector_checkpoint(selector)
+            if trigger == "learned":
+                LearnedTrigger.from_pretrained(selector)  # reads the trigger's small files only
+        return cls(
+            name,
+            method,
+            trigger,
+            quantile,
+            threshold,
+            k,
+            ratio,
+            min_step,
+            selector if uses_selector else None,
+            calibration,
+        )
+
+    @property
+    def needs_llm(self) -> bool:
+        """Whether this method loads the LLM (decided before any model loads)."""
+        if self.method in (LLM_ALONE, "s2t", "takeover"):
+            return True
+        return self.trigger in TRIGGERS and TRIGGERS[self.trigger].needs_llm
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.quantile is not None

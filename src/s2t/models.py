@@ -235,3 +235,20 @@ def stop_token_ids(loaded: LoadedModel) -> list[int]:
     if loaded.tokenizer.eos_token_id is not None:
         ids.add(loaded.tokenizer.eos_token_id)
     return sorted(ids)
+
+
+def pad_token_id(loaded: LoadedModel) -> int:
+    """The id that pads finished rows: the tokenizer's pad token, else the first stop id."""
+    pad = loaded.tokenizer.pad_token_id
+    return pad if pad is not None else stop_token_ids(loaded)[0]
+
+
+def engine_kwargs(loaded: LoadedModel, max_new_tokens: int | None = None) -> dict:
+    """The engine's token settings for a loaded model: ``vocab_size`` (the tokenizer's, so that padded
+    output rows are never generated), ``stop_ids``, ``pad_id`` and, if given, ``max_new_tokens``."""
+    kwargs = {
+        "vocab_size": len(loaded.tokenizer),
+        "stop_ids": stop_token_ids(loaded),
+        "pad_id": pad_token_id(loaded),
+    }
+    return kwargs | ({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {})

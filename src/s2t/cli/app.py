@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from s2t.method_names import TRIGGER_NAMES
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -19,7 +21,12 @@ console = Console()
 
 SLMOpt = Annotated[str, typer.Option(help="SLM: built-in name, local directory, .gguf file or Hub id.")]
 LLMOpt = Annotated[str, typer.Option(help="LLM (same kinds as --slm); loaded only if a method needs it.")]
-TriggerOpt = Annotated[str, typer.Option(help="Trigger: never, always, kl, entropy, margin, random.")]
+TriggerOpt = Annotated[
+    str,
+    typer.Option(
+        help=f"Trigger: {', '.join(TRIGGER_NAMES)} (learned: the LLM-free trigger stored with --selector)."
+    ),
+]
 ThresholdOpt = Annotated[
     float | None, typer.Option(help="Trigger threshold (else calibrated as --quantile).")
 ]
@@ -51,7 +58,9 @@ RayAddressOpt = Annotated[
     str | None, typer.Option(help="Ray cluster to join ('auto', host:port); default: start Ray locally.")
 ]
 MinStepOpt = Annotated[int, typer.Option(help="No trigger in the first N steps.")]
-CalibrationProblemsOpt = Annotated[int, typer.Option(help="GSM8K *train* problems used to calibrate.")]
+CalibrationProblemsOpt = Annotated[
+    int, typer.Option(help="Training problems (the dataset's train split, else GSM8K's) used to calibrate.")
+]
 SelectorOpt = Annotated[
     str | None, typer.Option(help="Trained S2T-Local selector directory (for s2t-local; see `s2t train`).")
 ]

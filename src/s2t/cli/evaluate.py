@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from s2t.cli.app import (
+    CalibrationProblemsOpt,
     DecodeDtypeOpt,
     KOpt,
     LLMDeviceMapOpt,
@@ -24,6 +25,7 @@ from s2t.cli.app import (
     console,
     fail,
 )
+from s2t.method_names import METHODS
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM
 
 
@@ -37,7 +39,8 @@ def eval_command(
     methods: Annotated[
         str,
         typer.Option(
-            help="Comma-separated: greedy, llm, s2t, takeover, random-select, maj@K, s2t-local (or s2t-local:LABEL to add a second selector to a run)."
+            help=f"Comma-separated: {', '.join(METHODS)}, maj@K (s2t-local:LABEL adds a second selector to a "
+            "run; a trigger setting may follow a '/', e.g. s2t/entropy@0.8)."
         ),
     ] = "greedy,s2t",
     dataset: Annotated[
@@ -57,9 +60,7 @@ def eval_command(
     ratio: RatioOpt = None,
     min_step: Annotated[int, typer.Option(help="No trigger in the first N steps.")] = 3,
     max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 512,
-    calibration_problems: Annotated[
-        int, typer.Option(help="GSM8K *train* problems used to calibrate the trigger.")
-    ] = 8,
+    calibration_problems: CalibrationProblemsOpt = 8,
     batch_size: Annotated[int, typer.Option(help="Problems decoded together.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed for sampling (maj@k) and random controls.")] = 0,
     dtype: DecodeDtypeOpt = None,
@@ -81,12 +82,29 @@ def eval_command(
     out = out or _default_out(dataset, split, limit, offset)
     try:
         config = EvalConfig(
-            slm=slm, llm=llm, dataset=dataset, split=split, limit=limit, offset=offset, data_file=data_file,
-            methods=[m.strip() for m in methods.split(",") if m.strip()], max_new_tokens=max_new_tokens,
-            trigger=trigger, threshold=threshold, quantile=quantile, k=k, ratio=ratio, min_step=min_step,
-            calibration_problems=calibration_problems, seed=seed, dtype=dtype, batch_size=batch_size,
-            selector=selector, llm_dtype=llm_dtype, llm_device_map=llm_device_map,
-        )  # fmt: skip
+            slm=slm,
+            llm=llm,
+            dataset=dataset,
+            split=split,
+            limit=limit,
+            offset=offset,
+            data_file=data_file,
+            methods=[m.strip() for m in methods.split(",") if m.strip()],
+            max_new_tokens=max_new_tokens,
+            trigger=trigger,
+            threshold=threshold,
+            quantile=quantile,
+            k=k,
+            ratio=ratio,
+            min_step=min_step,
+            calibration_problems=calibration_problems,
+            seed=seed,
+            dtype=dtype,
+            batch_size=batch_size,
+            selector=selector,
+            llm_dtype=llm_dtype,
+            llm_device_map=llm_device_map,
+        )
         console.print(f"run directory: {out}")
         if workers > 1:
             from s2t.evaluate_distributed import evaluate_distributed

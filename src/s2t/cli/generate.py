@@ -28,6 +28,7 @@ from s2t.cli.app import (
     console,
     fail,
 )
+from s2t.method_names import LLM_ALONE, METHODS
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM
 
 
@@ -57,7 +58,7 @@ def generate(
         str | None, typer.Option(help="Answer a dataset problem by id instead, e.g. gsm8k/test/0.")
     ] = None,
     method: Annotated[
-        str, typer.Option(help="Comma-separated: greedy, s2t, takeover, random-select, llm, s2t-local.")
+        str, typer.Option(help=f"Comma-separated: {', '.join(METHODS)} (a trigger setting may follow a '/').")
     ] = "greedy,s2t",
     selector: SelectorOpt = None,
     slm: SLMOpt = DEFAULT_SLM,
@@ -85,51 +86,53 @@ def generate(
         console.stderr = True  # stdout holds the JSON document only (the app callback resets this)
     from s2t.api import S2TGenerator
     from s2t.grading import extract_answer, is_correct
-    from s2t.local.selector import selector_directory
 
-    methods = [m.strip() for m in method.split(",") if m.strip()]
     gold = None
     try:
         if (question is None) == (problem is None):
             raise ValueError("give either a QUESTION or --problem ID")
+        options = dict(
+            trigger=trigger,
+            threshold=threshold,
+            quantile=quantile,
+            k=k,
+            ratio=ratio,
+            min_step=min_step,
+            selector=selector,
+        )
+        dataset = problem.split("/")[0] if problem else None
+        specs = method_specs(method, options, calibration_problems, max_new_tokens, data_dir, dataset)
         if problem is not None:
             found = _problem_by_id(problem, data_dir)
             question, gold = found.question, found.answer
             console.print(f"[bold]{found.id}:[/] {question}\n[dim]gold answer: {gold}[/]")
-        if "s2t-local" in methods:
-            selector_directory(selector)  # a missing --selector fails before the SLM is loaded
         gen = S2TGenerator(slm, llm=llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map)
         results = {}
-        local_gen, local_selector = gen.local_selector(selector) if "s2t-local" in methods else (gen, None)
-        for name in methods:
-            m = cli_method(
-                gen, name, local_selector, trigger=trigger, threshold=threshold, quantile=quantile, k=k,
-                ratio=ratio, min_step=min_step, calibration_problems=calibration_problems, data_dir=data_dir,
-            )  # fmt: skip
-            with console.status(f"decoding with {name}"):
-                decoder = local_gen if name == "s2t-local" else gen
-                out = decoder.generate([question], m, max_new_tokens=max_new_tokens)[0]
-            results[name] = (out, m)
+        for spec in specs:
+            resolved = resolve_with_status(gen, spec)
+            with console.status(f"decoding with {spec.name}"):
+                out = gen.generate([question], resolved, max_new_tokens=max_new_tokens)[0]
+            results[spec.name] = (out, resolved)
     except (ValueError, RuntimeError, KeyError, FileNotFoundError) as e:
         fail(str(e))
 
     if as_json:
         payload = {}
-        for name, (out, m) in results.items():
+        for name, (out, r) in results.items():
             entry = {
                 "text": out.text,
                 "answer": extract_answer(out.text),
                 "finish_reason": out.finish_reason,
                 "cost": out.cost.to_dict(),
-                "method": m if isinstance(m, str) else m.describe(),
+                "method": LLM_ALONE if r.llm_alone else r.method.describe(),
             }
             if gold is not None:
                 entry.update(problem_id=problem, gold=gold, correct=is_correct(gold, out.text))
             payload[name] = entry
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
-    for name, (out, m) in results.items():
-        desc = "LLM alone" if isinstance(m, str) else _describe(m)
+    for name, (out, r) in results.items():
+        desc = "LLM alone" if r.llm_alone else _describe(r.method)
         console.rule(f"[bold]{name}[/] ({desc})")
         console.print(out.text.strip(), markup=False, highlight=False)
         verdict = (
@@ -143,39 +146,34 @@ def generate(
     console.print(cost_table({name: out.cost for name, (out, _) in results.items()}))
 
 
-def cli_method(
-    gen,
-    name: str,
-    local_selector,
-    *,
-    trigger: str,
-    threshold: float | None,
-    quantile: float | None,
-    k: int,
-    ratio: float | None,
-    min_step: int,
+def method_specs(
+    methods: str,
+    options: dict,
     calibration_problems: int,
+    max_new_tokens: int,
     data_dir: str | None,
-):
-    """The named method built from the command line's options (``"llm"`` stays a name), its trigger
-    calibrated on GSM8K train problems when it has no threshold."""
-    from s2t.methods import needs_calibration
+    dataset: str | None = None,
+) -> list:
+    """The checked :class:`~s2t.methods.MethodSpec` of each comma-separated method (before any model
+    loads); triggers without a threshold calibrate on the training split of ``dataset`` (else GSM8K
+    train) with the run's token budget."""
+    from s2t.methods import CalibrationSource, MethodSpec
 
-    if name == "llm":
-        return name
-    kwargs = {}
-    if name != "greedy":
-        kwargs = dict(
-            trigger=trigger, threshold=threshold, quantile=quantile, k=k, ratio=ratio, min_step=min_step
-        )
-    if name == "s2t-local":
-        kwargs["selector"] = local_selector
-    method = gen.make_method(name, **kwargs)
-    if needs_calibration(method):
-        calib = _calibration_questions(calibration_problems, data_dir)
-        with console.status(f"calibrating the {trigger} trigger on {len(calib)} GSM8K train problems"):
-            gen.calibrate(method, calib)
-    return method
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    if not names:
+        raise ValueError("give at least one method")
+    calibration = CalibrationSource.for_dataset(
+        dataset, problems=calibration_problems, max_new_tokens=max_new_tokens, data_dir=data_dir
+    )
+    return [MethodSpec.parse(name, **options, calibration=calibration) for name in names]
+
+
+def resolve_with_status(gen, spec):
+    """``gen.resolve(spec)``, saying on the console when the trigger is being calibrated."""
+    if not spec.needs_calibration:
+        return gen.resolve(spec)
+    with console.status(f"calibrating the {spec.trigger} trigger on {spec.calibration.describe()}"):
+        return gen.resolve(spec)
 
 
 def _describe(method) -> str:
@@ -225,11 +223,3 @@ def _problem_by_id(problem_id: str, data_dir: str | None):
     if not found:
         raise ValueError(f"no problem {problem_id!r}: index out of range")
     return found[0]
-
-
-def _calibration_questions(n: int, data_dir: str | None) -> list[str]:
-    from s2t.data import load_problems
-
-    if n < 1:
-        raise ValueError("--calibration-problems must be >= 1 (or give --threshold)")
-    return [p.question for p in load_problems("gsm8k", "train", limit=n, data_dir=data_dir)]

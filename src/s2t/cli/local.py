@@ -62,20 +62,32 @@ def collect(
 ) -> None:
     """Collect (context, top-K candidates, LLM preference) groups on training problems."""
     from s2t.data import DatasetUnavailableError
-    from s2t.local.collect import CollectConfig
-    from s2t.local.collect import collect as run_collect
+    from s2t.training.collect import CollectConfig
+    from s2t.training.collect import collect as run_collect
 
     out = out or str(Path("runs") / f"groups-{dataset}-{split}-{offset}-{limit}-{mode}")
     try:
         if mode == "on-policy" and threshold is None:
             raise ValueError("on-policy collection needs --threshold (the entropy trigger's threshold)")
         config = CollectConfig(
-            slm=slm, llm=llm, dataset=dataset, split=split, limit=limit, offset=offset, data_file=data_file,
-            mode=mode, k=k, groups_at=groups_at, calibration_problems=calibration_problems,
+            slm=slm,
+            llm=llm,
+            dataset=dataset,
+            split=split,
+            limit=limit,
+            offset=offset,
+            data_file=data_file,
+            mode=mode,
+            k=k,
+            groups_at=groups_at,
+            calibration_problems=calibration_problems,
             on_policy_threshold=threshold,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, llm_dtype=llm_dtype,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            dtype=dtype,
+            llm_dtype=llm_dtype,
             llm_device_map=llm_device_map,
-        )  # fmt: skip
+        )
         console.print(f"collecting into {out}" + (f" on {workers} Ray workers" if workers > 1 else ""))
         run_collect(config, out, workers=workers, ray_address=ray_address)
     except (ValueError, RuntimeError, FileNotFoundError, DatasetUnavailableError) as e:
@@ -151,10 +163,10 @@ def train_command(
     dtype: DtypeOpt = None,
 ) -> None:
     """Train the S2T-Local selector (and an LLM-free trigger) from collected groups."""
-    from s2t.local.objective import LORA_DEFAULT_LR, TrainConfig
-    from s2t.local.selector import SelectorCheckpointError
-    from s2t.local.train import train
-    from s2t.local.trigger import parse_label
+    from s2t.policies.learned_selector import SelectorCheckpointError
+    from s2t.training.objective import LORA_DEFAULT_LR, TrainConfig
+    from s2t.training.train import train
+    from s2t.training.trigger import parse_label
 
     defaults = {"head": (30, 1e-2, 256), "lora": (3, LORA_DEFAULT_LR, 1), "features": (30, 3e-3, 256)}
     try:
@@ -192,11 +204,26 @@ def train_command(
         return
     try:
         config = TrainConfig(
-            groups=groups, out=out, mode=mode, groups_subset=groups_subset, epochs=epochs or d_epochs,
-            lr=lr or d_lr, batch_size=batch_size or d_bs, val_fraction=val_fraction, seed=seed, dtype=dtype,
-            lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_layers=lora_layers, k=k, bins_lr=bins_lr,
-            prefix_kl_weight=prefix_kl_weight, checkpoint_every=checkpoint_every, eval_every=eval_every,
-        )  # fmt: skip
+            groups=groups,
+            out=out,
+            mode=mode,
+            groups_subset=groups_subset,
+            epochs=epochs or d_epochs,
+            lr=lr or d_lr,
+            batch_size=batch_size or d_bs,
+            val_fraction=val_fraction,
+            seed=seed,
+            dtype=dtype,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            lora_layers=lora_layers,
+            k=k,
+            bins_lr=bins_lr,
+            prefix_kl_weight=prefix_kl_weight,
+            checkpoint_every=checkpoint_every,
+            eval_every=eval_every,
+        )
         selector = train(config, resume=resume)
         if mode == "lora":
             from accelerate import PartialState
@@ -218,9 +245,9 @@ def train_command(
 
 
 def _train_features(groups, out, k, groups_at, epochs, lr, batch_size, val_fraction, seed, dtype):
-    from s2t.local.collect import collection_config
-    from s2t.local.feature_training import FeatureTrainConfig, train_feature_selector
     from s2t.models import load_model
+    from s2t.training.collect import collection_config
+    from s2t.training.feature_training import FeatureTrainConfig, train_feature_selector
 
     try:
         config = FeatureTrainConfig(
@@ -271,9 +298,9 @@ def _report(selector, trigger, trigger_rate: float, out: str) -> None:
 
 def _train_trigger(groups: str, out: str, rate: float, val_fraction: float, seed: int, dtype, label: str):
 
-    from s2t.local.collect import collection_config
-    from s2t.local.trigger import train_trigger
     from s2t.models import load_model
+    from s2t.training.collect import collection_config
+    from s2t.training.trigger import train_trigger
 
     slm_name = collection_config(groups)["slm"]
     trigger = train_trigger(

@@ -25,14 +25,20 @@ from s2t.cli.app import (
     console,
     fail,
 )
+from s2t.method_names import LLM_ALONE, METHODS
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM
 
-SERVED_METHODS = ("greedy", "s2t", "takeover", "random-select", "s2t-local")
+SERVED_METHODS = tuple(m for m in METHODS if m != LLM_ALONE)  # the LLM alone is served by any LLM server
 
 
 @app.command()
 def serve(
-    method: Annotated[str, typer.Option(help=f"The method served: {', '.join(SERVED_METHODS)}.")] = "greedy",
+    method: Annotated[
+        str,
+        typer.Option(
+            help=f"The method served: {', '.join(SERVED_METHODS)} (a trigger setting may follow a '/')."
+        ),
+    ] = "greedy",
     selector: SelectorOpt = None,
     slm: SLMOpt = DEFAULT_SLM,
     llm: LLMOpt = DEFAULT_LLM,
@@ -70,26 +76,31 @@ def serve(
     temperature, top_p, stop and seed. The LLM is loaded only if the method needs it.
     """
     from s2t.api import S2TGenerator
-    from s2t.cli.generate import cli_method
-    from s2t.local.selector import selector_directory
+    from s2t.cli.generate import method_specs, resolve_with_status
     from s2t.serving import create_app
     from s2t.serving.server import serve as run_server
 
     try:
-        if method not in SERVED_METHODS:
+        if method.split("/", 1)[0] not in SERVED_METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(SERVED_METHODS)}")
-        if method == "s2t-local":
-            selector_directory(selector)  # a missing --selector fails before the SLM is loaded
-        gen = S2TGenerator(slm, llm=llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map)
-        decoder, local_selector = gen.local_selector(selector) if method == "s2t-local" else (gen, None)
-        method_obj = cli_method(
-            gen, method, local_selector, trigger=trigger, threshold=threshold, quantile=quantile, k=k,
-            ratio=ratio, min_step=min_step, calibration_problems=calibration_problems, data_dir=data_dir,
-        )  # fmt: skip
-        scheduler = decoder.scheduler(
-            method_obj, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk or None
+        options = dict(
+            trigger=trigger,
+            threshold=threshold,
+            quantile=quantile,
+            k=k,
+            ratio=ratio,
+            min_step=min_step,
+            selector=selector,
         )
-        limit = context_length or getattr(decoder.slm.model.config, "max_position_embeddings", None) or 4096
+        (spec,) = method_specs(method, options, calibration_problems, max_tokens, data_dir)
+        gen = S2TGenerator(slm, llm=llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map)
+        resolved = resolve_with_status(gen, spec)
+        scheduler = gen.scheduler(
+            resolved, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk or None
+        )
+        limit = (
+            context_length or getattr(resolved.decoder.model.config, "max_position_embeddings", None) or 4096
+        )
         name = model_name or gen.slm.name
         server_app = create_app(
             scheduler, gen.tokenizer, model_name=name, context_length=limit, default_max_tokens=max_tokens

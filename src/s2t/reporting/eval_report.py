@@ -146,8 +146,14 @@ def plot_accuracy_vs_cost(summary: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for m, e in summary.items():
         x = e["mean_wall_time_s"]
-        ax.errorbar(x, e["accuracy"] * 100, yerr=[[100 * (e["accuracy"] - e["ci_low"])], [100 * (e["ci_high"] - e["accuracy"])]],
-                    fmt="o", capsize=4, label=m)  # fmt: skip
+        ax.errorbar(
+            x,
+            e["accuracy"] * 100,
+            yerr=[[100 * (e["accuracy"] - e["ci_low"])], [100 * (e["ci_high"] - e["accuracy"])]],
+            fmt="o",
+            capsize=4,
+            label=m,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("wall time per problem (s, log scale)")
     ax.set_ylabel("accuracy (%)  [95% bootstrap CI]")

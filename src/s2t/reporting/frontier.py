@@ -111,8 +111,13 @@ def _pair_selectors(rows: list[dict], by_method: dict[str, dict[str, bool]]) -> 
             test = mcnemar_exact(
                 [by_method[row["method"]][p] for p in common], [by_method[other["method"]][p] for p in common]
             )
-            row["vs_takeover"] = {"method": other["method"], "n_paired": len(common), "only_s2t": test.n10,
-                                  "only_takeover": test.n01, "p_value": test.p_value}  # fmt: skip
+            row["vs_takeover"] = {
+                "method": other["method"],
+                "n_paired": len(common),
+                "only_s2t": test.n10,
+                "only_takeover": test.n01,
+                "p_value": test.p_value,
+            }
 
 
 def cheapest_reaching(rows: list[dict], target: float) -> dict:
@@ -197,15 +202,20 @@ def plot_frontier(rows: list[dict], summary: dict, path: Path) -> Path:
                 yerr=[
                     [100 * (r["accuracy"] - r["ci_low"]) for r in points],
                     [100 * (r["ci_high"] - r["accuracy"]) for r in points],
-                ],  # fmt: skip
+                ],
                 fmt=f"{markers.get(selector, 'D')}-",
                 capsize=3,
                 alpha=0.85,
                 label=f"{selector}, {trigger} trigger",
             )
             for r in points:
-                ax.annotate(f"{r['trigger_rate']:.0%}", (r[key], 100 * r["accuracy"]), fontsize=7,
-                            xytext=(4, -10), textcoords="offset points")  # fmt: skip
+                ax.annotate(
+                    f"{r['trigger_rate']:.0%}",
+                    (r[key], 100 * r["accuracy"]),
+                    fontsize=7,
+                    xytext=(4, -10),
+                    textcoords="offset points",
+                )
         for name, color in (("greedy", "k"), ("llm", "g")):
             entry = summary[name]
             ax.axhline(100 * entry["accuracy"], color=color, ls="--", lw=1)

@@ -166,9 +166,11 @@ def create_app(
     ) -> Request:
         if body.model != model_name:
             raise OpenAIError(
-                404, f"The model `{body.model}` does not exist; this server serves `{model_name}`",
-                param="model", code="model_not_found",
-            )  # fmt: skip
+                404,
+                f"The model `{body.model}` does not exist; this server serves `{model_name}`",
+                param="model",
+                code="model_not_found",
+            )
         body.check_supported()
         if not prompt:
             raise OpenAIError(400, "the prompt is empty", param=prompt_param)
@@ -176,10 +178,12 @@ def create_app(
         if room < 1 or (max_tokens is not None and max_tokens > room):
             asked = f" and {max_tokens} tokens to generate" if max_tokens is not None else ""
             raise OpenAIError(
-                400, f"This model's maximum context length is {context_length} tokens; the prompt has "
-                f"{len(prompt)} tokens{asked}", param=prompt_param if room < 1 else "max_tokens",
+                400,
+                f"This model's maximum context length is {context_length} tokens; the prompt has "
+                f"{len(prompt)} tokens{asked}",
+                param=prompt_param if room < 1 else "max_tokens",
                 code="context_length_exceeded",
-            )  # fmt: skip
+            )
         seed = body.seed if body.seed is not None else random.getrandbits(31)
         max_new_tokens = max_tokens if max_tokens is not None else min(default_max_tokens, room)
         # max_tokens 0 (echo only) is answered without decoding; Request needs at least one token.
@@ -258,8 +262,11 @@ def create_app(
     def summary(prompt: list[int], text: TextStream, generation: Generation) -> tuple[str, dict]:
         finish = "stop" if text.stopped else generation.finish_reason
         completion = len(generation.token_ids)
-        usage = {"prompt_tokens": len(prompt), "completion_tokens": completion,
-                 "total_tokens": len(prompt) + completion}  # fmt: skip
+        usage = {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": completion,
+            "total_tokens": len(prompt) + completion,
+        }
         return finish, {"usage": usage, "s2t_cost": {**generation.cost.to_dict(), "method": method.name}}
 
     async def collect(ticket: Ticket, text: TextStream, connection: HTTPRequest) -> list | None:
@@ -317,8 +324,13 @@ def create_app(
         if not body.stream and echo and body.max_tokens == 0:  # score the prompt, decode nothing
             usage = {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}
             choice = {"index": 0, "text": echoed_text, "logprobs": echoed, "finish_reason": "length"}
-            return {**head, "object": "text_completion", "choices": [choice], "usage": usage,
-                    "s2t_cost": {"method": method.name, "generated_tokens": 0}}  # fmt: skip
+            return {
+                **head,
+                "object": "text_completion",
+                "choices": [choice],
+                "usage": usage,
+                "s2t_cost": {"method": method.name, "generated_tokens": 0},
+            }
 
         stream = TextStream(tokenizer, body.stop_strings())
         ticket = await worker.submit(request)

@@ -87,8 +87,9 @@ class CompletionRequest(SamplingRequest):
     def check_supported(self) -> None:
         super().check_supported()
         if self.best_of not in (None, 1):
-            raise OpenAIError(400, "best_of is not supported by this server (one choice per request)",
-                              param="best_of")  # fmt: skip
+            raise OpenAIError(
+                400, "best_of is not supported by this server (one choice per request)", param="best_of"
+            )
         if self.suffix:
             raise OpenAIError(400, "suffix is not supported by this server", param="suffix")
         if self.max_tokens == 0 and not self.echo:
@@ -137,8 +138,12 @@ class ChatCompletionRequest(SamplingRequest):
                     400, f"{name} is not supported by this server (no tool calling)", param=name
                 )
         if self.tool_choice not in (None, "none"):
-            raise OpenAIError(400, "tool_choice is not supported by this server (no tool calling)",
-                              param="tool_choice")  # fmt: skip
+            raise OpenAIError(
+                400, "tool_choice is not supported by this server (no tool calling)", param="tool_choice"
+            )
         if self.response_format and self.response_format.get("type", "text") != "text":
-            raise OpenAIError(400, "response_format other than text is not supported by this server",
-                              param="response_format")  # fmt: skip
+            raise OpenAIError(
+                400,
+                "response_format other than text is not supported by this server",
+                param="response_format",
+            )

@@ -1,8 +1,8 @@
-"""An LLM-free trigger learned from collected groups: P(critical step | SLM state).
+"""Training the LLM-free trigger (:class:`s2t.policies.learned_trigger.LearnedTrigger`) from collected groups.
 
-Features per decoding step: the SLM's last hidden state, its top-64 entropy, its top-1/top-2
-margin and its top-16 probabilities, standardised; a logistic regression predicts the step's
-label. Two labels:
+Features per decoding step (:mod:`s2t.policies.features`): the SLM's last hidden state, its
+top-64 entropy, its top-1/top-2 margin and its top-16 probabilities, standardised; a logistic
+regression predicts the step's label. Two labels:
 
 - ``kl@Q`` (default ``kl@0.95``): the step's KL(SLM‖LLM) over the SLM's top-64 lies in the top
   ``1 - Q`` of the training positions' KL — where the paper's KL trigger would fire, so the
@@ -16,89 +16,17 @@ rate: AUROC and recall of the label.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from s2t.local.collect import POSITION_TOP_PROBS as TOP_PROBS
-from s2t.local.collect import collected_records
-from s2t.local.objective import split_problems
-from s2t.local.selector import SelectorCheckpointError, matches_fingerprint, model_fingerprint, read_config
-from s2t.policies.triggers import EntropyTrigger, Trigger
-
-WEIGHTS_NAME = "trigger.safetensors"
-CONFIG_NAME = "trigger_config.json"
-
-
-def step_features(slm_logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """(batch, hidden + 2 + 16) features of a decoding step."""
-    probs = torch.softmax(slm_logits.float(), -1)
-    top = probs.topk(TOP_PROBS, -1).values
-    entropy = EntropyTrigger().statistic(slm_logits, None)
-    return torch.cat([hidden.float(), entropy[:, None], (top[:, 0] - top[:, 1])[:, None], top], dim=-1)
-
-
-@dataclass
-class LearnedTriggerConfig:
-    base_model: str
-    base_fingerprint: str
-    threshold: float
-    target_rate: float
-    metrics: dict = field(default_factory=dict)
-
-
-class LearnedTrigger(Trigger):
-    """Fires where the predicted probability of a divergence point is at least the threshold."""
-
-    name = "learned"
-    needs_hidden = True
-    threshold_range = (0.0, 1.0)
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                 config: LearnedTriggerConfig):  # fmt: skip
-        super().__init__(config.threshold)
-        self.weight, self.bias, self.mean, self.std, self.config = weight, bias, mean, std, config
-
-    def predict(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(((features - self.mean) / self.std) @ self.weight + self.bias)
-
-    def statistic(self, slm_logits, slm_hidden):
-        if slm_hidden is None:
-            raise ValueError("the learned trigger needs the SLM's hidden state")
-        return self.predict(step_features(slm_logits, slm_hidden))
-
-    def calibrate(self, statistics, quantile):
-        raise ValueError("the learned trigger's threshold is set at training time (--trigger-rate)")
-
-    def describe(self) -> dict:
-        return {"name": self.name, "threshold": self.threshold, "target_rate": self.config.target_rate}
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {"weight": self.weight, "bias": self.bias.reshape(1), "mean": self.mean, "std": self.std}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME))
-        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, model=None) -> LearnedTrigger:
-        directory = Path(directory)
-        if not (directory / WEIGHTS_NAME).is_file():
-            raise SelectorCheckpointError(f"no learned trigger in {directory} (train one with `s2t train`)")
-        config = read_config(directory / CONFIG_NAME, LearnedTriggerConfig)
-        try:
-            t = load_file(str(directory / WEIGHTS_NAME))
-        except Exception as e:  # safetensors raises several unrelated types on corrupt files
-            raise SelectorCheckpointError(f"corrupted trigger checkpoint in {directory}: {e}") from e
-        if model is not None and not matches_fingerprint(model, config.base_fingerprint):
-            raise SelectorCheckpointError(
-                f"this trigger was trained on base model {config.base_model!r}, not this SLM"
-            )
-        return cls(t["weight"], t["bias"][0], t["mean"], t["std"], config)
+from s2t.policies.features import step_features
+from s2t.policies.learned_selector import model_fingerprint
+from s2t.policies.learned_trigger import LearnedTrigger, LearnedTriggerConfig
+from s2t.training.collect import collected_records
+from s2t.training.objective import split_problems
 
 
 def _auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -154,10 +82,8 @@ def load_position_features(groups_dir: str | Path, min_step: int = 3, with_kl: b
                     "train with --trigger-label divergent"
                 )
             kl.append(t["position_kl"][min_step:].float())
-        hidden = t["position_hidden"].float()
-        top = t["position_slm_topk_probs"][:, :TOP_PROBS]
         e, m = t["position_entropy"], t["position_margin"]
-        x = torch.cat([hidden, e[:, None], m[:, None], top], dim=-1)[min_step:]
+        x = step_features(t["position_hidden"], e, m, t["position_slm_topk_probs"])[min_step:]
         feats.append(x)
         labels.append(t["position_divergent"][min_step:])
         problems.append(torch.full((len(x),), i, dtype=torch.long))
@@ -175,9 +101,17 @@ def load_position_features(groups_dir: str | Path, min_step: int = 3, with_kl: b
     return (*out, cat(kl)) if with_kl else out
 
 
-def train_trigger(groups_dir: str | Path, slm, base_model: str, target_rate: float = 0.05, val_fraction: float = 0.1,
-                  seed: int = 0, epochs: int = 200, weight_decay: float = 1e-3,
-                  label: str = "kl@0.95") -> LearnedTrigger:  # fmt: skip
+def train_trigger(
+    groups_dir: str | Path,
+    slm,
+    base_model: str,
+    target_rate: float = 0.05,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    epochs: int = 200,
+    weight_decay: float = 1e-3,
+    label: str = "kl@0.95",
+) -> LearnedTrigger:
     """Fit the logistic trigger on training problems and set its threshold for ``target_rate``.
 
     ``label`` is what it learns to predict (see the module docstring); a ``kl@Q`` label's cutoff
@@ -215,11 +149,16 @@ def train_trigger(groups_dir: str | Path, slm, base_model: str, target_rate: flo
     w, b = w.detach(), b.detach()
     scores = torch.sigmoid(xs @ w + b)
     threshold = float(torch.quantile(scores[tr].double(), 1 - target_rate))
-    metrics = {"train_positions": int(tr.sum()), "validation_positions": int(va.sum()), "label": label,
-               "label_share": float(y.float().mean()), "kl_cutoff": kl_cutoff}  # fmt: skip
+    metrics = {
+        "train_positions": int(tr.sum()),
+        "validation_positions": int(va.sum()),
+        "label": label,
+        "label_share": float(y.float().mean()),
+        "kl_cutoff": kl_cutoff,
+    }
     if va.any():
+        # recall of the label at the target rate: the share of labelled steps each trigger catches
         for name, s in (("learned", scores[va]), ("entropy", entropy[va]), ("margin", -margin[va])):
-            # recall of the label at the target rate: the share of labelled steps the trigger catches
             metrics[name] = {
                 "auroc": _auroc(s, y[va]),
                 f"recall_at_{target_rate:g}": _recall_at_rate(s, y[va], target_rate),

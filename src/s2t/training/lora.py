@@ -2,7 +2,7 @@
 
 One optimisation step reads whole problems: each problem's trajectory and the candidates of all
 its groups go through the adapted SLM in **one** forward pass under a 4D mask
-(:mod:`s2t.local.packing`), instead of one forward per group. The candidates' final hidden
+(:mod:`s2t.training.packing`), instead of one forward per group. The candidates' final hidden
 states are scored by the bins (the reserved output rows); the loss is the paper's selector loss
 per group plus ``prefix_kl_weight`` · KL(frozen SLM ‖ adapted SLM) over each group's last
 ``prefix_kl_tokens`` context tokens, which keeps ordinary generation close to the original model.
@@ -40,9 +40,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from s2t.local.collect import collected_records, collection_config
-from s2t.local.objective import TrainConfig, grouped_selection_metrics, selector_loss, split_problems
-from s2t.local.packing import (
+from s2t.policies.learned_selector import ADAPTER_DIR, LocalSelector, model_fingerprint
+from s2t.policies.scoring import attention_mask_for
+from s2t.runs import write_json_atomic
+from s2t.training.collect import collected_records, collection_config
+from s2t.training.objective import TrainConfig, grouped_selection_metrics, selector_loss, split_problems
+from s2t.training.packing import (
     PackedProblem,
     check_record,
     group_context,
@@ -50,9 +53,6 @@ from s2t.local.packing import (
     sparse_kl,
     sparse_targets,
 )
-from s2t.local.scoring import attention_mask_for
-from s2t.local.selector import ADAPTER_DIR, LocalSelector, model_fingerprint
-from s2t.runs import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +111,12 @@ def decoder_hidden(lm, packed: PackedProblem, start: int = 0, start_hidden: torc
 def frozen_pass(lm, packed: PackedProblem, vocab_size: int, top: int, start: int) -> dict[str, torch.Tensor]:
     """What the frozen SLM contributes to a problem's loss: KL targets and cached layer states."""
     mask = _mask(packed.allowed, lm)
-    out = lm.model(input_ids=packed.input_ids.to(lm.device)[None], attention_mask=mask,
-                   position_ids=packed.position_ids.to(lm.device)[None], output_hidden_states=start > 0)  # fmt: skip
+    out = lm.model(
+        input_ids=packed.input_ids.to(lm.device)[None],
+        attention_mask=mask,
+        position_ids=packed.position_ids.to(lm.device)[None],
+        output_hidden_states=start > 0,
+    )
     weighted = packed.kl_weight > 0
     base_hidden = out.last_hidden_state[0, : packed.base_length][weighted.to(lm.device)]
     ids, logprobs = sparse_targets(lm.get_output_embeddings()(base_hidden)[:, :vocab_size], top)
@@ -122,8 +126,16 @@ def frozen_pass(lm, packed: PackedProblem, vocab_size: int, top: int, start: int
     return tensors
 
 
-def packed_loss(lm, selector: LocalSelector, bins, packed: PackedProblem, prepared: dict, cfg: TrainConfig,
-                vocab_size: int, start: int = 0):  # fmt: skip
+def packed_loss(
+    lm,
+    selector: LocalSelector,
+    bins,
+    packed: PackedProblem,
+    prepared: dict,
+    cfg: TrainConfig,
+    vocab_size: int,
+    start: int = 0,
+):
     """The problem's loss summed over its groups (divide by the batch's group count), and its scores (M, K)."""
     hidden = decoder_hidden(lm, packed, start, prepared.get("start_hidden"))
     m, k = packed.n_groups, packed.k
@@ -134,14 +146,24 @@ def packed_loss(lm, selector: LocalSelector, bins, packed: PackedProblem, prepar
     if cfg.prefix_kl_weight > 0:
         weighted = packed.kl_weight > 0
         base = hidden[: packed.base_length][weighted.to(hidden.device)]
-        kl = sparse_kl(lm.get_output_embeddings()(base)[:, :vocab_size], prepared["kl_target_ids"].to(base.device),
-                       prepared["kl_target_logprobs"].to(base.device))  # fmt: skip
+        kl = sparse_kl(
+            lm.get_output_embeddings()(base)[:, :vocab_size],
+            prepared["kl_target_ids"].to(base.device),
+            prepared["kl_target_logprobs"].to(base.device),
+        )
         loss = loss + cfg.prefix_kl_weight * (kl * packed.kl_weight[weighted].to(kl.device)).sum()
     return loss, scores
 
 
-def per_group_loss(lm, selector: LocalSelector, bins, packed: PackedProblem, prepared: dict, cfg: TrainConfig,
-                   vocab_size: int):  # fmt: skip
+def per_group_loss(
+    lm,
+    selector: LocalSelector,
+    bins,
+    packed: PackedProblem,
+    prepared: dict,
+    cfg: TrainConfig,
+    vocab_size: int,
+):
     """The reference: the same loss computed with one forward per group (its context + K candidates).
 
     Summed over the problem's groups, like :func:`packed_loss`; far slower, kept as the definition.
@@ -155,17 +177,22 @@ def per_group_loss(lm, selector: LocalSelector, bins, packed: PackedProblem, pre
         allowed = torch.ones(n + k, n + k, dtype=torch.bool).tril()
         allowed[n:, n:] = torch.eye(k, dtype=torch.bool)
         positions = torch.cat([torch.arange(n), torch.full((k,), n)])
-        out = lm.model(input_ids=torch.cat([context, candidates]).to(lm.device)[None],
-                       attention_mask=_mask(allowed, lm), position_ids=positions.to(lm.device)[None])  # fmt: skip
+        out = lm.model(
+            input_ids=torch.cat([context, candidates]).to(lm.device)[None],
+            attention_mask=_mask(allowed, lm),
+            position_ids=positions.to(lm.device)[None],
+        )
         hidden = out.last_hidden_state[0]
         scores = selector.selection_logits(hidden[n:], packed.slm_probs[g], bins)[None]
         total = total + selector_loss(scores, packed.llm_probs[g : g + 1].to(lm.device), cfg)
         if cfg.prefix_kl_weight > 0:
             w = min(cfg.prefix_kl_tokens, n)
             rows = torch.tensor([row_of[q] for q in range(n - w, n)])
-            kl = sparse_kl(lm.get_output_embeddings()(hidden[n - w : n])[:, :vocab_size],
-                           prepared["kl_target_ids"][rows].to(lm.device),
-                           prepared["kl_target_logprobs"][rows].to(lm.device))  # fmt: skip
+            kl = sparse_kl(
+                lm.get_output_embeddings()(hidden[n - w : n])[:, :vocab_size],
+                prepared["kl_target_ids"][rows].to(lm.device),
+                prepared["kl_target_logprobs"][rows].to(lm.device),
+            )
             total = total + cfg.prefix_kl_weight * kl.mean()
     return total
 
@@ -275,20 +302,28 @@ class LoraTrainer:
         self.selector = LocalSelector.initial(self.lm, self.collect_cfg["slm"], self.vocab_size)
         self.selector.config.score_temperature = cfg.score_temperature
         self.train_p, self.val_p = split_problems(len(self.records), cfg.val_fraction, cfg.seed)
-        self.train_packed = {i: pack_problem(self.records[i], self.k, cfg.groups_subset, cfg.prefix_kl_tokens)
-                             for i in sorted(self.train_p)}  # fmt: skip
+        self.train_packed = {
+            i: pack_problem(self.records[i], self.k, cfg.groups_subset, cfg.prefix_kl_tokens)
+            for i in sorted(self.train_p)
+        }
         self.train_order = [i for i in sorted(self.train_p) if self.train_packed[i].n_groups > 0]
         if not self.train_order:
             raise ValueError("no training groups (collect more problems, or lower --val-fraction)")
         # validation always reads every group, so agreement is reported on all and on divergent ones
-        self.val_packed = {i: pack_problem(self.records[i], self.k, "all", cfg.prefix_kl_tokens)
-                           for i in sorted(self.val_p)}  # fmt: skip
+        self.val_packed = {
+            i: pack_problem(self.records[i], self.k, "all", cfg.prefix_kl_tokens) for i in sorted(self.val_p)
+        }
         self.prepared_dir = self.out / PREPARED_DIR / self._prepared_key()
         self._prepare()
 
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=LORA_TARGETS, task_type="CAUSAL_LM",
-                          layers_to_transform=list(range(self.start, self.lm.config.num_hidden_layers)))  # fmt: skip
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=LORA_TARGETS,
+            task_type="CAUSAL_LM",
+            layers_to_transform=list(range(self.start, self.lm.config.num_hidden_layers)),
+        )
         torch.manual_seed(cfg.seed)  # before the LoRA weights are initialised: same start on every process
         self.model = get_peft_model(self.lm, lora)
         self.inner = self.model.base_model.model  # the causal LM with LoRA layers inside
@@ -299,8 +334,9 @@ class LoraTrainer:
         self.params = adapter + [self.bins]
         self.optimizer = torch.optim.AdamW(
             [{"params": adapter}, {"params": [self.bins], "lr": cfg.bins_lr or cfg.lr}],
-            lr=cfg.lr, weight_decay=cfg.weight_decay,
-        )  # fmt: skip
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+        )
         self.state = TrainerState()
         if resume:
             self._load_checkpoint(checkpoint)
@@ -308,9 +344,15 @@ class LoraTrainer:
     # -- the frozen pass --------------------------------------------------------------------
 
     def _prepared_key(self) -> str:
-        key = {"slm": model_fingerprint(self.lm), "dtype": str(self.lm.dtype), "k": self.k,
-               "subset": self.cfg.groups_subset, "start": self.start, "top": self.cfg.frozen_top,
-               "window": self.cfg.prefix_kl_tokens}  # fmt: skip
+        key = {
+            "slm": model_fingerprint(self.lm),
+            "dtype": str(self.lm.dtype),
+            "k": self.k,
+            "subset": self.cfg.groups_subset,
+            "start": self.start,
+            "top": self.cfg.frozen_top,
+            "window": self.cfg.prefix_kl_tokens,
+        }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
     def _prepared_file(self, index: int, part: str) -> Path:
@@ -325,8 +367,13 @@ class LoraTrainer:
         missing = [t for t in mine if not self._prepared_file(t[0], t[1]).is_file()]
         self.prepared_dir.mkdir(parents=True, exist_ok=True)
         if missing:
-            for index, part, packed in tqdm(missing, desc="frozen pass (once)", unit="problem",
-                                            disable=not self.progress, dynamic_ncols=True):  # fmt: skip
+            for index, part, packed in tqdm(
+                missing,
+                desc="frozen pass (once)",
+                unit="problem",
+                disable=not self.progress,
+                dynamic_ncols=True,
+            ):
                 tensors = frozen_pass(self.lm, packed, self.vocab_size, self.cfg.frozen_top, self.start)
                 _atomic_save(tensors, self._prepared_file(index, part))
         self.accelerator.wait_for_everyone()
@@ -383,10 +430,14 @@ class LoraTrainer:
                 tensors[f"optimizer.{i}.{name}"] = torch.as_tensor(value)
         tensors["rng.torch"] = torch.get_rng_state()
         _atomic_save(tensors, checkpoint / "state.safetensors")
-        write_json_atomic(checkpoint / "trainer_state.json", {
-            "config": _config_key(self.cfg), **asdict(self.state),
-            "optimizer_param_groups": optim["param_groups"],
-        })  # fmt: skip
+        write_json_atomic(
+            checkpoint / "trainer_state.json",
+            {
+                "config": _config_key(self.cfg),
+                **asdict(self.state),
+                "optimizer_param_groups": optim["param_groups"],
+            },
+        )
 
     def _load_checkpoint(self, checkpoint: Path) -> None:
         try:
@@ -423,9 +474,14 @@ class LoraTrainer:
                     self._validate("start")
                 for epoch in range(self.state.epoch, cfg.epochs):
                     order = self.epoch_order(epoch)
-                    bar = tqdm(total=n, initial=self.state.position, desc=f"lora epoch {epoch + 1}/{cfg.epochs}",
-                               unit="problem", disable=not self.progress or not acc.is_main_process,
-                               dynamic_ncols=True)  # fmt: skip
+                    bar = tqdm(
+                        total=n,
+                        initial=self.state.position,
+                        desc=f"lora epoch {epoch + 1}/{cfg.epochs}",
+                        unit="problem",
+                        disable=not self.progress or not acc.is_main_process,
+                        dynamic_ncols=True,
+                    )
                     running = {"loss": 0.0, "groups": 0, "agree": 0}
                     while self.state.position < n:
                         batch = order[self.state.position : self.state.position + cfg.batch_size]
@@ -437,8 +493,10 @@ class LoraTrainer:
                         self.state.position += len(batch)
                         self.state.step += 1
                         bar.update(len(batch))
-                        bar.set_postfix(loss=f"{running['loss'] / max(running['groups'], 1):.3f}",
-                                        acc=f"{running['agree'] / max(running['groups'], 1):.1%}")  # fmt: skip
+                        bar.set_postfix(
+                            loss=f"{running['loss'] / max(running['groups'], 1):.3f}",
+                            acc=f"{running['agree'] / max(running['groups'], 1):.1%}",
+                        )
                         seen = epoch * n + self.state.position
                         # the epoch's end is validated and checkpointed below
                         if _crossed(seen, len(batch), cfg.eval_every) and self.state.position < n:
@@ -465,8 +523,16 @@ class LoraTrainer:
         stats = {"loss": 0.0, "groups": 0, "agree": 0}
         for i in problems:
             packed = self.train_packed[i]
-            loss, scores = packed_loss(self.inner, self.selector, self.bins, packed, self._prepared(i, "train"),
-                                       self.cfg, self.vocab_size, self.start)  # fmt: skip
+            loss, scores = packed_loss(
+                self.inner,
+                self.selector,
+                self.bins,
+                packed,
+                self._prepared(i, "train"),
+                self.cfg,
+                self.vocab_size,
+                self.start,
+            )
             # this process's share of the batch mean; averaging over processes gives the whole mean
             acc.backward(loss * acc.num_processes / batch_groups)
             stats["loss"] += float(loss.detach())
@@ -484,13 +550,20 @@ class LoraTrainer:
     def validation_scores(self) -> tuple[torch.Tensor, ...]:
         """Scores, LLM and SLM probabilities and divergence flags of every validation group."""
         self.model.eval()
-        problems = ((p, self._prepared(i, "val").get("start_hidden")) for i, p in self.val_packed.items()
-                    if p.n_groups > 0)  # fmt: skip
+        problems = (
+            (p, self._prepared(i, "val").get("start_hidden"))
+            for i, p in self.val_packed.items()
+            if p.n_groups > 0
+        )
         return packed_group_scores(self.inner, self.selector, problems, self.bins, self.start)
 
     def _validate(self, where: str, running: dict | None = None) -> dict:
-        row = {"where": where, "epoch": self.state.epoch, "problems_seen": self.state.epoch * len(self.train_order)
-               + self.state.position, "step": self.state.step}  # fmt: skip
+        row = {
+            "where": where,
+            "epoch": self.state.epoch,
+            "problems_seen": self.state.epoch * len(self.train_order) + self.state.position,
+            "step": self.state.step,
+        }
         if running and running["groups"]:
             row["train_running_loss"] = running["loss"] / running["groups"]
             row["train_running_agreement"] = running["agree"] / running["groups"]
@@ -524,8 +597,10 @@ class LoraTrainer:
         if self.state.best is not None and best_file.is_file():
             self._load_trainable_state(load_file(str(best_file)))
         final = self.state.history[-1] if self.state.history else {}
-        chosen = next((h for h in self.state.history if self.state.best and h["where"] == self.state.best["where"]),
-                      final)  # fmt: skip
+        chosen = next(
+            (h for h in self.state.history if self.state.best and h["where"] == self.state.best["where"]),
+            final,
+        )
         selector = self.selector
         selector.bins = self.bins.detach().float().cpu().clone()
         selector.config.training = {
@@ -546,7 +621,7 @@ class LoraTrainer:
                     "running_agreement": final.get("train_running_agreement"),
                 },
                 "validation": chosen.get("validation"),
-            },  # fmt: skip
+            },
         }
         if self.accelerator.is_main_process:
             selector.save_pretrained(self.out)

@@ -47,10 +47,11 @@ from s2t.models import (
     LoadedModel,
     cache_kwargs,
     check_same_vocabulary,
+    engine_kwargs,
     load_model,
-    stop_token_ids,
 )
 from s2t.policies import EntropyTrigger, KLTrigger, LLMSelector, MarginTrigger, TopK
+from s2t.policies.features import logit_statistics, rank_of
 from s2t.policies.triggers import make_trigger
 from s2t.prompts import build_prompt
 from s2t.runs import RunDirectory, read_jsonl
@@ -58,7 +59,6 @@ from s2t.runs import RunDirectory, read_jsonl
 logger = logging.getLogger(__name__)
 
 EVALUATION_SPLITS = {"test", "validation", "dev"}
-POSITION_TOP_PROBS = 16  # top-probabilities kept per position, features of the learned trigger
 MODES = ("teacher-forced", "on-policy")
 
 
@@ -168,7 +168,7 @@ def candidate_hidden_states_at(
     Candidate (m, j) stands at answer position ``positions[m]`` (in place of that trajectory token):
     it attends to the tokens before that position and to itself, with that position's id.
     """
-    from s2t.local.scoring import attention_mask_for
+    from s2t.policies.scoring import attention_mask_for
 
     m, k = candidates.shape
     if m == 0:
@@ -209,9 +209,17 @@ class RecordingLLMSelector(LLMSelector):
 class Collector:
     """Collects groups for the configured training problems into a resumable run directory."""
 
-    def __init__(self, config: CollectConfig, out_dir: str | Path, slm: LoadedModel | None = None,
-                 llm: LoadedModel | None = None, problems: Sequence[Problem] | None = None, progress: bool = True,
-                 workers: int = 1, ray_address: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config: CollectConfig,
+        out_dir: str | Path,
+        slm: LoadedModel | None = None,
+        llm: LoadedModel | None = None,
+        problems: Sequence[Problem] | None = None,
+        progress: bool = True,
+        workers: int = 1,
+        ray_address: str | None = None,
+    ):
         """``workers > 1`` shards the problems over Ray actors, each loading its own pair (then
         ``slm``/``llm`` must be None); otherwise the pair is loaded here (or the given one used)."""
         self.config = config
@@ -246,8 +254,11 @@ class Collector:
     def done_ids(self) -> set[str]:
         """Problems recorded with their feature file present (a copy without ``features/``, e.g. a
         clone of committed results, recomputes the features)."""
-        return {r["problem_id"] for r in self.run.records("problems.jsonl")
-                if (self.run.path / r["features"]).is_file()}  # fmt: skip
+        return {
+            r["problem_id"]
+            for r in self.run.records("problems.jsonl")
+            if (self.run.path / r["features"]).is_file()
+        }
 
     def run_all(self) -> int:
         """Collect every problem not yet recorded; returns how many were collected now."""
@@ -256,8 +267,14 @@ class Collector:
         done = self.done_ids()
         todo = [p for p in self.problems if p.id not in done]
         thresholds = self.group_thresholds() if todo and self.config.mode == "teacher-forced" else {}
-        bar = tqdm(total=len(self.problems), initial=len(self.problems) - len(todo), desc="collecting",
-                   unit="problem", disable=not self.progress, dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=len(self.problems),
+            initial=len(self.problems) - len(todo),
+            desc="collecting",
+            unit="problem",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         bs = self.config.batch_size
         worker = self._worker
         if worker is not None:
@@ -275,9 +292,17 @@ class Collector:
             bar.update(1)
 
         if todo:
-            run_sharded(make_worker, "run_shard", [todo[i : i + bs] for i in range(0, len(todo), bs)],
-                        on_record=finished, workers=self.workers, ray_address=self.ray_address,
-                        key=lambda r: r["problem_id"], done=done, progress=False)  # fmt: skip
+            run_sharded(
+                make_worker,
+                "run_shard",
+                [todo[i : i + bs] for i in range(0, len(todo), bs)],
+                on_record=finished,
+                workers=self.workers,
+                ray_address=self.ray_address,
+                key=lambda r: r["problem_id"],
+                done=done,
+                progress=False,
+            )
         bar.close()
         return len(todo)
 
@@ -318,8 +343,13 @@ class CollectWorker:
     workers need no shared filesystem).
     """
 
-    def __init__(self, config: CollectConfig, slm: LoadedModel | None = None, llm: LoadedModel | None = None,
-                 group_thresholds: dict[str, float | None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config: CollectConfig,
+        slm: LoadedModel | None = None,
+        llm: LoadedModel | None = None,
+        group_thresholds: dict[str, float | None] | None = None,
+    ):
         self.config = config
         self.group_thresholds = group_thresholds or {}
         self.slm = slm or load_model(config.slm, dtype=config.dtype)
@@ -345,11 +375,9 @@ class CollectWorker:
         return {name: torch.cat(values) for name, values in collected.items()}
 
     def _decode(self, prompts, method, llm):
-        c = self.config
-        tok = self.slm.tokenizer
-        return decode(self.slm.model, prompts, method, llm=llm, vocab_size=self.vocab_size,
-                      stop_ids=stop_token_ids(self.slm), pad_id=tok.pad_token_id if tok.pad_token_id is not None
-                      else stop_token_ids(self.slm)[0], max_new_tokens=c.max_new_tokens)  # fmt: skip
+        return decode(
+            self.slm.model, prompts, method, llm=llm, **engine_kwargs(self.slm, self.config.max_new_tokens)
+        )
 
     def _collect_batch(self, batch: Sequence[Problem]):
         c = self.config
@@ -435,11 +463,9 @@ class CollectWorker:
             "position_entropy": entropy.contiguous(),
             "position_margin": margin.contiguous(),
             "position_kl": kl.contiguous(),
-            "position_slm_topk_probs": torch.softmax(slm_logits, -1)
-            .topk(POSITION_TOP_PROBS, -1)
-            .values.contiguous(),
+            "position_slm_topk_probs": logit_statistics(slm_logits)["top_probs"].contiguous(),
             "position_divergent": divergent.contiguous(),
-            "position_llm_top1_rank": (slm_logits > slm_logits.gather(-1, llm_top1[:, None])).sum(-1) + 1,
+            "position_llm_top1_rank": rank_of(slm_logits, llm_top1),
         }
         llm_best = llm_probs.argmax(-1) if positions else torch.zeros(0, dtype=torch.long)
         return {

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from s2t.local.collect import collected_records, collection_config, fires_at, group_settings
-from s2t.local.objective import split_problems
 from s2t.policies.feature_selector import FeatureScorer, FeatureSelector, candidate_features, feature_count
 from s2t.runs import write_json_atomic
+from s2t.training.collect import collected_records, collection_config, fires_at, group_settings
+from s2t.training.objective import split_problems
 
 
 @dataclass
@@ -169,8 +169,8 @@ def train_feature_selector(cfg: FeatureTrainConfig, slm=None, progress: bool = T
     ``slm`` (a :class:`~s2t.models.LoadedModel`) pins the checkpoint to the SLM; by default the
     collection's SLM is loaded for its fingerprint.
     """
-    from s2t.local.objective import grouped_selection_metrics
     from s2t.models import load_model
+    from s2t.training.objective import grouped_selection_metrics
 
     collect_cfg = collection_config(cfg.groups)
     data = load_group_arrays(cfg.groups, cfg.k, cfg.groups_at)

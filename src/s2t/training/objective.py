@@ -1,7 +1,7 @@
 """What the two selector trainers share: the training configuration, the paper's loss, the
 problem split and the selection metrics.
 
-:mod:`s2t.local.train` (``head`` mode and the ``train`` entry point) and :mod:`s2t.local.lora`
+:mod:`s2t.training.train` (``head`` mode and the ``train`` entry point) and :mod:`s2t.training.lora`
 (``lora`` mode) both build on this module; it imports neither. The loss (paper): cross-entropy
 over candidate scores with the LLM's best candidate as target + hinge (margin 1.0) against the
 hardest negative + 0.1·KL(LLM probabilities renormalised over the candidates ‖ softmax of the

@@ -7,10 +7,10 @@ a CPU.
 ``lora`` mode: peft LoRA (r=16, α=32, dropout 0.05 on the attention and MLP projections) plus
 the bins, and 0.1·KL to the frozen SLM on the prefix so ordinary generation is preserved. Each
 problem's trajectory and all its groups' candidates go through the SLM in one forward pass under
-a 4D mask (:mod:`s2t.local.lora`), which makes it practical on a CPU with ``lora_layers``.
+a 4D mask (:mod:`s2t.training.lora`), which makes it practical on a CPU with ``lora_layers``.
 
 Both modes share the configuration, the paper's loss, the split of problems (not groups) into
-training and validation parts, and the selection metrics (:mod:`s2t.local.objective`). All of it
+training and validation parts, and the selection metrics (:mod:`s2t.training.objective`). All of it
 uses the collection's *training* split.
 """
 
@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from s2t.local.collect import collected_records, collection_config
-from s2t.local.objective import TrainConfig, selection_metrics, selector_loss, split_problems
-from s2t.local.selector import LocalSelector
+from s2t.policies.learned_selector import LocalSelector
 from s2t.runs import write_json_atomic
+from s2t.training.collect import collected_records, collection_config
+from s2t.training.objective import TrainConfig, selection_metrics, selector_loss, split_problems
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +105,14 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
             total += float(loss.detach()) * len(idx)
         with torch.no_grad():
             val = (
-                selection_metrics(selector.selection_logits(data.hidden[in_val].float(), data.slm_probs[in_val], bins), data.llm_probs[in_val], data.slm_probs[in_val])
+                selection_metrics(
+                    selector.selection_logits(data.hidden[in_val].float(), data.slm_probs[in_val], bins),
+                    data.llm_probs[in_val],
+                    data.slm_probs[in_val],
+                )
                 if in_val.any()
                 else {}
-            )  # fmt: skip
+            )
         history.append(
             {
                 "epoch": epoch + 1,
@@ -154,7 +158,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False, **kwarg
         if resume:
             raise ValueError("--resume applies to lora mode; head training takes minutes and restarts")
         return train_head(cfg, progress=progress, **kwargs)
-    from s2t.local.lora import train_lora
+    from s2t.training.lora import train_lora
 
     return train_lora(cfg, progress=progress, resume=resume, **kwargs)
 

@@ -4,13 +4,13 @@ To score a candidate c, the SLM reads prefix + [c]; the logits of the reserved r
 position, softmaxed, give a distribution over 16 bins with values linspace(0, 1, 16), and the
 candidate's score is the expected bin value. The candidate with the highest score is chosen.
 All K candidates are scored in one forward pass over the prefix's KV cache
-(:mod:`s2t.local.scoring`), and that pass is also the SLM's decoding step for the next token.
+(:mod:`s2t.policies.scoring`), and that pass is also the SLM's decoding step for the next token.
 
 The rows are kept beside the model (``bins``) rather than written into its ``lm_head``: this
 is the same computation, leaves the loaded model untouched, and lets one SLM serve several
 selectors. Checkpoints are safetensors plus a JSON config that pins the base model. A LoRA-mode
 selector also carries a peft adapter (``adapter/``), merged into a copy of the SLM by
-:func:`load_adapted_slm`: training it is :mod:`s2t.local.lora`'s job, loading it is this module's.
+:func:`load_adapted_slm`: training it is :mod:`s2t.training.lora`'s job, loading it is this module's.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from s2t.local.scoring import candidate_hidden_states, keep_candidate
 from s2t.policies.checkpoint import (  # noqa: F401 (re-exported: the selectors' checkpoint helpers)
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -34,19 +33,40 @@ from s2t.policies.checkpoint import (  # noqa: F401 (re-exported: the selectors'
     model_fingerprint,
     read_config,
 )
+from s2t.policies.scoring import candidate_hidden_states, keep_candidate
 from s2t.policies.selectors import Selector, StepContext
 
 NUM_BINS = 16
 ADAPTER_DIR = "adapter"  # a LoRA selector's peft adapter, beside its bins
 
 
-def selector_directory(directory: str | Path | None) -> str | Path:
-    """``directory``, or the error that the s2t-local method needs a trained selector."""
-    if not directory:
-        raise ValueError(
-            "the s2t-local method needs a trained selector: pass --selector DIR (see `s2t train`)"
-        )
-    return directory
+def check_selector_checkpoint(directory: str | Path) -> None:
+    """Check a trained selector's files without loading any model: its config and weights, and its
+    LoRA adapter when it has one.
+
+    Raises:
+        SelectorCheckpointError: a file is missing, truncated, corrupted or malformed.
+    """
+    directory = Path(directory)
+    load_selector(directory)  # reads the config and the (small) weights of any selector kind
+    if selector_kind(directory) == "lora":
+        _check_safetensors_dir(directory / ADAPTER_DIR, "adapter_config.json", "LoRA adapter")
+
+
+def _check_safetensors_dir(directory: Path, config_name: str, what: str) -> None:
+    from safetensors import safe_open
+
+    weights = sorted(directory.glob("*.safetensors"))
+    if not (directory / config_name).is_file() or not weights:
+        raise SelectorCheckpointError(f"the {what} in {directory} is missing ({config_name} + *.safetensors)")
+    try:
+        json.loads((directory / config_name).read_text())
+        for path in weights:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # reads every tensor: a truncated file fails here
+                    f.get_tensor(key)
+    except Exception as e:  # safetensors and json raise several unrelated types on corrupt files
+        raise SelectorCheckpointError(f"corrupted {what} in {directory}: {e}") from e
 
 
 def reserved_ids(model: PreTrainedModel, vocab_size: int, n: int = NUM_BINS) -> list[int]:

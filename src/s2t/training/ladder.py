@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from s2t.local.feature_training import GroupArrays, load_group_arrays
 from s2t.stats import ratio_bootstrap_ci
+from s2t.training.feature_training import GroupArrays, load_group_arrays
 
 METRICS = ("agreement", "agreement_divergent", "leave_rate", "precision_when_leaving", "llm_prob_of_pick")
 
@@ -62,10 +62,16 @@ def shallow_features(data: GroupArrays, k: int = 8) -> np.ndarray:
     entropy, margin, position, and hashes of the top-1 and top-2 token ids."""
     probs = data.slm_probs[:, :k].double()
     return torch.cat(
-        [probs, probs.clamp_min(1e-9).log(), data.entropy[:, None].double(), data.margin[:, None].double(),
-         data.position[:, None].double(), (data.candidate_ids[:, :2] % 997).double()],
+        [
+            probs,
+            probs.clamp_min(1e-9).log(),
+            data.entropy[:, None].double(),
+            data.margin[:, None].double(),
+            data.position[:, None].double(),
+            (data.candidate_ids[:, :2] % 997).double(),
+        ],
         -1,
-    ).numpy()  # fmt: skip
+    ).numpy()
 
 
 def fit_shallow_model(train: GroupArrays, seed: int = 0):
@@ -83,10 +89,10 @@ def bin_selector_picks(
     selector_dir: str | Path, groups_dir: str | Path, data: GroupArrays, k: int, slm
 ) -> torch.Tensor:
     """The picks (N,) of a head or LoRA selector on ``data``'s groups (one packed forward per problem)."""
-    from s2t.local.collect import collected_records
-    from s2t.local.lora import packed_group_scores
-    from s2t.local.packing import check_record, pack_problem
-    from s2t.local.selector import LocalSelector, load_adapted_slm, selector_kind
+    from s2t.policies.learned_selector import LocalSelector, load_adapted_slm, selector_kind
+    from s2t.training.collect import collected_records
+    from s2t.training.lora import packed_group_scores
+    from s2t.training.packing import check_record, pack_problem
 
     selector = LocalSelector.from_pretrained(selector_dir, model=slm.model)
     model = load_adapted_slm(slm.model, selector_dir) if selector_kind(selector_dir) == "lora" else slm.model
@@ -120,7 +126,7 @@ def selector_ladder(
 
     Returns ``{"k", "groups_at", "validation_problem_ids", "rows": [{"name", **ladder_metrics}]}``.
     """
-    from s2t.local.selector import load_selector, selector_kind
+    from s2t.policies.learned_selector import load_selector, selector_kind
 
     data = load_group_arrays(groups_dir, k, groups_at)
     held_out = set(validation_problem_ids)
@@ -133,13 +139,17 @@ def selector_ladder(
     train, val = data.subset(~in_val), data.subset(in_val)
     rows = [{"name": "SLM top-1", **ladder_metrics(torch.zeros(len(val.problem), dtype=torch.long), val)}]
     shallow = fit_shallow_model(train, seed)
-    rows.append({"name": "shallow (boosted trees, 22 features)",
-                 **ladder_metrics(torch.from_numpy(shallow.predict(shallow_features(val))), val)})  # fmt: skip
+    rows.append(
+        {
+            "name": "shallow (boosted trees, 22 features)",
+            **ladder_metrics(torch.from_numpy(shallow.predict(shallow_features(val))), val),
+        }
+    )
     for directory in selectors:
         kind = selector_kind(directory)
         if slm is None:
-            from s2t.local.collect import collection_config
             from s2t.models import load_model
+            from s2t.training.collect import collection_config
 
             slm = load_model(collection_config(groups_dir)["slm"])
         selector = load_selector(directory, model=slm.model)

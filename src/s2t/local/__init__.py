@@ -1,1 +1,0 @@
-"""S2T-Local: a candidate selector learned inside the SLM, so inference needs no LLM."""

@@ -1,0 +1,94 @@
+"""The learned LLM-free trigger at inference: P(divergence point | SLM state) from the step features.
+
+A logistic regression over the standardised step features (:mod:`s2t.policies.features`) fires
+where the predicted probability of a divergence point is at least its threshold, which is set at
+training time for a target trigger rate (:mod:`s2t.training.trigger` trains it). It is stored
+beside a trained selector (``trigger.safetensors`` + ``trigger_config.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from s2t.policies.features import features_from_logits
+from s2t.policies.learned_selector import SelectorCheckpointError, matches_fingerprint, read_config
+from s2t.policies.triggers import Trigger
+
+WEIGHTS_NAME = "trigger.safetensors"
+CONFIG_NAME = "trigger_config.json"
+
+
+@dataclass
+class LearnedTriggerConfig:
+    base_model: str
+    base_fingerprint: str
+    threshold: float
+    target_rate: float
+    metrics: dict = field(default_factory=dict)
+
+
+class LearnedTrigger(Trigger):
+    """Fires where the predicted probability of a divergence point is at least the threshold."""
+
+    name = "learned"
+    needs_hidden = True
+    threshold_range = (0.0, 1.0)
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        config: LearnedTriggerConfig,
+    ):
+        super().__init__(config.threshold)
+        self.weight, self.bias, self.mean, self.std, self.config = weight, bias, mean, std, config
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(((features - self.mean) / self.std) @ self.weight + self.bias)
+
+    def statistic(self, slm_logits, slm_hidden):
+        if slm_hidden is None:
+            raise ValueError("the learned trigger needs the SLM's hidden state")
+        return self.predict(features_from_logits(slm_logits, slm_hidden))
+
+    def calibrate(self, statistics, quantile):
+        raise ValueError("the learned trigger's threshold is set at training time (--trigger-rate)")
+
+    def describe(self) -> dict:
+        return {"name": self.name, "threshold": self.threshold, "target_rate": self.config.target_rate}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {"weight": self.weight, "bias": self.bias.reshape(1), "mean": self.mean, "std": self.std}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME))
+        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, model=None, threshold: float | None = None
+    ) -> LearnedTrigger:
+        """Load the trigger stored with a selector; with ``model``, refuse it for another SLM.
+        ``threshold`` replaces the stored one (which was set for the training trigger rate)."""
+        directory = Path(directory)
+        if not (directory / WEIGHTS_NAME).is_file():
+            raise SelectorCheckpointError(f"no learned trigger in {directory} (train one with `s2t train`)")
+        config = read_config(directory / CONFIG_NAME, LearnedTriggerConfig)
+        try:
+            t = load_file(str(directory / WEIGHTS_NAME))
+        except Exception as e:  # safetensors raises several unrelated types on corrupt files
+            raise SelectorCheckpointError(f"corrupted trigger checkpoint in {directory}: {e}") from e
+        if model is not None and not matches_fingerprint(model, config.base_fingerprint):
+            raise SelectorCheckpointError(
+                f"this trigger was trained on base model {config.base_model!r}, not this SLM"
+            )
+        if threshold is not None:
+            config = replace(config, threshold=threshold)
+        return cls(t["weight"], t["bias"][0], t["mean"], t["std"], config)

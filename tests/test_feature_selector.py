@@ -167,3 +167,116 @@ def test_groups_at_keeps_only_the_trigger_points_and_kl_needs_recorded_kl(plante
     old = _planted_collection(tmp_path / "old", n_problems=2, groups_per_problem=3, with_kl=False)
     with pytest.raises(ValueError, match="records no per-group KL"):
         load_group_arrays(old, K, "kl=0.5")
+
+
+def test_s2t_local_evaluation_with_a_feature_selector_never_loads_the_llm(trained, slm, tmp_path):
+    from s2t.api import S2TGenerator
+    from s2t.evaluate import EvalConfig, evaluate
+
+    _, out = trained
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text(json.dumps({"question": "What is 2 + 2?", "answer": "#### 4"}) + "\n")
+    gen = S2TGenerator(slm, llm="/nonexistent/llm/never/loaded")
+    cfg = EvalConfig(
+        slm="tiny",
+        llm="none",
+        dataset="tiny",
+        split="test",
+        data_file=str(test_file),
+        limit=None,
+        methods=["greedy", "s2t-local"],
+        trigger="entropy",
+        threshold=0.0,
+        k=K,
+        max_new_tokens=6,
+        selector=str(out),
+    )
+    payload = evaluate(cfg, tmp_path / "run", progress=False, generator=gen)
+    assert payload["methods"]["s2t-local"]["n"] == 1
+    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    local = next(r for r in records if r["method"] == "s2t-local")
+    assert local["cost"]["llm_forward_calls"] == 0 and local["cost"]["triggers"] > 0
+    assert not gen.llm_loaded
+
+
+@pytest.fixture(scope="module")
+def tiny_collection(tmp_path_factory, slm, llm):
+    from s2t.data import Problem
+    from s2t.training.collect import CollectConfig, Collector
+
+    questions = ["How many eggs are left?", "Natalia sold clips.", "What is 2 + 2?", "Double 21.", "Halve 8."]
+    problems = [Problem(f"tiny/train/{i}", q, "4", "tiny", "train") for i, q in enumerate(questions)]
+    out = tmp_path_factory.mktemp("kl_groups")
+    cfg = CollectConfig(
+        slm="tiny-slm",
+        llm="tiny-llm",
+        dataset="tiny",
+        k=4,
+        max_new_tokens=16,
+        batch_size=3,
+        groups_at="entropy@0.7,kl@0.9",
+        calibration_problems=2,
+    )
+    Collector(cfg, out, slm=slm, llm=llm, problems=problems, progress=False).run_all()
+    return out
+
+
+def test_collection_calibrates_its_group_settings_and_records_kl(tiny_collection, slm, llm):
+    from safetensors.torch import load_file
+
+    from s2t.policies.triggers import KLTrigger
+
+    calibration = json.loads((tiny_collection / "calibration.json").read_text())
+    assert set(calibration) == {"entropy@0.7", "kl@0.9"}
+    assert calibration["kl@0.9"]["problems"] == ["tiny/train/0", "tiny/train/1"]
+    records = [json.loads(line) for line in (tiny_collection / "problems.jsonl").read_text().splitlines()]
+    thresholds = {k: v["threshold"] for k, v in calibration.items()}
+    for record in records:
+        tensors = load_file(str(tiny_collection / record["features"]))
+        kl = tensors["position_kl"]
+        assert len(kl) == record["n_positions"]
+        for g in record["groups"]:  # every group is where one of the settings fires, and no other
+            assert g["entropy"] >= thresholds["entropy@0.7"] - 1e-4 or g["kl"] >= thresholds["kl@0.9"] - 1e-4
+        fired = (tensors["position_entropy"] >= thresholds["entropy@0.7"]) | (kl >= thresholds["kl@0.9"])
+        fired[:3] = False  # min_step
+        assert [g["position"] for g in record["groups"]] == fired.nonzero().flatten().tolist()
+    # the recorded KL is the KL trigger's statistic on the LLM's real logits
+    record = next(r for r in records if r["groups"])
+    g = record["groups"][0]
+    context = torch.tensor([record["prompt_ids"] + record["trajectory_ids"][: g["position"]]])
+    vocab = len(slm.tokenizer)
+    expected = KLTrigger().statistic(
+        slm.model(input_ids=context).logits[:, -1, :vocab], llm.model(input_ids=context).logits[:, -1, :vocab]
+    )
+    assert g["kl"] == pytest.approx(float(expected), abs=1e-3)
+
+
+def test_learned_trigger_learns_the_kl_label_and_an_old_collection_is_refused(tiny_collection, slm, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from s2t.training.trigger import parse_label, train_trigger
+
+    trigger = train_trigger(
+        tiny_collection, slm, "tiny", target_rate=0.2, val_fraction=0.4, epochs=20, label="kl@0.8"
+    )
+    metrics = trigger.config.metrics
+    assert metrics["label"] == "kl@0.8" and metrics["kl_cutoff"] is not None
+    assert 0.1 <= metrics["label_share"] <= 0.3
+    assert {"learned", "entropy", "margin"} <= set(metrics)
+    divergent = train_trigger(
+        tiny_collection, slm, "tiny", target_rate=0.2, val_fraction=0.4, epochs=20, label="divergent"
+    )
+    assert divergent.config.metrics["kl_cutoff"] is None
+    for bad in ("kl@1.5", "kl", "entropy@0.9"):
+        with pytest.raises(ValueError):
+            parse_label(bad)
+    old = tmp_path / "old"
+    shutil.copytree(tiny_collection, old)
+    for path in (old / "features").glob("*.safetensors"):
+        tensors = load_file(str(path))
+        tensors.pop("position_kl")
+        save_file(tensors, str(path))
+    with pytest.raises(ValueError, match="no per-position KL.*s2t collect"):
+        train_trigger(old, slm, "tiny", target_rate=0.2, label="kl@0.95")

@@ -394,9 +394,9 @@ class Evaluator:
     def _check_selector_leakage(self) -> None:
         """Refuse a selector trained (or validated) on any of the evaluated problems (read from its
         config, before any model loads)."""
-        from s2t.policies.learned_selector import LocalSelector
+        from s2t.policies.learned_selector import load_selector
 
-        training = LocalSelector.from_pretrained(self.config.selector).config.training
+        training = load_selector(self.config.selector).config.training
         seen = set(training.get("train_problem_ids", [])) | set(training.get("validation_problem_ids", []))
         leaked = seen & {p.id for p in self.problems}
         if leaked:

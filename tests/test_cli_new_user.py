@@ -179,13 +179,14 @@ def test_progress_lines_are_logged_when_stderr_is_not_a_terminal(tiny_pair_dir, 
 
 
 def test_calibration_logs_its_progress(slm, caplog):
-    from s2t.api import S2TGenerator
-    from s2t.methods import build_method
+    from s2t.api import CalibrationStore, Calibrator, S2TGenerator
+    from s2t.methods import CalibrationSource, MethodSpec
 
     generator = S2TGenerator(slm)
-    method = build_method("takeover", trigger="entropy", quantile=0.9, k=4)
+    source = CalibrationSource.from_questions(["2 + 2?", "3 + 3?"], max_new_tokens=6)
+    spec = MethodSpec.parse("takeover", trigger="entropy", quantile=0.9, k=4, calibration=source)
     with caplog.at_level(logging.INFO, logger="s2t"):
-        generator.calibrate(method, ["2 + 2?", "3 + 3?"], max_new_tokens=6, use_cache=False)
+        Calibrator(generator, CalibrationStore(None)).threshold(spec)
     messages = [record.getMessage() for record in caplog.records]
     assert any(m.startswith("calibrating the entropy trigger") for m in messages), messages
-    assert any(m.startswith("calibrated the entropy trigger: threshold") for m in messages), messages
+    assert any(m.startswith("calibrated entropy@0.9: threshold") for m in messages), messages

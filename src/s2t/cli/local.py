@@ -200,7 +200,7 @@ def train_command(
             )
         except (ValueError, FileNotFoundError) as e:
             fail(f"the selector is saved in {out}; the learned trigger failed: {e}")
-        _report(selector, trigger, trigger_rate, out)
+        _report(selector, trigger, trigger_rate, out, groups, selector.config.k, groups_at, dtype)
         return
     try:
         config = TrainConfig(
@@ -241,7 +241,7 @@ def train_command(
         )
     except (ValueError, RuntimeError, FileNotFoundError, SelectorCheckpointError) as e:
         fail(str(e))
-    _report(selector, trigger, trigger_rate, out)
+    _report(selector, trigger, trigger_rate, out, groups, k, None, dtype)
 
 
 def _train_features(groups, out, k, groups_at, epochs, lr, batch_size, val_fraction, seed, dtype):
@@ -267,7 +267,7 @@ def _train_features(groups, out, k, groups_at, epochs, lr, batch_size, val_fract
         fail(str(e))
 
 
-def _report(selector, trigger, trigger_rate: float, out: str) -> None:
+def _report(selector, trigger, trigger_rate: float, out: str, groups: str, k, groups_at, dtype) -> None:
     metrics = selector.config.training["metrics"]
     for part in ("train", "validation"):
         m = metrics.get(part)
@@ -293,7 +293,34 @@ def _report(selector, trigger, trigger_rate: float, out: str) -> None:
                     f"  {name:8s} validation AUROC {m[name]['auroc']:.3f}, recall of {m.get('label', 'divergent')} "
                     f"steps {recall:.1%}"
                 )
+    _ladder(selector, out, groups, k, groups_at, dtype)
     console.print(f"saved to {out}")
+
+
+def _ladder(selector, out: str, groups: str, k, groups_at, dtype) -> None:
+    """The selector ladder on the validation problems: the SLM's top-1, the shallow model, this one."""
+    import json
+
+    from s2t.models import load_model
+    from s2t.training.collect import collection_config
+    from s2t.training.ladder import format_ladder, selector_ladder, verdict
+
+    held_out = selector.config.training.get("validation_problem_ids") or []
+    if not held_out:
+        console.print("no validation problems (--val-fraction 0): no selector ladder")
+        return
+    collect_cfg = collection_config(groups)
+    k = k or collect_cfg["k"]
+    slm = load_model(collect_cfg["slm"], dtype=dtype)
+    try:
+        ladder = selector_ladder(groups, held_out, k, groups_at, [out], slm=slm)
+    except ValueError as e:
+        console.print(f"no selector ladder: {e}")
+        return
+    (Path(out) / "ladder.json").write_text(json.dumps(ladder, indent=2) + "\n")
+    console.print(f"selector ladder on the {len(held_out)} validation problems (K={k}):")
+    console.print(format_ladder(ladder), markup=False, soft_wrap=True)
+    console.print(verdict(ladder), markup=False, soft_wrap=True)
 
 
 def _train_trigger(groups: str, out: str, rate: float, val_fraction: float, seed: int, dtype, label: str):

@@ -36,7 +36,7 @@ TRAINING = {"s2t.local.train", "s2t.local.lora", "s2t.local.agreement"}
 LAYERS = {
     "foundations": ["s2t.runs", "s2t.data", "s2t.stats", "s2t.grading", "s2t.prompts",
                     "s2t.builtin_models", "s2t.models", "s2t.distributed"],
-    "decoding": ["s2t", "s2t.policies/", "s2t.engine", "s2t.methods", "s2t.api", "s2t.local.scoring",
+    "decoding": ["s2t", "s2t.policies/", "s2t.engine", "s2t.methods", "s2t.api", "s2t.backends/", "s2t.local.scoring",
                  "s2t.local.selector"],
     "S2T-Local": ["s2t.local", "s2t.local.collect", "s2t.local.packing", "s2t.local.objective",
                   "s2t.local.lora", "s2t.local.train", "s2t.local.agreement", "s2t.local.trigger"],

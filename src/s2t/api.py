@@ -58,6 +58,10 @@ class S2TGenerator:
             defaults to :func:`s2t.models.default_dtype` (bfloat16 on hardware that computes in it).
     """
 
+    # The decoding loop: the torch engine's continuous batch (the llama.cpp backend brings its own).
+    decode_stream = staticmethod(decode_stream)
+    backend = "torch"
+
     def __init__(
         self,
         slm: ModelArg,
@@ -174,6 +178,7 @@ class S2TGenerator:
                 llm=self.llm.model if method.trigger.needs_llm else None,
                 min_step=method.min_step,
                 batch_size=batch_size,
+                decode_stream=self.decode_stream,
                 **self._decode_kwargs(max_new_tokens),
             )
             if use_cache:
@@ -279,7 +284,7 @@ class S2TGenerator:
             steps.update(1)
             steps.set_postfix(running=running, refresh=False)
 
-        for i, g in decode_stream(
+        for i, g in self.decode_stream(
             decoder.model,
             prompts,
             method_obj,

@@ -281,7 +281,6 @@ class Collector:
         bar.close()
         return len(todo)
 
-
     def group_thresholds(self) -> dict[str, float | None]:
         """Each ``groups_at`` setting's threshold: given, or calibrated once per run and stored in
         ``calibration.json`` (the quantile of the statistic over the greedy trajectories of the
@@ -306,7 +305,8 @@ class Collector:
                 }
             self.run.write_json("calibration.json", stored)
         return {
-            s.label: (stored[s.label]["threshold"] if s.quantile is not None else s.threshold) for s in settings
+            s.label: (stored[s.label]["threshold"] if s.quantile is not None else s.threshold)
+            for s in settings
         }
 
 
@@ -400,7 +400,9 @@ class CollectWorker:
             chosen = torch.zeros(t, dtype=torch.bool)
             for setting in group_settings(c.groups_at):
                 if setting.label not in self.group_thresholds:
-                    raise RuntimeError(f"no threshold for the group setting {setting.label!r} (not calibrated)")
+                    raise RuntimeError(
+                        f"no threshold for the group setting {setting.label!r} (not calibrated)"
+                    )
                 chosen |= fires_at(setting, self.group_thresholds[setting.label], stats)
             positions = (chosen & eligible).nonzero().flatten().tolist()
             cand_ids = (

@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from s2t.api import LLM_ALONE, S2TGenerator
+from s2t.backends import make_generator, resolve_backend
 from s2t.data import Problem, load_problems
 from s2t.engine import CostRecord, Method
 from s2t.grading import grade, majority_vote
@@ -84,6 +85,7 @@ class EvalConfig:
     llm_device_map: str | None = None  # e.g. "auto": spread a large LLM over the GPUs
     batch_size: int = 8
     selector: str | None = None  # a trained S2T-Local selector directory (for the s2t-local method)
+    backend: str = "auto"  # torch or llama.cpp; "auto" is resolved (and recorded) at construction
 
     def __post_init__(self):
         canonical: dict[str, str] = {}
@@ -102,6 +104,7 @@ class EvalConfig:
                 )
         self.methods = list(canonical)
         self.dtype = resolve_dtype(self.dtype)  # recorded, so a run says which dtype made it
+        self.backend = resolve_backend(self.backend, [self.slm, self.llm], self.methods, self.trigger)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         if self.calibration_problems < 1 and self.threshold is None:
@@ -143,7 +146,7 @@ RESUMABLE_KEYS = {"limit", "batch_size", "methods", "llm_device_map"}
 # and a different selector for the same run directory is refused.
 SELECTOR_KEY = "selector"
 # Runs made before the dtype was resolved and recorded stored null, which then meant float32.
-LEGACY_CONFIG = {"dtype": "float32"}
+LEGACY_CONFIG = {"dtype": "float32", "backend": "torch"}
 
 
 def is_local_method(name: str) -> bool:
@@ -236,8 +239,8 @@ class Evaluator:
     def generator(self) -> S2TGenerator:
         if self._generator is None:
             c = self.config
-            self._generator = S2TGenerator(
-                c.slm, llm=c.llm, dtype=c.dtype, llm_dtype=c.llm_dtype, llm_device_map=c.llm_device_map
+            self._generator = make_generator(
+                c.backend, c.slm, c.llm, dtype=c.dtype, llm_dtype=c.llm_dtype, llm_device_map=c.llm_device_map
             )
         return self._generator
 

@@ -114,3 +114,20 @@ def _cuda_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+def make_generator(backend: str, slm: str, llm: str | None = None, **kwargs):
+    """An :class:`~s2t.api.S2TGenerator` on an already resolved ``backend`` (see :func:`resolve_backend`).
+
+    Keyword arguments are the generator's (the llama.cpp one ignores the torch-only ``dtype``,
+    ``llm_dtype`` and ``llm_device_map``).
+    """
+    if backend == "llama.cpp":
+        from s2t.backends.llama_cpp import LlamaCppGenerator
+
+        return LlamaCppGenerator(slm, llm=llm, **kwargs)
+    if backend != "torch":
+        raise ValueError(f"resolve the backend first ({', '.join(BACKENDS)}); got {backend!r}")
+    from s2t.api import S2TGenerator
+
+    return S2TGenerator(slm, llm=llm, **kwargs)

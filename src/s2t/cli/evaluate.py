@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from s2t.cli.app import (
+    BackendOpt,
     DecodeDtypeOpt,
     KOpt,
     LLMDeviceMapOpt,
@@ -70,6 +71,7 @@ def eval_command(
     llm_device_map: LLMDeviceMapOpt = None,
     workers: WorkersOpt = 1,
     ray_address: RayAddressOpt = None,
+    backend: BackendOpt = "auto",
 ) -> None:
     """Evaluate methods on a benchmark; results stream into a resumable run directory."""
 
@@ -85,7 +87,7 @@ def eval_command(
             methods=[m.strip() for m in methods.split(",") if m.strip()], max_new_tokens=max_new_tokens,
             trigger=trigger, threshold=threshold, quantile=quantile, k=k, ratio=ratio, min_step=min_step,
             calibration_problems=calibration_problems, seed=seed, dtype=dtype, batch_size=batch_size,
-            selector=selector, llm_dtype=llm_dtype, llm_device_map=llm_device_map,
+            selector=selector, llm_dtype=llm_dtype, llm_device_map=llm_device_map, backend=backend,
         )  # fmt: skip
         console.print(f"run directory: {out}")
         if workers > 1:

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from s2t.cli.app import (
+    BackendOpt,
     CalibrationProblemsOpt,
     DataDirOpt,
     DecodeDtypeOpt,
@@ -74,9 +75,10 @@ def generate(
     llm_dtype: LLMDtypeOpt = None,
     llm_device_map: LLMDeviceMapOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    backend: BackendOpt = "auto",
 ) -> None:
     """Answer one question with each method and print the answers and their costs."""
-    from s2t.api import S2TGenerator
+    from s2t.backends import make_generator, resolve_backend
     from s2t.grading import extract_answer, is_correct
     from s2t.local.selector import selector_directory
 
@@ -91,7 +93,10 @@ def generate(
             console.print(f"[bold]{found.id}:[/] {question}\n[dim]gold answer: {gold}[/]")
         if "s2t-local" in methods:
             selector_directory(selector)  # a missing --selector fails before the SLM is loaded
-        gen = S2TGenerator(slm, llm=llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map)
+        chosen = resolve_backend(backend, [slm, llm], methods, trigger)
+        gen = make_generator(
+            chosen, slm, llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map
+        )
         results = {}
         local_gen, local_selector = gen.local_selector(selector) if "s2t-local" in methods else (gen, None)
         for name in methods:

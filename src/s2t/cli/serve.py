@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from s2t.cli.app import (
+    BackendOpt,
     CalibrationProblemsOpt,
     DataDirOpt,
     DecodeDtypeOpt,
@@ -57,13 +58,14 @@ def serve(
     model_name: Annotated[
         str | None, typer.Option(help="The name clients pass as `model` (default: the SLM's name).")
     ] = None,
+    backend: BackendOpt = "auto",
 ) -> None:
     """Serve one method over HTTP: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
     The method, trigger, K and selector are fixed here; each request sets its own max_tokens,
     temperature, top_p, stop and seed. The LLM is loaded only if the method needs it.
     """
-    from s2t.api import S2TGenerator
+    from s2t.backends import make_generator, resolve_backend
     from s2t.cli.generate import cli_method
     from s2t.local.selector import selector_directory
     from s2t.serving import create_app
@@ -74,14 +76,18 @@ def serve(
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(SERVED_METHODS)}")
         if method == "s2t-local":
             selector_directory(selector)  # a missing --selector fails before the SLM is loaded
-        gen = S2TGenerator(slm, llm=llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map)
+        chosen = resolve_backend(backend, [slm, llm], [method], trigger)
+        gen = make_generator(
+            chosen, slm, llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map
+        )
         decoder, local_selector = gen.local_selector(selector) if method == "s2t-local" else (gen, None)
         method_obj = cli_method(
             gen, method, local_selector, trigger=trigger, threshold=threshold, quantile=quantile, k=k,
             ratio=ratio, min_step=min_step, calibration_problems=calibration_problems, data_dir=data_dir,
         )  # fmt: skip
         scheduler = decoder.scheduler(method_obj, max_batch_size=max_batch_size)
-        limit = context_length or getattr(decoder.slm.model.config, "max_position_embeddings", None) or 4096
+        positions = getattr(getattr(decoder.slm.model, "config", None), "max_position_embeddings", None)
+        limit = context_length or getattr(decoder.slm.model, "n_ctx", None) or positions or 4096
         name = model_name or gen.slm.name
         server_app = create_app(
             scheduler, gen.tokenizer, model_name=name, context_length=limit, default_max_tokens=max_tokens

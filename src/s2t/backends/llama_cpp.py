@@ -39,7 +39,14 @@ import torch
 
 from s2t.api import S2TGenerator
 from s2t.backends import LLAMACPP_EXTRA, BackendUnavailableError
-from s2t.builtin_models import BUILTIN_MODELS, GGUF_MAGIC, assemble_gguf, cache_root, trim_padding_tokens
+from s2t.builtin_models import (
+    BUILTIN_MODELS,
+    GGUF_MAGIC,
+    assemble_gguf,
+    builtin_gguf,
+    cache_root,
+    trim_padding_tokens,
+)
 from s2t.engine import Method, Request, StepOutput, _Sequence, choose_tokens
 from s2t.models import ModelLoadError, TokenizerMismatchError
 from s2t.policies.selectors import LLMSelector, RandomSelector, SLMSelector, TakeoverSelector
@@ -525,7 +532,7 @@ def gguf_file(name: str) -> Path:
     """The GGUF file of a model argument: a ``.gguf`` path, or a built-in name (its parts joined once
     into the cache and kept there)."""
     if name in BUILTIN_MODELS:
-        path = cache_root() / "gguf" / f"{name}.gguf"
+        path = builtin_gguf(name)
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             assemble_gguf(BUILTIN_MODELS[name], path)

@@ -208,7 +208,8 @@ class S2TGenerator:
                 max_new_tokens,
                 system_prompt,
                 list(questions),
-            ],
+            ]
+            + ([self.backend] if self.backend != "torch" else []),  # torch keys stay as they were
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 

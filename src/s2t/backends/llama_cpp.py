@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -131,17 +132,27 @@ def repack_works(path: Path) -> bool:
     if key in verdicts:
         return verdicts[key]["works"]
     start = time.perf_counter()
+    package_root = str(Path(__file__).resolve().parents[2])  # the probe imports this very package
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    )
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "s2t.backends.llama_cpp", "--probe-repack", str(path)],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True, text=True, timeout=300, env=env,
         )  # fmt: skip
-        works, code = proc.returncode == 0, proc.returncode
+        code = proc.returncode
     except subprocess.TimeoutExpired:
-        works, code = False, "timeout"
+        code = "timeout"
+    works = code == 0
+    if code not in (0, "timeout") and code > 0:  # the probe failed on its own (not a crash): no verdict
+        logger.warning(
+            "the repacking probe failed (%s); loading %s without repacking", proc.stderr[-500:], path.name
+        )
+        return False
     if not works:
         logger.warning(
-            "llama.cpp with CPU weight repacking failed a multi-token decode here (exit %s); "
+            "llama.cpp with CPU weight repacking crashed on a multi-token decode here (exit %s); "
             "loading %s without repacking", code, path.name,
         )  # fmt: skip
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -269,10 +280,10 @@ class LlamaCppModel:
 
     def close(self) -> None:
         lib = self.lib
-        if self._ctx:
+        if getattr(self, "_ctx", None):
             lib.llama_free(self._ctx)
             self._ctx = None
-        if self._model:
+        if getattr(self, "_model", None) and hasattr(self, "_batch"):
             lib.llama_batch_free(self._batch)
             lib.llama_model_free(self._model)
             self._model = None
@@ -563,7 +574,10 @@ def gguf_tokenizer(name: str, path: Path):
         staging = cached.with_name(cached.name + f".{os.getpid()}")
         tokenizer.save_pretrained(staging)
         trim_padding_tokens(staging)
-        os.replace(staging, cached) if not cached.exists() else None
+        try:
+            os.replace(staging, cached)
+        except OSError:  # another process cached it first
+            shutil.rmtree(staging, ignore_errors=True)
     return AutoTokenizer.from_pretrained(str(cached))
 
 

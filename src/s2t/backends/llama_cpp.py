@@ -441,7 +441,7 @@ class LlamaCppScheduler:
         outputs, joining = [], []
         while self.waiting and self._free:
             s = self.waiting.popleft()
-            if len(s.request.prompt) >= self.n_ctx:  # no room for even one new token
+            if len(s.request.prompt) > self.n_ctx:  # the prompt alone overflows the context
                 outputs.append(StepOutput(s.id, None, s.result("length")))
                 continue
             self._slot[s.id], self._llm_read[s.id] = self._free.pop(0), 0

@@ -12,17 +12,20 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-BACKENDS = ("torch", "llama.cpp")
-AUTO = "auto"
-LLAMACPP_EXTRA = "select-to-think[llamacpp]"
+from s2t.backends.base import AUTO, BACKENDS, LLAMACPP_EXTRA, BackendUnavailableError
+
 # Methods that only the torch engine runs: S2T-Local scores K candidates with the SLM itself, and its
 # learned trigger reads the SLM's hidden state.
 TORCH_ONLY_METHODS = ("s2t-local",)
 TORCH_ONLY_TRIGGERS = ("learned",)
-
-
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run here (not installed), or cannot run this method or model."""
+__all__ = [
+    "AUTO",
+    "BACKENDS",
+    "LLAMACPP_EXTRA",
+    "BackendUnavailableError",
+    "make_generator",
+    "resolve_backend",
+]
 
 
 def check_backend_name(backend: str) -> str:

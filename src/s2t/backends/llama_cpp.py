@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from s2t.api import S2TGenerator
-from s2t.backends import LLAMACPP_EXTRA, BackendUnavailableError
+from s2t.backends.base import LLAMACPP_EXTRA, BackendUnavailableError
 from s2t.builtin_models import (
     BUILTIN_MODELS,
     GGUF_MAGIC,

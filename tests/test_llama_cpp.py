@@ -251,8 +251,9 @@ def test_a_gguf_architecture_llama_cpp_cannot_load_is_refused(tmp_path, slm):
 
 
 def test_generator_answers_like_the_torch_generator_and_refuses_a_vocabulary_mismatch(
-    tmp_path, slm, llama_pair
+    tmp_path, slm, llama_pair, monkeypatch
 ):
+    monkeypatch.setenv("S2T_CACHE_DIR", str(tmp_path / "cache"))  # the GGUF tokenizers are cached there
     from s2t.api import S2TGenerator
     from s2t.backends.llama_cpp import LlamaCppGenerator
 

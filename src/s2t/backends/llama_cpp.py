@@ -132,15 +132,10 @@ def repack_works(path: Path) -> bool:
     if key in verdicts:
         return verdicts[key]["works"]
     start = time.perf_counter()
-    package_root = str(Path(__file__).resolve().parents[2])  # the probe imports this very package
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-    )
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "s2t.backends.llama_cpp", "--probe-repack", str(path)],
-            capture_output=True, text=True, timeout=300, env=env,
-        )  # fmt: skip
+            [sys.executable, "-c", REPACK_PROBE, str(path)], capture_output=True, text=True, timeout=300
+        )
         code = proc.returncode
     except subprocess.TimeoutExpired:
         code = "timeout"
@@ -164,10 +159,28 @@ def repack_works(path: Path) -> bool:
     return works
 
 
-def _probe_repack(path: str) -> None:
-    """Load ``path`` with repacking and decode one 8-token batch (run in a subprocess)."""
-    model = LlamaCppModel(Path(path), repack=True, n_ctx=64)
-    model.decode([(0, [1, 2, 3, 4, 5, 6, 7, 8], 0)])
+# Loads the file with repacking and decodes one 8-token batch; only llama_cpp is imported (no torch).
+REPACK_PROBE = """
+import ctypes, sys
+import llama_cpp as lib
+quiet = lib.llama_log_callback(lambda level, text, data: None)  # kept alive: llama.cpp calls it later
+lib.llama_log_set(quiet, ctypes.c_void_p())
+lib.llama_backend_init()
+params = lib.llama_model_default_params()
+params.n_gpu_layers, params.use_extra_bufts = 0, True
+model = lib.llama_model_load_from_file(sys.argv[1].encode(), params)
+if not model:
+    sys.exit(3)
+cparams = lib.llama_context_default_params()
+cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_threads, cparams.n_threads_batch = 64, 64, 64, 2, 2
+ctx = lib.llama_init_from_model(model, cparams)
+batch = lib.llama_batch_init(8, 0, 1)
+for i in range(8):
+    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = i + 1, i, 1, i == 7
+    batch.seq_id[i][0] = 0
+batch.n_tokens = 8
+sys.exit(lib.llama_decode(ctx, batch))
+"""
 
 
 # --- one model ------------------------------------------------------------------------------------
@@ -659,11 +672,3 @@ class LlamaCppGenerator(S2TGenerator):
         return LlamaCppScheduler(
             decoder.model, method_obj, llm=llm, max_batch_size=max_batch_size, **self._engine_kwargs(decoder)
         )
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--probe-repack":
-        _probe_repack(sys.argv[2])
-        print("ok")
-    else:
-        sys.exit("usage: python -m s2t.backends.llama_cpp --probe-repack FILE.gguf")

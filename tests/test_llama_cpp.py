@@ -275,3 +275,20 @@ def test_generator_answers_like_the_torch_generator_and_refuses_a_vocabulary_mis
     mismatched = LlamaCppGenerator(paths[0], llm=other, **options)
     with pytest.raises(TokenizerMismatchError):
         mismatched.llm  # noqa: B018 (loading the LLM checks the pair)
+
+
+def test_eval_runs_on_the_llama_cpp_backend_and_records_it(tmp_path, data_file, calibration_data, llama_pair):
+    from s2t.evaluate import EvalConfig, evaluate
+
+    paths, _ = llama_pair
+    config = EvalConfig(
+        slm=paths[0], llm=paths[1], dataset="tiny", data_file=data_file, limit=None, max_new_tokens=6,
+        methods=["greedy", "llm", "s2t/entropy@0.5", "maj@2"], calibration_problems=2, batch_size=2,
+        backend="llama.cpp",
+    )  # fmt: skip
+    payload = evaluate(config, tmp_path / "run", progress=False)
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert stored["backend"] == "llama.cpp"
+    assert {m for m in payload["methods"]} >= {"greedy", "llm", "s2t/entropy@0.5", "maj@2"}
+    with pytest.raises(BackendUnavailableError, match="--backend torch"):
+        EvalConfig(slm=paths[0], llm=paths[1], methods=["s2t-local"], selector="x", backend="llama.cpp")

@@ -104,13 +104,14 @@ def gguf_architecture(path: Path) -> str:
 
 
 def _cpu_name() -> str:
+    """The CPU's model name and a digest of its feature flags (AMX, AVX512 variants): the probe's key."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return "unknown"
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown")
+    flags = next((line.split(":", 1)[1].strip() for line in info if line.startswith("flags")), "")
+    return f"{name} [{hashlib.sha256(flags.encode()).hexdigest()[:8]}]"
 
 
 def repack_works(path: Path) -> bool:

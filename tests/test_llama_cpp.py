@@ -270,6 +270,25 @@ def test_generator_answers_like_the_torch_generator_and_refuses_a_vocabulary_mis
         "length",
     )
 
+    # the serving path: the generator's scheduler is llama.cpp's continuous batch, answering alike
+    from s2t.backends.llama_cpp import LlamaCppScheduler
+    from s2t.engine import Request
+
+    scheduler = cpp.scheduler("greedy", max_batch_size=2)
+    assert isinstance(scheduler, LlamaCppScheduler)
+    request = scheduler.add(Request(cpp.encode([question])[0], 10, 0.0, 1.0, 0))
+    served = None
+    while scheduler.has_work():
+        for out in scheduler.step():
+            if out.request_id == request and out.generation is not None:
+                served = out.generation
+    assert served.token_ids == theirs.token_ids
+    # thresholds calibrated on llama.cpp are stored apart from torch's
+    from s2t.methods import MethodSpec
+
+    spec = MethodSpec("s2t/entropy@0.9", "s2t", "entropy", quantile=0.9)
+    assert cpp.calibrator.key(spec) != S2TGenerator(slm.model, tokenizer=slm.tokenizer).calibrator.key(spec)
+
     other_tokenizer = make_tokenizer(vocab_size=300)
     other = write_gguf(make_model(other_tokenizer, seed=3), other_tokenizer, tmp_path / "other.gguf")
     mismatched = LlamaCppGenerator(paths[0], llm=other, **options)

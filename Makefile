@@ -7,7 +7,7 @@ ifneq ($(SHARED_DATA),)
 export S2T_DATA_DIR ?= $(SHARED_DATA)
 endif
 
-.PHONY: install demo test lint format clean
+.PHONY: install install-llamacpp demo test lint format clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,train,ray,lm-eval,serve]"
 	touch $@
+
+# The llama.cpp backend (--backend llama.cpp): llama-cpp-python builds from source, so it is opt-in and
+# not part of CI's install (≈ 9 min on two free cores; 40+ min on one core of a busy machine here).
+install-llamacpp: install
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(PY) -m pip install -q -e ".[llamacpp]"
 
 demo: install
 	$(VENV)/bin/s2t generate --problem gsm8k/test/0 --method greedy,s2t

@@ -8,7 +8,9 @@ prompt, left-padded), exactly ``--tokens`` new tokens per sequence (stop tokens 
 so both do the same work), timed as the median over ``--repeats`` runs after a 4-token warm-up. Then S2T
 (SLM + LLM) at the evaluation trigger (entropy, the threshold calibrated at its 95% train quantile
 in results/eval-gsm8k-test-100) and at ``always``, and llama.cpp on the same GGUF weights at batch 1
-when ``llama-cpp-python`` is installed (a bench-only extra: ``pip install "select-to-think[bench]"``).
+when ``llama-cpp-python`` is installed (``pip install "select-to-think[llamacpp]"``), beside our llama.cpp
+backend (``s2t.backends.llama_cpp``) on the same files: greedy at every batch size, and S2T at the
+evaluation trigger and at ``always``.
 Real models; not a test. Run it on a quiet machine: the figures are only as clean as the machine.
 
 Rows are written to ``--out`` as they finish, and a rerun with the same settings skips the rows that
@@ -36,6 +38,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from s2t.api import S2TGenerator
+from s2t.backends import llama_cpp_installed
 from s2t.data import load_problems
 from s2t.engine import decode
 from s2t.methods import build_method
@@ -139,6 +142,69 @@ def our_engine(gen: S2TGenerator, prompts: list[list[int]], method, llm=None) ->
         return produced
 
     return run
+
+
+def backend_engine(gen, prompts: list[list[int]], method, llm=None) -> Callable[[int], int]:
+    """Our llama.cpp backend's continuous batch, exactly the given number of new tokens, one batch."""
+    from s2t.backends import llama_cpp
+
+    def run(tokens: int) -> int:
+        kwargs = gen.decode_kwargs(tokens) | {"stop_ids": []}
+        out = llama_cpp.decode(gen.slm.model, prompts, method, llm=llm, max_batch_size=len(prompts), **kwargs)
+        produced = sum(len(g.token_ids) for g in out)
+        run.extra = {
+            "trigger_rate": round(sum(g.cost.triggers for g in out) / produced, 4),
+            "llm_forward_calls": sum(g.cost.llm_forward_calls for g in out),
+        }
+        return produced
+
+    return run
+
+
+def llama_cpp_backend_rows(models, questions, batch_sizes, args, wanted, record) -> None:
+    """Our llama.cpp backend (GGUF as shipped): greedy per model, then S2T at the eval trigger."""
+    from s2t.backends.llama_cpp import LlamaCppGenerator
+
+    engine, dtype = "s2t llama.cpp backend", "gguf (as shipped)"
+    for name in models:
+        gen = LlamaCppGenerator(name, n_threads=args.threads)
+        for bs in batch_sizes:
+            if wanted(engine, name, dtype, bs, "greedy"):
+                run = backend_engine(gen, gen.encode(questions[:bs]), build_method("greedy"))
+                record(
+                    {
+                        "engine": engine,
+                        "model": name,
+                        "dtype": dtype,
+                        "batch_size": bs,
+                        "method": "greedy",
+                        "repack": gen.slm.model.repack,
+                        **timed(run, args.tokens, args.repeats),
+                    }
+                )
+    if args.no_s2t:
+        return
+    pair = f"{models[0]} + {models[-1]}"
+    gen = LlamaCppGenerator(models[0], llm=models[-1], n_threads=args.threads)
+    threshold = json.loads(EVAL_CALIBRATION.read_text())["entropy@0.95"]["threshold"]
+    methods = {
+        "s2t/entropy@0.95": build_method("s2t", trigger="entropy", threshold=threshold),
+        "s2t/always": build_method("s2t", trigger="always"),
+    }
+    for bs in batch_sizes:
+        for label, method in methods.items():
+            if wanted(engine, pair, dtype, bs, label):
+                run = backend_engine(gen, gen.encode(questions[:bs]), method, llm=gen.llm.model)
+                record(
+                    {
+                        "engine": engine,
+                        "model": pair,
+                        "dtype": dtype,
+                        "batch_size": bs,
+                        "method": label,
+                        **timed(run, args.tokens, args.repeats),
+                    }
+                )
 
 
 def llama_cpp_row(name: str, prompt_text: str, tokens: int, threads: int, repeats: int) -> dict:
@@ -251,7 +317,7 @@ def markdown_table(report: dict) -> str:
         ]
         for r in s2t_rows:
             slm = r["model"].split(" + ")[0]
-            base = by_key.get(("s2t engine", slm, r["dtype"], r["batch_size"], "greedy"))
+            base = by_key.get((r["engine"], slm, r["dtype"], r["batch_size"], "greedy"))
             times = f"{r['seconds'] / base['seconds']:.2f}×" if base else "–"
             rate = f"{r['trigger_rate']:.1%}" if "trigger_rate" in r else "–"
             lines.append(
@@ -265,6 +331,19 @@ def markdown_table(report: dict) -> str:
                 or f"{r['tokens_per_second']:.1f} tok/s at batch 1 ({r.get('weights', 'gguf')} weights)"
             )
             lines.append(f"\nllama.cpp, {short(r['model'])}: {detail}")
+    backend = [r for r in rows if r.get("engine") == "s2t llama.cpp backend" and r.get("method") == "greedy"]
+    if backend:
+        lines += [
+            "",
+            "| our llama.cpp backend, greedy | batch | tok/s | × raw llama.cpp (batch 1) |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for r in backend:
+            raw = by_key.get(("llama.cpp", r["model"], r["dtype"], 1, None))
+            ratio = f"{r['tokens_per_second'] / raw['tokens_per_second']:.2f}×" if raw else "–"
+            lines.append(
+                f"| {short(r['model'])} | {r['batch_size']} | {r['tokens_per_second']:.1f} | {ratio} |"
+            )
     return "\n".join(lines)
 
 
@@ -285,6 +364,9 @@ def main() -> None:
     )
     parser.add_argument("--no-s2t", action="store_true", help="skip the S2T rows (they load both models)")
     parser.add_argument("--no-llama-cpp", action="store_true")
+    parser.add_argument(
+        "--no-llama-cpp-backend", action="store_true", help="skip the rows of our llama.cpp backend"
+    )
     parser.add_argument("--only-llama-cpp", action="store_true", help="add only the llama.cpp rows to --out")
     parser.add_argument("--out", default=None, help="JSON written row by row; a rerun resumes it")
     parser.add_argument(
@@ -387,6 +469,8 @@ def main() -> None:
                         }
                     )
         del gen
+    if not args.no_llama_cpp_backend and not args.random_weights and llama_cpp_installed():
+        llama_cpp_backend_rows(models, questions, batch_sizes, args, wanted, record)
     if not args.no_llama_cpp and not args.random_weights:
         tokenizer = load_tokenizer(models[0]).tokenizer  # the prompt as text; no model needed
         text = tokenizer.decode(build_prompt(tokenizer, questions[0]))

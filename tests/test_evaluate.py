@@ -110,6 +110,19 @@ def test_a_run_recorded_before_dtypes_were_resolved_resumes_as_float32(tmp_path,
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float32"
 
 
+def test_a_run_recorded_before_backends_resumes_on_torch(tmp_path):
+    """Runs made before the llama.cpp backend stored no ``backend``: they were made by the torch engine."""
+    from s2t.evaluate import LEGACY_CONFIG
+    from s2t.runs import ConfigMismatchError, RunDirectory
+
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32", "k": 8}))
+    with pytest.raises(
+        ConfigMismatchError, match="backend: .torch. -> .llama.cpp.*--backend torch resumes it"
+    ):
+        RunDirectory(tmp_path, {"dtype": "float32", "k": 8, "backend": "llama.cpp"}, legacy=LEGACY_CONFIG)
+    RunDirectory(tmp_path, {"dtype": "float32", "k": 8, "backend": "torch"}, legacy=LEGACY_CONFIG)
+
+
 def test_a_changed_config_for_the_same_run_directory_is_refused(tmp_path, data_file, generator):
     evaluate(config(data_file, methods=["greedy"]), tmp_path / "run", progress=False, generator=generator)
     with pytest.raises(ConfigMismatchError, match="max_new_tokens"):

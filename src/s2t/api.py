@@ -88,6 +88,10 @@ class S2TGenerator:
             defaults to :func:`s2t.models.default_dtype` (bfloat16 on hardware that computes in it).
     """
 
+    # The decoding loop: the torch engine's continuous batch (the llama.cpp backend brings its own).
+    decode_stream = staticmethod(decode_stream)
+    backend = "torch"
+
     def __init__(
         self,
         slm: ModelArg,
@@ -239,6 +243,12 @@ class S2TGenerator:
         keyword arguments are those of :meth:`MethodSpec.parse` (method options, calibration source).
         """
         resolved = self._resolved(method, **kwargs)
+        return self._new_scheduler(resolved, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
+
+    def _new_scheduler(
+        self, resolved: ResolvedMethod, *, max_batch_size: int, prefill_chunk: int | None
+    ) -> Scheduler:
+        """The backend's continuous batch for a resolved method (the llama.cpp generator builds its own)."""
         return Scheduler(
             resolved.decoder.model,
             resolved.method,
@@ -299,7 +309,7 @@ class S2TGenerator:
             steps.update(1)
             steps.set_postfix(running=running, refresh=False)
 
-        for i, g in decode_stream(
+        for i, g in self.decode_stream(
             resolved.decoder.model,
             prompts,
             resolved.method,
@@ -424,6 +434,9 @@ class Calibrator:
                 self.system_prompt,
                 spec.calibration.identity(),
             ]
+            # thresholds measured on llama.cpp are not reused for torch, nor the reverse; torch keys
+            # stay as they were
+            + ([self.generator.backend] if self.generator.backend != "torch" else [])
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -479,6 +492,7 @@ class Calibrator:
                 llm=gen.llm.model if trigger.needs_llm else None,
                 min_step=spec.min_step,
                 batch_size=self.batch_size,
+                decode_stream=gen.decode_stream,
                 **gen.decode_kwargs(spec.calibration.max_new_tokens),
             )
             logger.info("decoded the calibration problems in %.0f s", time.perf_counter() - started)

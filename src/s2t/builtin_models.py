@@ -76,6 +76,11 @@ def converted_dir(name: str) -> Path:
     return cache_root() / "models" / name
 
 
+def builtin_gguf(name: str) -> Path:
+    """Where a built-in model's joined GGUF file is kept (the llama.cpp backend runs it as is)."""
+    return cache_root() / "gguf" / f"{name}.gguf"
+
+
 def is_prepared(name: str) -> bool:
     return (converted_dir(name) / "s2t_source.json").is_file()
 
@@ -314,7 +319,8 @@ def prepare_builtin(name: str, progress: bool = True) -> Path:
     start = time.perf_counter()
     work = cache_root() / "downloads" / name
     work.mkdir(parents=True, exist_ok=True)
-    gguf = work / f"{name}.gguf"
+    kept = builtin_gguf(name)  # fetched for the llama.cpp backend already, or by an earlier prepare
+    gguf = kept if kept.is_file() else work / f"{name}.gguf"
     if not gguf.is_file():
         assemble_gguf(model, gguf, progress=progress)
     fetch_seconds = time.perf_counter() - start
@@ -327,6 +333,9 @@ def prepare_builtin(name: str, progress: bool = True) -> Path:
         "fetch_seconds": round(fetch_seconds, 1),
     }
     convert_gguf(gguf, out, provenance)
+    if gguf != kept:  # keep the GGUF file for the llama.cpp backend: no second fetch
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(gguf, kept)
     shutil.rmtree(work, ignore_errors=True)
     logger.info("prepared %s in %.0f s", name, time.perf_counter() - start)
     return out

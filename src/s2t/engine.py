@@ -382,57 +382,17 @@ class Scheduler:
         if not self.running:
             return outputs
         start = time.perf_counter()
-        method, rows = self.method, self.running
-        steps = torch.tensor([len(s.tokens) for s in rows])  # each sequence's own step index
-        generators = [s.generator for s in rows]
-        fired_any_llm = torch.zeros(len(rows), dtype=torch.bool)
-        llm_logits = None
-        if method.trigger.needs_llm:
-            llm_logits = self.llm_stream.advance(self.ids, self.mask)
-            fired_any_llm[:] = True
-        fired, stat = method.trigger.fires(
-            self.slm_logits, llm_logits, generators, self.slm_stream.last_hidden
+        rows = self.running
+        token, ctx = choose_tokens(
+            self.method,
+            rows,
+            self.slm_logits,
+            lambda needed: self.llm_stream.advance(self.ids, self.mask),
+            slm_hidden=self.slm_stream.last_hidden,
+            slm_stream=self.slm_stream,
+            ids=self.ids,
+            mask=self.mask,
         )
-        warm = steps >= method.min_step
-        fired = fired & warm.to(fired.device)
-        for i in warm.nonzero().flatten().tolist():
-            if rows[i].statistics is not None:
-                rows[i].statistics.append(float(stat[i]))
-
-        default = self.slm_logits.argmax(-1)
-        for i, s in enumerate(rows):
-            if s.warpers:
-                probs = torch.softmax(s.warpers(self.ids[i : i + 1], self.slm_logits[i : i + 1].clone()), -1)
-                default[i] = torch.multinomial(probs[0], 1, generator=s.generator)[0]
-        token = default
-        ctx = None  # the selector's step context, when the trigger fired
-        if fired.any():
-            candidates = method.candidates(self.slm_logits)
-            if method.selector.needs_llm and llm_logits is None:
-                llm_logits = self.llm_stream.advance(self.ids, self.mask)
-                fired_any_llm |= fired.cpu()
-            ctx = StepContext(
-                self.slm_logits,
-                candidates,
-                fired,
-                llm_logits,
-                generators,
-                default,
-                self.slm_stream,
-                self.ids,
-                self.mask,
-                sequence_ids=[s.id for s in rows],
-            )
-            chosen = method.selector.select(ctx)
-            token = torch.where(fired, chosen, default)
-            for i in fired.nonzero().flatten().tolist():
-                rows[i].cost.triggers += 1
-                rows[i].cost.overrides += int(chosen[i] != candidates.ids[i, 0])
-                rows[i].trigger_steps.append(int(steps[i]))
-        for i in fired_any_llm.nonzero().flatten().tolist():
-            # alone, the LLM would have read the prompt and every token before this step
-            rows[i].cost.llm_forward_calls += 1
-            rows[i].cost.llm_forward_tokens = len(rows[i].request.prompt) + int(steps[i])
         advanced = ctx.next_slm_logits if ctx is not None else None  # the selector advanced the SLM
         if advanced is not None:
             for s, read in zip(rows, ctx.slm_tokens_read.tolist()):
@@ -596,6 +556,79 @@ class Scheduler:
             self._keep_rows(torch.tensor(keep, dtype=torch.long))
         self._cancelled.clear()
         return outputs
+
+
+def choose_tokens(
+    method: Method,
+    rows: Sequence[_Sequence],
+    slm_logits: torch.Tensor,
+    read_llm: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    slm_hidden: torch.Tensor | None = None,
+    slm_stream=None,
+    ids: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, StepContext | None]:
+    """One step's decision for a batch, given the SLM's next-token logits: the method, defined once.
+
+    The trigger decides where to intervene, the candidate set and the selector pick the token there,
+    and the SLM's greedy (or sampled) token is taken elsewhere. ``read_llm(needed)`` returns the LLM's
+    next-token logits (rows, vocab), valid at least on the rows where ``needed`` (bool, (rows,)) is
+    set; it is called only when the method needs the LLM at this step (every step for an LLM
+    trigger; at triggered rows for an LLM selector), so a backend may catch its LLM up lazily. Each
+    row's costs, trigger steps and statistics are updated; the SLM's own step is the caller's.
+    Backends share this function (the torch :class:`Scheduler`, :mod:`s2t.backends.llama_cpp`).
+    """
+    steps = torch.tensor([len(s.tokens) for s in rows])  # each sequence's own step index
+    generators = [s.generator for s in rows]
+    fired_any_llm = torch.zeros(len(rows), dtype=torch.bool)
+    llm_logits = None
+    if method.trigger.needs_llm:
+        fired_any_llm[:] = True
+        llm_logits = read_llm(fired_any_llm.clone())
+    fired, stat = method.trigger.fires(slm_logits, llm_logits, generators, slm_hidden)
+    warm = steps >= method.min_step
+    fired = fired & warm.to(fired.device)
+    for i in warm.nonzero().flatten().tolist():
+        if rows[i].statistics is not None:
+            rows[i].statistics.append(float(stat[i]))
+
+    default = slm_logits.argmax(-1)
+    for i, s in enumerate(rows):
+        if s.warpers:
+            history = ids[i : i + 1] if ids is not None else torch.tensor([[*s.request.prompt, *s.tokens]])
+            probs = torch.softmax(s.warpers(history, slm_logits[i : i + 1].clone()), -1)
+            default[i] = torch.multinomial(probs[0], 1, generator=s.generator)[0]
+    token = default
+    ctx = None  # the selector's step context, when the trigger fired
+    if fired.any():
+        candidates = method.candidates(slm_logits)
+        if method.selector.needs_llm and llm_logits is None:
+            llm_logits = read_llm(fired.cpu().clone())
+            fired_any_llm |= fired.cpu()
+        ctx = StepContext(
+            slm_logits,
+            candidates,
+            fired,
+            llm_logits,
+            generators,
+            default,
+            slm_stream,
+            ids,
+            mask,
+            sequence_ids=[s.id for s in rows],
+        )
+        chosen = method.selector.select(ctx)
+        token = torch.where(fired, chosen, default)
+        for i in fired.nonzero().flatten().tolist():
+            rows[i].cost.triggers += 1
+            rows[i].cost.overrides += int(chosen[i] != candidates.ids[i, 0])
+            rows[i].trigger_steps.append(int(steps[i]))
+    for i in fired_any_llm.nonzero().flatten().tolist():
+        # alone, the LLM would have read the prompt and every token before this step
+        rows[i].cost.llm_forward_calls += 1
+        rows[i].cost.llm_forward_tokens = len(rows[i].request.prompt) + int(steps[i])
+    return token, ctx
 
 
 def _pad_columns(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:

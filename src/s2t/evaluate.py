@@ -27,6 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from s2t.api import CalibrationStore, Calibrator, ResolvedMethod, S2TGenerator
+from s2t.backends import make_generator, resolve_backend
 from s2t.data import Problem, load_problems
 from s2t.engine import CostRecord, Method
 from s2t.grading import grade, majority_vote
@@ -74,6 +75,7 @@ class EvalConfig:
     llm_device_map: str | None = None  # e.g. "auto": spread a large LLM over the GPUs
     batch_size: int = 8
     selector: str | None = None  # a trained S2T-Local selector directory (for the s2t-local method)
+    backend: str = "auto"  # torch or llama.cpp; "auto" is resolved (and recorded) at construction
 
     def __post_init__(self):
         """Check every option and every method's whole configuration (selector checkpoint included),
@@ -92,6 +94,8 @@ class EvalConfig:
             self.calibration_dataset = CalibrationSource.for_dataset(self.dataset).dataset
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
+        # a method the backend cannot run is refused before its selector checkpoint is read
+        self.backend = resolve_backend(self.backend, [self.slm, self.llm], self.methods, self.trigger)
         for name in self.methods:
             self.spec(name)  # raises ValueError naming the method or the option
         self.dtype = resolve_dtype(self.dtype)  # recorded, so a run says which dtype made it
@@ -140,7 +144,7 @@ RESUMABLE_KEYS = {"limit", "batch_size", "methods", "llm_device_map"}
 # and a different selector for the same run directory is refused.
 SELECTOR_KEY = "selector"
 # Runs made before the dtype was resolved and recorded stored null, which then meant float32.
-LEGACY_CONFIG = {"dtype": "float32"}
+LEGACY_CONFIG = {"dtype": "float32", "backend": "torch"}
 
 
 def canonical_method_name(name: str) -> str:
@@ -232,8 +236,8 @@ class Evaluator:
     def generator(self) -> S2TGenerator:
         if self._generator is None:
             c = self.config
-            self._generator = S2TGenerator(
-                c.slm, llm=c.llm, dtype=c.dtype, llm_dtype=c.llm_dtype, llm_device_map=c.llm_device_map
+            self._generator = make_generator(
+                c.backend, c.slm, c.llm, dtype=c.dtype, llm_dtype=c.llm_dtype, llm_device_map=c.llm_device_map
             )
         return self._generator
 

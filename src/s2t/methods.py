@@ -23,13 +23,14 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
 
-from s2t.engine import Method, decode
+from s2t.engine import Method
+from s2t.engine import decode_stream as engine_decode_stream
 from s2t.method_names import LLM_ALONE, LOCAL_METHOD, METHOD_SELECTORS, METHODS, TRIGGER_NAMES
 from s2t.policies.candidates import TopK, make_candidates
 from s2t.policies.selectors import Selector, make_selector
@@ -182,19 +183,25 @@ def trigger_statistics(
     llm: PreTrainedModel | None = None,
     min_step: int = 3,
     batch_size: int = 8,
+    decode_stream: Callable | None = None,
     **decode_kwargs,
 ) -> torch.Tensor:
-    """The trigger's statistic at every step (after ``min_step``) of greedy SLM decoding of ``prompts``."""
+    """The trigger's statistic at every step (after ``min_step``) of greedy SLM decoding of ``prompts``.
+
+    ``decode_stream`` is the backend's decoding loop (default: :func:`s2t.engine.decode_stream`).
+    """
     probe = copy.copy(trigger)
     # A threshold that can never be crossed: decode greedily while recording the statistic.
     probe.threshold = float("inf") if trigger.higher_is_critical else float("-inf")
     method = Method(probe, TopK(1), make_selector("slm"), min_step, name="calibration")
     values: list[float] = []
-    gens = decode(
-        slm, prompts, method, llm=llm, record_statistics=True, max_batch_size=batch_size, **decode_kwargs
+    gens = dict(
+        (decode_stream or engine_decode_stream)(
+            slm, prompts, method, llm=llm, record_statistics=True, max_batch_size=batch_size, **decode_kwargs
+        )
     )
-    for g in gens:
-        values.extend(g.statistics or [])
+    for i in range(len(prompts)):
+        values.extend(gens[i].statistics or [])
     return torch.tensor(values, dtype=torch.float64)
 
 

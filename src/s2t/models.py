@@ -225,7 +225,14 @@ def check_same_vocabulary(slm: LoadedModel | LoadedTokenizer, llm: LoadedModel |
 
 
 def stop_token_ids(loaded: LoadedModel) -> list[int]:
-    """Token ids that end generation: the generation config's EOS ids plus the tokenizer's EOS."""
+    """Token ids that end generation: the generation config's EOS ids plus the tokenizer's EOS.
+
+    A model loaded by another backend that carries its own ``stop_ids`` (the llama.cpp backend's
+    ``LoadedLlamaCpp``, whose GGUF file has no generation config) gives those.
+    """
+    own = getattr(loaded, "stop_ids", None)
+    if own is not None:
+        return sorted(own)
     ids: set[int] = set()
     eos = getattr(loaded.model.generation_config, "eos_token_id", None)
     if isinstance(eos, int):

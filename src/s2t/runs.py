@@ -77,7 +77,8 @@ class RunDirectory:
 
     ``ignore_keys`` names config entries that may change between resumptions without
     changing the results (e.g. ``limit``, ``batch_size``, ``workers``). ``legacy`` says what a
-    null stored by an older version meant (e.g. ``{"dtype": "float32"}``), so such runs resume.
+    null stored by an older version, or a key it did not store, meant (e.g. ``{"dtype": "float32"}``),
+    so such runs resume.
     """
 
     def __init__(
@@ -100,7 +101,7 @@ class RunDirectory:
                 older = [
                     f"--{k.replace('_', '-')} {v}"
                     for k, v in self.legacy.items()
-                    if k in existing and existing[k] is None
+                    if existing.get(k) is None and k in self.config
                 ]
                 hint = f" (it was made by an older version; {', '.join(older)} resumes it)" if older else ""
                 raise ConfigMismatchError(
@@ -110,7 +111,7 @@ class RunDirectory:
         write_json_atomic(config_file, self.config)
 
     def _differences(self, old: dict, new: dict) -> list[str]:
-        old = old | {k: v for k, v in self.legacy.items() if k in old and old[k] is None}
+        old = old | {k: v for k, v in self.legacy.items() if old.get(k) is None and k in new}
         keys = (set(old) | set(new)) - self.ignore_keys
         return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(keys) if old.get(k) != new.get(k)]
 

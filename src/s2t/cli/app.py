@@ -57,6 +57,13 @@ WorkersOpt = Annotated[
 RayAddressOpt = Annotated[
     str | None, typer.Option(help="Ray cluster to join ('auto', host:port); default: start Ray locally.")
 ]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        help="torch, llama.cpp, or auto: llama.cpp on a CPU when llama-cpp-python is installed (the "
+        "'llamacpp' extra) and the models are GGUF files or built-in names, else torch."
+    ),
+]
 MinStepOpt = Annotated[int, typer.Option(help="No trigger in the first N steps.")]
 CalibrationProblemsOpt = Annotated[
     int, typer.Option(help="Training problems (the dataset's train split, else GSM8K's) used to calibrate.")

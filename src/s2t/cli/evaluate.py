@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from s2t.cli.app import (
+    BackendOpt,
     CalibrationProblemsOpt,
     DecodeDtypeOpt,
     KOpt,
@@ -71,6 +72,7 @@ def eval_command(
     llm_device_map: LLMDeviceMapOpt = None,
     workers: WorkersOpt = 1,
     ray_address: RayAddressOpt = None,
+    backend: BackendOpt = "auto",
 ) -> None:
     """Evaluate methods on a benchmark; results stream into a resumable run directory."""
 
@@ -104,6 +106,7 @@ def eval_command(
             selector=selector,
             llm_dtype=llm_dtype,
             llm_device_map=llm_device_map,
+            backend=backend,
         )
         console.print(f"run directory: {out}")
         if workers > 1:

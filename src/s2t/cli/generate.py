@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from s2t.cli.app import (
+    BackendOpt,
     CalibrationProblemsOpt,
     DataDirOpt,
     DecodeDtypeOpt,
@@ -76,6 +77,7 @@ def generate(
     llm_dtype: LLMDtypeOpt = None,
     llm_device_map: LLMDeviceMapOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    backend: BackendOpt = "auto",
 ) -> None:
     """Answer one question with each method and print the answers and their costs.
 
@@ -84,7 +86,7 @@ def generate(
     """
     if as_json:
         console.stderr = True  # stdout holds the JSON document only (the app callback resets this)
-    from s2t.api import S2TGenerator
+    from s2t.backends import make_generator, resolve_backend
     from s2t.grading import extract_answer, is_correct
 
     gold = None
@@ -106,7 +108,10 @@ def generate(
             found = _problem_by_id(problem, data_dir)
             question, gold = found.question, found.answer
             console.print(f"[bold]{found.id}:[/] {question}\n[dim]gold answer: {gold}[/]")
-        gen = S2TGenerator(slm, llm=llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map)
+        chosen = resolve_backend(backend, [slm, llm], specs)
+        gen = make_generator(
+            chosen, slm, llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map
+        )
         results = {}
         for spec in specs:
             resolved = resolve_with_status(gen, spec)

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from s2t.cli.app import (
+    BackendOpt,
     CalibrationProblemsOpt,
     DataDirOpt,
     DecodeDtypeOpt,
@@ -69,13 +70,14 @@ def serve(
     model_name: Annotated[
         str | None, typer.Option(help="The name clients pass as `model` (default: the SLM's name).")
     ] = None,
+    backend: BackendOpt = "auto",
 ) -> None:
     """Serve one method over HTTP: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
     The method, trigger, K and selector are fixed here; each request sets its own max_tokens,
     temperature, top_p, stop and seed. The LLM is loaded only if the method needs it.
     """
-    from s2t.api import S2TGenerator
+    from s2t.backends import make_generator, resolve_backend
     from s2t.cli.generate import method_specs, resolve_with_status
     from s2t.serving import create_app
     from s2t.serving.server import serve as run_server
@@ -93,14 +95,17 @@ def serve(
             selector=selector,
         )
         (spec,) = method_specs(method, options, calibration_problems, max_tokens, data_dir)
-        gen = S2TGenerator(slm, llm=llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map)
+        chosen = resolve_backend(backend, [slm, llm], [spec])
+        gen = make_generator(
+            chosen, slm, llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map
+        )
         resolved = resolve_with_status(gen, spec)
         scheduler = gen.scheduler(
             resolved, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk or None
         )
-        limit = (
-            context_length or getattr(resolved.decoder.model.config, "max_position_embeddings", None) or 4096
-        )
+        model = resolved.decoder.model
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        limit = context_length or getattr(model, "n_ctx", None) or positions or 4096
         name = model_name or gen.slm.name
         server_app = create_app(
             scheduler, gen.tokenizer, model_name=name, context_length=limit, default_max_tokens=max_tokens

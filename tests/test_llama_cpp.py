@@ -1,0 +1,320 @@
+"""The llama.cpp backend: the same tokens and the same S2T decisions as the torch engine, on the same weights.
+
+The tiny random Qwen2 pair of ``conftest`` is written to float32 GGUF files here (the ``gguf`` package's
+writer, the tokenizer's vocabulary and merges included), so both backends run identical weights. Tests
+that decode need llama-cpp-python (the ``llamacpp`` extra) and are skipped without it; the refusals are
+tested everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from s2t.backends import BackendUnavailableError, refuse_on_llama_cpp, resolve_backend
+from s2t.engine import decode
+from s2t.methods import build_method
+from s2t.models import ModelLoadError, TokenizerMismatchError
+from tests.conftest import CHAT_TEMPLATE, make_model, make_tokenizer
+
+PROMPTS = [[5, 17, 42, 9, 100], [7, 8], [250, 3, 3, 3, 60, 61, 62, 63], [11]]
+
+
+def write_gguf(model, tokenizer, path, architecture: str = "qwen2") -> str:
+    """Write a tiny Qwen2 model and its tokenizer as a float32 GGUF file, as llama.cpp's converter would."""
+    import gguf
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    rope = getattr(config, "rope_theta", None) or (config.rope_parameters or {}).get("rope_theta", 10000.0)
+    writer.add_rope_freq_base(float(rope))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    vocab = tokenizer.get_vocab()
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    tokens = [None] * config.vocab_size
+    types = [gguf.TokenType.NORMAL] * config.vocab_size
+    for text, i in vocab.items():
+        tokens[i] = text
+        if i in special:
+            types[i] = gguf.TokenType.CONTROL
+    for i in range(config.vocab_size):
+        if tokens[i] is None:  # rows above the tokenizer: GGUF converters name them [PAD<id>]
+            tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_bos_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.q_proj.bias": "attn_q.bias",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.k_proj.bias": "attn_k.bias",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.v_proj.bias": "attn_v.bias",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    for i in range(config.num_hidden_layers):
+        names |= {f"model.layers.{i}.{k}": f"blk.{i}.{v}" for k, v in per_layer.items()}
+    state = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    for name, tensor in state.items():
+        writer.add_tensor(names[name], tensor.float().contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory, slm, llm):
+    """The conftest pair as GGUF files, loaded into llama.cpp with a float32 KV cache."""
+    pytest.importorskip("llama_cpp")
+    from s2t.backends.llama_cpp import LlamaCppModel
+
+    directory = tmp_path_factory.mktemp("gguf")
+    paths = [
+        write_gguf(m.model, slm.tokenizer, directory / f"{name}.gguf")
+        for name, m in (("slm", slm), ("llm", llm))
+    ]
+    models = [LlamaCppModel(p, kv_type="f32", n_threads=1, repack=False) for p in paths]
+    return paths, models
+
+
+def engine_kwargs(loaded) -> dict:
+    tok = loaded.tokenizer
+    return {"vocab_size": len(tok), "stop_ids": [tok.eos_token_id], "pad_id": tok.pad_token_id}
+
+
+# --- refusals (no llama-cpp-python needed) ----------------------------------------------------------
+
+
+def test_missing_llama_cpp_is_refused_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    from s2t.backends.llama_cpp import import_llama_cpp
+
+    with pytest.raises(BackendUnavailableError, match=r"select-to-think\[llamacpp\]"):
+        import_llama_cpp()
+    monkeypatch.setattr("s2t.backends.llama_cpp_installed", lambda: False)
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'select-to-think\[llamacpp\]'"):
+        resolve_backend("llama.cpp", ["model.gguf"])
+    assert resolve_backend("auto", ["model.gguf"], device="cpu") == "torch"
+
+
+def test_non_gguf_model_with_the_llama_cpp_backend_is_refused(tiny_pair_dir):
+    with pytest.raises(BackendUnavailableError, match="not one .*--backend torch"):
+        resolve_backend("llama.cpp", [tiny_pair_dir["slm"]])
+
+
+def test_methods_only_torch_runs_are_refused_naming_torch():
+    for methods, trigger in (
+        (["greedy", "s2t-local"], "entropy"),
+        (["s2t/learned"], "entropy"),
+        (["s2t"], "learned"),
+    ):
+        with pytest.raises(BackendUnavailableError, match="--backend torch"):
+            refuse_on_llama_cpp(methods, trigger)
+    refuse_on_llama_cpp(["greedy", "llm", "s2t/kl@0.95", "takeover/entropy@0.8", "maj@4"], "learned")
+
+
+def test_auto_chooses_llama_cpp_for_gguf_models_on_a_cpu(monkeypatch, tiny_pair_dir):
+    monkeypatch.setattr("s2t.backends.llama_cpp_installed", lambda: True)
+    builtin = ["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"]
+    assert resolve_backend("auto", builtin, ["greedy", "s2t"], device="cpu") == "llama.cpp"
+    assert resolve_backend("auto", builtin, ["greedy", "s2t"], device="cuda") == "torch"
+    assert resolve_backend("auto", builtin, ["s2t-local"], device="cpu") == "torch"
+    assert resolve_backend("auto", [tiny_pair_dir["slm"]], device="cpu") == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("vllm", builtin)
+
+
+# --- decoding on llama.cpp ---------------------------------------------------------------------------
+
+
+def test_greedy_tokens_equal_the_torch_engines_on_the_same_weights(slm, llama_pair):
+    from s2t.backends import llama_cpp
+
+    _, (slm_cpp, _) = llama_pair
+    kwargs = engine_kwargs(slm) | {"max_new_tokens": 12}
+    expected = decode(slm.model, PROMPTS, build_method("greedy"), **kwargs)
+    # two sequences at a time: finished ones leave, waiting ones take their KV sequence
+    got = llama_cpp.decode(slm_cpp, PROMPTS, build_method("greedy"), max_batch_size=2, **kwargs)
+    assert [g.token_ids for g in got] == [g.token_ids for g in expected]
+    assert [g.finish_reason for g in got] == [g.finish_reason for g in expected]
+    assert [g.cost.slm_forward_tokens for g in got] == [g.cost.slm_forward_tokens for g in expected]
+
+
+def _threshold_in_a_gap(statistics: torch.Tensor) -> float:
+    """A threshold in the widest gap between the observed statistics (between their 30% and 90% points).
+
+    llama.cpp's float32 logits agree with torch's to ~1e-3 relative on these tiny random models, and the KL
+    over a random LLM's flat top-64 amplifies that to ~0.1 at a few steps: a threshold in a near-tie would
+    test the arithmetic, not the method.
+    """
+    values = statistics.sort().values
+    low, high = int(0.3 * len(values)), int(0.9 * len(values))
+    gaps = values[low + 1 : high + 1] - values[low:high]
+    i = low + int(gaps.argmax())
+    return float((values[i] + values[i + 1]) / 2)
+
+
+@pytest.mark.parametrize("name, trigger", [("s2t", "entropy"), ("takeover", "entropy"), ("s2t", "kl")])
+def test_s2t_trigger_decisions_and_selections_match_the_torch_engine(slm, llm, llama_pair, name, trigger):
+    from s2t.backends import llama_cpp
+    from s2t.methods import trigger_statistics
+
+    _, (slm_cpp, llm_cpp) = llama_pair
+    kwargs = engine_kwargs(slm) | {"max_new_tokens": 16}
+    method = build_method(name, trigger=trigger, threshold=0.0)
+    statistics = trigger_statistics(method.trigger, slm.model, PROMPTS, llm=llm.model, **kwargs)
+    method.trigger.threshold = _threshold_in_a_gap(statistics)
+    expected = decode(slm.model, PROMPTS, method, llm=llm.model, **kwargs)
+    got = llama_cpp.decode(slm_cpp, PROMPTS, method, llm=llm_cpp, max_batch_size=3, **kwargs)
+    assert sum(len(g.trigger_steps) for g in expected) > 0
+    for ours, theirs in zip(got, expected):
+        assert ours.trigger_steps == theirs.trigger_steps
+        assert ours.token_ids == theirs.token_ids
+        assert ours.cost.triggers == theirs.cost.triggers and ours.cost.overrides == theirs.cost.overrides
+        assert ours.cost.llm_forward_calls == theirs.cost.llm_forward_calls
+        assert ours.cost.llm_forward_tokens == theirs.cost.llm_forward_tokens
+
+
+def test_calibration_statistics_match_the_torch_engine(slm, llm, llama_pair):
+    from s2t.backends import llama_cpp
+    from s2t.methods import trigger_statistics
+
+    _, (slm_cpp, llm_cpp) = llama_pair
+    kwargs = engine_kwargs(slm) | {"max_new_tokens": 10}
+    for trigger, tolerance in (("entropy", 1e-2), ("kl", 0.15)):  # see _threshold_in_a_gap
+        method = build_method("s2t", trigger=trigger, threshold=0.0)
+        expected = trigger_statistics(method.trigger, slm.model, PROMPTS, llm=llm.model, **kwargs)
+        got = trigger_statistics(
+            method.trigger, slm_cpp, PROMPTS, llm=llm_cpp, decode_stream=llama_cpp.decode_stream, **kwargs
+        )
+        torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
+
+
+def test_running_out_of_context_ends_the_sequence_with_length(slm, llama_pair):
+    from s2t.backends import llama_cpp
+
+    paths, _ = llama_pair
+    small = llama_cpp.LlamaCppModel(paths[0], n_ctx=8, kv_type="f32", n_threads=1, repack=False)
+    got = llama_cpp.decode(
+        small, PROMPTS, build_method("greedy"), **engine_kwargs(slm) | {"max_new_tokens": 50}
+    )
+    for prompt, g in zip(PROMPTS, got):
+        assert g.finish_reason in ("length", "stop")
+        assert len(prompt) + len(g.token_ids) - 1 <= 8  # the KV cache holds all but the last token
+    assert got[2].finish_reason == "length" and len(got[2].token_ids) == 1  # the 8-token prompt fills it
+
+
+def test_a_gguf_architecture_llama_cpp_cannot_load_is_refused(tmp_path, slm):
+    pytest.importorskip("llama_cpp")
+    from s2t.backends.llama_cpp import LlamaCppModel
+
+    path = write_gguf(slm.model, slm.tokenizer, tmp_path / "odd.gguf", architecture="nosucharch")
+    with pytest.raises(ModelLoadError, match="nosucharch"):
+        LlamaCppModel(path, repack=False)
+    (tmp_path / "fake.gguf").write_bytes(b"NOPE" + bytes(64))
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        LlamaCppModel(tmp_path / "fake.gguf", repack=False)
+
+
+def test_generator_answers_like_the_torch_generator_and_refuses_a_vocabulary_mismatch(
+    tmp_path, slm, llama_pair, monkeypatch
+):
+    monkeypatch.setenv("S2T_CACHE_DIR", str(tmp_path / "cache"))  # the GGUF tokenizers are cached there
+    from s2t.api import S2TGenerator
+    from s2t.backends.llama_cpp import LlamaCppGenerator
+
+    paths, _ = llama_pair
+    options = {"kv_type": "f32", "n_threads": 1, "repack": False}
+    cpp = LlamaCppGenerator(paths[0], llm=paths[1], **options)
+    reference = S2TGenerator(slm.model, tokenizer=slm.tokenizer)
+    question = "How many eggs does she sell?"
+    ours = cpp.generate([question], "greedy", max_new_tokens=10)[0]
+    theirs = reference.generate([question], "greedy", max_new_tokens=10)[0]
+    assert ours.token_ids == theirs.token_ids and ours.text == theirs.text
+    assert cpp.generate([question], "s2t", threshold=0.5, max_new_tokens=6)[0].finish_reason in (
+        "stop",
+        "length",
+    )
+
+    # the serving path: the generator's scheduler is llama.cpp's continuous batch, answering alike
+    from s2t.backends.llama_cpp import LlamaCppScheduler
+    from s2t.engine import Request
+
+    scheduler = cpp.scheduler("greedy", max_batch_size=2)
+    assert isinstance(scheduler, LlamaCppScheduler)
+    request = scheduler.add(Request(cpp.encode([question])[0], 10, 0.0, 1.0, 0))
+    served = None
+    while scheduler.has_work():
+        for out in scheduler.step():
+            if out.request_id == request and out.generation is not None:
+                served = out.generation
+    assert served.token_ids == theirs.token_ids
+    # thresholds calibrated on llama.cpp are stored apart from torch's
+    from s2t.methods import MethodSpec
+
+    spec = MethodSpec("s2t/entropy@0.9", "s2t", "entropy", quantile=0.9)
+    assert cpp.calibrator.key(spec) != S2TGenerator(slm.model, tokenizer=slm.tokenizer).calibrator.key(spec)
+
+    other_tokenizer = make_tokenizer(vocab_size=300)
+    other = write_gguf(make_model(other_tokenizer, seed=3), other_tokenizer, tmp_path / "other.gguf")
+    mismatched = LlamaCppGenerator(paths[0], llm=other, **options)
+    with pytest.raises(TokenizerMismatchError):
+        mismatched.llm  # noqa: B018 (loading the LLM checks the pair)
+
+
+def test_eval_runs_on_the_llama_cpp_backend_and_records_it(tmp_path, data_file, calibration_data, llama_pair):
+    from s2t.evaluate import EvalConfig, evaluate
+
+    paths, _ = llama_pair
+    config = EvalConfig(
+        slm=paths[0],
+        llm=paths[1],
+        dataset="tiny",
+        data_file=data_file,
+        limit=None,
+        max_new_tokens=6,
+        methods=["greedy", "llm", "s2t/entropy@0.5", "maj@2"],
+        calibration_problems=2,
+        batch_size=2,
+        backend="llama.cpp",
+    )
+    payload = evaluate(config, tmp_path / "run", progress=False)
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert stored["backend"] == "llama.cpp"
+    assert {m for m in payload["methods"]} >= {"greedy", "llm", "s2t/entropy@0.5", "maj@2"}
+    with pytest.raises(BackendUnavailableError, match="--backend torch"):
+        EvalConfig(slm=paths[0], llm=paths[1], methods=["s2t-local"], selector="x", backend="llama.cpp")

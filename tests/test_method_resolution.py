@@ -145,7 +145,9 @@ def test_the_learned_trigger_works_in_generate_and_serve_and_is_listed_in_help(
         assert card["s2t_method"]["trigger"]["name"] == "learned"
 
     for command in ("generate", "serve", "eval"):
-        help_text = " ".join(CliRunner().invoke(app, [command, "--help"], terminal_width=400).output.split())
+        wide = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}  # whatever width an earlier test left behind
+        result = CliRunner().invoke(app, [command, "--help"], terminal_width=400, env=wide)
+        help_text = " ".join(result.output.split())
         assert "learned" in help_text
 
 
@@ -171,7 +173,9 @@ def test_every_entry_point_takes_its_method_names_from_one_list():
         with pytest.raises(ValueError, match=listed):  # refused before the (missing) model loads
             S2TLM(slm="no-such-model", llm=None, method="beam")
     for command in ("generate", "serve", "eval"):
-        help_text = " ".join(CliRunner().invoke(app, [command, "--help"], terminal_width=400).output.split())
+        wide = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}  # whatever width an earlier test left behind
+        result = CliRunner().invoke(app, [command, "--help"], terminal_width=400, env=wide)
+        help_text = " ".join(result.output.split())
         assert all(name in help_text for name in (SERVED_METHODS if command == "serve" else METHODS)), command
 
 

@@ -264,7 +264,7 @@ def test_learned_trigger_learns_the_kl_label_and_an_old_collection_is_refused(ti
     metrics = trigger.config.metrics
     assert metrics["label"] == "kl@0.8" and metrics["kl_cutoff"] is not None
     assert 0.1 <= metrics["label_share"] <= 0.3
-    assert {"learned", "entropy", "margin"} <= set(metrics)
+    assert {"learned", "shallow", "entropy", "margin"} <= set(metrics)
     divergent = train_trigger(
         tiny_collection, slm, "tiny", target_rate=0.2, val_fraction=0.4, epochs=20, label="divergent"
     )

@@ -286,7 +286,7 @@ def _report(selector, trigger, trigger_rate: float, out: str, groups: str, k, gr
         console.print(
             f"learned trigger: threshold {trigger.threshold:.4f} for a {trigger_rate:.0%} trigger rate"
         )
-        for name in ("learned", "entropy", "margin"):
+        for name in ("learned", "shallow", "entropy", "margin"):
             if name in m:
                 recall = next(v for k, v in m[name].items() if k.startswith("recall_at"))
                 console.print(

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from s2t.policies.features import step_features
+from s2t.policies.features import TOP_PROBS, step_features
 from s2t.policies.learned_selector import model_fingerprint
 from s2t.policies.learned_trigger import LearnedTrigger, LearnedTriggerConfig
 from s2t.training.collect import collected_records
@@ -101,6 +101,27 @@ def load_position_features(groups_dir: str | Path, min_step: int = 3, with_kl: b
     return (*out, cat(kl)) if with_kl else out
 
 
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, epochs: int, weight_decay: float):
+    """Class-balanced, L2-regularised logistic regression on standardised ``x`` (N, F) for labels ``y``
+    (N,) bool, fitted with L-BFGS; returns (weight (F,), bias, mean (F,), std (F,))."""
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-4)
+    xs = (x - mean) / std
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    pos_weight = (~y).sum() / y.sum().clamp_min(1)
+    opt = torch.optim.LBFGS([w, b], max_iter=epochs, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(xs @ w + b, y.float(), pos_weight=pos_weight)
+        loss = loss + weight_decay * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach(), mean, std
+
+
 def train_trigger(
     groups_dir: str | Path,
     slm,
@@ -130,24 +151,13 @@ def train_trigger(
         kl = loaded[6]
         kl_cutoff = float(torch.quantile(kl[tr].double(), kl_quantile))
         y = kl >= kl_cutoff
-    mean, std = x[tr].mean(0), x[tr].std(0).clamp_min(1e-4)
-    xs = (x - mean) / std
     torch.manual_seed(seed)
-    w = torch.zeros(x.shape[1], requires_grad=True)
-    b = torch.zeros((), requires_grad=True)
-    pos_weight = (~y[tr]).sum() / y[tr].sum().clamp_min(1)
-    opt = torch.optim.LBFGS([w, b], max_iter=epochs, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(xs[tr] @ w + b, y[tr].float(), pos_weight=pos_weight)
-        loss = loss + weight_decay * (w**2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    w, b = w.detach(), b.detach()
-    scores = torch.sigmoid(xs @ w + b)
+    w, b, mean, std = _fit_logistic(x[tr], y[tr], epochs, weight_decay)
+    scores = torch.sigmoid(((x - mean) / std) @ w + b)
+    # the ladder's middle rung: the same model without the hidden state (entropy, margin, top-16 probabilities)
+    cheap = x[:, -(2 + TOP_PROBS) :]
+    cw, cb, cmean, cstd = _fit_logistic(cheap[tr], y[tr], epochs, weight_decay)
+    cheap_scores = torch.sigmoid(((cheap - cmean) / cstd) @ cw + cb)
     threshold = float(torch.quantile(scores[tr].double(), 1 - target_rate))
     metrics = {
         "train_positions": int(tr.sum()),
@@ -158,7 +168,13 @@ def train_trigger(
     }
     if va.any():
         # recall of the label at the target rate: the share of labelled steps each trigger catches
-        for name, s in (("learned", scores[va]), ("entropy", entropy[va]), ("margin", -margin[va])):
+        rungs = (
+            ("learned", scores[va]),
+            ("shallow", cheap_scores[va]),
+            ("entropy", entropy[va]),
+            ("margin", -margin[va]),
+        )
+        for name, s in rungs:
             metrics[name] = {
                 "auroc": _auroc(s, y[va]),
                 f"recall_at_{target_rate:g}": _recall_at_rate(s, y[va], target_rate),

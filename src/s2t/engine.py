@@ -655,25 +655,28 @@ def decode_stream(
     max_batch_size: int | None = None,
     record_statistics: bool = False,
     on_step: Callable[[int, int], None] | None = None,
+    scheduler_class: type | None = None,
 ) -> Iterator[tuple[int, Generation]]:
     """Decode ``prompts`` in one continuous batch; yield ``(prompt index, generation)`` as each finishes.
 
     At most ``max_batch_size`` sequences run at once (default: all); the next prompt joins as
     soon as one finishes. ``seeds`` gives each sequence its own random stream (default: its
     index). ``on_step(step, running_sequences)`` is called after every step (for progress displays).
+    ``scheduler_class`` is the continuous batch that decodes (default :class:`Scheduler`; another
+    backend passes its own with the same interface, e.g. the llama.cpp one).
     """
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     if len(seeds) != len(prompts):
         raise ValueError("need one seed per prompt")
     requests = [Request(p, max_new_tokens, temperature, top_p, s) for p, s in zip(prompts, seeds)]
-    scheduler = Scheduler(
+    scheduler = (scheduler_class or Scheduler)(
         slm,
         method,
         llm=llm,
         vocab_size=vocab_size,
         stop_ids=stop_ids,
         pad_id=pad_id,
-        max_batch_size=max_batch_size,
+        max_batch_size=max_batch_size if max_batch_size is not None else max(len(prompts), 1),
         record_statistics=record_statistics,
     )
     index = {scheduler.add(r): i for i, r in enumerate(requests)}

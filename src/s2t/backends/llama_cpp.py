@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,8 @@ from s2t.builtin_models import (
     trim_padding_tokens,
 )
 from s2t.engine import Method, Request, StepOutput, _Sequence, choose_tokens
+from s2t.engine import decode as engine_decode
+from s2t.engine import decode_stream as engine_decode_stream
 from s2t.models import ModelLoadError, TokenizerMismatchError, engine_kwargs
 from s2t.policies.selectors import LLMSelector, RandomSelector, SLMSelector, TakeoverSelector
 from s2t.runs import locked, write_json_atomic
@@ -512,57 +514,18 @@ class LlamaCppScheduler:
 
 
 def decode_stream(
-    slm: LlamaCppModel,
-    prompts: Sequence[Sequence[int]],
-    method: Method | None = None,
-    *,
-    llm: LlamaCppModel | None = None,
-    vocab_size: int,
-    stop_ids: Sequence[int],
-    pad_id: int | None = None,
-    max_new_tokens: int = 512,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seeds: Sequence[int] | None = None,
-    max_batch_size: int | None = None,
-    record_statistics: bool = False,
-    on_step: Callable[[int, int], None] | None = None,
+    slm: LlamaCppModel, prompts: Sequence[Sequence[int]], method: Method | None = None, **kwargs
 ) -> Iterator[tuple[int, object]]:
-    """:func:`s2t.engine.decode_stream` on llama.cpp: yield ``(prompt index, generation)`` as each finishes."""
-    seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
-    if len(seeds) != len(prompts):
-        raise ValueError("need one seed per prompt")
-    scheduler = LlamaCppScheduler(
-        slm,
-        method,
-        llm=llm,
-        vocab_size=vocab_size,
-        stop_ids=stop_ids,
-        max_batch_size=max_batch_size or max(len(prompts), 1),
-        record_statistics=record_statistics,
-    )
-    index = {
-        scheduler.add(Request(p, max_new_tokens, temperature, top_p, s)): i
-        for i, (p, s) in enumerate(zip(prompts, seeds))
-    }
-    step = 0
-    while scheduler.has_work():
-        for out in scheduler.step():
-            if out.generation is not None:
-                yield index[out.request_id], out.generation
-        if on_step is not None:
-            on_step(step, len(scheduler.running))
-        step += 1
+    """:func:`s2t.engine.decode_stream` on llama.cpp (same arguments): yield ``(prompt index,
+    generation)`` as each finishes."""
+    return engine_decode_stream(slm, prompts, method, scheduler_class=LlamaCppScheduler, **kwargs)
 
 
 def decode(
     slm: LlamaCppModel, prompts: Sequence[Sequence[int]], method: Method | None = None, **kwargs
 ) -> list:
     """:func:`s2t.engine.decode` on llama.cpp: generations in prompt order."""
-    results: list = [None] * len(prompts)
-    for i, generation in decode_stream(slm, prompts, method, **kwargs):
-        results[i] = generation
-    return results
+    return engine_decode(slm, prompts, method, scheduler_class=LlamaCppScheduler, **kwargs)
 
 
 # --- models by name, and the generator ----------------------------------------------------------

@@ -62,6 +62,21 @@ def matches_fingerprint(model: PreTrainedModel, fingerprint: str) -> bool:
     return fingerprint in (model_fingerprint(model), _fingerprint(model, None))
 
 
+def check_base_model(
+    model: PreTrainedModel, base_model: str, fingerprint: str, what: str = "selector"
+) -> None:
+    """Refuse a checkpoint (a ``what``) trained on another SLM than ``model``.
+
+    Raises:
+        SelectorCheckpointError: naming the checkpoint's base model and both fingerprints.
+    """
+    if not matches_fingerprint(model, fingerprint):
+        raise SelectorCheckpointError(
+            f"this {what} was trained on base model {base_model!r} (fingerprint {fingerprint}); "
+            f"the given SLM has fingerprint {model_fingerprint(model)}. Use the same SLM."
+        )
+
+
 def _fingerprint(model: PreTrainedModel, round_through: torch.dtype | None) -> str:
     config = model.config
     arch = [type(model).__name__, config.hidden_size, config.num_hidden_layers, config.vocab_size]

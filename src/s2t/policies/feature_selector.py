@@ -35,7 +35,7 @@ from s2t.policies.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     SelectorCheckpointError,
-    matches_fingerprint,
+    check_base_model,
     model_fingerprint,
     read_config,
 )
@@ -149,12 +149,7 @@ class FeatureSelector(Selector):
         return ctx.candidates.ids.gather(-1, index[:, None]).squeeze(-1)
 
     def check_base(self, model) -> None:
-        if not matches_fingerprint(model, self.config.base_fingerprint):
-            raise SelectorCheckpointError(
-                f"this selector was trained on base model {self.config.base_model!r} (fingerprint "
-                f"{self.config.base_fingerprint}); the given SLM has fingerprint {model_fingerprint(model)}. "
-                "Use the same SLM."
-            )
+        check_base_model(model, self.config.base_model, self.config.base_fingerprint)
 
     def describe(self) -> dict:
         return {"name": self.name, "base_model": self.config.base_model, "k": self.config.k}

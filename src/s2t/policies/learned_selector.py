@@ -28,6 +28,7 @@ from s2t.policies.checkpoint import (  # noqa: F401 (re-exported: the selectors'
     CONFIG_NAME,
     WEIGHTS_NAME,
     SelectorCheckpointError,
+    check_base_model,
     checkpoint_digest,
     matches_fingerprint,
     model_fingerprint,
@@ -143,12 +144,7 @@ class LocalSelector(Selector):
         return probs @ self.bin_values.to(hidden.device)
 
     def check_base(self, model: PreTrainedModel) -> None:
-        if not matches_fingerprint(model, self.config.base_fingerprint):
-            raise SelectorCheckpointError(
-                f"this selector was trained on base model {self.config.base_model!r} (fingerprint "
-                f"{self.config.base_fingerprint}); the given SLM has fingerprint {model_fingerprint(model)}. "
-                "Use the same SLM."
-            )
+        check_base_model(model, self.config.base_model, self.config.base_fingerprint)
 
     def select(self, ctx: StepContext) -> torch.Tensor:
         stream = ctx.slm_stream

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from s2t.policies.checkpoint import SelectorCheckpointError, check_base_model, read_config
 from s2t.policies.features import features_from_logits
-from s2t.policies.learned_selector import SelectorCheckpointError, matches_fingerprint, read_config
 from s2t.policies.triggers import Trigger
 
 WEIGHTS_NAME = "trigger.safetensors"
@@ -85,10 +85,8 @@ class LearnedTrigger(Trigger):
             t = load_file(str(directory / WEIGHTS_NAME))
         except Exception as e:  # safetensors raises several unrelated types on corrupt files
             raise SelectorCheckpointError(f"corrupted trigger checkpoint in {directory}: {e}") from e
-        if model is not None and not matches_fingerprint(model, config.base_fingerprint):
-            raise SelectorCheckpointError(
-                f"this trigger was trained on base model {config.base_model!r}, not this SLM"
-            )
+        if model is not None:
+            check_base_model(model, config.base_model, config.base_fingerprint, what="trigger")
         if threshold is not None:
             config = replace(config, threshold=threshold)
         return cls(t["weight"], t["bias"][0], t["mean"], t["std"], config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Annotated
 
@@ -244,9 +245,16 @@ def train_command(
     _report(selector, trigger, trigger_rate, out, groups, k, None, dtype)
 
 
-def _train_features(groups, out, k, groups_at, epochs, lr, batch_size, val_fraction, seed, dtype):
+@cache
+def _collection_slm(groups: str, dtype):
+    """The collection's SLM, loaded once per command (the selector, the trigger and the ladder share it)."""
     from s2t.models import load_model
     from s2t.training.collect import collection_config
+
+    return load_model(collection_config(groups)["slm"], dtype=dtype)
+
+
+def _train_features(groups, out, k, groups_at, epochs, lr, batch_size, val_fraction, seed, dtype):
     from s2t.training.feature_training import FeatureTrainConfig, train_feature_selector
 
     try:
@@ -261,8 +269,7 @@ def _train_features(groups, out, k, groups_at, epochs, lr, batch_size, val_fract
             val_fraction=val_fraction,
             seed=seed,
         )
-        slm = load_model(collection_config(groups)["slm"], dtype=dtype)
-        return train_feature_selector(config, slm=slm)
+        return train_feature_selector(config, slm=_collection_slm(groups, dtype))
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
 
@@ -301,7 +308,6 @@ def _ladder(selector, out: str, groups: str, k, groups_at, dtype) -> None:
     """The selector ladder on the validation problems: the SLM's top-1, the shallow model, this one."""
     import json
 
-    from s2t.models import load_model
     from s2t.training.collect import collection_config
     from s2t.training.ladder import format_ladder, selector_ladder, verdict
 
@@ -311,9 +317,8 @@ def _ladder(selector, out: str, groups: str, k, groups_at, dtype) -> None:
         return
     collect_cfg = collection_config(groups)
     k = k or collect_cfg["k"]
-    slm = load_model(collect_cfg["slm"], dtype=dtype)
     try:
-        ladder = selector_ladder(groups, held_out, k, groups_at, [out], slm=slm)
+        ladder = selector_ladder(groups, held_out, k, groups_at, [out], slm=_collection_slm(groups, dtype))
     except ValueError as e:
         console.print(f"no selector ladder: {e}")
         return
@@ -325,13 +330,12 @@ def _ladder(selector, out: str, groups: str, k, groups_at, dtype) -> None:
 
 def _train_trigger(groups: str, out: str, rate: float, val_fraction: float, seed: int, dtype, label: str):
 
-    from s2t.models import load_model
     from s2t.training.collect import collection_config
     from s2t.training.trigger import train_trigger
 
     slm_name = collection_config(groups)["slm"]
     trigger = train_trigger(
-        groups, load_model(slm_name, dtype=dtype), slm_name, rate, val_fraction, seed, label=label
+        groups, _collection_slm(groups, dtype), slm_name, rate, val_fraction, seed, label=label
     )
     trigger.save_pretrained(out)
     return trigger

@@ -60,8 +60,13 @@ class Trigger(ABC):
             if not self.needs_hidden
             else self.statistic(slm_logits, slm_hidden)
         )
-        fired = stat >= self.threshold if self.higher_is_critical else stat <= self.threshold
-        return fired, stat
+        return self.critical(stat), stat
+
+    def critical(self, statistic: torch.Tensor) -> torch.Tensor:
+        """Where ``statistic`` (any shape) is on the firing side of the threshold: a bool tensor."""
+        if self.threshold is None:
+            raise ValueError(f"the {self.name!r} trigger has no threshold: give one or calibrate it")
+        return statistic >= self.threshold if self.higher_is_critical else statistic <= self.threshold
 
     def threshold_for_quantile(self, statistics: torch.Tensor, quantile: float) -> float:
         """The threshold at which the trigger fires on a ``1 - quantile`` share of the given steps."""

@@ -137,13 +137,36 @@ def position_statistics(slm_logits: torch.Tensor, llm_logits: torch.Tensor) -> d
     }
 
 
+def read_group_calibration(groups_dir: str | Path) -> dict:
+    """A collection's ``calibration.json`` (``{label: {"trigger", "quantile", "threshold", "problems"}}``),
+    or ``{}`` before any setting was calibrated."""
+    stored_file = Path(groups_dir) / "calibration.json"
+    return json.loads(stored_file.read_text()) if stored_file.is_file() else {}
+
+
+def stored_group_thresholds(groups_dir: str | Path, groups_at: str) -> dict[str, float | None]:
+    """Thresholds of ``groups_at`` settings: given (``=``), or the collection's calibrated ones (``@``).
+
+    Raises:
+        ValueError: a quantile setting the collection has not calibrated.
+    """
+    stored = read_group_calibration(groups_dir)
+    thresholds = {}
+    for s in group_settings(groups_at):
+        if s.quantile is not None and s.label not in stored:
+            raise ValueError(
+                f"{groups_dir} has no calibrated threshold for {s.label!r} (calibrated: {', '.join(stored) or 'none'}); "
+                f"give the threshold instead (e.g. {s.trigger}=VALUE)"
+            )
+        thresholds[s.label] = stored[s.label]["threshold"] if s.quantile is not None else s.threshold
+    return thresholds
+
+
 def fires_at(setting, threshold: float | None, statistics: dict[str, torch.Tensor]) -> torch.Tensor:
     """Where a group setting fires, given its (calibrated) threshold; (T,) bool."""
     if setting.trigger == "always":
         return torch.ones_like(statistics["entropy"], dtype=torch.bool)
-    trigger = make_trigger(setting.trigger, threshold)
-    stat = statistics[setting.trigger]
-    return stat >= threshold if trigger.higher_is_critical else stat <= threshold
+    return make_trigger(setting.trigger, threshold).critical(statistics[setting.trigger])
 
 
 @torch.inference_mode()
@@ -311,10 +334,8 @@ class Collector:
         ``calibration.json`` (the quantile of the statistic over the greedy trajectories of the
         collection's first ``calibration_problems`` problems, after ``min_step``)."""
         c = self.config
-        stored_file = self.run.path / "calibration.json"
-        stored = json.loads(stored_file.read_text()) if stored_file.is_file() else {}
-        settings = group_settings(c.groups_at)
-        missing = [s for s in settings if s.quantile is not None and s.label not in stored]
+        stored = read_group_calibration(self.run.path)
+        missing = [s for s in group_settings(c.groups_at) if s.quantile is not None and s.label not in stored]
         if missing:
             problems = self.problems[: c.calibration_problems]
             logger.info("calibrating %s on %d training problems", c.groups_at, len(problems))
@@ -329,10 +350,7 @@ class Collector:
                     "problems": [p.id for p in problems],
                 }
             self.run.write_json("calibration.json", stored)
-        return {
-            s.label: (stored[s.label]["threshold"] if s.quantile is not None else s.threshold)
-            for s in settings
-        }
+        return stored_group_thresholds(self.run.path, c.groups_at)
 
 
 class CollectWorker:

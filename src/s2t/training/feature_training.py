@@ -15,7 +15,6 @@ on the decision points it will meet at inference.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +23,13 @@ from tqdm.auto import tqdm
 
 from s2t.policies.feature_selector import FeatureScorer, FeatureSelector, candidate_features, feature_count
 from s2t.runs import write_json_atomic
-from s2t.training.collect import collected_records, collection_config, fires_at, group_settings
+from s2t.training.collect import (
+    collected_records,
+    collection_config,
+    fires_at,
+    group_settings,
+    stored_group_thresholds,
+)
 from s2t.training.objective import split_problems
 
 
@@ -93,21 +98,6 @@ class GroupArrays:
         )
 
 
-def group_thresholds(groups_dir: str | Path, groups_at: str) -> dict[str, float | None]:
-    """Thresholds of ``groups_at`` settings: given (``=``), or the collection's calibrated ones (``@``)."""
-    stored_file = Path(groups_dir) / "calibration.json"
-    stored = json.loads(stored_file.read_text()) if stored_file.is_file() else {}
-    thresholds = {}
-    for s in group_settings(groups_at):
-        if s.quantile is not None and s.label not in stored:
-            raise ValueError(
-                f"{groups_dir} has no calibrated threshold for {s.label!r} (calibrated: {', '.join(stored) or 'none'}); "
-                f"give the threshold instead (e.g. {s.trigger}=VALUE)"
-            )
-        thresholds[s.label] = stored[s.label]["threshold"] if s.quantile is not None else s.threshold
-    return thresholds
-
-
 def load_group_arrays(groups_dir: str | Path, k: int, groups_at: str | None = None) -> GroupArrays:
     """Every group of a collection at its top ``k`` candidates, optionally only where ``groups_at`` fires.
 
@@ -120,7 +110,7 @@ def load_group_arrays(groups_dir: str | Path, k: int, groups_at: str | None = No
         raise ValueError(f"k={k} exceeds the collection's K={collected_k}")
     records = collected_records(groups_dir, need_features=False)
     settings = group_settings(groups_at) if groups_at else []
-    thresholds = group_thresholds(groups_dir, groups_at) if groups_at else {}
+    thresholds = stored_group_thresholds(groups_dir, groups_at) if groups_at else {}
     names = ("slm", "llm", "entropy", "margin", "divergent", "problem", "kl", "position", "ids")
     rows: dict[str, list] = {n: [] for n in names}
     for i, record in enumerate(records):

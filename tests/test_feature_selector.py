@@ -154,6 +154,22 @@ def test_feature_selector_round_trips_and_refuses_other_models_kinds_and_k(train
         load_selector(tmp_path)
 
 
+def test_learning_curve_rises_with_data_and_never_fits_on_held_out_problems(planted):
+    from s2t.training.ladder import format_learning_curve, learning_curve
+
+    held_out = [f"tiny/train/{p}" for p in range(100, 120)]
+    curve = learning_curve(planted, held_out, [4, 60], k=K, progress=False)
+    small, large = curve["points"]
+    assert small["train_groups"] == 4 * 24 and large["train_groups"] == 60 * 24
+    top1, shallow, features = (row["agreement"]["value"] for row in large["rows"])
+    assert top1 < 0.8 and shallow >= 0.9 and features >= 0.9
+    assert features >= small["rows"][2]["agreement"]["value"]
+    assert small["rows"][0] == large["rows"][0]  # the same held-out groups at every size
+    assert "| 60 | 1440 |" in format_learning_curve(curve)
+    with pytest.raises(ValueError, match="sizes must lie in"):
+        learning_curve(planted, held_out, [101], k=K)
+
+
 def test_groups_at_keeps_only_the_trigger_points_and_kl_needs_recorded_kl(planted, tmp_path):
     everything = load_group_arrays(planted, K)
     high_entropy = load_group_arrays(planted, K, "entropy@0.5")

@@ -140,6 +140,37 @@ def test_head_training_saves_a_selector_that_reloads_to_identical_scores(collect
     torch.testing.assert_close(reloaded.scores(hidden), trained.scores(hidden))
 
 
+def test_head_training_at_trigger_points_and_its_ladder_rung_from_stored_hidden_states(
+    collected, slm, tmp_path
+):
+    from s2t.training.feature_training import load_group_arrays
+    from s2t.training.ladder import selector_ladder
+
+    everything = load_group_arrays(collected, 4)
+    threshold = float(everything.entropy.median())
+    at = f"entropy={threshold}"
+    cfg = TrainConfig(
+        groups=str(collected), out=str(tmp_path / "sel"), epochs=3, val_fraction=0.25, groups_at=at
+    )
+    trained = train(cfg, slm=slm, progress=False)
+    recorded = trained.config.training["metrics"]["validation"]
+    kept = load_group_arrays(collected, 4, at)
+    val_ids = set(trained.config.training["validation_problem_ids"])
+    in_val = [kept.problem_ids[p] in val_ids for p in kept.problem.tolist()]
+    assert 0 < recorded["n_groups"] == sum(in_val) < len(everything.problem)
+    # the ladder scores the head from the collection's stored hidden states, as training measured it
+    ladder = selector_ladder(
+        collected, sorted(val_ids), k=4, groups_at=at, selectors=[tmp_path / "sel"], slm=slm
+    )
+    row = ladder["rows"][-1]
+    assert row["name"].startswith("head") and row["n_groups"] == recorded["n_groups"]
+    assert row["agreement"]["value"] == pytest.approx(recorded["agreement_with_llm"])
+    with pytest.raises(ValueError, match="groups_at applies to head"):
+        TrainConfig(groups=str(collected), out=str(tmp_path / "x"), mode="lora", groups_at=at)
+    with pytest.raises(ValueError, match=r"k=9 must lie in \[2, 4\]"):
+        train(TrainConfig(groups=str(collected), out=str(tmp_path / "y"), k=9), slm=slm, progress=False)
+
+
 def test_selector_refuses_another_base_model_and_corrupted_files(collected, slm, tokenizer, tmp_path):
     cfg = TrainConfig(groups=str(collected), out=str(tmp_path / "sel"), epochs=1, val_fraction=0.0)
     train(cfg, slm=slm, progress=False)

@@ -88,14 +88,25 @@ def fit_shallow_model(train: GroupArrays, seed: int = 0):
 def bin_selector_picks(
     selector_dir: str | Path, groups_dir: str | Path, data: GroupArrays, k: int, slm
 ) -> torch.Tensor:
-    """The picks (N,) of a head or LoRA selector on ``data``'s groups (one packed forward per problem)."""
+    """The picks (N,) of a head or LoRA selector on ``data``'s groups.
+
+    A head selector reads the candidates' hidden states that ``s2t collect`` stored (no forward);
+    a LoRA selector adapts the SLM, so its groups are scored by one packed forward per problem.
+    """
     from s2t.policies.learned_selector import LocalSelector, load_adapted_slm, selector_kind
     from s2t.training.collect import collected_records
     from s2t.training.lora import packed_group_scores
     from s2t.training.packing import check_record, pack_problem
 
     selector = LocalSelector.from_pretrained(selector_dir, model=slm.model)
-    model = load_adapted_slm(slm.model, selector_dir) if selector_kind(selector_dir) == "lora" else slm.model
+    if selector_kind(selector_dir) == "head":
+        from s2t.training.train import load_groups
+
+        stored, _ = load_groups(groups_dir)
+        hidden = stored.hidden[data.index, :k].float()
+        with torch.no_grad():
+            return selector.selection_logits(hidden, stored.slm_probs[data.index, :k]).argmax(-1)
+    model = load_adapted_slm(slm.model, selector_dir)
     records = collected_records(groups_dir, need_features=False)
     offsets = np.cumsum([0] + [len(r["groups"]) for r in records])
     wanted = set(data.problem.tolist())

@@ -296,3 +296,19 @@ def test_learned_trigger_learns_the_kl_label_and_an_old_collection_is_refused(ti
         save_file(tensors, str(path))
     with pytest.raises(ValueError, match="no per-position KL.*s2t collect"):
         train_trigger(old, slm, "tiny", target_rate=0.2, label="kl@0.95")
+
+
+def test_trigger_model_choice_keeps_the_hidden_state_only_where_it_carries_the_label():
+    from s2t.training.trigger import _choose_model
+
+    g = torch.Generator().manual_seed(0)
+    n_problems, per_problem, hidden = 40, 50, 64
+    problem = torch.arange(n_problems).repeat_interleave(per_problem)
+    x = torch.randn(len(problem), hidden + 2 + 16, generator=g)
+    train_p = set(range(32))
+    in_hidden = _choose_model(x, x[:, 0] > 1.0, problem, train_p, seed=0, epochs=50)
+    assert in_hidden["features"] == "all" and in_hidden["inner_auroc"] > 0.95
+    in_entropy = _choose_model(x, x[:, hidden] > 1.0, problem, train_p, seed=0, epochs=50)
+    assert in_entropy["inner_auroc"] > 0.95
+    single_class = _choose_model(x, torch.zeros(len(problem), dtype=torch.bool), problem, train_p, 0, 50)
+    assert single_class["inner_auroc"] != single_class["inner_auroc"]  # nan: nothing to choose on

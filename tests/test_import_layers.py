@@ -43,7 +43,15 @@ LAYERS = {
         "s2t.distributed",
         "s2t.method_names",
     ],
-    "decoding": ["s2t", "s2t.policies/", "s2t.engine", "s2t.methods", "s2t.api", "s2t.backends/"],
+    "decoding": [
+        "s2t",
+        "s2t.policies/",
+        "s2t.engine",
+        "s2t.teacher_forcing",
+        "s2t.methods",
+        "s2t.api",
+        "s2t.backends/",
+    ],
     "training": ["s2t.training/"],
     "experiments": [
         "s2t.evaluate",

@@ -55,6 +55,7 @@ from s2t.policies.features import logit_statistics, rank_of
 from s2t.policies.triggers import make_trigger
 from s2t.prompts import build_prompt
 from s2t.runs import RunDirectory, read_jsonl
+from s2t.teacher_forcing import trajectory_forward
 
 logger = logging.getLogger(__name__)
 
@@ -167,19 +168,6 @@ def fires_at(setting, threshold: float | None, statistics: dict[str, torch.Tenso
     if setting.trigger == "always":
         return torch.ones_like(statistics["entropy"], dtype=torch.bool)
     return make_trigger(setting.trigger, threshold).critical(statistics[setting.trigger])
-
-
-@torch.inference_mode()
-def trajectory_forward(model, prompt: Sequence[int], trajectory: Sequence[int], vocab_size: int, cache=None):
-    """Teacher-force prompt + trajectory in one forward pass.
-
-    Returns (hidden (T, H), logits (T, vocab)) at the positions that predict each trajectory token.
-    Pass a ``DynamicCache`` to keep the sequence's KV for :func:`candidate_hidden_states_at`.
-    """
-    ids = torch.tensor([list(prompt) + list(trajectory)], device=model.device)
-    out = model.model(input_ids=ids, **cache_kwargs(model.model, cache), use_cache=cache is not None)
-    hidden = out.last_hidden_state[0, len(prompt) - 1 : len(prompt) - 1 + len(trajectory)]
-    return hidden, model.get_output_embeddings()(hidden)[:, :vocab_size].float()
 
 
 @torch.inference_mode()

@@ -34,6 +34,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src"
 LAYERS = {
     "foundations": [
         "s2t.runs",
+        "s2t.run_driver",
         "s2t.data",
         "s2t.stats",
         "s2t.grading",

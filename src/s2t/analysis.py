@@ -29,7 +29,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from s2t.data import Problem
 from s2t.engine import decode
@@ -47,6 +46,7 @@ from s2t.policies.features import rank_of
 from s2t.policies.triggers import EntropyTrigger, KLTrigger, check_quantile
 from s2t.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from s2t.reporting.hitk import plot_hitk
+from s2t.run_driver import RunDriver
 from s2t.runs import RunDirectory
 from s2t.stats import ConfidenceInterval, ratio_bootstrap_ci
 from s2t.teacher_forcing import teacher_force, trajectory_logits
@@ -298,7 +298,7 @@ def analyze(
         workers, ray_address: shard the problems over this many Ray actors (one model pair
             each; see :func:`s2t.distributed.run_sharded`); records are identical to one process's.
     """
-    from s2t.distributed import import_ray, run_sharded
+    from s2t.distributed import import_ray
 
     if workers > 1:
         import_ray()  # fail before any model is loaded
@@ -348,39 +348,24 @@ def analyze(
         "batch_size": batch_size,
     }
     run = RunDirectory(out_dir, config, ignore_keys={"batch_size", "limit"}) if out_dir is not None else None
-    records: dict[str, dict] = {}
-    if run is not None:
-        for record in run.records(PROBLEMS_FILE):
-            records[record["id"]] = record
-    todo = [p for p in problems if p.id not in records]
+    driver = RunDriver(run, PROBLEMS_FILE, key=lambda r: r["id"])
+    records: dict[str, dict] = {r["id"]: r for r in driver.records()}
 
-    bar = tqdm(
-        total=len(problems),
-        initial=len(problems) - len(todo),
-        desc=f"local sufficiency ({trajectory} trajectories)",
-        unit="problem",
-        disable=not progress,
-    )
-
-    def finished(record: dict) -> None:
+    def keep(record: dict) -> None:
         records[record["id"]] = record
-        if run is not None:
-            run.append(record, PROBLEMS_FILE)
-        bar.update(1)
 
-    if todo:
-        run_sharded(
-            partial(AnalyzeShardWorker, slm, llm, trajectory, divergence, max_new_tokens, system_prompt),
-            "run_shard",
-            [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)],
-            on_record=finished,
-            workers=workers,
-            ray_address=ray_address,
-            key=lambda r: r["id"],
-            done=set(records),
-            progress=False,
-        )
-    bar.close()
+    driver.drive(
+        problems,
+        lambda p: p.id,
+        partial(AnalyzeShardWorker, slm, llm, trajectory, divergence, max_new_tokens, system_prompt),
+        done=set(records),
+        shard_size=batch_size,
+        on_record=keep,
+        desc=f"local sufficiency ({trajectory} trajectories)",
+        progress=progress,
+        workers=workers,
+        ray_address=ray_address,
+    )
 
     selected = [records[p.id] for p in problems]
     statistics = summarize(

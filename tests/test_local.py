@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from s2t.analysis import score_trajectories
 from s2t.data import Problem
 from s2t.engine import Method, ModelStream, decode, left_pad
 from s2t.policies import EntropyTrigger, TopK
@@ -91,6 +92,28 @@ def collected(tmp_path_factory, slm, llm):
     collector = Collector(cfg, out, slm=slm, llm=llm, problems=_problems(), progress=False)
     assert collector.run_all() == 4
     return out
+
+
+def test_analysis_and_collection_see_the_same_statistics_at_every_position(collected, slm, llm):
+    from safetensors.torch import load_file
+
+    records = [json.loads(line) for line in (collected / "problems.jsonl").read_text().splitlines()]
+    # one padded batch in the analysis, one sequence at a time in the collection
+    analysed = score_trajectories(
+        slm, llm, [r["prompt_ids"] for r in records], [r["trajectory_ids"] for r in records]
+    )
+    for record, stats in zip(records, analysed):
+        features = load_file(collected / record["features"])
+        assert stats.rank == features["position_llm_top1_rank"].tolist()
+        assert [a != b for a, b in zip(stats.slm_top1, stats.llm_top1)] == features[
+            "position_divergent"
+        ].tolist()
+        torch.testing.assert_close(
+            torch.tensor(stats.kl), features["position_kl"].clamp(min=0), atol=1e-6, rtol=1e-6
+        )
+        torch.testing.assert_close(
+            torch.tensor(stats.entropy), features["position_entropy"], atol=1e-4, rtol=0
+        )
 
 
 def test_collected_groups_match_the_llm_and_resume_without_recomputing(collected, slm, llm):

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save
-from tqdm.auto import tqdm
 
 from s2t.data import Problem, load_problems
 from s2t.engine import Method, decode
@@ -54,7 +53,9 @@ from s2t.policies import EntropyTrigger, KLTrigger, LLMSelector, MarginTrigger, 
 from s2t.policies.features import logit_statistics, rank_of
 from s2t.policies.triggers import make_trigger
 from s2t.prompts import build_prompt
+from s2t.run_driver import RunDriver
 from s2t.runs import RunDirectory, read_jsonl
+from s2t.teacher_forcing import trajectory_forward
 
 logger = logging.getLogger(__name__)
 
@@ -170,19 +171,6 @@ def fires_at(setting, threshold: float | None, statistics: dict[str, torch.Tenso
 
 
 @torch.inference_mode()
-def trajectory_forward(model, prompt: Sequence[int], trajectory: Sequence[int], vocab_size: int, cache=None):
-    """Teacher-force prompt + trajectory in one forward pass.
-
-    Returns (hidden (T, H), logits (T, vocab)) at the positions that predict each trajectory token.
-    Pass a ``DynamicCache`` to keep the sequence's KV for :func:`candidate_hidden_states_at`.
-    """
-    ids = torch.tensor([list(prompt) + list(trajectory)], device=model.device)
-    out = model.model(input_ids=ids, **cache_kwargs(model.model, cache), use_cache=cache is not None)
-    hidden = out.last_hidden_state[0, len(prompt) - 1 : len(prompt) - 1 + len(trajectory)]
-    return hidden, model.get_output_embeddings()(hidden)[:, :vocab_size].float()
-
-
-@torch.inference_mode()
 def candidate_hidden_states_at(
     model, cache, prompt_length: int, sequence_length: int, positions: Sequence[int], candidates: torch.Tensor
 ) -> torch.Tensor:
@@ -268,6 +256,13 @@ class Collector:
             {**asdict(config), "kind": "s2t-local-groups"},
             ignore_keys={"limit", "batch_size", "llm_device_map"},
         )
+        # features first: a recorded problem never points to a missing file
+        self.driver = RunDriver(
+            self.run,
+            "problems.jsonl",
+            key=lambda r: r["problem_id"],
+            side_files=lambda r: {r["features"]: r.pop("features_data")},
+        )
         self.workers, self.ray_address = workers, ray_address
         self._worker = None if workers > 1 else CollectWorker(config, slm, llm)
         self.problems = list(problems)
@@ -277,28 +272,13 @@ class Collector:
     def done_ids(self) -> set[str]:
         """Problems recorded with their feature file present (a copy without ``features/``, e.g. a
         clone of committed results, recomputes the features)."""
-        return {
-            r["problem_id"]
-            for r in self.run.records("problems.jsonl")
-            if (self.run.path / r["features"]).is_file()
-        }
+        return {r["problem_id"] for r in self.driver.records() if (self.run.path / r["features"]).is_file()}
 
     def run_all(self) -> int:
         """Collect every problem not yet recorded; returns how many were collected now."""
-        from s2t.distributed import run_sharded
-
         done = self.done_ids()
-        todo = [p for p in self.problems if p.id not in done]
+        todo = self.driver.pending(self.problems, lambda p: p.id, done)
         thresholds = self.group_thresholds() if todo and self.config.mode == "teacher-forced" else {}
-        bar = tqdm(
-            total=len(self.problems),
-            initial=len(self.problems) - len(todo),
-            desc="collecting",
-            unit="problem",
-            disable=not self.progress,
-            dynamic_ncols=True,
-        )
-        bs = self.config.batch_size
         worker = self._worker
         if worker is not None:
             worker.group_thresholds = thresholds
@@ -307,27 +287,17 @@ class Collector:
             if worker is not None
             else partial(CollectWorker, self.config, group_thresholds=thresholds)
         )
-
-        def finished(record: dict) -> None:
-            # features first: a recorded problem never points to a missing file
-            (self.run.path / record["features"]).write_bytes(record.pop("features_data"))
-            self.run.append(record, "problems.jsonl")
-            bar.update(1)
-
-        if todo:
-            run_sharded(
-                make_worker,
-                "run_shard",
-                [todo[i : i + bs] for i in range(0, len(todo), bs)],
-                on_record=finished,
-                workers=self.workers,
-                ray_address=self.ray_address,
-                key=lambda r: r["problem_id"],
-                done=done,
-                progress=False,
-            )
-        bar.close()
-        return len(todo)
+        return self.driver.drive(
+            self.problems,
+            lambda p: p.id,
+            make_worker,
+            done=done,
+            shard_size=self.config.batch_size,
+            desc="collecting",
+            progress=self.progress,
+            workers=self.workers,
+            ray_address=self.ray_address,
+        )
 
     def group_thresholds(self) -> dict[str, float | None]:
         """Each ``groups_at`` setting's threshold: given, or calibrated once per run and stored in

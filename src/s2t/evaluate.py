@@ -95,7 +95,9 @@ class EvalConfig:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
         # a method the backend cannot run is refused before its selector checkpoint is read
-        self.backend = resolve_backend(self.backend, [self.slm, self.llm], self.methods, self.trigger)
+        self.backend = resolve_backend(
+            self.backend, [self.slm, self.llm], self.methods, self.trigger, selector=self.selector
+        )
         for name in self.methods:
             self.spec(name)  # raises ValueError naming the method or the option
         self.dtype = resolve_dtype(self.dtype)  # recorded, so a run says which dtype made it

@@ -387,3 +387,26 @@ def test_s2t_local_with_a_feature_selector_matches_the_torch_engine(slm, llama_p
     for ours, theirs in zip(got, expected):
         assert ours.trigger_steps == theirs.trigger_steps and ours.token_ids == theirs.token_ids
         assert ours.cost.overrides == theirs.cost.overrides and ours.cost.llm_forward_calls == 0
+
+
+def test_threads_option_sets_torch_and_llama_cpp_threads(monkeypatch):
+    from typer.testing import CliRunner
+
+    from s2t.backends.base import THREADS_ENV
+    from s2t.backends.llama_cpp import default_threads
+    from s2t.cli import app
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert 1 <= default_threads() <= 8
+    before = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(app, ["--threads", "1", "eval", "--help"])
+        assert result.exit_code == 0 and torch.get_num_threads() == 1
+        assert default_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+        monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert CliRunner().invoke(app, ["--threads", "0", "eval", "--help"]).exit_code != 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 BACKENDS = ("torch", "llama.cpp")
 AUTO = "auto"
 LLAMACPP_EXTRA = "select-to-think[llamacpp]"
+THREADS_ENV = "S2T_THREADS"  # CPU threads for llama.cpp, set by `s2t --threads N`
 
 
 class BackendUnavailableError(RuntimeError):

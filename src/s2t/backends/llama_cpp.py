@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from s2t.api import S2TGenerator
-from s2t.backends.base import LLAMACPP_EXTRA, BackendUnavailableError
+from s2t.backends.base import LLAMACPP_EXTRA, THREADS_ENV, BackendUnavailableError
 from s2t.builtin_models import (
     BUILTIN_MODELS,
     GGUF_MAGIC,
@@ -89,6 +89,16 @@ def _quiet(lib) -> None:
         _QUIET = lib.llama_log_callback(lambda level, text, data: None)
         lib.llama_log_set(_QUIET, ctypes.c_void_p())
         lib.llama_backend_init()
+
+
+def default_threads() -> int:
+    """llama.cpp's threads: ``$S2T_THREADS`` (``s2t --threads``), else ``$OMP_NUM_THREADS`` (which
+    torch obeys), else the cores up to 8."""
+    for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return min(os.cpu_count() or 1, 8)
 
 
 def gguf_architecture(path: Path) -> str:
@@ -236,7 +246,7 @@ class LlamaCppModel:
         self.vocab = lib.llama_model_get_vocab(self._model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.n_ctx = n_ctx
-        self.n_threads = n_threads or min(os.cpu_count() or 1, 8)
+        self.n_threads = n_threads or default_threads()
         self.kv_type = kv_type
         self.n_sequences = 0
         self._ctx = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -548,3 +549,18 @@ def test_the_learned_trigger_sees_at_inference_the_features_it_was_trained_on(co
     # what decoding computes at each step (the stored hidden states are float16)
     at_inference = features_from_logits(logits, hidden.half().float())
     torch.testing.assert_close(features[problem == 0], at_inference, atol=1e-4, rtol=1e-4)
+
+
+def test_collection_records_its_resolved_dtype_and_resumes_a_legacy_null_as_float32(tmp_path, monkeypatch):
+    from s2t.runs import ConfigMismatchError, RunDirectory
+    from s2t.training.collect import LEGACY_CONFIG, CollectConfig
+
+    monkeypatch.setenv("S2T_DEFAULT_DTYPE", "bfloat16")
+    assert CollectConfig(dataset="tiny").dtype == "bfloat16"
+    assert CollectConfig(dataset="tiny", dtype="float32").dtype == "float32"
+    legacy = asdict(CollectConfig(dataset="tiny", dtype="float32")) | {"dtype": None}
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    RunDirectory(tmp_path, asdict(CollectConfig(dataset="tiny", dtype="float32")), legacy=LEGACY_CONFIG)
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    with pytest.raises(ConfigMismatchError, match="--dtype float32 resumes it"):
+        RunDirectory(tmp_path, asdict(CollectConfig(dataset="tiny")), legacy=LEGACY_CONFIG)

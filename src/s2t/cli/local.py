@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from s2t.cli.app import (
+    DecodeDtypeOpt,
     DtypeOpt,
     LLMDeviceMapOpt,
     LLMDtypeOpt,
@@ -55,7 +56,7 @@ def collect(
     out: Annotated[str | None, typer.Option(help="Output directory (resumed if it exists).")] = None,
     slm: SLMOpt = DEFAULT_SLM,
     llm: LLMOpt = DEFAULT_LLM,
-    dtype: DtypeOpt = None,
+    dtype: DecodeDtypeOpt = None,
     llm_dtype: LLMDtypeOpt = None,
     llm_device_map: LLMDeviceMapOpt = None,
     workers: WorkersOpt = 1,

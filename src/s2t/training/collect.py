@@ -48,6 +48,7 @@ from s2t.models import (
     check_same_vocabulary,
     engine_kwargs,
     load_model,
+    resolve_dtype,
 )
 from s2t.policies import EntropyTrigger, KLTrigger, LLMSelector, MarginTrigger, TopK
 from s2t.policies.features import logit_statistics, rank_of
@@ -84,11 +85,12 @@ class CollectConfig:
     min_step: int = 3
     max_new_tokens: int = 512
     batch_size: int = 8
-    dtype: str | None = None
+    dtype: str | None = None  # None: the decoding default (resolved and recorded; bfloat16 where it is fast)
     llm_dtype: str | None = None  # default: dtype
     llm_device_map: str | None = None  # e.g. "auto" to spread a large LLM over the GPUs
 
     def __post_init__(self):
+        self.dtype = resolve_dtype(self.dtype)  # recorded, so a run says which dtype made it
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         if self.split.lower() in EVALUATION_SPLITS:
@@ -104,6 +106,8 @@ class CollectConfig:
 
 
 GROUP_TRIGGERS = ("entropy", "margin", "kl", "always")
+# Collections made before the dtype was resolved and recorded stored null, which then meant float32.
+LEGACY_CONFIG = {"dtype": "float32"}
 
 
 def group_settings(spec: str):
@@ -255,6 +259,7 @@ class Collector:
             out_dir,
             {**asdict(config), "kind": "s2t-local-groups"},
             ignore_keys={"limit", "batch_size", "llm_device_map"},
+            legacy=LEGACY_CONFIG,
         )
         # features first: a recorded problem never points to a missing file
         self.driver = RunDriver(

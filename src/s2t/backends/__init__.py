@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from s2t.backends.base import AUTO, BACKENDS, LLAMACPP_EXTRA, BackendUnavailableError
+from s2t.backends.base import AUTO, BACKENDS, LLAMACPP_EXTRA, BackendUnavailableError, reads_only_logits
 
 # Methods that only the torch engine runs: S2T-Local with a head or LoRA selector scores K candidates
 # with the SLM itself (a feature selector reads only the logits, so every backend runs it), and the
@@ -44,20 +44,6 @@ def is_gguf_model(name: str) -> bool:
     from s2t.builtin_models import BUILTIN_MODELS
 
     return name in BUILTIN_MODELS or Path(os.path.expanduser(name)).suffix == ".gguf"
-
-
-def reads_only_logits(selector: str | os.PathLike | None) -> bool:
-    """Whether a trained selector directory holds a feature selector, which reads only the SLM's
-    next-token logits (so the llama.cpp backend runs it). A directory without a selector config is not
-    one (loading it later says so); an unreadable config raises
-    :class:`~s2t.policies.checkpoint.SelectorCheckpointError` naming what is wrong."""
-    from s2t.policies.checkpoint import CONFIG_NAME
-    from s2t.policies.learned_selector import selector_kind
-
-    if not selector or not (Path(selector) / CONFIG_NAME).is_file():
-        return False
-
-    return selector_kind(selector) == "features"
 
 
 def torch_only_reason(

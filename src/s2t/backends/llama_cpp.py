@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from s2t.api import S2TGenerator
-from s2t.backends.base import LLAMACPP_EXTRA, THREADS_ENV, BackendUnavailableError
+from s2t.backends.base import LLAMACPP_EXTRA, THREADS_ENV, BackendUnavailableError, reads_only_logits
 from s2t.builtin_models import (
     BUILTIN_MODELS,
     GGUF_MAGIC,
@@ -649,7 +649,6 @@ class LlamaCppGenerator(S2TGenerator):
     def _local_selector(self, directory):
         """A feature selector (it reads only the SLM's logits), checked against the SLM's GGUF file;
         head and LoRA selectors score K candidates with the SLM itself and are refused."""
-        from s2t.backends import reads_only_logits
         from s2t.policies.feature_selector import FeatureSelector
 
         key = str(directory)

@@ -312,3 +312,23 @@ def test_trigger_model_choice_keeps_the_hidden_state_only_where_it_carries_the_l
     assert in_entropy["inner_auroc"] > 0.95
     single_class = _choose_model(x, torch.zeros(len(problem), dtype=torch.bool), problem, train_p, 0, 50)
     assert single_class["inner_auroc"] != single_class["inner_auroc"]  # nan: nothing to choose on
+
+
+def test_ladder_verdict_compares_each_trained_rung_with_the_top1_and_the_shallow_model():
+    from s2t.training.ladder import verdict
+
+    def row(name, value, low, high):
+        return {"name": name, "agreement": {"value": value, "low": low, "high": high}}
+
+    ladder = {
+        "rows": [
+            row("SLM top-1", 0.695, 0.65, 0.75),
+            row("shallow", 0.673, 0.63, 0.72),
+            row("features", 0.688, 0.64, 0.75),
+            row("head", 0.90, 0.86, 0.93),
+        ]
+    }
+    features, head = verdict(ladder).splitlines()
+    assert "does NOT beat the SLM top-1 (68.8% vs 69.5%)" in features
+    assert "above the shallow by its point estimate only" in features
+    assert "beats the SLM top-1" in head and "beats the shallow" in head and "CIs apart" in head

@@ -255,24 +255,22 @@ def _cell(v: dict | None) -> str:
 
 
 def verdict(ladder: dict) -> str:
-    """Whether each trained rung beats the shallow model's agreement (by its CI or its point)."""
-    shallow = ladder["rows"][1]["agreement"]
+    """Whether each trained rung beats the SLM's top-1 and the shallow model (by its CI or its point)."""
     lines = []
     for row in ladder["rows"][2:]:
-        a = row["agreement"]
-        if a["low"] > shallow["high"]:
-            lines.append(
-                f"{row['name']} beats the shallow model ({a['value']:.1%} vs {shallow['value']:.1%}, CIs apart)"
-            )
-        elif a["value"] > shallow["value"]:
-            lines.append(
-                f"{row['name']} is above the shallow model by its point estimate only ({a['value']:.1%} vs {shallow['value']:.1%}; CIs overlap)"
-            )
-        else:
-            lines.append(
-                f"{row['name']} does NOT beat the shallow model ({a['value']:.1%} vs {shallow['value']:.1%})"
-            )
+        parts = [_versus(row["agreement"], ladder["rows"][i]) for i in (0, 1)]
+        lines.append(f"{row['name']}: {'; '.join(parts)}")
     return "\n".join(lines)
+
+
+def _versus(a: dict, rung: dict) -> str:
+    other = rung["agreement"]
+    figures = f"{a['value']:.1%} vs {other['value']:.1%}"
+    if a["low"] > other["high"]:
+        return f"beats the {rung['name']} ({figures}, CIs apart)"
+    if a["value"] > other["value"]:
+        return f"above the {rung['name']} by its point estimate only ({figures}; CIs overlap)"
+    return f"does NOT beat the {rung['name']} ({figures})"
 
 
 def format_ladder(ladder: dict) -> str:

@@ -1,10 +1,12 @@
-"""Does a cheaper dtype change the answers? One method's records in two run directories, paired by problem.
+"""Does a cheaper dtype, or the other backend, change the answers? One method's records in two run
+directories, paired by problem.
 
     python bench/dtype_check.py results/eval-gsm8k-test-100 results/eval-gsm8k-test-100-bf16 \
         --method greedy --out results/bench/dtype_check.json
 
 Both runs must cover the same problems with the same prompts and budget (they differ only in
-``dtype``; the script refuses other differences). Reports each run's accuracy with its bootstrap CI,
+``dtype`` or ``backend``, e.g. torch float32 against llama.cpp on the Q4_K_M files; the script
+refuses other differences). Reports each run's accuracy with its bootstrap CI,
 the exact McNemar test between them, how many final answers and whole texts are identical, and the
 paired difference in wall time per problem (wall times are only as clean as the machine was).
 """
@@ -18,8 +20,8 @@ from pathlib import Path
 from s2t.runs import read_jsonl
 from s2t.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap
 
-# Config entries that may differ between the two runs (the dtype itself, and bookkeeping).
-MAY_DIFFER = {"dtype", "llm_dtype", "methods", "batch_size", "limit", "selector"}
+# Config entries that may differ between the two runs (the dtype and backend themselves, and bookkeeping).
+MAY_DIFFER = {"dtype", "llm_dtype", "backend", "methods", "batch_size", "limit", "selector"}
 
 
 def load_run(path: Path, method: str) -> tuple[dict, dict[str, dict]]:
@@ -37,7 +39,7 @@ def compare(a_dir: Path, b_dir: Path, method: str) -> dict:
         k for k in (a_config.keys() | b_config.keys()) - MAY_DIFFER if a_config.get(k) != b_config.get(k)
     )
     if differ:
-        raise SystemExit(f"the runs differ in more than the dtype: {', '.join(differ)}")
+        raise SystemExit(f"the runs differ in more than the dtype and backend: {', '.join(differ)}")
     ids = sorted(a.keys() & b.keys(), key=lambda pid: (len(pid), pid))
     a_ok, b_ok = [a[i]["correct"] for i in ids], [b[i]["correct"] for i in ids]
     a_time, b_time = [a[i]["cost"]["wall_time_s"] for i in ids], [b[i]["cost"]["wall_time_s"] for i in ids]
@@ -49,6 +51,7 @@ def compare(a_dir: Path, b_dir: Path, method: str) -> dict:
         return {
             "run": str(directory),
             "dtype": config.get("dtype") or "float32 (recorded as null)",
+            "backend": config.get("backend") or "torch (recorded before backends existed)",
             "accuracy": ci.estimate,
             "accuracy_ci": [ci.low, ci.high],
             "wall_time_s_per_problem": sum(times) / len(times),

@@ -6,6 +6,10 @@ and trained selectors of any kind (features, head, LoRA), each with 95% bootstra
 results/selector-lora-gsm8k-train-300 --validation-from results/selector-head-gsm8k-train-300 \\
         --out results/bench/selector_ladder-300.json
 
+With ``--learning-curve 30,60,120,270`` it instead fits the shallow model and a feature selector on
+nested subsets of that many training problems and scores each on the same held-out groups
+(:func:`s2t.training.ladder.learning_curve`).
+
 The held-out problems are a selector's validation problems (``--validation-from``) or the seeded
 split every trainer uses (``--val-fraction``, ``--seed``); every selector must have held them out.
 """
@@ -20,7 +24,7 @@ import torch
 
 from s2t.policies.learned_selector import load_selector
 from s2t.training.collect import collected_records, collection_config
-from s2t.training.ladder import format_ladder, selector_ladder, verdict
+from s2t.training.ladder import format_ladder, format_learning_curve, learning_curve, selector_ladder, verdict
 from s2t.training.objective import split_problems
 
 
@@ -35,6 +39,7 @@ def main() -> None:
     parser.add_argument("--groups-at", default=None, help="only groups where these trigger settings fire")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--learning-curve", default=None, help="comma-separated training-problem counts")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -45,6 +50,16 @@ def main() -> None:
         ids = [r["problem_id"] for r in collected_records(args.groups, need_features=False)]
         _, val = split_problems(len(ids), args.val_fraction, args.seed)
         held_out = [ids[i] for i in sorted(val)]
+    if args.learning_curve:
+        sizes = [int(n) for n in args.learning_curve.split(",")]
+        curve = learning_curve(
+            args.groups, held_out, sizes, args.k, args.groups_at, seed=args.seed, progress=False
+        )
+        curve["groups"] = args.groups
+        print(format_learning_curve(curve))
+        if args.out:
+            Path(args.out).write_text(json.dumps(curve, indent=2) + "\n")
+        return
     selectors = [d for d in args.selectors.split(",") if d]
     slm = None
     if selectors:

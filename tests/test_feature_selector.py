@@ -154,6 +154,22 @@ def test_feature_selector_round_trips_and_refuses_other_models_kinds_and_k(train
         load_selector(tmp_path)
 
 
+def test_learning_curve_rises_with_data_and_never_fits_on_held_out_problems(planted):
+    from s2t.training.ladder import format_learning_curve, learning_curve
+
+    held_out = [f"tiny/train/{p}" for p in range(100, 120)]
+    curve = learning_curve(planted, held_out, [4, 60], k=K, progress=False)
+    small, large = curve["points"]
+    assert small["train_groups"] == 4 * 24 and large["train_groups"] == 60 * 24
+    top1, shallow, features = (row["agreement"]["value"] for row in large["rows"])
+    assert top1 < 0.8 and shallow >= 0.9 and features >= 0.9
+    assert features >= small["rows"][2]["agreement"]["value"]
+    assert small["rows"][0] == large["rows"][0]  # the same held-out groups at every size
+    assert "| 60 | 1440 |" in format_learning_curve(curve)
+    with pytest.raises(ValueError, match="sizes must lie in"):
+        learning_curve(planted, held_out, [101], k=K)
+
+
 def test_groups_at_keeps_only_the_trigger_points_and_kl_needs_recorded_kl(planted, tmp_path):
     everything = load_group_arrays(planted, K)
     high_entropy = load_group_arrays(planted, K, "entropy@0.5")
@@ -280,3 +296,39 @@ def test_learned_trigger_learns_the_kl_label_and_an_old_collection_is_refused(ti
         save_file(tensors, str(path))
     with pytest.raises(ValueError, match="no per-position KL.*s2t collect"):
         train_trigger(old, slm, "tiny", target_rate=0.2, label="kl@0.95")
+
+
+def test_trigger_model_choice_keeps_the_hidden_state_only_where_it_carries_the_label():
+    from s2t.training.trigger import _choose_model
+
+    g = torch.Generator().manual_seed(0)
+    n_problems, per_problem, hidden = 40, 50, 64
+    problem = torch.arange(n_problems).repeat_interleave(per_problem)
+    x = torch.randn(len(problem), hidden + 2 + 16, generator=g)
+    train_p = set(range(32))
+    in_hidden = _choose_model(x, x[:, 0] > 1.0, problem, train_p, seed=0, epochs=50)
+    assert in_hidden["features"] == "all" and in_hidden["inner_auroc"] > 0.95
+    in_entropy = _choose_model(x, x[:, hidden] > 1.0, problem, train_p, seed=0, epochs=50)
+    assert in_entropy["inner_auroc"] > 0.95
+    single_class = _choose_model(x, torch.zeros(len(problem), dtype=torch.bool), problem, train_p, 0, 50)
+    assert single_class["inner_auroc"] != single_class["inner_auroc"]  # nan: nothing to choose on
+
+
+def test_ladder_verdict_compares_each_trained_rung_with_the_top1_and_the_shallow_model():
+    from s2t.training.ladder import verdict
+
+    def row(name, value, low, high):
+        return {"name": name, "agreement": {"value": value, "low": low, "high": high}}
+
+    ladder = {
+        "rows": [
+            row("SLM top-1", 0.695, 0.65, 0.75),
+            row("shallow", 0.673, 0.63, 0.72),
+            row("features", 0.688, 0.64, 0.75),
+            row("head", 0.90, 0.86, 0.93),
+        ]
+    }
+    features, head = verdict(ladder).splitlines()
+    assert "does NOT beat the SLM top-1 (68.8% vs 69.5%)" in features
+    assert "above the shallow by its point estimate only" in features
+    assert "beats the SLM top-1" in head and "beats the shallow" in head and "CIs apart" in head

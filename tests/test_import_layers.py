@@ -34,6 +34,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src"
 LAYERS = {
     "foundations": [
         "s2t.runs",
+        "s2t.run_driver",
         "s2t.data",
         "s2t.stats",
         "s2t.grading",
@@ -43,7 +44,15 @@ LAYERS = {
         "s2t.distributed",
         "s2t.method_names",
     ],
-    "decoding": ["s2t", "s2t.policies/", "s2t.engine", "s2t.methods", "s2t.api", "s2t.backends/"],
+    "decoding": [
+        "s2t",
+        "s2t.policies/",
+        "s2t.engine",
+        "s2t.teacher_forcing",
+        "s2t.methods",
+        "s2t.api",
+        "s2t.backends/",
+    ],
     "training": ["s2t.training/"],
     "experiments": [
         "s2t.evaluate",

@@ -318,3 +318,95 @@ def test_eval_runs_on_the_llama_cpp_backend_and_records_it(tmp_path, data_file, 
     assert {m for m in payload["methods"]} >= {"greedy", "llm", "s2t/entropy@0.5", "maj@2"}
     with pytest.raises(BackendUnavailableError, match="--backend torch"):
         EvalConfig(slm=paths[0], llm=paths[1], methods=["s2t-local"], selector="x", backend="llama.cpp")
+
+
+# --- S2T-Local with a feature selector (it reads only the logits) ----------------------------------
+
+
+def _feature_selector(slm, directory, k=4):
+    """A feature selector planted to take the SLM's rank-2 candidate wherever the trigger fires."""
+    from s2t.policies.feature_selector import FeatureSelector
+
+    selector = FeatureSelector.initial(slm.model, "tiny-slm", k)
+    first, middle, last = (selector.scorer.net[i] for i in (0, 2, 4))
+    with torch.no_grad():
+        for layer in (first, middle, last):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        first.weight[0, 3 + 1] = 1.0  # the rank one-hot starts at feature 3; rank 2 is its second entry
+        middle.weight[0, 0] = 1.0
+        last.weight[0, 0] = 100.0
+    selector.save_pretrained(directory)
+    return selector
+
+
+def test_gguf_fingerprint_is_the_torch_models_and_pins_a_feature_selector_to_its_slm(slm, llm, tmp_path):
+    from s2t.policies.checkpoint import SelectorCheckpointError, gguf_fingerprint, model_fingerprint
+    from s2t.policies.feature_selector import FeatureSelector
+
+    slm_file = write_gguf(slm.model, slm.tokenizer, tmp_path / "slm.gguf")
+    llm_file = write_gguf(llm.model, slm.tokenizer, tmp_path / "llm.gguf")
+    assert gguf_fingerprint(slm_file) == model_fingerprint(slm.model)
+    assert gguf_fingerprint(llm_file) == model_fingerprint(llm.model) != model_fingerprint(slm.model)
+    _feature_selector(slm, tmp_path / "features")
+    selector = FeatureSelector.from_pretrained(tmp_path / "features")
+    selector.check_base(slm_file)
+    with pytest.raises(SelectorCheckpointError, match="trained on base model 'tiny-slm'"):
+        selector.check_base(llm_file)
+
+
+def test_only_a_feature_selector_runs_s2t_local_on_llama_cpp(slm, tmp_path, monkeypatch):
+
+    _feature_selector(slm, tmp_path / "features")
+    refuse_on_llama_cpp(["greedy", "s2t-local"], "entropy", selector=tmp_path / "features")
+    with pytest.raises(BackendUnavailableError, match="--mode features selector reads only the logits"):
+        refuse_on_llama_cpp(["s2t-local"], "entropy", selector=tmp_path / "missing")
+    with pytest.raises(BackendUnavailableError, match="learned trigger"):
+        refuse_on_llama_cpp(["s2t-local/learned"], "entropy", selector=tmp_path / "features")
+    monkeypatch.setattr("s2t.backends.llama_cpp_installed", lambda: True)
+    builtin = ["qwen2.5-coder-0.5b-instruct"]
+    assert (
+        resolve_backend("auto", builtin, ["s2t-local"], device="cpu", selector=tmp_path / "features")
+        == "llama.cpp"
+    )
+
+
+def test_s2t_local_with_a_feature_selector_matches_the_torch_engine(slm, llama_pair, tmp_path):
+    from s2t.backends import llama_cpp
+    from s2t.methods import trigger_statistics
+
+    _, (slm_cpp, _) = llama_pair
+    selector = _feature_selector(slm, tmp_path / "features")
+    kwargs = engine_kwargs(slm) | {"max_new_tokens": 16}
+    method = build_method("s2t-local", trigger="entropy", threshold=0.0, k=4, selector=selector)
+    statistics = trigger_statistics(method.trigger, slm.model, PROMPTS, **kwargs)
+    method.trigger.threshold = _threshold_in_a_gap(statistics)
+    expected = decode(slm.model, PROMPTS, method, **kwargs)
+    got = llama_cpp.decode(slm_cpp, PROMPTS, method, max_batch_size=3, **kwargs)
+    assert all(g.cost.overrides == g.cost.triggers > 0 for g in expected[:2])  # rank 2 at every trigger
+    for ours, theirs in zip(got, expected):
+        assert ours.trigger_steps == theirs.trigger_steps and ours.token_ids == theirs.token_ids
+        assert ours.cost.overrides == theirs.cost.overrides and ours.cost.llm_forward_calls == 0
+
+
+def test_threads_option_sets_torch_and_llama_cpp_threads(monkeypatch):
+    from typer.testing import CliRunner
+
+    from s2t.backends.base import THREADS_ENV
+    from s2t.backends.llama_cpp import default_threads
+    from s2t.cli import app
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert 1 <= default_threads() <= 8
+    before = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(app, ["--threads", "1", "eval", "--help"])
+        assert result.exit_code == 0 and torch.get_num_threads() == 1
+        assert default_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+        monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert CliRunner().invoke(app, ["--threads", "0", "eval", "--help"]).exit_code != 0

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
 
+from s2t.analysis import score_trajectories
 from s2t.data import Problem
 from s2t.engine import Method, ModelStream, decode, left_pad
 from s2t.policies import EntropyTrigger, TopK
@@ -93,6 +95,28 @@ def collected(tmp_path_factory, slm, llm):
     return out
 
 
+def test_analysis_and_collection_see_the_same_statistics_at_every_position(collected, slm, llm):
+    from safetensors.torch import load_file
+
+    records = [json.loads(line) for line in (collected / "problems.jsonl").read_text().splitlines()]
+    # one padded batch in the analysis, one sequence at a time in the collection
+    analysed = score_trajectories(
+        slm, llm, [r["prompt_ids"] for r in records], [r["trajectory_ids"] for r in records]
+    )
+    for record, stats in zip(records, analysed):
+        features = load_file(collected / record["features"])
+        assert stats.rank == features["position_llm_top1_rank"].tolist()
+        assert [a != b for a, b in zip(stats.slm_top1, stats.llm_top1)] == features[
+            "position_divergent"
+        ].tolist()
+        torch.testing.assert_close(
+            torch.tensor(stats.kl), features["position_kl"].clamp(min=0), atol=1e-6, rtol=1e-6
+        )
+        torch.testing.assert_close(
+            torch.tensor(stats.entropy), features["position_entropy"], atol=1e-4, rtol=0
+        )
+
+
 def test_collected_groups_match_the_llm_and_resume_without_recomputing(collected, slm, llm):
     records = [json.loads(line) for line in (collected / "problems.jsonl").read_text().splitlines()]
     assert [r["problem_id"] for r in records] == [f"tiny/train/{i}" for i in range(4)]
@@ -138,6 +162,37 @@ def test_head_training_saves_a_selector_that_reloads_to_identical_scores(collect
     reloaded = LocalSelector.from_pretrained(tmp_path / "sel", model=slm.model)
     hidden = torch.randn(5, 4, slm.model.config.hidden_size)
     torch.testing.assert_close(reloaded.scores(hidden), trained.scores(hidden))
+
+
+def test_head_training_at_trigger_points_and_its_ladder_rung_from_stored_hidden_states(
+    collected, slm, tmp_path
+):
+    from s2t.training.feature_training import load_group_arrays
+    from s2t.training.ladder import selector_ladder
+
+    everything = load_group_arrays(collected, 4)
+    threshold = float(everything.entropy.median())
+    at = f"entropy={threshold}"
+    cfg = TrainConfig(
+        groups=str(collected), out=str(tmp_path / "sel"), epochs=3, val_fraction=0.25, groups_at=at
+    )
+    trained = train(cfg, slm=slm, progress=False)
+    recorded = trained.config.training["metrics"]["validation"]
+    kept = load_group_arrays(collected, 4, at)
+    val_ids = set(trained.config.training["validation_problem_ids"])
+    in_val = [kept.problem_ids[p] in val_ids for p in kept.problem.tolist()]
+    assert 0 < recorded["n_groups"] == sum(in_val) < len(everything.problem)
+    # the ladder scores the head from the collection's stored hidden states, as training measured it
+    ladder = selector_ladder(
+        collected, sorted(val_ids), k=4, groups_at=at, selectors=[tmp_path / "sel"], slm=slm
+    )
+    row = ladder["rows"][-1]
+    assert row["name"].startswith("head") and row["n_groups"] == recorded["n_groups"]
+    assert row["agreement"]["value"] == pytest.approx(recorded["agreement_with_llm"])
+    with pytest.raises(ValueError, match="groups_at applies to head"):
+        TrainConfig(groups=str(collected), out=str(tmp_path / "x"), mode="lora", groups_at=at)
+    with pytest.raises(ValueError, match=r"k=9 must lie in \[2, 4\]"):
+        train(TrainConfig(groups=str(collected), out=str(tmp_path / "y"), k=9), slm=slm, progress=False)
 
 
 def test_selector_refuses_another_base_model_and_corrupted_files(collected, slm, tokenizer, tmp_path):
@@ -494,3 +549,18 @@ def test_the_learned_trigger_sees_at_inference_the_features_it_was_trained_on(co
     # what decoding computes at each step (the stored hidden states are float16)
     at_inference = features_from_logits(logits, hidden.half().float())
     torch.testing.assert_close(features[problem == 0], at_inference, atol=1e-4, rtol=1e-4)
+
+
+def test_collection_records_its_resolved_dtype_and_resumes_a_legacy_null_as_float32(tmp_path, monkeypatch):
+    from s2t.runs import ConfigMismatchError, RunDirectory
+    from s2t.training.collect import LEGACY_CONFIG, CollectConfig
+
+    monkeypatch.setenv("S2T_DEFAULT_DTYPE", "bfloat16")
+    assert CollectConfig(dataset="tiny").dtype == "bfloat16"
+    assert CollectConfig(dataset="tiny", dtype="float32").dtype == "float32"
+    legacy = asdict(CollectConfig(dataset="tiny", dtype="float32")) | {"dtype": None}
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    RunDirectory(tmp_path, asdict(CollectConfig(dataset="tiny", dtype="float32")), legacy=LEGACY_CONFIG)
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    with pytest.raises(ConfigMismatchError, match="--dtype float32 resumes it"):
+        RunDirectory(tmp_path, asdict(CollectConfig(dataset="tiny")), legacy=LEGACY_CONFIG)

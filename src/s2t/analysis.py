@@ -29,11 +29,9 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
 from s2t.data import Problem
-from s2t.engine import decode, left_pad
+from s2t.engine import decode
 from s2t.models import (
     LoadedModel,
     LoadedTokenizer,
@@ -48,8 +46,10 @@ from s2t.policies.features import rank_of
 from s2t.policies.triggers import EntropyTrigger, KLTrigger, check_quantile
 from s2t.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from s2t.reporting.hitk import plot_hitk
+from s2t.run_driver import RunDriver
 from s2t.runs import RunDirectory
 from s2t.stats import ConfidenceInterval, ratio_bootstrap_ci
+from s2t.teacher_forcing import teacher_force, trajectory_logits
 
 logger = logging.getLogger(__name__)
 
@@ -139,71 +139,46 @@ def _ci_dict(ci: ConfidenceInterval | None) -> dict:
     return {"estimate": ci.estimate, "low": ci.low, "high": ci.high}
 
 
-@torch.inference_mode()
 def score_trajectories(
     slm: LoadedModel,
     llm: LoadedModel,
     prompts: Sequence[Sequence[int]],
     answers: Sequence[Sequence[int]],
 ) -> list[PositionStatistics]:
-    """Teacher-force each prompt + answer through both models in one forward pass per model.
+    """Teacher-force each prompt + answer through both models in one forward pass per model
+    (:func:`s2t.teacher_forcing.teacher_force`) and compare them at every answer position.
 
-    Rows are left-padded so that they all end in the last column; the model reads
-    ``prompt + answer[:-1]``, so the last ``len(answer)`` logit columns of a row predict its
-    answer tokens and only ``max(len(answer))`` columns of logits are materialised. Logits above
-    the tokenizer's vocabulary (reserved/padded rows) are ignored.
+    Logits are made one row at a time in float32 (never ``(rows, positions, vocab)`` at once);
+    logits above the tokenizer's vocabulary (reserved/padded rows) are ignored.
+
+    Raises:
+        ValueError: the counts of prompts and answers differ, or a non-empty answer has an empty prompt.
     """
     if len(prompts) != len(answers):
         raise ValueError(f"need one answer per prompt; got {len(prompts)} prompts, {len(answers)} answers")
     vocab_size = len(slm.tokenizer)
-    results: list[PositionStatistics | None] = [None] * len(prompts)
-    rows = [i for i, a in enumerate(answers) if len(a) > 0]
-    for i, a in enumerate(answers):
-        if len(a) == 0:
-            results[i] = PositionStatistics([], [], [], [], [])
-    if not rows:
-        return results  # type: ignore[return-value]
-    if any(len(prompts[i]) == 0 for i in rows):
-        raise ValueError("every prompt needs at least one token")
-
     pad_id = pad_token_id(slm)
-    sequences = [list(prompts[i]) + list(answers[i][:-1]) for i in rows]
-    lengths = [len(answers[i]) for i in rows]
-    ids, mask = left_pad(sequences, pad_id)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    keep = max(lengths)
-
-    def forward(loaded: LoadedModel) -> torch.Tensor:
-        device = loaded.device
-        out = loaded.model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            use_cache=False,
-            logits_to_keep=keep,
-        )
-        return out.logits  # (rows, keep, padded vocab), in the model's dtype
-
-    slm_logits = forward(slm)
-    llm_logits = forward(llm)
+    slm_hidden = teacher_force(slm.model, prompts, answers, pad_id=pad_id)
+    llm_hidden = teacher_force(llm.model, prompts, answers, pad_id=pad_id)
     kl_statistic, entropy_statistic = KLTrigger(), EntropyTrigger()
-    for row, (i, length) in enumerate(zip(rows, lengths)):
-        # one row at a time in float32: never (rows, keep, vocab) float32 at once
-        s = slm_logits[row, keep - length :, :vocab_size].float()
-        q = llm_logits[row, keep - length :, :vocab_size].to(s.device).float()
-        slm_top1 = s.argmax(-1)
+    results = []
+    for answer, slm_rows, llm_rows in zip(answers, slm_hidden, llm_hidden):
+        if len(answer) == 0:
+            results.append(PositionStatistics([], [], [], [], []))
+            continue
+        s = trajectory_logits(slm.model, slm_rows, vocab_size)
+        q = trajectory_logits(llm.model, llm_rows, vocab_size).to(s.device)
         llm_top1 = q.argmax(-1)
-        rank = rank_of(s, llm_top1)
-        results[i] = PositionStatistics(
-            slm_top1=slm_top1.tolist(),
-            llm_top1=llm_top1.tolist(),
-            rank=rank.tolist(),
-            kl=[round(x, _KL_DECIMALS) for x in kl_statistic.statistic(s, q).clamp(min=0).tolist()],
-            entropy=[round(x, _ENTROPY_DECIMALS) for x in entropy_statistic.statistic(s, None).tolist()],
+        results.append(
+            PositionStatistics(
+                slm_top1=s.argmax(-1).tolist(),
+                llm_top1=llm_top1.tolist(),
+                rank=rank_of(s, llm_top1).tolist(),
+                kl=[round(x, _KL_DECIMALS) for x in kl_statistic.statistic(s, q).clamp(min=0).tolist()],
+                entropy=[round(x, _ENTROPY_DECIMALS) for x in entropy_statistic.statistic(s, None).tolist()],
+            )
         )
-        del s, q
-    del slm_logits, llm_logits
-    return results  # type: ignore[return-value]
+    return results
 
 
 def _trajectories(
@@ -323,7 +298,7 @@ def analyze(
         workers, ray_address: shard the problems over this many Ray actors (one model pair
             each; see :func:`s2t.distributed.run_sharded`); records are identical to one process's.
     """
-    from s2t.distributed import import_ray, run_sharded
+    from s2t.distributed import import_ray
 
     if workers > 1:
         import_ray()  # fail before any model is loaded
@@ -373,39 +348,24 @@ def analyze(
         "batch_size": batch_size,
     }
     run = RunDirectory(out_dir, config, ignore_keys={"batch_size", "limit"}) if out_dir is not None else None
-    records: dict[str, dict] = {}
-    if run is not None:
-        for record in run.records(PROBLEMS_FILE):
-            records[record["id"]] = record
-    todo = [p for p in problems if p.id not in records]
+    driver = RunDriver(run, PROBLEMS_FILE, key=lambda r: r["id"])
+    records: dict[str, dict] = {r["id"]: r for r in driver.records()}
 
-    bar = tqdm(
-        total=len(problems),
-        initial=len(problems) - len(todo),
-        desc=f"local sufficiency ({trajectory} trajectories)",
-        unit="problem",
-        disable=not progress,
-    )
-
-    def finished(record: dict) -> None:
+    def keep(record: dict) -> None:
         records[record["id"]] = record
-        if run is not None:
-            run.append(record, PROBLEMS_FILE)
-        bar.update(1)
 
-    if todo:
-        run_sharded(
-            partial(AnalyzeShardWorker, slm, llm, trajectory, divergence, max_new_tokens, system_prompt),
-            "run_shard",
-            [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)],
-            on_record=finished,
-            workers=workers,
-            ray_address=ray_address,
-            key=lambda r: r["id"],
-            done=set(records),
-            progress=False,
-        )
-    bar.close()
+    driver.drive(
+        problems,
+        lambda p: p.id,
+        partial(AnalyzeShardWorker, slm, llm, trajectory, divergence, max_new_tokens, system_prompt),
+        done=set(records),
+        shard_size=batch_size,
+        on_record=keep,
+        desc=f"local sufficiency ({trajectory} trajectories)",
+        progress=progress,
+        workers=workers,
+        ray_address=ray_address,
+    )
 
     selected = [records[p.id] for p in problems]
     statistics = summarize(

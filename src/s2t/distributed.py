@@ -10,16 +10,17 @@ node) or whose task raised is resubmitted, on a fresh actor if the old one died,
 ``max_retries`` times; records already written (by ``key``) are skipped if a retry returns
 them again. With ``workers <= 1`` the same code runs in-process and Ray is not needed.
 
-This module knows nothing of what the work is. Each command owns its shard work and calls
-:func:`run_sharded`: evaluation in :mod:`s2t.evaluate_distributed` (``EvalShardWorker``), the
+This module knows nothing of what the work is, nor of run directories. Commands reach it through
+:class:`s2t.run_driver.RunDriver` (the one run loop: done set, shards, progress, writing), each
+with its own shard work: evaluation in :mod:`s2t.evaluate_distributed` (``EvalShardWorker``), the
 hit@K analysis in :mod:`s2t.analysis` (``AnalyzeShardWorker``), collection in
-:mod:`s2t.training.collect` (``CollectWorker``). A command needs three things:
+:mod:`s2t.training.collect` (``CollectWorker``). A caller needs three things:
 
 - a picklable factory building the worker inside an actor, e.g.
   ``functools.partial(MyWorker, config)``, where ``MyWorker`` is importable on the workers;
 - a method on that worker taking one shard and returning a list of JSON-able records;
-- an ``on_record`` that appends to the run directory, and a ``key``/``done`` pair so that
-  resumed or retried work is never written twice::
+- an ``on_record`` that writes each record, and a ``key``/``done`` pair so that resumed or
+  retried work is never written twice::
 
       run_sharded(partial(CollectWorker, config), "run_shard", shards,
                   on_record=run.append, workers=4, ray_address="auto",
@@ -111,6 +112,7 @@ def run_sharded(
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float | None = None,
     progress: bool = True,
+    log_to_driver: bool | None = None,
 ) -> int:
     """Run ``make_worker().<work_fn_name>(shard)`` for every shard on ``workers`` Ray actors.
 
@@ -122,7 +124,9 @@ def run_sharded(
     raised: everything finished is already written, and re-running resumes from there.
 
     ``gpus_per_worker=None`` asks for one GPU per actor when the Ray cluster has GPUs, else
-    for none (``cpus_per_worker`` CPUs). Returns the number of records passed to ``on_record``.
+    for none (``cpus_per_worker`` CPUs). ``progress`` shows a bar of finished shards;
+    ``log_to_driver`` (default: ``progress``) forwards the actors' output to this process when this
+    call starts Ray. Returns the number of records passed to ``on_record``.
     """
     if max_retries < 0:
         raise ValueError(f"max_retries must be >= 0; got {max_retries}")
@@ -152,7 +156,11 @@ def run_sharded(
     ray = import_ray()
     started_here = False
     if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=progress)
+        ray.init(
+            address=ray_address,
+            include_dashboard=False,
+            log_to_driver=progress if log_to_driver is None else log_to_driver,
+        )
         started_here = True
     actors: list[Any] = []  # one per slot; None after a death, until the slot gets new work
     try:

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 from s2t.api import CalibrationStore, Calibrator, ResolvedMethod, S2TGenerator
 from s2t.backends import make_generator, resolve_backend
@@ -40,6 +39,7 @@ from s2t.methods import (
 )
 from s2t.methods import canonical_method_name as _canonical_method_name
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM, resolve_dtype
+from s2t.run_driver import RunDriver
 from s2t.runs import RunDirectory
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,9 @@ class EvalConfig:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
         # a method the backend cannot run is refused before its selector checkpoint is read
-        self.backend = resolve_backend(self.backend, [self.slm, self.llm], self.methods, self.trigger)
+        self.backend = resolve_backend(
+            self.backend, [self.slm, self.llm], self.methods, self.trigger, selector=self.selector
+        )
         for name in self.methods:
             self.spec(name)  # raises ValueError naming the method or the option
         self.dtype = resolve_dtype(self.dtype)  # recorded, so a run says which dtype made it
@@ -137,6 +139,10 @@ class EvalConfig:
         return spec is not None and spec.needs_llm
 
 
+RESULTS_FILE = "results.jsonl"  # one record per finished (method, problem)
+# A shard of evaluation work: for each method, the problems to run it on.
+EvalShard = list[tuple[str, list[Problem]]]
+
 # Config entries that do not change results, so a run may resume with other values.
 RESUMABLE_KEYS = {"limit", "batch_size", "methods", "llm_device_map"}
 # The selector changes only s2t-local's results (unless the trigger is the learned one, stored with
@@ -151,6 +157,20 @@ def canonical_method_name(name: str) -> str:
     """A method name ``s2t eval`` accepts, canonically spelled: those of :data:`s2t.methods.METHODS`
     (with a trigger setting, or ``s2t-local:LABEL``) and ``maj@K``; else ``ValueError``."""
     return _canonical_method_name(name, majority=True)
+
+
+def record_key(record: dict) -> tuple[str, str]:
+    """What identifies an evaluation record: its (method, problem)."""
+    return record["method"], record["problem_id"]
+
+
+def unit_key(method: str, problem: Problem) -> tuple[str, str]:
+    """The key of the record that finishes ``method`` on ``problem`` (see :func:`record_key`)."""
+    return method, problem.id
+
+
+def _one_shard(method: str, problems: list[Problem]) -> list[EvalShard]:
+    return [[(method, problems)]]
 
 
 def sample_seed(seed: int, problem_id: str, sample: int) -> int:
@@ -206,6 +226,7 @@ class Evaluator:
             if out_dir is not None
             else None
         )
+        self.driver = RunDriver(self.run, RESULTS_FILE, key=record_key)
         self.progress = progress
         self._generator = generator
         # A run calibrates into its own calibration.json (resumed runs reuse it); a worker without a
@@ -246,9 +267,8 @@ class Evaluator:
         return load_problems(c.dataset, c.split, limit=c.limit, offset=c.offset, data_file=c.data_file)
 
     def finished(self) -> set[tuple[str, str]]:
-        if self.run is None:
-            return set()
-        return {(r["method"], r["problem_id"]) for r in self.run.records()}
+        """The (method, problem id) pairs the run directory holds a record of."""
+        return self.driver.done()
 
     def prepare_methods(self) -> dict[str, float]:
         """Build every configured method now; returns the calibrated thresholds (key -> threshold).
@@ -269,30 +289,33 @@ class Evaluator:
         return {label: entries[label]["threshold"] for label in sorted(labels)}
 
     def run_all(self, on_record: Callable[[dict], None] | None = None) -> list[dict]:
-        """Evaluate every configured method on every problem not yet finished; returns all records."""
+        """Evaluate every configured method on every problem not yet finished; returns all records.
+
+        Each method's unfinished problems run as one continuous batch (a finished problem's place
+        goes to the next one at once); ``on_record`` sees each record after it is written.
+        """
         done = self.finished()
         for method in self.config.methods:
-            todo = [p for p in self.problems if (method, p.id) not in done]
-            if not todo:
-                continue
-            if is_local_method(method):
+            problem_key = partial(unit_key, method)
+            if is_local_method(method) and self.driver.pending(self.problems, problem_key, done):
                 self.check_same_selector(method)
-            bar = tqdm(
-                total=len(self.problems),
-                initial=len(self.problems) - len(todo),
+            self.driver.drive(
+                self.problems,
+                problem_key,
+                lambda: self,
+                done=done,
+                shards=partial(_one_shard, method),
+                on_record=on_record,
+                postfix=partial(self._accuracy_postfix, method),
                 desc=method,
-                unit="problem",
-                disable=not self.progress,
-                dynamic_ncols=True,
+                progress=self.progress,
             )
-            for record in self.run_method(method, todo):
-                self.run.append(record)
-                if on_record:
-                    on_record(record)
-                bar.update(1)
-                bar.set_postfix(acc=f"{self._running_accuracy(method):.0%}")
-            bar.close()
-        return self.run.records()
+        return self.driver.records()
+
+    def run_shard(self, shard: EvalShard) -> Iterator[dict]:
+        """The graded records of each (method, problems) pair of ``shard``, in order, as each finishes."""
+        for method, problems in shard:
+            yield from self.run_method(method, problems)
 
     def _selector_digest(self) -> str:
         from s2t.policies.learned_selector import checkpoint_digest
@@ -311,9 +334,10 @@ class Evaluator:
                 "s2t-local:LABEL (e.g. s2t-local:lora), or use a new --out directory"
             )
 
-    def _running_accuracy(self, method: str) -> float:
-        recs = [r for r in self.run.records() if r["method"] == method]
-        return sum(r["correct"] for r in recs) / max(len(recs), 1)
+    def _accuracy_postfix(self, method: str) -> dict[str, str]:
+        """The progress bar's running accuracy of ``method`` over every record of it written so far."""
+        recs = [r for r in self.driver.records() if r["method"] == method]
+        return {"acc": f"{sum(r['correct'] for r in recs) / max(len(recs), 1):.0%}"}
 
     def run_method(self, method: str, problems: Sequence[Problem]):
         """Yield one graded record per problem, as each finishes."""

@@ -18,13 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from s2t.data import Problem
-from s2t.distributed import import_ray, run_sharded
-from s2t.evaluate import EvalConfig, Evaluator, is_local_method
+from s2t.distributed import import_ray
+from s2t.evaluate import EvalConfig, EvalShard, Evaluator, is_local_method, unit_key
 
 logger = logging.getLogger(__name__)
-
-# An eval shard: the (method, problems) pairs still to do for one contiguous slice of problems.
-EvalShard = list[tuple[str, list[Problem]]]
 
 
 class EvalShardWorker:
@@ -39,10 +36,7 @@ class EvalShardWorker:
 
     def run_shard(self, shard: EvalShard) -> list[dict]:
         """The records of every (method, problems) pair of the shard, graded, in order."""
-        records: list[dict] = []
-        for method, problems in shard:
-            records.extend(self.evaluator.run_method(method, problems))
-        return records
+        return list(self.evaluator.run_shard(shard))
 
 
 def eval_shards(
@@ -101,29 +95,33 @@ def evaluate_distributed(
     for method in config.methods:
         if is_local_method(method):  # one trained selector per method name, as in a single process
             evaluator.check_same_selector(method)
-    run, done = evaluator.run, evaluator.finished()
+    problems, driver, done = evaluator.problems, evaluator.driver, evaluator.finished()
     # at most two batches a shard, and enough shards that every worker gets some
-    remaining = len(unfinished_problems(config.methods, evaluator.problems, done))
+    remaining = len(unfinished_problems(config.methods, problems, done))
     shard_size = shard_size or max(1, min(2 * config.batch_size, -(-remaining // max(workers, 1))))
-    shards = eval_shards(config.methods, evaluator.problems, done, shard_size)
     del evaluator  # the driver only writes from here on: free any models that calibration loaded
-    if shards:
-        logger.info("%d shards of up to %d problems on %d workers", len(shards), shard_size, workers)
-        run_sharded(
-            partial(worker_factory, config, thresholds=thresholds),
-            "run_shard",
-            shards,
-            on_record=run.append,
-            workers=workers,
-            ray_address=ray_address,
-            max_retries=max_retries,
-            key=record_key,
-            done=done,
-            cpus_per_worker=cpus_per_worker,
-            gpus_per_worker=gpus_per_worker,
-            progress=progress,
-        )
-    return write_report(run.path)
+
+    def shards(_pending) -> list[EvalShard]:
+        built = eval_shards(config.methods, problems, done, shard_size)
+        logger.info("%d shards of up to %d problems on %d workers", len(built), shard_size, workers)
+        return built
+
+    driver.drive(
+        [(method, p) for p in problems for method in config.methods],
+        lambda unit: unit_key(*unit),
+        partial(worker_factory, config, thresholds=thresholds),
+        done=done,
+        shards=shards,
+        unit="result",
+        desc=f"{len(config.methods)} methods on {workers} workers",
+        progress=progress,
+        workers=workers,
+        ray_address=ray_address,
+        max_retries=max_retries,
+        cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker,
+    )
+    return write_report(driver.run.path)
 
 
 def prepare_builtin_models(config: EvalConfig) -> None:
@@ -140,16 +138,10 @@ def prepare_builtin_models(config: EvalConfig) -> None:
             prepare_builtin(name)
 
 
-def record_key(record: dict) -> tuple[str, str]:
-    """What identifies an evaluation record: its (method, problem)."""
-    return record["method"], record["problem_id"]
-
-
 __all__ = [
     "EvalShardWorker",
     "eval_shards",
     "evaluate_distributed",
     "prepare_builtin_models",
-    "record_key",
     "unfinished_problems",
 ]

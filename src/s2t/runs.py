@@ -43,15 +43,19 @@ class ConfigMismatchError(ValueError):
     """A run directory already holds results made with a different configuration."""
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON so that readers never see a half-written file."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file so that readers never see it half-written (a temporary file, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON so that readers never see a half-written file."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
@@ -149,4 +153,9 @@ class RunDirectory:
 
     def write_json(self, name: str, obj: Any) -> Path:
         write_json_atomic(self.path / name, obj)
+        return self.path / name
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        """Write a file of the run (``name`` relative to it) so that readers never see it half-written."""
+        write_bytes_atomic(self.path / name, data)
         return self.path / name

@@ -12,9 +12,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from s2t.backends.base import AUTO, BACKENDS, LLAMACPP_EXTRA, BackendUnavailableError
+from s2t.backends.base import AUTO, BACKENDS, LLAMACPP_EXTRA, BackendUnavailableError, reads_only_logits
 
-# Methods that only the torch engine runs: S2T-Local scores K candidates with the SLM itself, and its
+# Methods that only the torch engine runs: S2T-Local with a head or LoRA selector scores K candidates
+# with the SLM itself (a feature selector reads only the logits, so every backend runs it), and the
 # learned trigger reads the SLM's hidden state.
 TORCH_ONLY_METHODS = ("s2t-local",)
 TORCH_ONLY_TRIGGERS = ("learned",)
@@ -45,35 +46,44 @@ def is_gguf_model(name: str) -> bool:
     return name in BUILTIN_MODELS or Path(os.path.expanduser(name)).suffix == ".gguf"
 
 
-def torch_only_reason(methods: Iterable, trigger: str | None = None) -> str | None:
+def torch_only_reason(
+    methods: Iterable, trigger: str | None = None, selector: str | os.PathLike | None = None
+) -> str | None:
     """Why these methods need the torch engine (None when the llama.cpp backend runs them all).
 
     ``methods`` are checked :class:`~s2t.methods.MethodSpec` objects (None stands for ``maj@K``, which
-    decodes greedily), or method names; ``trigger`` is the run's trigger, used by the names that carry
-    no setting of their own.
+    decodes greedily), or method names; ``trigger`` and ``selector`` are the run's, used by the names
+    that carry no setting of their own.
     """
     for item in methods:
         if item is None:
             continue
-        if not isinstance(item, str):  # a MethodSpec: its method and trigger are already resolved
+        if not isinstance(item, str):  # a MethodSpec: its method, trigger and selector are resolved
             name, method, used = item.name, item.method, item.trigger
+            own_selector = item.selector
             consults_trigger = True
         else:
+            own_selector = selector
             name = item
             base, _, setting = name.partition("/")
             method = base.split(":")[0]
             consults_trigger = bool(setting) or base in ("s2t", "takeover", "random-select")
             used = setting.split("/")[0].split("@")[0].split("=")[0] if setting else trigger
-        if method in TORCH_ONLY_METHODS:
-            return f"{name} scores its K candidates with the SLM itself (K-token decoding under a 4D mask)"
+        if method in TORCH_ONLY_METHODS and not reads_only_logits(own_selector):
+            return (
+                f"{name} scores its K candidates with the SLM itself (K-token decoding under a 4D mask; "
+                "a --mode features selector reads only the logits and runs on llama.cpp)"
+            )
         if consults_trigger and used in TORCH_ONLY_TRIGGERS:
             return f"{name} uses the learned trigger, which reads the SLM's hidden state"
     return None
 
 
-def refuse_on_llama_cpp(methods: Iterable, trigger: str | None = None) -> None:
+def refuse_on_llama_cpp(
+    methods: Iterable, trigger: str | None = None, selector: str | os.PathLike | None = None
+) -> None:
     """Refuse methods the llama.cpp backend cannot run, naming the backend that can."""
-    reason = torch_only_reason(methods, trigger)
+    reason = torch_only_reason(methods, trigger, selector)
     if reason:
         raise BackendUnavailableError(
             f"the llama.cpp backend cannot run this method: {reason}; use --backend torch"
@@ -86,6 +96,7 @@ def resolve_backend(
     methods: Iterable = (),
     trigger: str | None = None,
     device: str | None = None,
+    selector: str | os.PathLike | None = None,
 ) -> str:
     """The backend to run on: the one asked for (checked), or for ``auto`` llama.cpp when it is
     installed, no GPU is in use, every model is a GGUF file and every method runs on it; else torch.
@@ -103,7 +114,7 @@ def resolve_backend(
             not on_gpu
             and llama_cpp_installed()
             and all(is_gguf_model(m) for m in models)
-            and torch_only_reason(methods, trigger) is None
+            and torch_only_reason(methods, trigger, selector) is None
         )
         return "llama.cpp" if usable else "torch"
     for name in models:
@@ -117,7 +128,7 @@ def resolve_backend(
             "the llama.cpp backend needs llama-cpp-python, which is not installed: "
             f"pip install '{LLAMACPP_EXTRA}' (it builds from source, about 10 minutes)"
         )
-    refuse_on_llama_cpp(methods, trigger)
+    refuse_on_llama_cpp(methods, trigger, selector)
     return backend
 
 

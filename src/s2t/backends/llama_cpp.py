@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from s2t.api import S2TGenerator
-from s2t.backends.base import LLAMACPP_EXTRA, BackendUnavailableError
+from s2t.backends.base import LLAMACPP_EXTRA, THREADS_ENV, BackendUnavailableError, reads_only_logits
 from s2t.builtin_models import (
     BUILTIN_MODELS,
     GGUF_MAGIC,
@@ -52,6 +52,7 @@ from s2t.engine import Method, Request, StepOutput, _Sequence, choose_tokens
 from s2t.engine import decode as engine_decode
 from s2t.engine import decode_stream as engine_decode_stream
 from s2t.models import ModelLoadError, TokenizerMismatchError, engine_kwargs
+from s2t.policies.feature_selector import FeatureSelector
 from s2t.policies.selectors import LLMSelector, RandomSelector, SLMSelector, TakeoverSelector
 from s2t.runs import locked, write_json_atomic
 
@@ -60,7 +61,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 4096  # KV cells per sequence: prompt + new tokens
 BATCH_TOKENS = 512  # tokens per llama_decode call (prompts are split into chunks of this size)
 KV_TYPES = {"f16": 1, "f32": 0}  # ggml_type of the KV cache
-SUPPORTED_SELECTORS = (SLMSelector, LLMSelector, TakeoverSelector, RandomSelector)
+# selectors that read only next-token logits (the feature selector too); head and LoRA ones score K tokens
+SUPPORTED_SELECTORS = (SLMSelector, LLMSelector, TakeoverSelector, RandomSelector, FeatureSelector)
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>")
 REPACK_ENV = "S2T_LLAMA_REPACK"  # "0"/"1" overrides the probe's verdict
 
@@ -87,6 +89,16 @@ def _quiet(lib) -> None:
         _QUIET = lib.llama_log_callback(lambda level, text, data: None)
         lib.llama_log_set(_QUIET, ctypes.c_void_p())
         lib.llama_backend_init()
+
+
+def default_threads() -> int:
+    """llama.cpp's threads: ``$S2T_THREADS`` (``s2t --threads``), else ``$OMP_NUM_THREADS`` (which
+    torch obeys), else the cores up to 8."""
+    for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return min(os.cpu_count() or 1, 8)
 
 
 def gguf_architecture(path: Path) -> str:
@@ -234,7 +246,7 @@ class LlamaCppModel:
         self.vocab = lib.llama_model_get_vocab(self._model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.n_ctx = n_ctx
-        self.n_threads = n_threads or min(os.cpu_count() or 1, 8)
+        self.n_threads = n_threads or default_threads()
         self.kv_type = kv_type
         self.n_sequences = 0
         self._ctx = None
@@ -635,10 +647,22 @@ class LlamaCppGenerator(S2TGenerator):
         return load_llama_cpp(str(model), tokenizer, **self._llama_options)
 
     def _local_selector(self, directory):
-        raise BackendUnavailableError(
-            "S2T-Local scores its candidates with the SLM itself (K tokens under a 4D mask), which only the "
-            "torch engine does; use --backend torch"
-        )
+        """A feature selector (it reads only the SLM's logits), checked against the SLM's GGUF file;
+        head and LoRA selectors score K candidates with the SLM itself and are refused."""
+        from s2t.policies.feature_selector import FeatureSelector
+
+        key = str(directory)
+        if key not in self._local_selectors:
+            if not reads_only_logits(directory):
+                raise BackendUnavailableError(
+                    "S2T-Local with a head or LoRA selector scores its candidates with the SLM itself (K tokens "
+                    "under a 4D mask), which only the torch engine does; use --backend torch (or a selector "
+                    "trained with --mode features)"
+                )
+            selector = FeatureSelector.from_pretrained(directory)
+            selector.check_base(self.slm.model.path)
+            self._local_selectors[key] = (self.slm, selector)
+        return self._local_selectors[key]
 
     def _trigger(self, spec, threshold):
         if spec.trigger == "learned":

@@ -85,8 +85,27 @@ def fail(message: str) -> None:
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="CPU threads for decoding and training, on either backend (default: torch's own choice, "
+            "and for llama.cpp $OMP_NUM_THREADS or the cores up to 8).",
+        ),
+    ] = None,
+) -> None:
     console.stderr = False  # a command may send its human text to stderr (generate --json)
+    if threads is not None:
+        import os
+
+        import torch
+
+        from s2t.backends.base import THREADS_ENV
+
+        torch.set_num_threads(threads)
+        os.environ[THREADS_ENV] = str(threads)  # the llama.cpp backend's default
     if not verbose:
         # transformers' per-load "Loading weights" bars are noise next to our own progress output
         import transformers

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from s2t.cli.app import (
+    DecodeDtypeOpt,
     DtypeOpt,
     LLMDeviceMapOpt,
     LLMDtypeOpt,
@@ -55,7 +56,7 @@ def collect(
     out: Annotated[str | None, typer.Option(help="Output directory (resumed if it exists).")] = None,
     slm: SLMOpt = DEFAULT_SLM,
     llm: LLMOpt = DEFAULT_LLM,
-    dtype: DtypeOpt = None,
+    dtype: DecodeDtypeOpt = None,
     llm_dtype: LLMDtypeOpt = None,
     llm_device_map: LLMDeviceMapOpt = None,
     workers: WorkersOpt = 1,
@@ -110,7 +111,7 @@ def train_command(
     groups_at: Annotated[
         str | None,
         typer.Option(
-            help="features: train only on groups where these trigger settings fire (e.g. entropy@0.8, "
+            help="features, head: train only on groups where these trigger settings fire (e.g. entropy@0.8, "
             "calibrated by the collection, or entropy=0.48): the points the selector will meet."
         ),
     ] = None,
@@ -137,7 +138,11 @@ def train_command(
     ] = None,
     k: Annotated[
         int | None,
-        typer.Option("--k", "-k", help="lora: candidates per group (default: the collection's K)."),
+        typer.Option(
+            "--k",
+            "-k",
+            help="Candidates per group (default: 8 for features, the collection's K for head and lora).",
+        ),
     ] = None,
     prefix_kl_weight: Annotated[
         float, typer.Option(help="lora: weight of the KL to the frozen SLM on the prefix (0 to skip).")
@@ -175,8 +180,8 @@ def train_command(
             raise ValueError(f"mode must be features, head or lora; got {mode!r}")
         if trigger_rate > 0:
             parse_label(trigger_label)  # before any training
-        if groups_at and mode != "features":
-            raise ValueError("--groups-at applies to --mode features")
+        if groups_at and mode == "lora":
+            raise ValueError("--groups-at applies to --mode features and head")
         d_epochs, d_lr, d_bs = defaults[mode]
     except ValueError as e:
         fail(str(e))
@@ -209,6 +214,7 @@ def train_command(
             out=out,
             mode=mode,
             groups_subset=groups_subset,
+            groups_at=groups_at,
             epochs=epochs or d_epochs,
             lr=lr or d_lr,
             batch_size=batch_size or d_bs,
@@ -242,7 +248,7 @@ def train_command(
         )
     except (ValueError, RuntimeError, FileNotFoundError, SelectorCheckpointError) as e:
         fail(str(e))
-    _report(selector, trigger, trigger_rate, out, groups, k, None, dtype)
+    _report(selector, trigger, trigger_rate, out, groups, k, groups_at, dtype)
 
 
 @cache

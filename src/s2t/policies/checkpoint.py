@@ -63,27 +63,76 @@ def matches_fingerprint(model: PreTrainedModel, fingerprint: str) -> bool:
 
 
 def check_base_model(
-    model: PreTrainedModel, base_model: str, fingerprint: str, what: str = "selector"
+    model: PreTrainedModel | str | Path, base_model: str, fingerprint: str, what: str = "selector"
 ) -> None:
-    """Refuse a checkpoint (a ``what``) trained on another SLM than ``model``.
+    """Refuse a checkpoint (a ``what``) trained on another SLM than ``model`` (a transformers model,
+    or the path of a GGUF file, compared through :func:`gguf_fingerprint`).
 
     Raises:
         SelectorCheckpointError: naming the checkpoint's base model and both fingerprints.
     """
-    if not matches_fingerprint(model, fingerprint):
-        raise SelectorCheckpointError(
-            f"this {what} was trained on base model {base_model!r} (fingerprint {fingerprint}); "
-            f"the given SLM has fingerprint {model_fingerprint(model)}. Use the same SLM."
-        )
+    if isinstance(model, str | Path):
+        given = gguf_fingerprint(model)
+        if given == fingerprint:
+            return
+    elif matches_fingerprint(model, fingerprint):
+        return
+    else:
+        given = model_fingerprint(model)
+    raise SelectorCheckpointError(
+        f"this {what} was trained on base model {base_model!r} (fingerprint {fingerprint}); "
+        f"the given SLM has fingerprint {given}. Use the same SLM."
+    )
 
 
 def _fingerprint(model: PreTrainedModel, round_through: torch.dtype | None) -> str:
     config = model.config
     arch = [type(model).__name__, config.hidden_size, config.num_hidden_layers, config.vocab_size]
     emb = model.get_input_embeddings().weight
-    sample = emb[: min(64, emb.shape[0]), : min(64, emb.shape[1])].detach()
+    return _digest(arch, emb[: min(64, emb.shape[0]), : min(64, emb.shape[1])].detach(), round_through)
+
+
+def _digest(arch: list, sample: torch.Tensor, round_through: torch.dtype | None) -> str:
     if round_through is not None:
         sample = sample.to(round_through)
     digest = hashlib.sha256(json.dumps(arch).encode())
     digest.update(torch.round(sample.float().cpu() * 1e3).to(torch.int32).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def gguf_fingerprint(path: str | Path) -> str:
+    """:func:`model_fingerprint` of the model a GGUF file holds, without loading or de-quantising it.
+
+    The transformers model that :func:`s2t.models.load_model` builds from the same file has this
+    fingerprint: the architecture's causal-LM class (transformers' own name mapping), the hidden
+    size, layer count and vocabulary rows, and the first 64×64 token-embedding values de-quantised
+    with the ``gguf`` package.
+
+    Raises:
+        SelectorCheckpointError: a file without the fields a model GGUF has.
+    """
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    reader = GGUFReader(str(path))
+
+    def field(name):
+        f = reader.get_field(name)
+        if f is None:
+            raise SelectorCheckpointError(f"{path} has no {name}: not a model GGUF file")
+        return f.parts[f.data[0]]
+
+    architecture = bytes(field("general.architecture")).decode()
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise SelectorCheckpointError(f"{path} has no token_embd.weight: not a model GGUF file")
+    hidden, vocab = (int(n) for n in embedding.shape[:2])
+    rows = dequantize(embedding.data[: min(64, vocab)], embedding.tensor_type).reshape(-1, hidden)
+    arch = [
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(architecture, architecture),
+        hidden,
+        int(field(f"{architecture}.block_count")[0]),
+        vocab,
+    ]
+    return _digest(arch, torch.from_numpy(rows[:, :64].copy()), torch.bfloat16)

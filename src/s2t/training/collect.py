@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save
-from tqdm.auto import tqdm
 
 from s2t.data import Problem, load_problems
 from s2t.engine import Method, decode
@@ -49,12 +48,15 @@ from s2t.models import (
     check_same_vocabulary,
     engine_kwargs,
     load_model,
+    resolve_dtype,
 )
 from s2t.policies import EntropyTrigger, KLTrigger, LLMSelector, MarginTrigger, TopK
 from s2t.policies.features import logit_statistics, rank_of
 from s2t.policies.triggers import make_trigger
 from s2t.prompts import build_prompt
+from s2t.run_driver import RunDriver
 from s2t.runs import RunDirectory, read_jsonl
+from s2t.teacher_forcing import trajectory_forward
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +85,12 @@ class CollectConfig:
     min_step: int = 3
     max_new_tokens: int = 512
     batch_size: int = 8
-    dtype: str | None = None
+    dtype: str | None = None  # None: the decoding default (resolved and recorded; bfloat16 where it is fast)
     llm_dtype: str | None = None  # default: dtype
     llm_device_map: str | None = None  # e.g. "auto" to spread a large LLM over the GPUs
 
     def __post_init__(self):
+        self.dtype = resolve_dtype(self.dtype)  # recorded, so a run says which dtype made it
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         if self.split.lower() in EVALUATION_SPLITS:
@@ -103,6 +106,8 @@ class CollectConfig:
 
 
 GROUP_TRIGGERS = ("entropy", "margin", "kl", "always")
+# Collections made before the dtype was resolved and recorded stored null, which then meant float32.
+LEGACY_CONFIG = {"dtype": "float32"}
 
 
 def group_settings(spec: str):
@@ -167,19 +172,6 @@ def fires_at(setting, threshold: float | None, statistics: dict[str, torch.Tenso
     if setting.trigger == "always":
         return torch.ones_like(statistics["entropy"], dtype=torch.bool)
     return make_trigger(setting.trigger, threshold).critical(statistics[setting.trigger])
-
-
-@torch.inference_mode()
-def trajectory_forward(model, prompt: Sequence[int], trajectory: Sequence[int], vocab_size: int, cache=None):
-    """Teacher-force prompt + trajectory in one forward pass.
-
-    Returns (hidden (T, H), logits (T, vocab)) at the positions that predict each trajectory token.
-    Pass a ``DynamicCache`` to keep the sequence's KV for :func:`candidate_hidden_states_at`.
-    """
-    ids = torch.tensor([list(prompt) + list(trajectory)], device=model.device)
-    out = model.model(input_ids=ids, **cache_kwargs(model.model, cache), use_cache=cache is not None)
-    hidden = out.last_hidden_state[0, len(prompt) - 1 : len(prompt) - 1 + len(trajectory)]
-    return hidden, model.get_output_embeddings()(hidden)[:, :vocab_size].float()
 
 
 @torch.inference_mode()
@@ -267,6 +259,14 @@ class Collector:
             out_dir,
             {**asdict(config), "kind": "s2t-local-groups"},
             ignore_keys={"limit", "batch_size", "llm_device_map"},
+            legacy=LEGACY_CONFIG,
+        )
+        # features first: a recorded problem never points to a missing file
+        self.driver = RunDriver(
+            self.run,
+            "problems.jsonl",
+            key=lambda r: r["problem_id"],
+            side_files=lambda r: {r["features"]: r.pop("features_data")},
         )
         self.workers, self.ray_address = workers, ray_address
         self._worker = None if workers > 1 else CollectWorker(config, slm, llm)
@@ -277,28 +277,13 @@ class Collector:
     def done_ids(self) -> set[str]:
         """Problems recorded with their feature file present (a copy without ``features/``, e.g. a
         clone of committed results, recomputes the features)."""
-        return {
-            r["problem_id"]
-            for r in self.run.records("problems.jsonl")
-            if (self.run.path / r["features"]).is_file()
-        }
+        return {r["problem_id"] for r in self.driver.records() if (self.run.path / r["features"]).is_file()}
 
     def run_all(self) -> int:
         """Collect every problem not yet recorded; returns how many were collected now."""
-        from s2t.distributed import run_sharded
-
         done = self.done_ids()
-        todo = [p for p in self.problems if p.id not in done]
+        todo = self.driver.pending(self.problems, lambda p: p.id, done)
         thresholds = self.group_thresholds() if todo and self.config.mode == "teacher-forced" else {}
-        bar = tqdm(
-            total=len(self.problems),
-            initial=len(self.problems) - len(todo),
-            desc="collecting",
-            unit="problem",
-            disable=not self.progress,
-            dynamic_ncols=True,
-        )
-        bs = self.config.batch_size
         worker = self._worker
         if worker is not None:
             worker.group_thresholds = thresholds
@@ -307,27 +292,17 @@ class Collector:
             if worker is not None
             else partial(CollectWorker, self.config, group_thresholds=thresholds)
         )
-
-        def finished(record: dict) -> None:
-            # features first: a recorded problem never points to a missing file
-            (self.run.path / record["features"]).write_bytes(record.pop("features_data"))
-            self.run.append(record, "problems.jsonl")
-            bar.update(1)
-
-        if todo:
-            run_sharded(
-                make_worker,
-                "run_shard",
-                [todo[i : i + bs] for i in range(0, len(todo), bs)],
-                on_record=finished,
-                workers=self.workers,
-                ray_address=self.ray_address,
-                key=lambda r: r["problem_id"],
-                done=done,
-                progress=False,
-            )
-        bar.close()
-        return len(todo)
+        return self.driver.drive(
+            self.problems,
+            lambda p: p.id,
+            make_worker,
+            done=done,
+            shard_size=self.config.batch_size,
+            desc="collecting",
+            progress=self.progress,
+            workers=self.workers,
+            ray_address=self.ray_address,
+        )
 
     def group_thresholds(self) -> dict[str, float | None]:
         """Each ``groups_at`` setting's threshold: given, or calibrated once per run and stored in

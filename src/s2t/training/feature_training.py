@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from s2t.policies.feature_selector import FeatureScorer, FeatureSelector, candidate_features, feature_count
+from s2t.policies.feature_selector import FeatureScorer, FeatureSelector, candidate_features
 from s2t.runs import write_json_atomic
 from s2t.training.collect import (
     collected_records,
@@ -153,6 +153,61 @@ def load_group_arrays(groups_dir: str | Path, k: int, groups_at: str | None = No
     return data
 
 
+def fit_feature_scorer(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    llm_best: torch.Tensor,
+    fit: torch.Tensor,
+    select: torch.Tensor,
+    cfg: FeatureTrainConfig,
+    progress: bool = True,
+) -> tuple[FeatureScorer, list[dict]]:
+    """Fit a :class:`FeatureScorer` with the listwise soft cross-entropy.
+
+    Args:
+        x: (N, K, F) float32 candidate features (:func:`candidate_features`).
+        target: (N, K) the LLM's distribution renormalised over the K candidates.
+        llm_best: (N,) rank of the LLM's preferred candidate.
+        fit: (N,) bool, the groups to fit on; ``select``: (N,) bool, the groups whose agreement
+            chooses the epoch kept (may be all False: the last epoch is kept).
+        cfg: epochs, learning rate, weight decay, batch size, hidden width and seed.
+
+    Returns:
+        The scorer in eval mode and the per-epoch history (train loss, agreement on ``select``).
+    """
+    torch.manual_seed(cfg.seed)
+    scorer = FeatureScorer(x.shape[-1], cfg.hidden)
+    flat = x[fit].reshape(-1, x.shape[-1])
+    scorer.mean.copy_(flat.mean(0))
+    scorer.std.copy_(flat.std(0).clamp_min(1e-4))
+    optimizer = torch.optim.AdamW(scorer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    x_fit, t_fit = x[fit], target[fit]
+    history, best_state, best_val = [], None, float("-inf")
+    for epoch in tqdm(range(cfg.epochs), desc="training feature selector", disable=not progress):
+        scorer.train()
+        perm = torch.randperm(len(x_fit))
+        total = 0.0
+        for start in range(0, len(perm), cfg.batch_size):
+            idx = perm[start : start + cfg.batch_size]
+            loss = -(t_fit[idx] * torch.log_softmax(scorer(x_fit[idx]), -1)).sum(-1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+        scorer.eval()
+        with torch.no_grad():
+            val = (
+                float((scorer(x[select]).argmax(-1) == llm_best[select]).float().mean())
+                if select.any()
+                else 0.0
+            )
+        history.append({"epoch": epoch + 1, "train_loss": total / len(x_fit), "val_agreement": val})
+        if best_state is None or val > best_val or not select.any():
+            best_val, best_state = val, {n: t.clone() for n, t in scorer.state_dict().items()}
+    scorer.load_state_dict(best_state)
+    return scorer.eval(), history
+
+
 def train_feature_selector(cfg: FeatureTrainConfig, slm=None, progress: bool = True) -> FeatureSelector:
     """Fit the feature selector on the training problems' groups and save it to ``cfg.out``.
 
@@ -173,37 +228,7 @@ def train_feature_selector(cfg: FeatureTrainConfig, slm=None, progress: bool = T
     x = data.features()
     target = data.llm_probs / data.llm_probs.sum(-1, keepdim=True).clamp_min(1e-12)
 
-    torch.manual_seed(cfg.seed)
-    scorer = FeatureScorer(feature_count(cfg.k), cfg.hidden)
-    flat = x[in_train].reshape(-1, x.shape[-1])
-    scorer.mean.copy_(flat.mean(0))
-    scorer.std.copy_(flat.std(0).clamp_min(1e-4))
-    optimizer = torch.optim.AdamW(scorer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    x_train, t_train = x[in_train], target[in_train]
-    history, best_state, best_val = [], None, float("-inf")
-    for epoch in tqdm(range(cfg.epochs), desc="training feature selector", disable=not progress):
-        scorer.train()
-        perm = torch.randperm(len(x_train))
-        total = 0.0
-        for start in range(0, len(perm), cfg.batch_size):
-            idx = perm[start : start + cfg.batch_size]
-            loss = -(t_train[idx] * torch.log_softmax(scorer(x_train[idx]), -1)).sum(-1).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(idx)
-        scorer.eval()
-        with torch.no_grad():
-            val = (
-                float((scorer(x[in_val]).argmax(-1) == data.llm_best[in_val]).float().mean())
-                if in_val.any()
-                else 0.0
-            )
-        history.append({"epoch": epoch + 1, "train_loss": total / len(x_train), "val_agreement": val})
-        if val > best_val or best_state is None:
-            best_val, best_state = val, {n: t.clone() for n, t in scorer.state_dict().items()}
-    scorer.load_state_dict(best_state)
-    scorer.eval()
+    scorer, history = fit_feature_scorer(x, target, data.llm_best, in_train, in_val, cfg, progress)
 
     def metrics(mask):
         with torch.no_grad():

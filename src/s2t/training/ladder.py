@@ -88,14 +88,25 @@ def fit_shallow_model(train: GroupArrays, seed: int = 0):
 def bin_selector_picks(
     selector_dir: str | Path, groups_dir: str | Path, data: GroupArrays, k: int, slm
 ) -> torch.Tensor:
-    """The picks (N,) of a head or LoRA selector on ``data``'s groups (one packed forward per problem)."""
+    """The picks (N,) of a head or LoRA selector on ``data``'s groups.
+
+    A head selector reads the candidates' hidden states that ``s2t collect`` stored (no forward);
+    a LoRA selector adapts the SLM, so its groups are scored by one packed forward per problem.
+    """
     from s2t.policies.learned_selector import LocalSelector, load_adapted_slm, selector_kind
     from s2t.training.collect import collected_records
     from s2t.training.lora import packed_group_scores
     from s2t.training.packing import check_record, pack_problem
 
     selector = LocalSelector.from_pretrained(selector_dir, model=slm.model)
-    model = load_adapted_slm(slm.model, selector_dir) if selector_kind(selector_dir) == "lora" else slm.model
+    if selector_kind(selector_dir) == "head":
+        from s2t.training.train import load_groups
+
+        stored, _ = load_groups(groups_dir)
+        hidden = stored.hidden[data.index, :k].float()
+        with torch.no_grad():
+            return selector.selection_logits(hidden, stored.slm_probs[data.index, :k]).argmax(-1)
+    model = load_adapted_slm(slm.model, selector_dir)
     records = collected_records(groups_dir, need_features=False)
     offsets = np.cumsum([0] + [len(r["groups"]) for r in records])
     wanted = set(data.problem.tolist())
@@ -166,35 +177,107 @@ def selector_ladder(
     return {"k": k, "groups_at": groups_at, "validation_problem_ids": sorted(held_out), "rows": rows}
 
 
+def learning_curve(
+    groups_dir: str | Path,
+    validation_problem_ids: Sequence[str],
+    sizes: Sequence[int],
+    k: int = 8,
+    groups_at: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Agreement against the number of training problems, so the data size is decided by measurement.
+
+    For each size ``n`` the shallow model and a feature selector are fitted on the first ``n`` of a
+    seeded shuffle of the collection's non-validation problems (nested subsets: each size adds
+    problems to the last), and scored on the same held-out groups of ``validation_problem_ids``
+    with :func:`ladder_metrics`. The feature selector's epoch is chosen on 10% of its *fitting*
+    problems, never on the held-out ones.
+
+    Returns ``{"k", "groups_at", "validation_problem_ids", "points": [{"train_problems",
+    "train_groups", "rows": [...]}]}``; the SLM top-1 row is the same at every size.
+
+    Raises:
+        ValueError: a size below 2 or above the number of non-validation problems.
+    """
+    from s2t.training.feature_training import FeatureTrainConfig, fit_feature_scorer
+
+    data = load_group_arrays(groups_dir, k, groups_at)
+    held_out = set(validation_problem_ids)
+    pool = [i for i, pid in enumerate(data.problem_ids) if pid not in held_out]
+    bad = [n for n in sizes if not 2 <= n <= len(pool)]
+    if bad:
+        raise ValueError(
+            f"learning-curve sizes must lie in [2, {len(pool)}] (the non-validation problems); got {bad}"
+        )
+    np.random.default_rng(seed).shuffle(pool)
+    in_val = torch.tensor([data.problem_ids[p] in held_out for p in data.problem.tolist()], dtype=torch.bool)
+    val = data.subset(in_val)
+    x, target = data.features(), data.llm_probs / data.llm_probs.sum(-1, keepdim=True).clamp_min(1e-12)
+    top1 = {"name": "SLM top-1", **ladder_metrics(torch.zeros(len(val.problem), dtype=torch.long), val)}
+    points = []
+    for n in sorted(sizes):
+        chosen = pool[:n]
+        n_select = max(1, round(0.1 * n))
+        fit_p, select_p = set(chosen[n_select:]), set(chosen[:n_select])
+        fit = torch.tensor([p in fit_p for p in data.problem.tolist()], dtype=torch.bool)
+        select = torch.tensor([p in select_p for p in data.problem.tolist()], dtype=torch.bool)
+        shallow = fit_shallow_model(data.subset(fit | select), seed)
+        scorer, _ = fit_feature_scorer(
+            x, target, data.llm_best, fit, select, FeatureTrainConfig("", "", k), progress
+        )
+        with torch.no_grad():
+            feature_picks = scorer(x[in_val]).argmax(-1)
+        rows = [
+            top1,
+            {
+                "name": "shallow (boosted trees, 22 features)",
+                **ladder_metrics(torch.from_numpy(shallow.predict(shallow_features(val))), val),
+            },
+            {"name": "features", **ladder_metrics(feature_picks, val)},
+        ]
+        points.append({"train_problems": n, "train_groups": int((fit | select).sum()), "rows": rows})
+    return {"k": k, "groups_at": groups_at, "validation_problem_ids": sorted(held_out), "points": points}
+
+
+def format_learning_curve(curve: dict) -> str:
+    """A markdown table: agreement (95% CI) of each rung at each training size."""
+    names = [row["name"] for row in curve["points"][0]["rows"]]
+    lines = ["| training problems | groups | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for point in curve["points"]:
+        cells = [_cell(row["agreement"]) for row in point["rows"]]
+        lines.append(f"| {point['train_problems']} | {point['train_groups']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(v: dict | None) -> str:
+    return "–" if v is None else f"{v['value']:.1%} ({v['low']:.1%}–{v['high']:.1%})"
+
+
 def verdict(ladder: dict) -> str:
-    """Whether each trained rung beats the shallow model's agreement (by its CI or its point)."""
-    shallow = ladder["rows"][1]["agreement"]
+    """Whether each trained rung beats the SLM's top-1 and the shallow model (by its CI or its point)."""
     lines = []
     for row in ladder["rows"][2:]:
-        a = row["agreement"]
-        if a["low"] > shallow["high"]:
-            lines.append(
-                f"{row['name']} beats the shallow model ({a['value']:.1%} vs {shallow['value']:.1%}, CIs apart)"
-            )
-        elif a["value"] > shallow["value"]:
-            lines.append(
-                f"{row['name']} is above the shallow model by its point estimate only ({a['value']:.1%} vs {shallow['value']:.1%}; CIs overlap)"
-            )
-        else:
-            lines.append(
-                f"{row['name']} does NOT beat the shallow model ({a['value']:.1%} vs {shallow['value']:.1%})"
-            )
+        parts = [_versus(row["agreement"], ladder["rows"][i]) for i in (0, 1)]
+        lines.append(f"{row['name']}: {'; '.join(parts)}")
     return "\n".join(lines)
+
+
+def _versus(a: dict, rung: dict) -> str:
+    other = rung["agreement"]
+    figures = f"{a['value']:.1%} vs {other['value']:.1%}"
+    if a["low"] > other["high"]:
+        return f"beats the {rung['name']} ({figures}, CIs apart)"
+    if a["value"] > other["value"]:
+        return f"above the {rung['name']} by its point estimate only ({figures}; CIs overlap)"
+    return f"does NOT beat the {rung['name']} ({figures})"
 
 
 def format_ladder(ladder: dict) -> str:
     """A markdown table of the ladder (values with 95% CIs)."""
 
-    def cell(v):
-        return "–" if v is None else f"{v['value']:.1%} ({v['low']:.1%}–{v['high']:.1%})"
-
     header = "| selector | agreement | on divergent groups | leaves the top-1 | right when it leaves | LLM prob. of pick |"
     lines = [header, "|---|---|---|---|---|---|"]
     for row in ladder["rows"]:
-        lines.append("| " + " | ".join([row["name"], *(cell(row[m]) for m in METRICS)]) + " |")
+        lines.append("| " + " | ".join([row["name"], *(_cell(row[m]) for m in METRICS)]) + " |")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ class TrainConfig:
     out: str
     mode: str = "head"
     groups_subset: str = "all"  # all | divergent (only groups where SLM and LLM disagree)
+    groups_at: str | None = None  # head: keep only groups where these trigger settings fire (None: all)
     epochs: int = 30
     lr: float = 1e-2
     batch_size: int = 256
@@ -67,6 +68,12 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
         if self.k is not None and self.k < 2:
             raise ValueError(f"k must be >= 2 (a selection needs two candidates); got {self.k}")
+        if self.groups_at:
+            if self.mode != "head":
+                raise ValueError("groups_at applies to head (and features) mode, not lora")
+            from s2t.training.collect import group_settings
+
+            group_settings(self.groups_at)
         if self.lora_layers is not None and self.lora_layers < 1:
             raise ValueError(f"lora_layers must be >= 1 (or None for all layers); got {self.lora_layers}")
         if self.frozen_top < 1 or self.prefix_kl_tokens < 1:

@@ -43,7 +43,12 @@ class GroupTensors:
 
 
 def load_groups(groups_dir: str | Path) -> tuple[GroupTensors, dict]:
-    """Load a collection run: its config and every group's tensors."""
+    """Load a collection run: its config and every group's tensors, in the order of
+    :func:`s2t.training.feature_training.load_group_arrays` (problem, then position).
+
+    Raises:
+        ValueError: an empty collection.
+    """
     groups_dir = Path(groups_dir)
     config = collection_config(groups_dir)
     records = collected_records(groups_dir)
@@ -70,6 +75,7 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
     from s2t.models import load_model
 
     data, collect_cfg = load_groups(cfg.groups)
+    data = _at_k(data, cfg.k or collect_cfg["k"], collect_cfg["k"])
     slm = slm or load_model(collect_cfg["slm"], dtype=cfg.dtype)
     selector = LocalSelector.initial(slm.model, collect_cfg["slm"], len(slm.tokenizer))
     selector.config.score_temperature = cfg.score_temperature
@@ -80,6 +86,12 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
         )
     train_p, val_p = split_problems(len(data.problem_ids), cfg.val_fraction, cfg.seed)
     keep = torch.ones(len(data.problem), dtype=torch.bool) if cfg.groups_subset == "all" else data.divergent
+    if cfg.groups_at:
+        from s2t.training.feature_training import load_group_arrays
+
+        at = torch.zeros(len(data.problem), dtype=torch.bool)
+        at[load_group_arrays(cfg.groups, data.llm_probs.shape[-1], cfg.groups_at).index] = True
+        keep &= at
     in_train = keep & torch.tensor([int(p) in train_p for p in data.problem])
     in_val = keep & torch.tensor([int(p) in val_p for p in data.problem])
     if not in_train.any():
@@ -142,7 +154,9 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
     selector.config.training = {
         "mode": "head",
         "config": asdict(cfg),
-        "collection": {k: collect_cfg.get(k) for k in ("dataset", "split", "mode", "k", "slm", "llm")},
+        "collection": {
+            k: collect_cfg.get(k) for k in ("dataset", "split", "mode", "k", "slm", "llm", "groups_at")
+        },
         "train_problem_ids": sorted(data.problem_ids[i] for i in train_p),
         "validation_problem_ids": sorted(data.problem_ids[i] for i in val_p),
         "metrics": metrics,
@@ -150,6 +164,20 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
     selector.save_pretrained(cfg.out)
     write_json_atomic(Path(cfg.out) / "training_history.json", history)
     return selector
+
+
+def _at_k(data: GroupTensors, k: int, collected_k: int) -> GroupTensors:
+    """``data`` restricted to each group's top ``k`` candidates (``ValueError`` above the collection's K)."""
+    if not 2 <= k <= collected_k:
+        raise ValueError(f"k={k} must lie in [2, {collected_k}] (the collection's K)")
+    return GroupTensors(
+        data.hidden[:, :k],
+        data.llm_probs[:, :k],
+        data.slm_probs[:, :k],
+        data.divergent,
+        data.problem,
+        data.problem_ids,
+    )
 
 
 def train(cfg: TrainConfig, progress: bool = True, resume: bool = False, **kwargs) -> LocalSelector:

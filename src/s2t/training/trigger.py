@@ -16,6 +16,7 @@ rate: AUROC and recall of the label.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -122,6 +123,38 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, epochs: int, weight_decay: f
     return w.detach(), b.detach(), mean, std
 
 
+# the model choices tried on an inner split of the training problems
+WEIGHT_DECAYS = (1e-3, 1e-2, 1e-1, 1.0)
+
+
+def _choose_model(
+    x: torch.Tensor, y: torch.Tensor, problem: torch.Tensor, train_p: set[int], seed: int, epochs: int
+) -> dict:
+    """Choose the trigger's features (with or without the hidden state) and weight decay by AUROC on
+    10% of the *training* problems, fitting on the rest; the validation problems are never seen.
+
+    Returns ``{"features": "all" | "no-hidden", "weight_decay", "inner_auroc"}``.
+    """
+    order = sorted(train_p)
+    random.Random(seed + 1).shuffle(order)
+    inner = set(order[: max(1, round(0.1 * len(order)))])
+    sel = torch.tensor([int(p) in inner for p in problem]) & torch.tensor(
+        [int(p) in train_p for p in problem]
+    )
+    fit = torch.tensor([int(p) in train_p for p in problem]) & ~sel
+    best = {"features": "all", "weight_decay": WEIGHT_DECAYS[0], "inner_auroc": float("nan")}
+    if not fit.any() or not y[fit].any() or not y[sel].any() or y[sel].all():
+        return best
+    for features in ("all", "no-hidden"):
+        cols = x if features == "all" else x[:, -(2 + TOP_PROBS) :]
+        for wd in WEIGHT_DECAYS:
+            w, b, mean, std = _fit_logistic(cols[fit], y[fit], epochs, wd)
+            auroc = _auroc(((cols[sel] - mean) / std) @ w + b, y[sel])
+            if auroc == auroc and not auroc <= best["inner_auroc"]:  # a number, above the best (or the first)
+                best = {"features": features, "weight_decay": wd, "inner_auroc": auroc}
+    return best
+
+
 def train_trigger(
     groups_dir: str | Path,
     slm,
@@ -132,11 +165,19 @@ def train_trigger(
     epochs: int = 200,
     weight_decay: float = 1e-3,
     label: str = "kl@0.95",
+    tune: bool = True,
 ) -> LearnedTrigger:
     """Fit the logistic trigger on training problems and set its threshold for ``target_rate``.
 
     ``label`` is what it learns to predict (see the module docstring); a ``kl@Q`` label's cutoff
-    is the ``Q`` quantile of the *training* problems' per-position KL.
+    is the ``Q`` quantile of the *training* problems' per-position KL. With ``tune``, the features
+    (with or without the hidden state) and the weight decay are chosen on an inner split of the
+    training problems (:func:`_choose_model`; the hidden state's 896 weights overfit a few dozen
+    problems); without it, all features and ``weight_decay``.
+
+    Raises:
+        ValueError: a target rate outside (0, 1), an unknown label, or a ``kl`` label on a
+            collection without per-position KL.
     """
     if not 0.0 < target_rate < 1.0:
         raise ValueError(f"target trigger rate must lie strictly between 0 and 1; got {target_rate}")
@@ -152,7 +193,17 @@ def train_trigger(
         kl_cutoff = float(torch.quantile(kl[tr].double(), kl_quantile))
         y = kl >= kl_cutoff
     torch.manual_seed(seed)
-    w, b, mean, std = _fit_logistic(x[tr], y[tr], epochs, weight_decay)
+    choice = _choose_model(x, y, problem, train_p, seed, epochs) if tune else None
+    if choice is not None and choice["features"] == "no-hidden":
+        # the same checkpoint format: the hidden state's weights are zero
+        hidden = x.shape[1] - (2 + TOP_PROBS)
+        cw, b, cmean, cstd = _fit_logistic(x[tr, hidden:], y[tr], epochs, choice["weight_decay"])
+        w, mean, std = torch.zeros(x.shape[1]), torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+        w[hidden:], mean[hidden:], std[hidden:] = cw, cmean, cstd
+    else:
+        w, b, mean, std = _fit_logistic(
+            x[tr], y[tr], epochs, choice["weight_decay"] if choice else weight_decay
+        )
     scores = torch.sigmoid(((x - mean) / std) @ w + b)
     # the ladder's middle rung: the same model without the hidden state (entropy, margin, top-16 probabilities)
     cheap = x[:, -(2 + TOP_PROBS) :]
@@ -165,6 +216,7 @@ def train_trigger(
         "label": label,
         "label_share": float(y.float().mean()),
         "kl_cutoff": kl_cutoff,
+        "model_choice": choice,
     }
     if va.any():
         # recall of the label at the target rate: the share of labelled steps each trigger catches

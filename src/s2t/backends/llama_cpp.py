@@ -106,9 +106,9 @@ def gguf_architecture(path: Path) -> str:
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise ModelLoadError(f"{path} is not a GGUF file (bad magic bytes)")
-    from gguf import GGUFReader
+    from s2t.builtin_models import gguf_reader
 
-    field = GGUFReader(str(path)).get_field("general.architecture")
+    field = gguf_reader(path).get_field("general.architecture")
     if field is None:
         raise ModelLoadError(f"{path} has no general.architecture: not a model GGUF file")
     return bytes(field.parts[field.data[0]]).decode()

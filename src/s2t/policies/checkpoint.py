@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from s2t.builtin_models import gguf_reader
+
 WEIGHTS_NAME = "selector.safetensors"  # every selector kind's weights file
 CONFIG_NAME = "selector_config.json"  # ... and its JSON config
 
@@ -111,11 +113,10 @@ def gguf_fingerprint(path: str | Path) -> str:
     Raises:
         SelectorCheckpointError: a file without the fields a model GGUF has.
     """
-    from gguf import GGUFReader
     from gguf.quants import dequantize
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    reader = GGUFReader(str(path))
+    reader = gguf_reader(path)
 
     def field(name):
         f = reader.get_field(name)

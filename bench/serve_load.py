@@ -8,6 +8,15 @@ streaming chat requests (GSM8K *train* questions) from ``--clients`` concurrent 
 ``--requests`` were sent or ``--time-limit`` seconds passed, stops the server and writes latency
 percentiles (whole request and time to first token), throughput and errors. Loopback only; it
 stops by itself. Not a test (tests/test_serving.py runs :func:`run_load` against tiny models).
+
+A short request behind a long prompt (chunked prefill, issue 23), once per ``--prefill-chunk``
+setting, each on a fresh server:
+
+    python bench/serve_load.py --behind-long-prompt 12000 --prefill-chunks 0,512 --trials 3 \
+        --out results/bench/serve_long_prompt.json -- --method greedy --dtype float32
+
+sends a prompt of that many words, then (``--delay`` s later) a short GSM8K question, and records
+the short request's latency and time to first token, and the long one's.
 """
 
 from __future__ import annotations
@@ -15,8 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import socket
 import subprocess
 import sys
@@ -109,6 +116,52 @@ async def run_load(
     }
 
 
+def long_prompt(words: int, questions: list[str]) -> str:
+    """A prompt of about ``words`` words: GSM8K questions repeated, then one short instruction."""
+    text: list[str] = []
+    while len(text) < words:
+        for question in questions:
+            text.extend(question.split())
+    return " ".join(text[:words]) + "\n\nHow many questions are above? Answer with one number."
+
+
+async def run_behind_long_prompt(
+    base_url: str, model: str, long: str, short: str, *, delay: float = 1.0, max_tokens: int = 32
+) -> dict:
+    """Send ``long``, then ``short`` ``delay`` seconds later (both streamed, greedy, ``max_tokens``
+    each); return each one's latency and time to first token (s)."""
+    client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=3600)
+
+    async def one(prompt: str, wait: float) -> dict:
+        await asyncio.sleep(wait)
+        sent = time.perf_counter()
+        stream = await client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=max_tokens,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        first, pieces, usage = None, [], None
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first if first is not None else time.perf_counter() - sent
+                pieces.append(chunk.choices[0].delta.content)
+            usage = chunk.usage or usage
+        return {
+            "latency_s": round(time.perf_counter() - sent, 3),
+            "ttft_s": None if first is None else round(first, 3),
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None,
+            "text": "".join(pieces),
+        }
+
+    long_result, short_result = await asyncio.gather(one(long, 0.0), one(short, delay))
+    await client.close()
+    return {"long": long_result, "short": short_result}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -136,25 +189,28 @@ def main() -> None:
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--note", default="", help="stored with the results (e.g. what else ran)")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--behind-long-prompt",
+        type=int,
+        default=0,
+        metavar="WORDS",
+        help="measure one short request sent --delay s after a prompt of WORDS words",
+    )
+    parser.add_argument("--prefill-chunks", default="0,512", help="--prefill-chunk settings to compare")
+    parser.add_argument("--delay", type=float, default=1.0)
+    parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("server_args", nargs="*", help="arguments for `s2t serve` (after --)")
     args = parser.parse_args()
 
     from s2t.data import load_problems
 
     prompts = [p.question for p in load_problems("gsm8k", "train", limit=64)]
+    if args.behind_long_prompt:
+        behind_long_prompt(args, prompts)
+        return
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [
-        sys.executable,
-        "-m",
-        "s2t.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *args.server_args,
-    ]
+    command = serve_command(port, args.server_args)
     server = subprocess.Popen(command)
     try:
         health = wait_healthy(url, server, args.startup_timeout)
@@ -184,7 +240,87 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "server_counts_after": health_after,
         **results,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {__import__('torch').__version__}",
+        "machine": machine(),
+        "note": args.note,
+    }
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def serve_command(port: int, server_args: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "s2t.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *server_args,
+    ]
+
+
+def machine() -> str:
+    from s2t.models import cpu_description
+
+    return f"{cpu_description()}, torch {__import__('torch').__version__}"
+
+
+def behind_long_prompt(args: argparse.Namespace, prompts: list[str]) -> None:
+    """The chunked-prefill comparison: per ``--prefill-chunk`` setting a fresh server and
+    ``--trials`` (long, short) pairs; the median short-request latency is the figure."""
+    long = long_prompt(args.behind_long_prompt, prompts)
+    settings = []
+    for chunk in [int(c) for c in args.prefill_chunks.split(",")]:
+        port = free_port()
+        command = serve_command(port, [*args.server_args, "--prefill-chunk", str(chunk)])
+        server = subprocess.Popen(command)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            health = wait_healthy(url, server, args.startup_timeout)
+            alone = asyncio.run(
+                run_behind_long_prompt(
+                    url, health["model"], prompts[0], prompts[1], delay=0.0, max_tokens=args.max_tokens
+                )
+            )["short"]
+            trials = [
+                asyncio.run(
+                    run_behind_long_prompt(
+                        url, health["model"], long, prompts[1], delay=args.delay, max_tokens=args.max_tokens
+                    )
+                )
+                for _ in range(args.trials)
+            ]
+        finally:
+            server.terminate()
+            server.wait(60)
+        shorts = [t["short"]["latency_s"] for t in trials]
+        longs = [t["long"]["latency_s"] for t in trials]
+        settings.append(
+            {
+                "prefill_chunk": chunk,
+                "short_alone_latency_s": alone["latency_s"],
+                "short_behind_long_latency_s": {"median": percentile(shorts, 0.5), "all": shorts},
+                "short_behind_long_ttft_s": [t["short"]["ttft_s"] for t in trials],
+                "long_latency_s": {"median": percentile(longs, 0.5), "all": longs},
+                "long_prompt_tokens": trials[0]["long"]["prompt_tokens"],
+                "same_short_text_as_alone": [
+                    t["short"]["text"] == trials[0]["short"]["text"] for t in trials
+                ],
+            }
+        )
+        print(json.dumps(settings[-1], indent=2), flush=True)
+    summary = {
+        "server_command": ["s2t", "serve", *args.server_args],
+        "long_prompt_words": args.behind_long_prompt,
+        "delay_s": args.delay,
+        "max_tokens": args.max_tokens,
+        "trials": args.trials,
+        "settings": settings,
+        "machine": machine(),
         "note": args.note,
     }
     print(json.dumps(summary, indent=2))

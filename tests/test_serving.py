@@ -391,6 +391,27 @@ def test_concurrent_clients_are_all_answered_as_if_alone(server, generator, meth
     assert all(r["text"] == expected[r["prompt"]] for r in result["records"])
 
 
+def test_short_request_behind_a_chunked_long_prompt_gets_its_own_answer(generator, method):
+    bench = load_bench()
+    app = create_app(
+        generator.scheduler(method, max_batch_size=4, prefill_chunk=16),
+        generator.tokenizer,
+        model_name=MODEL,
+        context_length=CONTEXT,
+        default_max_tokens=16,
+    )
+    long = bench.long_prompt(20, ["Natalia sold clips to 48 of her friends in April."])
+    assert len(long.split()) == 20 + 9  # the words, then the instruction
+    with running_server(app) as url:
+        result = asyncio.run(
+            bench.run_behind_long_prompt(url, MODEL, long, "Double 21.", delay=0.05, max_tokens=6)
+        )
+    assert result["long"]["prompt_tokens"] > 16  # read in chunks
+    assert result["short"]["latency_s"] > 0 and result["short"]["completion_tokens"] <= 6
+    expected = alone(generator, method, chat("Double 21."), 6)
+    assert result["short"]["text"] == generator.tokenizer.decode(expected.token_ids, skip_special_tokens=True)
+
+
 def test_cli_serve_builds_the_app_and_loads_no_llm_for_greedy(tiny_pair_dir, monkeypatch):
     from typer.testing import CliRunner
 

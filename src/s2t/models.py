@@ -11,6 +11,7 @@ import functools
 import inspect
 import logging
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,18 @@ def cpu_has_native_bfloat16() -> bool:
     except OSError:
         return False
     return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_description() -> str:
+    """The CPU's model name, whether it computes bfloat16 natively, and its core count, for benchmark
+    records (timings are compared only within one machine)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        info = []
+    name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None)
+    bf16 = "native bfloat16" if cpu_has_native_bfloat16() else "no native bfloat16"
+    return f"{name or platform.processor() or platform.machine()} ({bf16}), {os.cpu_count()} cores"
 
 
 def default_dtype(device: str | None = None) -> str:

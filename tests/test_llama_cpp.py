@@ -174,6 +174,31 @@ def test_greedy_tokens_equal_the_torch_engines_on_the_same_weights(slm, llama_pa
     assert [g.cost.slm_forward_tokens for g in got] == [g.cost.slm_forward_tokens for g in expected]
 
 
+def test_cancel_and_abort_on_llama_cpp_answer_as_on_the_torch_engine(slm, llama_pair):
+    from s2t.backends.llama_cpp import LlamaCppScheduler
+    from s2t.engine import Request, Scheduler
+
+    _, (slm_cpp, _) = llama_pair
+
+    def script(scheduler):
+        """Two requests run and one waits; the first running and the waiting one are cancelled."""
+        ids = [scheduler.add(Request(p, 30)) for p in PROMPTS[:3]]
+        outputs = scheduler.step()
+        scheduler.cancel(ids[0])
+        scheduler.cancel(ids[2])
+        while scheduler.has_work():
+            outputs += scheduler.step()
+        late = scheduler.add(Request(PROMPTS[0], 5))
+        seen = [(o.request_id, o.token, o.generation and o.generation.finish_reason) for o in outputs]
+        return seen, [o.generation.token_ids for o in outputs if o.generation], late, scheduler.abort()
+
+    torch_run = script(Scheduler(slm.model, max_batch_size=2, **engine_kwargs(slm)))
+    cancelled = [(i, reason) for i, token, reason in torch_run[0] if token is None]
+    assert cancelled == [(2, "cancelled"), (0, "cancelled")]  # the waiting one leaves first
+    assert torch_run[2:] == (3, [3])
+    assert script(LlamaCppScheduler(slm_cpp, max_batch_size=2, **engine_kwargs(slm))) == torch_run
+
+
 def _threshold_in_a_gap(statistics: torch.Tensor) -> float:
     """A threshold in the widest gap between the observed statistics (between their 30% and 90% points).
 

@@ -295,7 +295,67 @@ class _Sequence:
         return Generation(self.tokens, finish_reason, self.cost, self.trigger_steps, self.statistics)
 
 
-class Scheduler:
+class RequestQueue:
+    """The request bookkeeping every backend's continuous batch shares: ids, the waiting queue and
+    cancellations.
+
+    A backend's scheduler inherits it and keeps its own batch of started requests (``running``, and
+    whatever else it holds before they run); it says how to let go of cancelled ones there
+    (:meth:`_drop_cancelled_started`) and of all of them (:meth:`_abort_started`). Its :meth:`step`
+    begins with :meth:`_drop_cancelled`.
+    """
+
+    def __init__(self, record_statistics: bool = False):
+        self.record_statistics = record_statistics
+        self.waiting: deque[_Sequence] = deque()
+        self._cancelled: set[int] = set()
+        self._next_id = 0
+
+    def add(self, request: Request) -> int:
+        """Queue a request; it joins the batch at the next step. Returns its id."""
+        sequence = _Sequence(self._next_id, request, self.record_statistics)
+        self._next_id += 1
+        self.waiting.append(sequence)
+        return sequence.id
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a waiting or running request; it leaves at the next step (finish reason "cancelled")."""
+        self._cancelled.add(request_id)
+
+    def abort(self) -> list[int]:
+        """Drop every waiting and running request (e.g. after a failed step); returns their ids."""
+        dropped = self._abort_started() + [s.id for s in self.waiting]
+        self.waiting.clear()
+        self._cancelled.clear()
+        return dropped
+
+    def _abort_started(self) -> list[int]:
+        """Drop every started request (the backend's batch); returns their ids."""
+        raise NotImplementedError
+
+    def _drop_cancelled(self) -> list[StepOutput]:
+        """Remove the requests cancelled since the last step, waiting or started; their outputs."""
+        if not self._cancelled:
+            return []
+        outputs = []
+        for s in [s for s in self.waiting if s.id in self._cancelled]:
+            self.waiting.remove(s)
+            outputs.append(cancelled_output(s))
+        outputs += self._drop_cancelled_started(self._cancelled)
+        self._cancelled.clear()
+        return outputs
+
+    def _drop_cancelled_started(self, cancelled: set[int]) -> list[StepOutput]:
+        """Remove the started requests whose ids are in ``cancelled`` from the batch; their outputs."""
+        raise NotImplementedError
+
+
+def cancelled_output(sequence: _Sequence) -> StepOutput:
+    """The output of a request that leaves because it was cancelled."""
+    return StepOutput(sequence.id, None, sequence.result("cancelled"))
+
+
+class Scheduler(RequestQueue):
     """The continuous batch: :meth:`add` requests at any time, :meth:`step` until none is left.
 
     ``vocab_size`` is the tokenizer's size: logits beyond it (padding or reserved rows of the
@@ -319,6 +379,7 @@ class Scheduler:
         record_statistics: bool = False,
         prefill_chunk: int | None = None,
     ):
+        super().__init__(record_statistics)
         self.method = method or Method(name="greedy")
         if self.method.needs_llm and llm is None:
             raise ValueError(f"method {self.method.name!r} needs an LLM but none was given")
@@ -334,11 +395,7 @@ class Scheduler:
         self.vocab_size, self.pad_id = vocab_size, pad_id
         self.stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
         self.max_batch_size = max_batch_size
-        self.record_statistics = record_statistics
-        self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []  # one per batch row, in row order
-        self._cancelled: set[int] = set()
-        self._next_id = 0
         self._reset_batch()
 
     def _reset_batch(self) -> None:
@@ -351,27 +408,13 @@ class Scheduler:
     def _slm_stream(self) -> ModelStream:
         return ModelStream(self.slm, self.vocab_size, keep_hidden=self.method.trigger.needs_hidden)
 
-    def add(self, request: Request) -> int:
-        """Queue a request; it joins the batch at the next step. Returns its id."""
-        sequence = _Sequence(self._next_id, request, self.record_statistics)
-        self._next_id += 1
-        self.waiting.append(sequence)
-        return sequence.id
-
-    def cancel(self, request_id: int) -> None:
-        """Stop a waiting or running request; it leaves at the next step (finish reason "cancelled")."""
-        self._cancelled.add(request_id)
-
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.prefilling)
 
-    def abort(self) -> list[int]:
-        """Drop every waiting and running request (e.g. after a failed step); returns their ids."""
-        dropped = [s.id for s in (*self.running, *(s for s, _ in self.prefilling), *self.waiting)]
-        self.waiting.clear()
+    def _abort_started(self) -> list[int]:
+        dropped = [s.id for s in (*self.running, *(s for s, _ in self.prefilling))]
         self.running = []
         self.prefilling = []
-        self._cancelled.clear()
         self._reset_batch()
         return dropped
 
@@ -538,23 +581,16 @@ class Scheduler:
                 if stream is not None:
                     stream.crop_left(unused)
 
-    def _drop_cancelled(self) -> list[StepOutput]:
-        if not self._cancelled:
-            return []
+    def _drop_cancelled_started(self, cancelled: set[int]) -> list[StepOutput]:
         outputs = []
-        for s in [s for s in self.waiting if s.id in self._cancelled]:
-            self.waiting.remove(s)
-            outputs.append(StepOutput(s.id, None, s.result("cancelled")))
-        for s, stream in [p for p in self.prefilling if p[0].id in self._cancelled]:
+        for s, stream in [p for p in self.prefilling if p[0].id in cancelled]:
             self.prefilling.remove((s, stream))
-            outputs.append(StepOutput(s.id, None, s.result("cancelled")))
-        keep = [i for i, s in enumerate(self.running) if s.id not in self._cancelled]
+            outputs.append(cancelled_output(s))
+        keep = [i for i, s in enumerate(self.running) if s.id not in cancelled]
         for i in sorted(set(range(len(self.running))) - set(keep)):
-            s = self.running[i]
-            outputs.append(StepOutput(s.id, None, s.result("cancelled")))
+            outputs.append(cancelled_output(self.running[i]))
         if len(keep) < len(self.running):
             self._keep_rows(torch.tensor(keep, dtype=torch.long))
-        self._cancelled.clear()
         return outputs
 
 

@@ -30,7 +30,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +47,7 @@ from s2t.builtin_models import (
     cache_root,
     trim_padding_tokens,
 )
-from s2t.engine import Method, Request, StepOutput, _Sequence, choose_tokens
+from s2t.engine import Method, RequestQueue, StepOutput, _Sequence, cancelled_output, choose_tokens
 from s2t.engine import decode as engine_decode
 from s2t.engine import decode_stream as engine_decode_stream
 from s2t.models import ModelLoadError, TokenizerMismatchError, engine_kwargs
@@ -348,7 +347,7 @@ def check_method(method: Method) -> None:
         )
 
 
-class LlamaCppScheduler:
+class LlamaCppScheduler(RequestQueue):
     """The continuous batch on llama.cpp, with the torch :class:`~s2t.engine.Scheduler`'s interface:
     :meth:`add` requests at any time, :meth:`step` until none is left."""
 
@@ -364,6 +363,7 @@ class LlamaCppScheduler:
         max_batch_size: int | None = None,
         record_statistics: bool = False,
     ):
+        super().__init__(record_statistics)
         self.method = method or Method(name="greedy")
         check_method(self.method)
         if self.method.needs_llm and llm is None:
@@ -380,39 +380,24 @@ class LlamaCppScheduler:
         self.vocab_size = vocab_size
         self.stop = set(stop_ids)
         self.max_batch_size = max_batch_size or 8
-        self.record_statistics = record_statistics
         for model in (self.slm, self.llm):
             if model is not None:
                 model.ensure_sequences(self.max_batch_size)
         self.n_ctx = min(m.n_ctx for m in (self.slm, self.llm) if m is not None)
-        self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self._free = list(range(self.max_batch_size))
         self._slot: dict[int, int] = {}  # sequence id -> KV sequence
         self._llm_read: dict[int, int] = {}  # sequence id -> tokens in the LLM's KV cache
         self.slm_logits: torch.Tensor | None = None  # (running, vocab)
-        self._cancelled: set[int] = set()
-        self._next_id = 0
-
-    def add(self, request: Request) -> int:
-        sequence = _Sequence(self._next_id, request, self.record_statistics)
-        self._next_id += 1
-        self.waiting.append(sequence)
-        return sequence.id
-
-    def cancel(self, request_id: int) -> None:
-        self._cancelled.add(request_id)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def abort(self) -> list[int]:
-        dropped = [s.id for s in (*self.running, *self.waiting)]
+    def _abort_started(self) -> list[int]:
+        dropped = [s.id for s in self.running]
         for s in self.running:
             self._release(s)
-        self.waiting.clear()
         self.running, self.slm_logits = [], None
-        self._cancelled.clear()
         return dropped
 
     @staticmethod
@@ -504,24 +489,17 @@ class LlamaCppScheduler:
                 model.remove(slot)
         self._free.append(slot)
 
-    def _drop_cancelled(self) -> list[StepOutput]:
-        if not self._cancelled:
-            return []
-        outputs = []
-        for s in [s for s in self.waiting if s.id in self._cancelled]:
-            self.waiting.remove(s)
-            outputs.append(StepOutput(s.id, None, s.result("cancelled")))
-        keep = []
+    def _drop_cancelled_started(self, cancelled: set[int]) -> list[StepOutput]:
+        outputs, keep = [], []
         for i, s in enumerate(self.running):
-            if s.id in self._cancelled:
-                outputs.append(StepOutput(s.id, None, s.result("cancelled")))
+            if s.id in cancelled:
+                outputs.append(cancelled_output(s))
                 self._release(s)
             else:
                 keep.append(i)
         if len(keep) < len(self.running):
             self.running = [self.running[i] for i in keep]
             self.slm_logits = self.slm_logits[keep] if self.running else None
-        self._cancelled.clear()
         return outputs
 
 

@@ -108,9 +108,8 @@ class S2TGenerator:
         self._llm: LoadedModel | None = None
         self._llm_kwargs = {"dtype": llm_dtype or dtype, "device": device, "device_map": llm_device_map}
         self._tokenizer = tokenizer
-        self._local_selectors: dict[
-            str, tuple[LoadedModel, object]
-        ] = {}  # selector directory -> (decoder, selector)
+        # selector directory -> (decoder, selector), loaded once each (see _local_selector)
+        self._local_selectors: dict[str, tuple[LoadedModel, object]] = {}
         self.calibrator = Calibrator(self)
         if llm is not None and not isinstance(llm, str):
             self._llm = self._as_loaded(llm, tokenizer)
@@ -200,22 +199,26 @@ class S2TGenerator:
         return LearnedTrigger.from_pretrained(spec.selector, model=self.slm.model, threshold=threshold)
 
     def _local_selector(self, directory: str) -> tuple[LoadedModel, object]:
-        """The model that decodes with a trained selector, and the selector (loaded once per directory).
+        """The model that decodes with a trained selector, and the selector (loaded once per directory,
+        by :meth:`_load_local_selector`)."""
+        key = str(directory)
+        if key not in self._local_selectors:
+            self._local_selectors[key] = self._load_local_selector(directory)
+        return self._local_selectors[key]
+
+    def _load_local_selector(self, directory: str) -> tuple[LoadedModel, object]:
+        """Load a trained selector and the model that decodes with it (a backend overrides this).
 
         A head-mode selector decodes with this SLM; a LoRA-mode one with a copy of it that has the
         selector's adapter merged in. A selector trained on another SLM is refused.
         """
         from s2t.policies.learned_selector import load_adapted_slm, load_selector, selector_kind
 
-        key = str(directory)
-        if key not in self._local_selectors:
-            selector = load_selector(directory, model=self.slm.model)
-            decoder = self.slm
-            if selector_kind(directory) == "lora":
-                adapted = load_adapted_slm(self.slm.model, directory)
-                decoder = LoadedModel(f"{self.slm.name}+lora", adapted, self.slm.tokenizer)
-            self._local_selectors[key] = (decoder, selector)
-        return self._local_selectors[key]
+        selector = load_selector(directory, model=self.slm.model)
+        if selector_kind(directory) != "lora":
+            return self.slm, selector
+        adapted = load_adapted_slm(self.slm.model, directory)
+        return LoadedModel(f"{self.slm.name}+lora", adapted, self.slm.tokenizer), selector
 
     def local_selector_config(self, directory: str):
         """The loaded selector's config (its training record: problem ids, mode, metrics)."""

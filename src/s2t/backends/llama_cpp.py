@@ -624,23 +624,18 @@ class LlamaCppGenerator(S2TGenerator):
             raise ValueError("the llama.cpp backend loads models by name or GGUF path")
         return load_llama_cpp(str(model), tokenizer, **self._llama_options)
 
-    def _local_selector(self, directory):
+    def _load_local_selector(self, directory):
         """A feature selector (it reads only the SLM's logits), checked against the SLM's GGUF file;
         head and LoRA selectors score K candidates with the SLM itself and are refused."""
-        from s2t.policies.feature_selector import FeatureSelector
-
-        key = str(directory)
-        if key not in self._local_selectors:
-            if not reads_only_logits(directory):
-                raise BackendUnavailableError(
-                    "S2T-Local with a head or LoRA selector scores its candidates with the SLM itself (K tokens "
-                    "under a 4D mask), which only the torch engine does; use --backend torch (or a selector "
-                    "trained with --mode features)"
-                )
-            selector = FeatureSelector.from_pretrained(directory)
-            selector.check_base(self.slm.model.path)
-            self._local_selectors[key] = (self.slm, selector)
-        return self._local_selectors[key]
+        if not reads_only_logits(directory):
+            raise BackendUnavailableError(
+                "S2T-Local with a head or LoRA selector scores its candidates with the SLM itself (K tokens "
+                "under a 4D mask), which only the torch engine does; use --backend torch (or a selector "
+                "trained with --mode features)"
+            )
+        selector = FeatureSelector.from_pretrained(directory)
+        selector.check_base(self.slm.model.path)
+        return self.slm, selector
 
     def _trigger(self, spec, threshold):
         if spec.trigger == "learned":

@@ -128,29 +128,15 @@ def hf_generate(gen: S2TGenerator, prompts: list[list[int]]) -> Callable[[int], 
     return run
 
 
-def our_engine(gen: S2TGenerator, prompts: list[list[int]], method, llm=None) -> Callable[[int], int]:
-    """Our engine's one decoding loop, exactly the given number of new tokens (no stop tokens), one batch."""
+def exact_tokens(
+    decode_call: Callable[..., list], gen, prompts: list[list[int]], method, llm=None
+) -> Callable[[int], int]:
+    """One of our decoding loops (``decode_call``: :func:`s2t.engine.decode` or a backend's ``decode``),
+    exactly the given number of new tokens (no stop tokens), all prompts in one batch."""
 
     def run(tokens: int) -> int:
         kwargs = gen.decode_kwargs(tokens) | {"stop_ids": []}
-        out = decode(gen.slm.model, prompts, method, llm=llm, **kwargs)
-        produced = sum(len(g.token_ids) for g in out)
-        run.extra = {
-            "trigger_rate": round(sum(g.cost.triggers for g in out) / produced, 4),
-            "llm_forward_calls": sum(g.cost.llm_forward_calls for g in out),
-        }
-        return produced
-
-    return run
-
-
-def backend_engine(gen, prompts: list[list[int]], method, llm=None) -> Callable[[int], int]:
-    """Our llama.cpp backend's continuous batch, exactly the given number of new tokens, one batch."""
-    from s2t.backends import llama_cpp
-
-    def run(tokens: int) -> int:
-        kwargs = gen.decode_kwargs(tokens) | {"stop_ids": []}
-        out = llama_cpp.decode(gen.slm.model, prompts, method, llm=llm, max_batch_size=len(prompts), **kwargs)
+        out = decode_call(gen.slm.model, prompts, method, llm=llm, max_batch_size=len(prompts), **kwargs)
         produced = sum(len(g.token_ids) for g in out)
         run.extra = {
             "trigger_rate": round(sum(g.cost.triggers for g in out) / produced, 4),
@@ -164,13 +150,14 @@ def backend_engine(gen, prompts: list[list[int]], method, llm=None) -> Callable[
 def llama_cpp_backend_rows(models, questions, batch_sizes, args, wanted, record) -> None:
     """Our llama.cpp backend (GGUF as shipped): greedy per model, then S2T at the eval trigger."""
     from s2t.backends.llama_cpp import LlamaCppGenerator
+    from s2t.backends.llama_cpp import decode as backend_decode
 
     engine, dtype = "s2t llama.cpp backend", "gguf (as shipped)"
     for name in models:
         gen = LlamaCppGenerator(name, n_threads=args.threads)
         for bs in batch_sizes:
             if wanted(engine, name, dtype, bs, "greedy"):
-                run = backend_engine(gen, gen.encode(questions[:bs]), build_method("greedy"))
+                run = exact_tokens(backend_decode, gen, gen.encode(questions[:bs]), build_method("greedy"))
                 record(
                     {
                         "engine": engine,
@@ -194,7 +181,7 @@ def llama_cpp_backend_rows(models, questions, batch_sizes, args, wanted, record)
     for bs in batch_sizes:
         for label, method in methods.items():
             if wanted(engine, pair, dtype, bs, label):
-                run = backend_engine(gen, gen.encode(questions[:bs]), method, llm=gen.llm.model)
+                run = exact_tokens(backend_decode, gen, gen.encode(questions[:bs]), method, llm=gen.llm.model)
                 record(
                     {
                         "engine": engine,
@@ -423,7 +410,7 @@ def main() -> None:
                 prompts = gen.encode(questions[:bs])
                 for engine, run in (
                     ("transformers.generate", hf_generate(gen, prompts)),
-                    ("s2t engine", our_engine(gen, prompts, greedy)),
+                    ("s2t engine", exact_tokens(decode, gen, prompts, greedy)),
                 ):
                     if wanted(engine, name, dtype, bs, "greedy"):
                         record(
@@ -457,7 +444,7 @@ def main() -> None:
             prompts = gen.encode(questions[:bs])
             for label, method in methods.items():
                 if wanted("s2t engine", pair, dtype, bs, label):
-                    run = our_engine(gen, prompts, method, llm=gen.llm.model)
+                    run = exact_tokens(decode, gen, prompts, method, llm=gen.llm.model)
                     record(
                         {
                             "engine": "s2t engine",

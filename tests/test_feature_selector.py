@@ -306,11 +306,13 @@ def test_trigger_model_choice_keeps_the_hidden_state_only_where_it_carries_the_l
     problem = torch.arange(n_problems).repeat_interleave(per_problem)
     x = torch.randn(len(problem), hidden + 2 + 16, generator=g)
     train_p = set(range(32))
-    in_hidden = _choose_model(x, x[:, 0] > 1.0, problem, train_p, seed=0, epochs=50)
+    train = problem < 32
+    in_hidden = _choose_model(x, x[:, 0] > 1.0, problem, train_p, train, seed=0, epochs=50)
     assert in_hidden["features"] == "all" and in_hidden["inner_auroc"] > 0.95
-    in_entropy = _choose_model(x, x[:, hidden] > 1.0, problem, train_p, seed=0, epochs=50)
+    in_entropy = _choose_model(x, x[:, hidden] > 1.0, problem, train_p, train, seed=0, epochs=50)
     assert in_entropy["inner_auroc"] > 0.95
-    single_class = _choose_model(x, torch.zeros(len(problem), dtype=torch.bool), problem, train_p, 0, 50)
+    no_label = torch.zeros(len(problem), dtype=torch.bool)
+    single_class = _choose_model(x, no_label, problem, train_p, train, 0, 50)
     assert single_class["inner_auroc"] != single_class["inner_auroc"]  # nan: nothing to choose on
 
 

@@ -125,28 +125,40 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, epochs: int, weight_decay: f
 
 # the model choices tried on an inner split of the training problems
 WEIGHT_DECAYS = (1e-3, 1e-2, 1e-1, 1.0)
+# the features after the hidden state (see step_features): entropy, margin, top-16 probabilities
+LOGIT_FEATURES = 2 + TOP_PROBS
+
+
+def _without_hidden(x: torch.Tensor) -> torch.Tensor:
+    """The columns of step features (N, F) that do not read the hidden state."""
+    return x[:, -LOGIT_FEATURES:]
 
 
 def _choose_model(
-    x: torch.Tensor, y: torch.Tensor, problem: torch.Tensor, train_p: set[int], seed: int, epochs: int
+    x: torch.Tensor,
+    y: torch.Tensor,
+    problem: torch.Tensor,
+    train_p: set[int],
+    train: torch.Tensor,
+    seed: int,
+    epochs: int,
 ) -> dict:
     """Choose the trigger's features (with or without the hidden state) and weight decay by AUROC on
-    10% of the *training* problems, fitting on the rest; the validation problems are never seen.
+    10% of the *training* problems ``train_p`` (whose positions ``train`` marks), fitting on the rest;
+    the validation problems are never seen.
 
     Returns ``{"features": "all" | "no-hidden", "weight_decay", "inner_auroc"}``.
     """
     order = sorted(train_p)
     random.Random(seed + 1).shuffle(order)
     inner = set(order[: max(1, round(0.1 * len(order)))])
-    sel = torch.tensor([int(p) in inner for p in problem]) & torch.tensor(
-        [int(p) in train_p for p in problem]
-    )
-    fit = torch.tensor([int(p) in train_p for p in problem]) & ~sel
+    sel = torch.tensor([int(p) in inner for p in problem]) & train
+    fit = train & ~sel
     best = {"features": "all", "weight_decay": WEIGHT_DECAYS[0], "inner_auroc": float("nan")}
     if not fit.any() or not y[fit].any() or not y[sel].any() or y[sel].all():
         return best
     for features in ("all", "no-hidden"):
-        cols = x if features == "all" else x[:, -(2 + TOP_PROBS) :]
+        cols = x if features == "all" else _without_hidden(x)
         for wd in WEIGHT_DECAYS:
             w, b, mean, std = _fit_logistic(cols[fit], y[fit], epochs, wd)
             auroc = _auroc(((cols[sel] - mean) / std) @ w + b, y[sel])
@@ -193,11 +205,12 @@ def train_trigger(
         kl_cutoff = float(torch.quantile(kl[tr].double(), kl_quantile))
         y = kl >= kl_cutoff
     torch.manual_seed(seed)
-    choice = _choose_model(x, y, problem, train_p, seed, epochs) if tune else None
+    choice = _choose_model(x, y, problem, train_p, tr, seed, epochs) if tune else None
+    cheap = _without_hidden(x)
     if choice is not None and choice["features"] == "no-hidden":
         # the same checkpoint format: the hidden state's weights are zero
-        hidden = x.shape[1] - (2 + TOP_PROBS)
-        cw, b, cmean, cstd = _fit_logistic(x[tr, hidden:], y[tr], epochs, choice["weight_decay"])
+        hidden = x.shape[1] - LOGIT_FEATURES
+        cw, b, cmean, cstd = _fit_logistic(cheap[tr], y[tr], epochs, choice["weight_decay"])
         w, mean, std = torch.zeros(x.shape[1]), torch.zeros(x.shape[1]), torch.ones(x.shape[1])
         w[hidden:], mean[hidden:], std[hidden:] = cw, cmean, cstd
     else:
@@ -206,7 +219,6 @@ def train_trigger(
         )
     scores = torch.sigmoid(((x - mean) / std) @ w + b)
     # the ladder's middle rung: the same model without the hidden state (entropy, margin, top-16 probabilities)
-    cheap = x[:, -(2 + TOP_PROBS) :]
     cw, cb, cmean, cstd = _fit_logistic(cheap[tr], y[tr], epochs, weight_decay)
     cheap_scores = torch.sigmoid(((cheap - cmean) / cstd) @ cw + cb)
     threshold = float(torch.quantile(scores[tr].double(), 1 - target_rate))

@@ -6,6 +6,8 @@ No real weights are used in tests: the models share the real pair's architecture
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -76,6 +78,17 @@ def make_model(
     )
     model.requires_grad_(False)
     return model
+
+
+@functools.cache
+def ci_tiny_gguf():
+    """``.ci/tiny_gguf.py`` as a module. CI runs that script without the test tree, so the GGUF writer
+    both use (``write_gguf``) lives there and the tests import it by path."""
+    path = Path(__file__).resolve().parents[1] / ".ci" / "tiny_gguf.py"
+    spec = importlib.util.spec_from_file_location("tiny_gguf", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

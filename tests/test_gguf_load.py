@@ -3,18 +3,9 @@ take. ``.ci/bare_install`` runs the same script in a fresh environment without e
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-
-def load_ci_script():
-    path = Path(__file__).resolve().parents[1] / ".ci" / "tiny_gguf.py"
-    spec = importlib.util.spec_from_file_location("tiny_gguf", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import ci_tiny_gguf
 
 
 def test_a_tiny_gguf_file_loads_and_decodes(tmp_path, monkeypatch):
@@ -22,7 +13,7 @@ def test_a_tiny_gguf_file_loads_and_decodes(tmp_path, monkeypatch):
 
     monkeypatch.setenv("S2T_CACHE_DIR", str(tmp_path / "cache"))
     path = tmp_path / "tiny-qwen2.gguf"
-    load_ci_script().write_tiny_gguf(path)
+    ci_tiny_gguf().write_tiny_gguf(path)
     loaded = load_model(str(path), dtype="float32", device="cpu")
     assert type(loaded.model).__name__ == "Qwen2ForCausalLM"
     assert loaded.tokenizer.decode(loaded.tokenizer("Janet's ducks")["input_ids"]) == "Janet's ducks"

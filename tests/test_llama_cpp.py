@@ -1,9 +1,9 @@
 """The llama.cpp backend: the same tokens and the same S2T decisions as the torch engine, on the same weights.
 
-The tiny random Qwen2 pair of ``conftest`` is written to float32 GGUF files here (the ``gguf`` package's
-writer, the tokenizer's vocabulary and merges included), so both backends run identical weights. Tests
-that decode need llama-cpp-python (the ``llamacpp`` extra) and are skipped without it; the refusals are
-tested everywhere.
+The tiny random Qwen2 pair of ``conftest`` is written to float32 GGUF files here (``write_gguf`` of
+``.ci/tiny_gguf.py``: the ``gguf`` package's writer, the tokenizer's vocabulary and merges included),
+so both backends run identical weights. Tests that decode need llama-cpp-python (the ``llamacpp``
+extra) and are skipped without it; the refusals are tested everywhere.
 """
 
 from __future__ import annotations
@@ -18,82 +18,13 @@ from s2t.backends import BackendUnavailableError, refuse_on_llama_cpp, resolve_b
 from s2t.engine import decode
 from s2t.methods import build_method
 from s2t.models import ModelLoadError, TokenizerMismatchError
-from tests.conftest import CHAT_TEMPLATE, make_model, make_tokenizer
+from tests.conftest import ci_tiny_gguf, make_model, make_tokenizer
 
 PROMPTS = [[5, 17, 42, 9, 100], [7, 8], [250, 3, 3, 3, 60, 61, 62, 63], [11]]
 
 
-def write_gguf(model, tokenizer, path, architecture: str = "qwen2") -> str:
-    """Write a tiny Qwen2 model and its tokenizer as a float32 GGUF file, as llama.cpp's converter would."""
-    import gguf
-
-    config = model.config
-    writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    rope = getattr(config, "rope_theta", None) or (config.rope_parameters or {}).get("rope_theta", 10000.0)
-    writer.add_rope_freq_base(float(rope))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-
-    vocab = tokenizer.get_vocab()
-    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
-    tokens = [None] * config.vocab_size
-    types = [gguf.TokenType.NORMAL] * config.vocab_size
-    for text, i in vocab.items():
-        tokens[i] = text
-        if i in special:
-            types[i] = gguf.TokenType.CONTROL
-    for i in range(config.vocab_size):
-        if tokens[i] is None:  # rows above the tokenizer: GGUF converters name them [PAD<id>]
-            tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
-    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    writer.add_eos_token_id(tokenizer.eos_token_id)
-    writer.add_pad_token_id(tokenizer.pad_token_id)
-    writer.add_bos_token_id(tokenizer.pad_token_id)
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
-
-    names = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    per_layer = {
-        "input_layernorm.weight": "attn_norm.weight",
-        "post_attention_layernorm.weight": "ffn_norm.weight",
-        "self_attn.q_proj.weight": "attn_q.weight",
-        "self_attn.q_proj.bias": "attn_q.bias",
-        "self_attn.k_proj.weight": "attn_k.weight",
-        "self_attn.k_proj.bias": "attn_k.bias",
-        "self_attn.v_proj.weight": "attn_v.weight",
-        "self_attn.v_proj.bias": "attn_v.bias",
-        "self_attn.o_proj.weight": "attn_output.weight",
-        "mlp.gate_proj.weight": "ffn_gate.weight",
-        "mlp.up_proj.weight": "ffn_up.weight",
-        "mlp.down_proj.weight": "ffn_down.weight",
-    }
-    for i in range(config.num_hidden_layers):
-        names |= {f"model.layers.{i}.{k}": f"blk.{i}.{v}" for k, v in per_layer.items()}
-    state = model.state_dict()
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    for name, tensor in state.items():
-        writer.add_tensor(names[name], tensor.float().contiguous().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
+# the tiny Qwen2 GGUF writer, shared with the CI's bare-install check
+write_gguf = ci_tiny_gguf().write_gguf
 
 
 @pytest.fixture(scope="module")

@@ -80,15 +80,21 @@ def make_model(
     return model
 
 
+def load_script(path: str):
+    """A script of this repository outside the package (``bench/``, ``.ci/``) as a module, by its path
+    from the repository root."""
+    file = Path(__file__).resolve().parents[1] / path
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @functools.cache
 def ci_tiny_gguf():
     """``.ci/tiny_gguf.py`` as a module. CI runs that script without the test tree, so the GGUF writer
     both use (``write_gguf``) lives there and the tests import it by path."""
-    path = Path(__file__).resolve().parents[1] / ".ci" / "tiny_gguf.py"
-    spec = importlib.util.spec_from_file_location("tiny_gguf", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(".ci/tiny_gguf.py")
 
 
 @pytest.fixture(scope="session")

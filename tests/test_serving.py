@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -17,17 +15,10 @@ from s2t.engine import Scheduler, decode
 from s2t.methods import build_method
 from s2t.prompts import build_chat_prompt
 from s2t.serving import create_app, running_server
+from tests.conftest import load_script
 
 MODEL = "tiny-s2t"
 CONTEXT = 256
-
-
-def load_bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"
-    spec = importlib.util.spec_from_file_location("serve_load", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +366,7 @@ def test_a_client_disconnecting_mid_stream_frees_its_batch_slot(generator, token
 
 
 def test_concurrent_clients_are_all_answered_as_if_alone(server, generator, method):
-    bench = load_bench()
+    bench = load_script("bench/serve_load.py")
     prompts = ["What is 2 + 2?", "Double 21.", "Natalia sold clips to 48 of her friends.", "9 * 2?"]
     result = asyncio.run(
         bench.run_load(server, MODEL, prompts, clients=16, requests=48, max_tokens=8, time_limit=120)
@@ -392,7 +383,7 @@ def test_concurrent_clients_are_all_answered_as_if_alone(server, generator, meth
 
 
 def test_short_request_behind_a_chunked_long_prompt_gets_its_own_answer(generator, method):
-    bench = load_bench()
+    bench = load_script("bench/serve_load.py")
     app = create_app(
         generator.scheduler(method, max_batch_size=4, prefill_chunk=16),
         generator.tokenizer,

@@ -64,9 +64,11 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def without_times(record: dict) -> dict:
+    """A record without its timings and the name of the process that made it."""
     return {
         k: ({c: v for c, v in val.items() if c != "wall_time_s"} if k == "cost" else val)
         for k, val in record.items()
+        if k != "invocation"
     }
 
 
@@ -76,7 +78,7 @@ def by_key(recs: list[dict]) -> dict:
 
 def strip_summary(payload: dict) -> dict:
     return {
-        m: {k: v for k, v in e.items() if "wall" not in k and "time" not in k}
+        m: {k: v for k, v in e.items() if "wall" not in k and "time" not in k and k != "invocations"}
         for m, e in payload["methods"].items()
     }
 

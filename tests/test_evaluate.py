@@ -31,6 +31,7 @@ def config(data_file, **overrides):
         trigger="margin",
         threshold=0.9,
         batch_size=2,
+        backend="torch",  # the tiny generator given to the evaluator is a torch one
     )
     base.update(overrides)
     return EvalConfig(**base)
@@ -87,11 +88,78 @@ def test_resumed_run_gives_the_same_summary_as_an_uninterrupted_one(tmp_path, da
 
     def strip(payload):
         return {
-            m: {k: v for k, v in e.items() if "wall" not in k and "time" not in k}
+            m: {k: v for k, v in e.items() if "wall" not in k and "time" not in k and k != "invocations"}
             for m, e in payload["methods"].items()
         }
 
     assert strip(again) == strip(full)
+    # each record names the batch size and the evaluator that made it; the report names the
+    # resumed method, and float32 on torch is batch-invariant, so it says the records are unchanged
+    records = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()[:-1]]
+    assert {r["batch_size"] for r in records} == {2}
+    assert again["methods"]["greedy"]["invocations"] == 2 and again["methods"]["s2t"]["invocations"] == 1
+    assert full["resumed"] is None
+    assert again["resumed"].startswith("Resumed or sharded (invocations): greedy (2); float32 on torch")
+    assert again["resumed"] in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_a_batch_dependent_run_resumes_only_with_its_batch_size(tmp_path, data_file, generator):
+    """bfloat16 answers depend on the batch (README: Reproducibility), so a bfloat16 run refuses
+    another --batch-size, before any model loads and naming the one that resumes it; float32 on
+    torch is batch-invariant and may change it."""
+    from s2t.models import batch_invariant
+
+    assert batch_invariant("torch", "float32") and batch_invariant(None, None)
+    assert not batch_invariant("torch", "bfloat16") and not batch_invariant("torch", "float32", "bfloat16")
+    assert not batch_invariant("llama.cpp", "float32")
+    run = tmp_path / "run"
+    Evaluator(config(data_file, methods=["greedy"], dtype="bfloat16"), run, generator=generator)
+    written = (run / "config.json").read_text()
+    with pytest.raises(
+        ConfigMismatchError, match="--batch-size 2 in bfloat16 on torch.*resume it with --batch-size 2"
+    ):
+        Evaluator(
+            config(data_file, methods=["greedy"], dtype="bfloat16", batch_size=3), run, generator=generator
+        )
+    assert (run / "config.json").read_text() == written
+    Evaluator(config(data_file, methods=["greedy"], dtype="bfloat16", batch_size=2), run, generator=generator)
+    Evaluator(config(data_file, methods=["greedy"], dtype="float32"), tmp_path / "f", generator=generator)
+    Evaluator(
+        config(data_file, methods=["greedy"], dtype="float32", batch_size=3),
+        tmp_path / "f",
+        generator=generator,
+    )
+
+
+def test_the_report_warns_that_a_resumed_bfloat16_run_may_differ_from_an_uninterrupted_one():
+    from s2t.reporting.eval_report import resumption_note
+
+    def record(problem, invocation):
+        cost = dict.fromkeys(
+            (
+                "generated_tokens",
+                "slm_forward_tokens",
+                "llm_forward_tokens",
+                "llm_forward_calls",
+                "triggers",
+                "overrides",
+            ),
+            1,
+        )
+        return {
+            "method": "greedy",
+            "problem_id": problem,
+            "correct": True,
+            "cost": cost | {"wall_time_s": 1.0},
+            "batch_size": 16,
+            "invocation": invocation,
+        }
+
+    summary = summarize([record("a", "x"), record("b", "y")])
+    assert summary["greedy"]["invocations"] == 2 and summary["greedy"]["batch_sizes"] == [16]
+    note = resumption_note(summary, {"dtype": "bfloat16", "backend": "torch"})
+    assert "greedy (2)" in note and "depend on its batch" in note
+    assert resumption_note(summarize([record("a", "x"), record("b", "x")]), {"dtype": "bfloat16"}) is None
 
 
 def test_a_run_recorded_before_dtypes_were_resolved_resumes_as_float32(tmp_path, monkeypatch):

@@ -18,10 +18,14 @@ can gain settings later without re-running what finished.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import uuid
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
@@ -38,9 +42,9 @@ from s2t.methods import (
     majority_samples,
 )
 from s2t.methods import canonical_method_name as _canonical_method_name
-from s2t.models import DEFAULT_LLM, DEFAULT_SLM, resolve_dtype
+from s2t.models import DEFAULT_LLM, DEFAULT_SLM, batch_invariant, resolve_dtype
 from s2t.run_driver import RunDriver
-from s2t.runs import RunDirectory
+from s2t.runs import ConfigMismatchError, RunDirectory
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +147,8 @@ RESULTS_FILE = "results.jsonl"  # one record per finished (method, problem)
 # A shard of evaluation work: for each method, the problems to run it on.
 EvalShard = list[tuple[str, list[Problem]]]
 
-# Config entries that do not change results, so a run may resume with other values.
+# Config entries that do not change results, so a run may resume with other values. The batch size
+# is one only where decoding is batch-invariant (see batch_invariant).
 RESUMABLE_KEYS = {"limit", "batch_size", "methods", "llm_device_map"}
 # The selector changes only s2t-local's results (unless the trigger is the learned one, stored with
 # it): a run may gain s2t-local later; each s2t-local record names its selector's weights digest
@@ -151,6 +156,12 @@ RESUMABLE_KEYS = {"limit", "batch_size", "methods", "llm_device_map"}
 SELECTOR_KEY = "selector"
 # Runs made before the dtype was resolved and recorded stored null, which then meant float32.
 LEGACY_CONFIG = {"dtype": "float32", "backend": "torch"}
+
+
+def invocation_id() -> str:
+    """Names one evaluator's records (UTC start time, process id and a random suffix): a run whose
+    records have several was resumed or sharded."""
+    return f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
 
 
 def canonical_method_name(name: str) -> str:
@@ -221,6 +232,11 @@ class Evaluator:
         if any(is_local_method(m) for m in config.methods):
             self._check_selector_leakage()  # nor a selector trained on the evaluated problems
         resumable = RESUMABLE_KEYS | ({SELECTOR_KEY} if config.trigger != "learned" else set())
+        if not batch_invariant(config.backend, config.dtype, config.llm_dtype):
+            resumable = resumable - {"batch_size"}
+            if out_dir is not None:
+                _check_same_batch_size(Path(out_dir), config)
+        self.invocation = invocation_id()
         self.run = (
             RunDirectory(out_dir, asdict(config), ignore_keys=resumable, legacy=LEGACY_CONFIG)
             if out_dir is not None
@@ -313,9 +329,12 @@ class Evaluator:
         return self.driver.records()
 
     def run_shard(self, shard: EvalShard) -> Iterator[dict]:
-        """The graded records of each (method, problems) pair of ``shard``, in order, as each finishes."""
+        """The graded records of each (method, problems) pair of ``shard``, in order, as each finishes,
+        each with the batch size and the invocation that made it."""
+        made_by = {"batch_size": self.config.batch_size, "invocation": self.invocation}
         for method, problems in shard:
-            yield from self.run_method(method, problems)
+            for record in self.run_method(method, problems):
+                yield record | made_by
 
     def _selector_digest(self) -> str:
         from s2t.policies.learned_selector import checkpoint_digest
@@ -432,6 +451,20 @@ class Evaluator:
                 f"the selector was trained on {len(leaked)} of the evaluated problems (e.g. {sorted(leaked)[0]}): "
                 "refusing a leaky evaluation"
             )
+
+
+def _check_same_batch_size(out_dir: Path, config: EvalConfig) -> None:
+    """Refuse to resume a batch-dependent run (:func:`s2t.models.batch_invariant`) with another batch size."""
+    stored = out_dir / "config.json"
+    if not stored.is_file():
+        return
+    earlier = json.loads(stored.read_text()).get("batch_size")
+    if earlier is not None and earlier != config.batch_size:
+        raise ConfigMismatchError(
+            f"{out_dir} was decoded with --batch-size {earlier} in {config.dtype} on {config.backend}, "
+            "where a problem's tokens depend on its batch (only float32 on torch is batch-invariant): "
+            f"resume it with --batch-size {earlier}, or use a new --out directory"
+        )
 
 
 def _setting_record(method: Method) -> dict:

@@ -120,6 +120,20 @@ def cpu_description() -> str:
     return f"{name or platform.processor() or platform.machine()} ({bf16}), {os.cpu_count()} cores"
 
 
+def batch_invariant(backend: str | None, dtype: str | None, llm_dtype: str | None = None) -> bool:
+    """Whether a sequence's tokens do not depend on which sequences share its batch.
+
+    True only for float32 on the torch backend (SLM and LLM; ``None`` dtypes and backend mean the
+    defaults of runs made before they were recorded: float32, torch): the tests decode alone and in
+    batches and compare tokens. bfloat16 and float16 are not batch-invariant: a near-tie in the
+    logits can fall either way when the matrix shapes change (on the real 0.5B in bfloat16, GSM8K
+    test 0 decoded in a batch of 2 first differs from decoding it alone at step 131). The llama.cpp
+    backend is not checked, so it counts as batch-dependent.
+    """
+    dtype = dtype or "float32"
+    return (backend or "torch") == "torch" and {dtype, llm_dtype or dtype} == {"float32"}
+
+
 def default_dtype(device: str | None = None) -> str:
     """The decoding dtype when none is given: bfloat16 where the hardware computes in it, else float32.
 

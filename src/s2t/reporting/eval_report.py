@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from s2t.models import batch_invariant
 from s2t.reporting.frontier import (
     GAP_TARGETS,
     cheapest_reaching,
@@ -78,6 +79,9 @@ def summarize(records: list[dict], methods: list[str] | None = None, seed: int =
             "trigger_rate": sum(c["triggers"] for c in costs) / tokens if tokens else 0.0,
             "override_rate": sum(c["overrides"] for c in costs) / tokens if tokens else 0.0,
             "mean_wall_time_s": _mean(c["wall_time_s"] for c in costs),
+            # records name the process that decoded them (older versions' records name none)
+            "invocations": len({r.get("invocation") for r in recs.values()}),
+            "batch_sizes": sorted({r["batch_size"] for r in recs.values() if "batch_size" in r}),
         }
         entry["time_ratio_vs_greedy"] = entry["mean_wall_time_s"] / greedy_time if greedy_time else None
         if MAJ.match(m):
@@ -166,6 +170,22 @@ def plot_accuracy_vs_cost(summary: dict, path: Path) -> Path:
     return path
 
 
+def resumption_note(summary: dict, config: dict) -> str | None:
+    """A line naming the methods whose records come from more than one invocation (resumed or
+    sharded), with what that means for this run's dtype and backend (None if there are none)."""
+    resumed = {m: e["invocations"] for m, e in summary.items() if e.get("invocations", 1) > 1}
+    if not resumed:
+        return None
+    listed = ", ".join(f"{m} ({n})" for m, n in resumed.items())
+    meaning = (
+        "float32 on torch is batch-invariant, so the records are those of one uninterrupted run"
+        if batch_invariant(config.get("backend"), config.get("dtype"), config.get("llm_dtype"))
+        else f"in {config.get('dtype')} on {config.get('backend')} a problem's tokens depend on its batch, "
+        "so these records may differ from one uninterrupted run's (README: Reproducibility)"
+    )
+    return f"Resumed or sharded (invocations): {listed}; {meaning}."
+
+
 def write_report(run_dir: str | Path) -> dict:
     """Recompute ``summary.json``, ``report.md`` and ``accuracy_vs_cost.png`` from a run directory."""
     run_dir = Path(run_dir)
@@ -183,10 +203,13 @@ def write_report(run_dir: str | Path) -> dict:
         if frontier
         else None,
     }
-    write_json_atomic(run_dir / "summary.json", payload)
     header = f"# {config.get('dataset')} {config.get('split')}: {config.get('slm')} (SLM), {config.get('llm')} (LLM)\n\n"
     frontier_text = "\n" + frontier_markdown(frontier, summary) if frontier else ""
-    (run_dir / "report.md").write_text(header + markdown_table(summary) + frontier_text)
+    note = resumption_note(summary, config)
+    payload["resumed"] = note
+    write_json_atomic(run_dir / "summary.json", payload)
+    resumed_text = f"\n{note}\n" if note else ""
+    (run_dir / "report.md").write_text(header + markdown_table(summary) + resumed_text + frontier_text)
     if summary:
         plot_accuracy_vs_cost(summary, run_dir / "accuracy_vs_cost.png")
     if frontier:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -47,6 +46,7 @@ from s2t.models import (
     DEFAULT_SLM,
     LoadedModel,
     contiguous_output_head,
+    cpu_model_name,
     load_model,
     load_tokenizer,
     parse_dtype,
@@ -235,17 +235,8 @@ def llama_cpp_row(name: str, prompt_text: str, tokens: int, threads: int, repeat
 
 def machine() -> dict:
     """Which machine the figures came from: CPU model, and the GPU when one is used."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "gpu": gpu, "device": "cuda" if gpu else "cpu"}
+    return {"cpu": cpu_model_name(), "gpu": gpu, "device": "cuda" if gpu else "cpu"}
 
 
 def load(name: str, dtype: str, random_weights: bool) -> LoadedModel:

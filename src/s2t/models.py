@@ -108,16 +108,21 @@ def cpu_has_native_bfloat16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def cpu_description() -> str:
-    """The CPU's model name, whether it computes bfloat16 natively, and its core count, for benchmark
-    records (timings are compared only within one machine)."""
+def cpu_model_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (else what :mod:`platform` says)."""
     try:
         info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         info = []
     name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None)
+    return name or platform.processor() or platform.machine()
+
+
+def cpu_description() -> str:
+    """The CPU's model name, whether it computes bfloat16 natively, and its core count, for benchmark
+    records (timings are compared only within one machine)."""
     bf16 = "native bfloat16" if cpu_has_native_bfloat16() else "no native bfloat16"
-    return f"{name or platform.processor() or platform.machine()} ({bf16}), {os.cpu_count()} cores"
+    return f"{cpu_model_name()} ({bf16}), {os.cpu_count()} cores"
 
 
 def batch_invariant(backend: str | None, dtype: str | None, llm_dtype: str | None = None) -> bool:

@@ -50,7 +50,7 @@ from s2t.builtin_models import (
 from s2t.engine import Method, RequestQueue, StepOutput, _Sequence, cancelled_output, choose_tokens
 from s2t.engine import decode as engine_decode
 from s2t.engine import decode_stream as engine_decode_stream
-from s2t.models import ModelLoadError, TokenizerMismatchError, engine_kwargs
+from s2t.models import ModelLoadError, TokenizerMismatchError, cpu_model_name, engine_kwargs
 from s2t.policies.feature_selector import FeatureSelector
 from s2t.policies.selectors import LLMSelector, RandomSelector, SLMSelector, TakeoverSelector
 from s2t.runs import locked, write_json_atomic
@@ -122,9 +122,8 @@ def _cpu_name() -> str:
         info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return "unknown"
-    name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown")
     flags = next((line.split(":", 1)[1].strip() for line in info if line.startswith("flags")), "")
-    return f"{name} [{hashlib.sha256(flags.encode()).hexdigest()[:8]}]"
+    return f"{cpu_model_name()} [{hashlib.sha256(flags.encode()).hexdigest()[:8]}]"
 
 
 def repack_works(path: Path) -> bool:

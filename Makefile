@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,train,ray,lm-eval,serve]"
 	touch $@
 
-# The llama.cpp backend (--backend llama.cpp): llama-cpp-python builds from source, so it is opt-in and
-# not part of CI's install (≈ 9 min on two free cores; 40+ min on one core of a busy machine here).
+# The llama.cpp backend (--backend llama.cpp): llama-cpp-python builds from source, so it is opt-in
+# (≈ 9 min on two free cores; 40+ min on one core of a busy machine here). CI builds it in .ci/llamacpp.
 install-llamacpp: install
 	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(PY) -m pip install -q -e ".[llamacpp]"
 

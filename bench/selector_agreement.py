@@ -10,6 +10,14 @@ With ``--learning-curve 30,60,120,270`` it instead fits the shallow model and a 
 nested subsets of that many training problems and scores each on the same held-out groups
 (:func:`s2t.training.ladder.learning_curve`).
 
+With ``--per-position`` it asks the inference question on *every* position of the held-out problems
+instead of on the collection's groups: where, and with which candidate, does an SLM-only model
+override the top-1, and is its pick the LLM's more often than the top-1 was there
+(:func:`s2t.training.override.override_ladder`; a collection that recorded per-position LLM ranks):
+
+    python bench/selector_agreement.py --groups results/collect-gsm8k-train-1000 --per-position \
+        --out results/bench/override_ladder-1000.json
+
 The held-out problems are a selector's validation problems (``--validation-from``) or the seeded
 split every trainer uses (``--val-fraction``, ``--seed``); every selector must have held them out.
 """
@@ -40,6 +48,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--learning-curve", default=None, help="comma-separated training-problem counts")
+    parser.add_argument("--per-position", action="store_true", help="override figures on every position")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -50,6 +59,14 @@ def main() -> None:
         ids = [r["problem_id"] for r in collected_records(args.groups, need_features=False)]
         _, val = split_problems(len(ids), args.val_fraction, args.seed)
         held_out = [ids[i] for i in sorted(val)]
+    if args.per_position:
+        from s2t.training.override import format_override_ladder, override_ladder
+
+        result = override_ladder(args.groups, held_out, args.k, seed=args.seed)
+        print(format_override_ladder(result))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return
     if args.learning_curve:
         sizes = [int(n) for n in args.learning_curve.split(",")]
         curve = learning_curve(

@@ -334,3 +334,61 @@ def test_ladder_verdict_compares_each_trained_rung_with_the_top1_and_the_shallow
     assert "does NOT beat the SLM top-1 (68.8% vs 69.5%)" in features
     assert "above the shallow by its point estimate only" in features
     assert "beats the SLM top-1" in head and "beats the shallow" in head and "CIs apart" in head
+
+
+def _planted_positions(path, n_problems=60, positions=80, seed=0):
+    """A collection with per-position features only, whose LLM prefers the SLM's rank-2 candidate
+    exactly where the hidden state's first coordinate exceeds 1 (about 16% of positions): a rule
+    no logit feature carries."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    (path / "features").mkdir(parents=True, exist_ok=True)
+    config = {"slm": "tiny-slm", "llm": "tiny-llm", "dataset": "tiny", "split": "train", "k": 16}
+    (path / "config.json").write_text(
+        json.dumps(config | {"mode": "teacher-forced", "kind": "s2t-local-groups"})
+    )
+    lines = []
+    for p in range(n_problems):
+        hidden = torch.randn(positions, 8, generator=g)
+        probs = (
+            torch.softmax(torch.randn(positions, 16, generator=g) * 2.0, -1).sort(-1, descending=True).values
+        )
+        rank = torch.where(hidden[:, 0] > 1.0, 2, 1)
+        save_file(
+            {
+                "position_hidden": hidden.half(),
+                "position_slm_topk_probs": probs,
+                "position_entropy": -(probs * probs.log()).sum(-1),
+                "position_margin": probs[:, 0] - probs[:, 1],
+                "position_divergent": rank != 1,
+                "position_llm_top1_rank": rank,
+            },
+            str(path / "features" / f"train-{p}.safetensors"),
+        )
+        record = {"problem_id": f"tiny/train/{p}", "split": "train", "groups": [], "n_positions": positions}
+        lines.append(json.dumps(record | {"features": f"features/train-{p}.safetensors"}))
+    (path / "problems.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_override_ladder_finds_a_planted_per_position_rule_only_where_the_features_carry_it(tmp_path):
+    from s2t.training.override import format_override_ladder, override_ladder
+
+    path = _planted_positions(tmp_path / "positions")
+    held_out = [f"tiny/train/{p}" for p in range(48, 60)]
+    result = override_ladder(path, held_out, k=8, rates=(0.1,))
+    assert result["held_out_problems"] == 12 and result["train_problems"] == 48
+    rows = {row["name"].split(" (")[0].split(",")[0]: row["rates"]["0.1"] for row in result["rows"]}
+    probe, trees, entropy = rows["probe"], rows["trees"], rows["entropy"]
+    # the probe reads the hidden state: its overrides are the LLM's pick, the top-1 never was
+    assert probe["pick_is_llm_top1"]["value"] >= 0.9 and probe["top1_is_llm_top1"]["value"] <= 0.1
+    assert probe["net_per_1000"]["low"] > 50
+    # the logit features carry no trace of the rule: neither trees nor entropy gain anything
+    assert trees["net_per_1000"]["high"] < probe["net_per_1000"]["low"]
+    assert entropy["net_per_1000"]["value"] < 40
+    assert "net per 1,000 positions" in format_override_ladder(result)
+    with pytest.raises(ValueError, match="k must lie in 2..16"):
+        override_ladder(path, held_out, k=1)
+    with pytest.raises(ValueError, match="not in"):
+        override_ladder(path, ["tiny/train/999"], k=8)

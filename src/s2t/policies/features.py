@@ -39,6 +39,15 @@ def step_features(
     )
 
 
+# the step features after the hidden state: entropy, margin, top-16 probabilities
+LOGIT_FEATURES = 2 + TOP_PROBS
+
+
+def without_hidden(x: torch.Tensor) -> torch.Tensor:
+    """The columns of step features (N, F) that do not read the hidden state (N, LOGIT_FEATURES)."""
+    return x[:, -LOGIT_FEATURES:]
+
+
 def features_from_logits(slm_logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """The step features of a decoding step from its logits (N, vocab) and last hidden state (N, H)."""
     stats = logit_statistics(slm_logits)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from s2t.policies.features import TOP_PROBS, step_features
+from s2t.policies.features import LOGIT_FEATURES, step_features, without_hidden
 from s2t.policies.learned_selector import model_fingerprint
 from s2t.policies.learned_trigger import LearnedTrigger, LearnedTriggerConfig
 from s2t.training.collect import collected_records
@@ -64,14 +64,17 @@ def parse_label(label: str) -> float | None:
     raise ValueError(f"unknown trigger label {label!r}; choose {TRIGGER_LABELS}")
 
 
-def load_position_features(groups_dir: str | Path, min_step: int = 3, with_kl: bool = False):
+def load_position_features(
+    groups_dir: str | Path, min_step: int = 3, with_kl: bool = False, with_llm_rank: bool = False
+):
     """Per-position features, divergence labels and problem indices of a collection run.
 
-    With ``with_kl`` a seventh item is returned: each position's KL(SLM‖LLM) over the SLM's
-    top-64; a collection made before KL was recorded raises ``ValueError`` naming the fix.
+    With ``with_kl`` one more item is returned: each position's KL(SLM‖LLM) over the SLM's
+    top-64; a collection made before KL was recorded raises ``ValueError`` naming the fix. With
+    ``with_llm_rank`` one more (last): the 1-based rank (int64) of the LLM's top-1 token under the SLM.
     """
     groups_dir = Path(groups_dir)
-    feats, labels, problems, entropy, margin, kl = [], [], [], [], [], []
+    feats, labels, problems, entropy, margin, kl, ranks = [], [], [], [], [], [], []
     records = collected_records(groups_dir)
     for i, rec in enumerate(records):
         t = load_file(str(groups_dir / rec["features"]))
@@ -86,6 +89,8 @@ def load_position_features(groups_dir: str | Path, min_step: int = 3, with_kl: b
         e, m = t["position_entropy"], t["position_margin"]
         x = step_features(t["position_hidden"], e, m, t["position_slm_topk_probs"])[min_step:]
         feats.append(x)
+        if with_llm_rank:
+            ranks.append(t["position_llm_top1_rank"][min_step:])
         labels.append(t["position_divergent"][min_step:])
         problems.append(torch.full((len(x),), i, dtype=torch.long))
         entropy.append(e[min_step:])
@@ -99,7 +104,7 @@ def load_position_features(groups_dir: str | Path, min_step: int = 3, with_kl: b
         cat(margin),
         [r["problem_id"] for r in records],
     )
-    return (*out, cat(kl)) if with_kl else out
+    return (*out, *([cat(kl)] if with_kl else []), *([cat(ranks)] if with_llm_rank else []))
 
 
 def _fit_logistic(x: torch.Tensor, y: torch.Tensor, epochs: int, weight_decay: float):
@@ -125,13 +130,6 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, epochs: int, weight_decay: f
 
 # the model choices tried on an inner split of the training problems
 WEIGHT_DECAYS = (1e-3, 1e-2, 1e-1, 1.0)
-# the features after the hidden state (see step_features): entropy, margin, top-16 probabilities
-LOGIT_FEATURES = 2 + TOP_PROBS
-
-
-def _without_hidden(x: torch.Tensor) -> torch.Tensor:
-    """The columns of step features (N, F) that do not read the hidden state."""
-    return x[:, -LOGIT_FEATURES:]
 
 
 def _choose_model(
@@ -158,7 +156,7 @@ def _choose_model(
     if not fit.any() or not y[fit].any() or not y[sel].any() or y[sel].all():
         return best
     for features in ("all", "no-hidden"):
-        cols = x if features == "all" else _without_hidden(x)
+        cols = x if features == "all" else without_hidden(x)
         for wd in WEIGHT_DECAYS:
             w, b, mean, std = _fit_logistic(cols[fit], y[fit], epochs, wd)
             auroc = _auroc(((cols[sel] - mean) / std) @ w + b, y[sel])
@@ -206,7 +204,7 @@ def train_trigger(
         y = kl >= kl_cutoff
     torch.manual_seed(seed)
     choice = _choose_model(x, y, problem, train_p, tr, seed, epochs) if tune else None
-    cheap = _without_hidden(x)
+    cheap = without_hidden(x)
     if choice is not None and choice["features"] == "no-hidden":
         # the same checkpoint format: the hidden state's weights are zero
         hidden = x.shape[1] - LOGIT_FEATURES

@@ -126,10 +126,11 @@ def long_prompt(words: int, questions: list[str]) -> str:
 
 
 async def run_behind_long_prompt(
-    base_url: str, model: str, long: str, short: str, *, delay: float = 1.0, max_tokens: int = 32
+    base_url: str, model: str, long: str | None, short: str, *, delay: float = 1.0, max_tokens: int = 32
 ) -> dict:
     """Send ``long``, then ``short`` ``delay`` seconds later (both streamed, greedy, ``max_tokens``
-    each); return each one's latency and time to first token (s)."""
+    each; ``long=None`` sends ``short`` alone); return each one's latency and time to first token (s)
+    and text."""
     client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=3600)
 
     async def one(prompt: str, wait: float) -> dict:
@@ -157,7 +158,10 @@ async def run_behind_long_prompt(
             "text": "".join(pieces),
         }
 
-    long_result, short_result = await asyncio.gather(one(long, 0.0), one(short, delay))
+    if long is None:
+        long_result, short_result = None, await one(short, 0.0)
+    else:
+        long_result, short_result = await asyncio.gather(one(long, 0.0), one(short, delay))
     await client.close()
     return {"long": long_result, "short": short_result}
 
@@ -243,10 +247,15 @@ def main() -> None:
         "machine": machine(),
         "note": args.note,
     }
+    write_summary(summary, args.out)
+
+
+def write_summary(summary: dict, out: str | None) -> None:
+    """Print the figures and, with ``--out``, write them as JSON."""
     print(json.dumps(summary, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def serve_command(port: int, server_args: list[str]) -> list[str]:
@@ -282,9 +291,7 @@ def behind_long_prompt(args: argparse.Namespace, prompts: list[str]) -> None:
             url = f"http://127.0.0.1:{port}"
             health = wait_healthy(url, server, args.startup_timeout)
             alone = asyncio.run(
-                run_behind_long_prompt(
-                    url, health["model"], prompts[0], prompts[1], delay=0.0, max_tokens=args.max_tokens
-                )
+                run_behind_long_prompt(url, health["model"], None, prompts[1], max_tokens=args.max_tokens)
             )["short"]
             trials = [
                 asyncio.run(
@@ -307,9 +314,7 @@ def behind_long_prompt(args: argparse.Namespace, prompts: list[str]) -> None:
                 "short_behind_long_ttft_s": [t["short"]["ttft_s"] for t in trials],
                 "long_latency_s": {"median": percentile(longs, 0.5), "all": longs},
                 "long_prompt_tokens": trials[0]["long"]["prompt_tokens"],
-                "same_short_text_as_alone": [
-                    t["short"]["text"] == trials[0]["short"]["text"] for t in trials
-                ],
+                "same_short_text_as_alone": [t["short"]["text"] == alone["text"] for t in trials],
             }
         )
         print(json.dumps(settings[-1], indent=2), flush=True)
@@ -323,10 +328,7 @@ def behind_long_prompt(args: argparse.Namespace, prompts: list[str]) -> None:
         "machine": machine(),
         "note": args.note,
     }
-    print(json.dumps(summary, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary(summary, args.out)
 
 
 if __name__ == "__main__":

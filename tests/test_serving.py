@@ -397,6 +397,8 @@ def test_short_request_behind_a_chunked_long_prompt_gets_its_own_answer(generato
         result = asyncio.run(
             bench.run_behind_long_prompt(url, MODEL, long, "Double 21.", delay=0.05, max_tokens=6)
         )
+        alone_result = asyncio.run(bench.run_behind_long_prompt(url, MODEL, None, "Double 21.", max_tokens=6))
+    assert alone_result["long"] is None and alone_result["short"]["text"] == result["short"]["text"]
     assert result["long"]["prompt_tokens"] > 16  # read in chunks
     assert result["short"]["latency_s"] > 0 and result["short"]["completion_tokens"] <= 6
     expected = alone(generator, method, chat("Double 21."), 6)

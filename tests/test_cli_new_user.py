@@ -70,6 +70,8 @@ def test_generate_json_prints_one_document_with_gold_and_correctness(tiny_pair_d
     assert (entry["problem_id"], entry["gold"]) == ("gsm8k/test/0", "18")
     assert entry["correct"] is False  # four tokens of a random tiny model
     assert "gsm8k/test/0" in result.stderr and "gold answer" in result.stderr
+    # which engine decoded is said: auto picked torch for a transformers checkpoint (float32 in tests)
+    assert entry["engine"] == "torch, float32" and "decoding on torch, float32" in result.stderr
     # A free question has no gold: no gold or correct keys.
     free = CliRunner().invoke(
         app,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,6 +222,8 @@ def test_generator_answers_like_the_torch_generator_and_refuses_a_vocabulary_mis
     ours = cpp.generate([question], "greedy", max_new_tokens=10)[0]
     theirs = reference.generate([question], "greedy", max_new_tokens=10)[0]
     assert ours.token_ids == theirs.token_ids and ours.text == theirs.text
+    assert cpp.engine_description() == f"llama.cpp, {Path(paths[0]).name}"
+    assert reference.engine_description() == "torch, float32"
     assert cpp.generate([question], "s2t", threshold=0.5, max_new_tokens=6)[0].finish_reason in (
         "stop",
         "length",

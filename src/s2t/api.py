@@ -133,6 +133,15 @@ class S2TGenerator:
     def vocab_size(self) -> int:
         return len(self.slm.tokenizer)
 
+    def engine_description(self) -> str:
+        """What decodes, for people reading a result: the backend and the weights' precision, e.g.
+        ``"torch, float32"`` (the LLM's dtype follows when it is loaded and differs)."""
+        dtypes = [str(next(self.slm.model.parameters()).dtype).removeprefix("torch.")]
+        if self._llm is not None:
+            llm_dtype = str(next(self._llm.model.parameters()).dtype).removeprefix("torch.")
+            dtypes += [f"LLM {llm_dtype}"] if llm_dtype != dtypes[0] else []
+        return f"{self.backend}, {', '.join(dtypes)}"
+
     @property
     def llm(self) -> LoadedModel:
         """The LLM, loaded on first access (and checked against the SLM's vocabulary)."""

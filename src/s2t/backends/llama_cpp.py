@@ -616,6 +616,10 @@ class LlamaCppGenerator(S2TGenerator):
         self._llama_options = {"n_ctx": n_ctx, "n_threads": n_threads, "kv_type": kv_type, "repack": repack}
         super().__init__(slm, llm, tokenizer)
 
+    def engine_description(self) -> str:
+        """The backend and the SLM's GGUF file (its quantisation fixes the weights' precision)."""
+        return f"{self.backend}, {self.slm.model.path.name}"
+
     def _as_loaded(self, model, tokenizer=None, **ignored) -> LoadedLlamaCpp:
         if isinstance(model, LoadedLlamaCpp):
             return model

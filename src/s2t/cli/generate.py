@@ -112,6 +112,7 @@ def generate(
         gen = make_generator(
             chosen, slm, llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map
         )
+        console.print(f"[dim]decoding on {gen.engine_description()}[/]")
         results = {}
         for spec in specs:
             resolved = resolve_with_status(gen, spec)
@@ -130,6 +131,7 @@ def generate(
                 "finish_reason": out.finish_reason,
                 "cost": out.cost.to_dict(),
                 "method": LLM_ALONE if r.llm_alone else r.method.describe(),
+                "engine": gen.engine_description(),
             }
             if gold is not None:
                 entry.update(problem_id=problem, gold=gold, correct=is_correct(gold, out.text))

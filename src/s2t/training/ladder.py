@@ -43,11 +43,24 @@ def ladder_metrics(picks: torch.Tensor, data: GroupArrays, n_resamples: int = 20
         "precision_when_leaving": (hit * left, left),
         "llm_prob_of_pick": (llm.gather(-1, picks[:, None]).squeeze(-1).double(), torch.ones_like(hit)),
     }
-    n_problems = len(data.problem_ids)
     out = {"n_groups": len(picks), "n_divergent": int(data.divergent.sum())}
+    return out | problem_ratio_cis(parts, data.problem, len(data.problem_ids), n_resamples, seed)
+
+
+def problem_ratio_cis(
+    parts: dict, problem: torch.Tensor, n_problems: int, n_resamples: int = 2000, seed: int = 0
+) -> dict:
+    """For each ``name: (numerators, denominators)`` over items (N,) of problems ``problem`` (N,):
+    the pooled ratio with a 95% bootstrap CI over problems (``{"value", "low", "high"}``), or None
+    where no problem has a denominator."""
+    out = {}
     for name, (num, den) in parts.items():
-        per_num = torch.zeros(n_problems, dtype=torch.float64).index_add_(0, data.problem, num)
-        per_den = torch.zeros(n_problems, dtype=torch.float64).index_add_(0, data.problem, den)
+        per_num = torch.zeros(n_problems, dtype=torch.float64).index_add_(
+            0, problem, torch.as_tensor(num).double()
+        )
+        per_den = torch.zeros(n_problems, dtype=torch.float64).index_add_(
+            0, problem, torch.as_tensor(den).double()
+        )
         present = per_den > 0
         if not present.any():
             out[name] = None

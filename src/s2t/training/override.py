@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from s2t.policies.features import without_hidden
-from s2t.stats import ratio_bootstrap_ci
+from s2t.training.ladder import problem_ratio_cis
 from s2t.training.trigger import load_position_features
 
 RATES = (0.01, 0.02, 0.05, 0.10)
@@ -87,17 +87,7 @@ def _metrics(
         "top1_is_llm_top1": (override & (y == 0), override),
         "net_per_1000": (1000.0 * (override & (pick == y)) - 1000.0 * (override & (y == 0)), ones),
     }
-    out = {}
-    for name, (num, den) in parts.items():
-        per_num = np.bincount(problem, weights=num.astype(float), minlength=n_problems)
-        per_den = np.bincount(problem, weights=den.astype(float), minlength=n_problems)
-        present = per_den > 0
-        if not present.any():
-            out[name] = None
-            continue
-        ci = ratio_bootstrap_ci(per_num[present], per_den[present], 2000, seed=seed)
-        out[name] = {"value": ci.estimate, "low": ci.low, "high": ci.high}
-    return out
+    return problem_ratio_cis(parts, torch.as_tensor(problem), n_problems, 2000, seed)
 
 
 def override_ladder(

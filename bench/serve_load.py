@@ -41,6 +41,34 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+async def streamed_chat(client: AsyncOpenAI, model: str, prompt: str, max_tokens: int) -> dict:
+    """One greedy streaming chat request: its text, time to first text and whole latency (s), and the
+    finish reason and token counts when the stream gave them."""
+    sent = time.perf_counter()
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    result: dict = {}
+    pieces, first = [], None
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            if first is None:  # the first text, not the role chunk sent before any token
+                first = time.perf_counter() - sent
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.choices and chunk.choices[0].finish_reason is not None:
+            result["finish_reason"] = chunk.choices[0].finish_reason
+        if chunk.usage is not None:  # the last chunk, with no choices
+            result.update(
+                prompt_tokens=chunk.usage.prompt_tokens, completion_tokens=chunk.usage.completion_tokens
+            )
+    return result | {"text": "".join(pieces), "ttft_s": first, "latency_s": time.perf_counter() - sent}
+
+
 async def run_load(
     base_url: str,
     model: str,
@@ -62,30 +90,9 @@ async def run_load(
         nonlocal next_index
         while next_index < requests and time.perf_counter() - start < time_limit:
             index, next_index = next_index, next_index + 1
-            sent = time.perf_counter()
             record: dict = {"index": index, "prompt": prompts[index % len(prompts)]}
             try:
-                stream = await client.chat.completions.create(
-                    model=model,
-                    messages=[{"role": "user", "content": record["prompt"]}],
-                    max_tokens=max_tokens,
-                    temperature=0.0,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                )
-                pieces, first = [], None
-                async for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        if first is None:  # the first text, not the role chunk sent before any token
-                            first = time.perf_counter() - sent
-                        pieces.append(chunk.choices[0].delta.content)
-                    if chunk.choices and chunk.choices[0].finish_reason is not None:
-                        record["finish_reason"] = chunk.choices[0].finish_reason
-                    if chunk.usage is not None:  # the last chunk, with no choices
-                        record["completion_tokens"] = chunk.usage.completion_tokens
-                record.update(
-                    ok=True, text="".join(pieces), ttft_s=first, latency_s=time.perf_counter() - sent
-                )
+                record.update(ok=True, **await streamed_chat(client, model, record["prompt"], max_tokens))
             except Exception as error:  # counted, never retried: the load test reports errors
                 record.update(ok=False, error=f"{type(error).__name__}: {error}")
             records.append(record)
@@ -135,27 +142,13 @@ async def run_behind_long_prompt(
 
     async def one(prompt: str, wait: float) -> dict:
         await asyncio.sleep(wait)
-        sent = time.perf_counter()
-        stream = await client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=max_tokens,
-            temperature=0.0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        first, pieces, usage = None, [], None
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                first = first if first is not None else time.perf_counter() - sent
-                pieces.append(chunk.choices[0].delta.content)
-            usage = chunk.usage or usage
+        r = await streamed_chat(client, model, prompt, max_tokens)
         return {
-            "latency_s": round(time.perf_counter() - sent, 3),
-            "ttft_s": None if first is None else round(first, 3),
-            "prompt_tokens": usage.prompt_tokens if usage else None,
-            "completion_tokens": usage.completion_tokens if usage else None,
-            "text": "".join(pieces),
+            "latency_s": round(r["latency_s"], 3),
+            "ttft_s": None if r["ttft_s"] is None else round(r["ttft_s"], 3),
+            "prompt_tokens": r.get("prompt_tokens"),
+            "completion_tokens": r.get("completion_tokens"),
+            "text": r["text"],
         }
 
     if long is None:

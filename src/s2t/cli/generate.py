@@ -112,7 +112,8 @@ def generate(
         gen = make_generator(
             chosen, slm, llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map
         )
-        console.print(f"[dim]decoding on {gen.engine_description()}[/]")
+        engine = gen.engine_description()
+        console.print(f"[dim]decoding on {engine}[/]")
         results = {}
         for spec in specs:
             resolved = resolve_with_status(gen, spec)
@@ -131,7 +132,7 @@ def generate(
                 "finish_reason": out.finish_reason,
                 "cost": out.cost.to_dict(),
                 "method": LLM_ALONE if r.llm_alone else r.method.describe(),
-                "engine": gen.engine_description(),
+                "engine": engine,
             }
             if gold is not None:
                 entry.update(problem_id=problem, gold=gold, correct=is_correct(gold, out.text))

@@ -18,6 +18,10 @@ override the top-1, and is its pick the LLM's more often than the top-1 was ther
     python bench/selector_agreement.py --groups results/collect-gsm8k-train-1000 --per-position \
         --out results/bench/override_ladder-1000.json
 
+With ``--per-position --learning-curve 50,100,150 --hold-out-first 100`` it fits the override rungs on
+the first 50, 100 and 150 problems after the first 100 and scores each on the first 100, so a point
+stays the same as the collection grows (:func:`s2t.training.override.override_learning_curve`).
+
 The held-out problems are a selector's validation problems (``--validation-from``) or the seeded
 split every trainer uses (``--val-fraction``, ``--seed``); every selector must have held them out.
 """
@@ -42,6 +46,12 @@ def main() -> None:
     parser.add_argument("--selectors", default="", help="comma-separated selector directories")
     parser.add_argument("--validation-from", default=None, help="a selector whose validation problems to use")
     parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument(
+        "--hold-out-first",
+        type=int,
+        default=None,
+        help="hold out the collection's first N problems (stable as it grows) instead of a seeded split",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--groups-at", default=None, help="only groups where these trigger settings fire")
@@ -57,13 +67,23 @@ def main() -> None:
         held_out = load_selector(args.validation_from).config.training["validation_problem_ids"]
     else:
         ids = [r["problem_id"] for r in collected_records(args.groups, need_features=False)]
-        _, val = split_problems(len(ids), args.val_fraction, args.seed)
-        held_out = [ids[i] for i in sorted(val)]
+        if args.hold_out_first is not None:
+            if not 1 <= args.hold_out_first < len(ids):
+                parser.error(f"--hold-out-first must lie in [1, {len(ids) - 1}] for {args.groups}")
+            held_out = ids[: args.hold_out_first]
+        else:
+            _, val = split_problems(len(ids), args.val_fraction, args.seed)
+            held_out = [ids[i] for i in sorted(val)]
     if args.per_position:
-        from s2t.training.override import format_override_ladder, override_ladder
+        from s2t.training import override
 
-        result = override_ladder(args.groups, held_out, args.k, seed=args.seed)
-        print(format_override_ladder(result))
+        if args.learning_curve:
+            sizes = [int(n) for n in args.learning_curve.split(",")]
+            result = override.override_learning_curve(args.groups, held_out, sizes, args.k, seed=args.seed)
+            print(override.format_override_learning_curve(result))
+        else:
+            result = override.override_ladder(args.groups, held_out, args.k, seed=args.seed)
+            print(override.format_override_ladder(result))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return

@@ -392,3 +392,20 @@ def test_override_ladder_finds_a_planted_per_position_rule_only_where_the_featur
         override_ladder(path, held_out, k=1)
     with pytest.raises(ValueError, match="not in"):
         override_ladder(path, ["tiny/train/999"], k=8)
+
+
+def test_override_learning_curve_fits_on_nested_prefixes_and_scores_the_same_positions(tmp_path):
+    from s2t.training.override import format_override_learning_curve, override_learning_curve
+
+    path = _planted_positions(tmp_path / "positions")
+    held_out = [f"tiny/train/{p}" for p in range(12)]  # the first 12: stable as a collection grows
+    curve = override_learning_curve(path, held_out, [4, 48], k=8, rates=(0.1,), progress=False)
+    small, large = curve["points"]
+    assert (small["train_problems"], large["train_problems"]) == (4, 48)
+    assert large["train_positions"] == 12 * small["train_positions"]
+    assert curve["held_out_problem_ids"] == held_out
+    probe = [row for row in large["rows"] if row["name"].startswith("probe")][0]["rates"]["0.1"]
+    assert probe["net_per_1000"]["low"] > 50  # the planted rule is learned from 48 problems
+    assert "net per 1,000 at 10%" in format_override_learning_curve(curve, rates=("0.1",))
+    with pytest.raises(ValueError, match="sizes must lie in"):
+        override_learning_curve(path, held_out, [49], k=8, progress=False)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from s2t.policies.features import without_hidden
 from s2t.training.ladder import problem_ratio_cis
@@ -90,6 +91,56 @@ def _metrics(
     return problem_ratio_cis(parts, torch.as_tensor(problem), n_problems, 2000, seed)
 
 
+def _load(groups_dir, held_out_ids: Sequence[str], k: int, min_step: int) -> dict:
+    """The collection's per-position arrays, with ``test`` marking the held-out problems' positions."""
+    if not 2 <= k <= 16:
+        raise ValueError(f"k must lie in 2..16 (the collection's top-16); got {k}")
+    x, _, problem, entropy, _, ids, rank = load_position_features(groups_dir, min_step, with_llm_rank=True)
+    missing = set(held_out_ids) - set(ids)
+    if missing:
+        raise ValueError(
+            f"{len(missing)} held-out problems are not in {groups_dir} (e.g. {sorted(missing)[0]})"
+        )
+    test = torch.isin(problem, torch.tensor([ids.index(i) for i in held_out_ids])).numpy()
+    if test.all():
+        raise ValueError("every problem is held out: nothing is left to fit on")
+    y = torch.where(rank <= k, rank - 1, torch.full_like(rank, k)).numpy()
+    return {
+        "full": x.numpy(),
+        "cheap": without_hidden(x).numpy(),
+        "y": y,
+        "problem": problem.numpy(),
+        "entropy": entropy.numpy(),
+        "test": test,
+        "ids": ids,
+    }
+
+
+def _rung_rows(d: dict, fit: np.ndarray, k: int, rates: Sequence[float], seed: int) -> list[dict]:
+    """Fit every rung on the positions ``fit`` (bool mask) and score its overrides on ``d["test"]``."""
+    y, problem, test = d["y"], d["problem"], d["test"]
+    # each rung: (pick, score) on every position; thresholds come from the fitting positions
+    rungs: dict[str, tuple[np.ndarray, np.ndarray]] = {
+        "entropy, rank 2": (np.ones(len(y), dtype=int), d["entropy"]),
+    }
+    trees = _fit_trees(d["cheap"][fit], y[fit], seed)
+    rungs["trees (logit features)"] = _override_scores(_class_probs(trees, d["cheap"], k), k)
+    c = _choose_probe_c(d["full"][fit], y[fit], problem[fit], k, seed)
+    probe = _fit_probe(d["full"][fit], y[fit], c)
+    rungs[f"probe (hidden + logit, C={c:g})"] = _override_scores(_class_probs(probe, d["full"], k), k)
+    rows = []
+    for name, (pick, score) in rungs.items():
+        by_rate = {}
+        for rate in rates:
+            threshold = np.quantile(score[fit], 1 - rate)
+            override = (score >= threshold) & test
+            by_rate[str(rate)] = _metrics(
+                pick[test], override[test], y[test], problem[test], len(d["ids"]), seed
+            )
+        rows.append({"name": name, "rates": by_rate})
+    return rows
+
+
 def override_ladder(
     groups_dir: str | Path,
     held_out_ids: Sequence[str],
@@ -108,48 +159,61 @@ def override_ladder(
     Raises ``ValueError`` if ``k`` is not in 2..16, a held-out id is not in the collection, or no
     training problem is left.
     """
-    if not 2 <= k <= 16:
-        raise ValueError(f"k must lie in 2..16 (the collection's top-16); got {k}")
-    x, _, problem, entropy, _, ids, rank = load_position_features(groups_dir, min_step, with_llm_rank=True)
-    missing = set(held_out_ids) - set(ids)
-    if missing:
-        raise ValueError(
-            f"{len(missing)} held-out problems are not in {groups_dir} (e.g. {sorted(missing)[0]})"
-        )
-    test = torch.isin(problem, torch.tensor([ids.index(i) for i in held_out_ids])).numpy()
-    if test.all():
-        raise ValueError("every problem is held out: nothing is left to fit on")
-    y = torch.where(rank <= k, rank - 1, torch.full_like(rank, k)).numpy()
-    problem = problem.numpy()
-    full, cheap = x.numpy(), without_hidden(x).numpy()
-    # each rung: (pick, score) on every position; thresholds come from the training positions
-    rungs: dict[str, tuple[np.ndarray, np.ndarray]] = {
-        "entropy, rank 2": (np.ones(len(y), dtype=int), entropy.numpy()),
-    }
-    trees = _fit_trees(cheap[~test], y[~test], seed)
-    rungs["trees (logit features)"] = _override_scores(_class_probs(trees, cheap, k), k)
-    c = _choose_probe_c(full[~test], y[~test], problem[~test], k, seed)
-    probe = _fit_probe(full[~test], y[~test], c)
-    rungs[f"probe (hidden + logit, C={c:g})"] = _override_scores(_class_probs(probe, full, k), k)
-    n_problems = len(ids)
-    rows = []
-    for name, (pick, score) in rungs.items():
-        by_rate = {}
-        for rate in rates:
-            threshold = np.quantile(score[~test], 1 - rate)
-            override = (score >= threshold) & test
-            by_rate[str(rate)] = _metrics(
-                pick[test], override[test], y[test], problem[test], n_problems, seed
-            )
-        rows.append({"name": name, "rates": by_rate})
+    d = _load(groups_dir, held_out_ids, k, min_step)
+    test = d["test"]
     return {
         "groups": str(groups_dir),
         "k": k,
         "positions": int(test.sum()),
         "held_out_problems": len(held_out_ids),
-        "train_problems": len(np.unique(problem[~test])),
-        "llm_top1_is_slm_top1": float((y[test] == 0).mean()),
-        "rows": rows,
+        "train_problems": len(np.unique(d["problem"][~test])),
+        "llm_top1_is_slm_top1": float((d["y"][test] == 0).mean()),
+        "rows": _rung_rows(d, ~test, k, rates, seed),
+    }
+
+
+def override_learning_curve(
+    groups_dir: str | Path,
+    held_out_ids: Sequence[str],
+    sizes: Sequence[int],
+    k: int = 8,
+    rates: Sequence[float] = RATES,
+    min_step: int = 3,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """The override ladder against the number of training problems, on the same held-out positions, so
+    that the collection's size is decided by measurement (issue 26).
+
+    For each size ``n`` every rung is fitted (and its thresholds set) on the first ``n`` non-held-out
+    problems *in collection order*, so a point stays the same as the collection grows. Returns
+    ``{"points": [{"train_problems", "train_positions", "rows"}], "positions", ...}``, rows as
+    :func:`override_ladder`'s.
+
+    Raises ``ValueError`` as :func:`override_ladder` does, or for a size outside [2, the number of
+    non-held-out problems].
+    """
+    d = _load(groups_dir, held_out_ids, k, min_step)
+    test, problem = d["test"], d["problem"]
+    pool = [i for i in range(len(d["ids"])) if i not in set(np.unique(problem[test]).tolist())]
+    bad = [n for n in sizes if not 2 <= n <= len(pool)]
+    if bad:
+        raise ValueError(
+            f"learning-curve sizes must lie in [2, {len(pool)}] (the non-held-out problems); got {bad}"
+        )
+    points = []
+    for n in tqdm(sorted(sizes), desc="override ladder", unit="size", disable=not progress):
+        fit = np.isin(problem, pool[:n])
+        rows = _rung_rows(d, fit, k, rates, seed)
+        points.append({"train_problems": n, "train_positions": int(fit.sum()), "rows": rows})
+    return {
+        "groups": str(groups_dir),
+        "k": k,
+        "positions": int(test.sum()),
+        "held_out_problems": len(held_out_ids),
+        "held_out_problem_ids": list(held_out_ids),
+        "llm_top1_is_slm_top1": float((d["y"][test] == 0).mean()),
+        "points": points,
     }
 
 
@@ -172,5 +236,23 @@ def format_override_ladder(result: dict) -> str:
             lines.append(
                 f"| {row['name']} | {float(rate):.0%} ({m['override_rate']['value']:.1%} held out) | "
                 f"{cell(m['pick_is_llm_top1'])} | {cell(m['top1_is_llm_top1'])} | {cell(m['net_per_1000'], False)} |"
+            )
+    return "\n".join(lines)
+
+
+def format_override_learning_curve(curve: dict, rates: Sequence[str] = ("0.01", "0.02", "0.05")) -> str:
+    """A markdown table: per rung and number of training problems, the net agreements gained per
+    1,000 held-out positions at each override rate (95% CIs)."""
+    head = " | ".join(f"net per 1,000 at {float(r):.0%}" for r in rates)
+    lines = [f"| rung | training problems (positions) | {head} |", "|---|---|" + "---|" * len(rates)]
+    for i in range(len(curve["points"][0]["rows"])):
+        for point in curve["points"]:
+            row = point["rows"][i]
+            cells = []
+            for r in rates:
+                v = row["rates"].get(r, {}).get("net_per_1000")
+                cells.append("–" if v is None else f"{v['value']:+.1f} ({v['low']:+.1f} to {v['high']:+.1f})")
+            lines.append(
+                f"| {row['name']} | {point['train_problems']} ({point['train_positions']:,}) | {' | '.join(cells)} |"
             )
     return "\n".join(lines)

@@ -369,3 +369,72 @@ def test_threads_option_sets_torch_and_llama_cpp_threads(monkeypatch):
         torch.set_num_threads(before)
         monkeypatch.delenv(THREADS_ENV, raising=False)
     assert CliRunner().invoke(app, ["--threads", "0", "eval", "--help"]).exit_code != 0
+
+
+# --- the learned trigger: on llama.cpp only when its training chose the logit features alone ----------
+
+
+def _learned_trigger(slm, directory, reads_hidden: bool):
+    """A learned trigger stored as training stores it; without ``reads_hidden`` its hidden-state
+    weights are zero (training's "no-hidden" choice), so it fires on the logit features alone."""
+    from s2t.policies.checkpoint import model_fingerprint
+    from s2t.policies.features import LOGIT_FEATURES
+    from s2t.policies.learned_trigger import LearnedTrigger, LearnedTriggerConfig
+
+    hidden = slm.model.config.hidden_size
+    weight = torch.randn(hidden + LOGIT_FEATURES, generator=torch.Generator().manual_seed(0))
+    if not reads_hidden:
+        weight[:hidden] = 0
+    weight[hidden] = 3.0  # entropy: fire where the SLM is unsure
+    size = len(weight)
+    config = LearnedTriggerConfig("tiny-slm", model_fingerprint(slm.model), threshold=0.5, target_rate=0.2)
+    trigger = LearnedTrigger(weight, torch.tensor(-2.0), torch.zeros(size), torch.ones(size), config)
+    trigger.save_pretrained(directory)
+    return trigger
+
+
+def test_a_learned_trigger_on_logit_features_alone_needs_no_hidden_state(slm, tmp_path):
+    from s2t.policies.learned_trigger import trigger_reads_hidden
+
+    logit_only = _learned_trigger(slm, tmp_path / "logit-only", reads_hidden=False)
+    reads = _learned_trigger(slm, tmp_path / "reads", reads_hidden=True)
+    assert not logit_only.needs_hidden and reads.needs_hidden
+    assert not trigger_reads_hidden(tmp_path / "logit-only") and trigger_reads_hidden(tmp_path / "reads")
+    assert trigger_reads_hidden(tmp_path / "missing") and trigger_reads_hidden(None)
+    logits, hidden = torch.randn(5, 300), torch.randn(5, slm.model.config.hidden_size)
+    assert torch.equal(logit_only.statistic(logits, None), logit_only.statistic(logits, hidden))
+    with pytest.raises(ValueError, match="reads the SLM's hidden state"):
+        reads.statistic(logits, None)
+    refuse_on_llama_cpp(["s2t/learned", "greedy"], "entropy", selector=tmp_path / "logit-only")
+    with pytest.raises(BackendUnavailableError, match="reads the SLM's hidden state.*--backend torch"):
+        refuse_on_llama_cpp(["s2t/learned"], "entropy", selector=tmp_path / "reads")
+
+
+def test_s2t_at_a_logit_only_learned_trigger_matches_the_torch_engine(
+    slm, llm, llama_pair, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("S2T_CACHE_DIR", str(tmp_path / "cache"))  # the GGUF tokenizers are cached there
+    from s2t.api import S2TGenerator
+    from s2t.backends import llama_cpp
+    from s2t.backends.llama_cpp import LlamaCppGenerator
+
+    paths, (slm_cpp, llm_cpp) = llama_pair
+    trigger = _learned_trigger(slm, tmp_path / "trigger", reads_hidden=False)
+    kwargs = engine_kwargs(slm) | {"max_new_tokens": 16}
+    method = build_method("s2t", trigger=trigger)
+    expected = decode(slm.model, PROMPTS, method, llm=llm.model, **kwargs)
+    got = llama_cpp.decode(slm_cpp, PROMPTS, method, llm=llm_cpp, max_batch_size=3, **kwargs)
+    assert 0 < sum(len(g.trigger_steps) for g in expected) < sum(len(g.token_ids) for g in expected)
+    for ours, theirs in zip(got, expected):
+        assert ours.trigger_steps == theirs.trigger_steps and ours.token_ids == theirs.token_ids
+
+    # through the generators: loaded from its directory, pinned to the SLM's GGUF file on llama.cpp
+    cpp = LlamaCppGenerator(paths[0], llm=paths[1], kv_type="f32", n_threads=1, repack=False)
+    reference = S2TGenerator(slm.model, llm.model, tokenizer=slm.tokenizer)
+    question, options = "How many eggs does she sell?", {"trigger": "learned", "max_new_tokens": 10}
+    ours = cpp.generate([question], "s2t", selector=str(tmp_path / "trigger"), **options)[0]
+    theirs = reference.generate([question], "s2t", selector=str(tmp_path / "trigger"), **options)[0]
+    assert ours.token_ids == theirs.token_ids and ours.cost.triggers == theirs.cost.triggers
+    _learned_trigger(slm, tmp_path / "reads", reads_hidden=True)
+    with pytest.raises(BackendUnavailableError, match="does not expose"):
+        cpp.generate([question], "s2t", selector=str(tmp_path / "reads"), **options)

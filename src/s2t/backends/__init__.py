@@ -18,7 +18,7 @@ from s2t.backends.base import AUTO, BACKENDS, LLAMACPP_EXTRA, BackendUnavailable
 # with the SLM itself (a feature selector reads only the logits, so every backend runs it), and the
 # learned trigger reads the SLM's hidden state.
 TORCH_ONLY_METHODS = ("s2t-local",)
-TORCH_ONLY_TRIGGERS = ("learned",)
+TORCH_ONLY_TRIGGERS = ("learned",)  # unless the stored trigger reads no hidden state
 __all__ = [
     "AUTO",
     "BACKENDS",
@@ -55,6 +55,8 @@ def torch_only_reason(
     decodes greedily), or method names; ``trigger`` and ``selector`` are the run's, used by the names
     that carry no setting of their own.
     """
+    from s2t.policies.learned_trigger import trigger_reads_hidden
+
     for item in methods:
         if item is None:
             continue
@@ -74,8 +76,11 @@ def torch_only_reason(
                 f"{name} scores its K candidates with the SLM itself (K-token decoding under a 4D mask; "
                 "a --mode features selector reads only the logits and runs on llama.cpp)"
             )
-        if consults_trigger and used in TORCH_ONLY_TRIGGERS:
-            return f"{name} uses the learned trigger, which reads the SLM's hidden state"
+        if consults_trigger and used in TORCH_ONLY_TRIGGERS and trigger_reads_hidden(own_selector):
+            return (
+                f"{name} uses a learned trigger that reads the SLM's hidden state (one whose training "
+                "chose the logit features alone runs on llama.cpp)"
+            )
     return None
 
 

@@ -641,12 +641,21 @@ class LlamaCppGenerator(S2TGenerator):
         return self.slm, selector
 
     def _trigger(self, spec, threshold):
-        if spec.trigger == "learned":
+        """A learned trigger is checked against the SLM's GGUF file, and refused if it reads the hidden
+        state, which llama.cpp does not expose."""
+        if spec.trigger != "learned":
+            return super()._trigger(spec, threshold)
+        from s2t.policies.learned_trigger import LearnedTrigger
+
+        trigger = LearnedTrigger.from_pretrained(
+            spec.selector, model=self.slm.model.path, threshold=threshold
+        )
+        if trigger.needs_hidden:
             raise BackendUnavailableError(
-                "the learned trigger reads the SLM's hidden state, which llama.cpp does not expose; "
-                "use --backend torch"
+                f"the learned trigger in {spec.selector} reads the SLM's hidden state, which llama.cpp does "
+                "not expose; use --backend torch"
             )
-        return super()._trigger(spec, threshold)
+        return trigger
 
     def _new_scheduler(
         self, resolved, *, max_batch_size: int, prefill_chunk: int | None

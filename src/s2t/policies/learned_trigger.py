@@ -4,6 +4,10 @@ A logistic regression over the standardised step features (:mod:`s2t.policies.fe
 where the predicted probability of a divergence point is at least its threshold, which is set at
 training time for a target trigger rate (:mod:`s2t.training.trigger` trains it). It is stored
 beside a trained selector (``trigger.safetensors`` + ``trigger_config.json``).
+
+Training may choose the logit features alone (its hidden-state weights are then zero, in the same
+format): such a trigger does not read the hidden state, so backends that do not expose it (llama.cpp)
+run it too.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from s2t.policies.checkpoint import SelectorCheckpointError, check_base_model, read_config
-from s2t.policies.features import features_from_logits
+from s2t.policies.features import LOGIT_FEATURES, features_from_logits
 from s2t.policies.triggers import Trigger
 
 WEIGHTS_NAME = "trigger.safetensors"
@@ -36,7 +40,6 @@ class LearnedTrigger(Trigger):
     """Fires where the predicted probability of a divergence point is at least the threshold."""
 
     name = "learned"
-    needs_hidden = True
     threshold_range = (0.0, 1.0)
 
     def __init__(
@@ -49,13 +52,19 @@ class LearnedTrigger(Trigger):
     ):
         super().__init__(config.threshold)
         self.weight, self.bias, self.mean, self.std, self.config = weight, bias, mean, std, config
+        self.hidden_size = len(weight) - LOGIT_FEATURES
+        # a trigger trained on the logit features alone reads no hidden state
+        self.needs_hidden = bool(weight[: self.hidden_size].any())
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(((features - self.mean) / self.std) @ self.weight + self.bias)
 
     def statistic(self, slm_logits, slm_hidden):
         if slm_hidden is None:
-            raise ValueError("the learned trigger needs the SLM's hidden state")
+            if self.needs_hidden:
+                raise ValueError("this learned trigger reads the SLM's hidden state, and none was given")
+            # its hidden-state weights are zero: any hidden state gives the same probability
+            slm_hidden = torch.zeros(len(slm_logits), self.hidden_size)
         return self.predict(features_from_logits(slm_logits, slm_hidden))
 
     def calibrate(self, statistics, quantile):
@@ -90,3 +99,15 @@ class LearnedTrigger(Trigger):
         if threshold is not None:
             config = replace(config, threshold=threshold)
         return cls(t["weight"], t["bias"][0], t["mean"], t["std"], config)
+
+
+def trigger_reads_hidden(directory: str | Path | None) -> bool:
+    """Whether the learned trigger stored in ``directory`` reads the SLM's hidden state. True where
+    that cannot be told (no directory, or no trigger in it: loading it says what is missing)."""
+    if not directory or not (Path(directory) / WEIGHTS_NAME).is_file():
+        return True
+    try:
+        weight = load_file(str(Path(directory) / WEIGHTS_NAME))["weight"]
+    except Exception:  # a corrupted file: loading it raises the checkpoint error
+        return True
+    return bool(weight[: len(weight) - LOGIT_FEATURES].any())

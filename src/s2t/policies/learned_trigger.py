@@ -53,8 +53,7 @@ class LearnedTrigger(Trigger):
         super().__init__(config.threshold)
         self.weight, self.bias, self.mean, self.std, self.config = weight, bias, mean, std, config
         self.hidden_size = len(weight) - LOGIT_FEATURES
-        # a trigger trained on the logit features alone reads no hidden state
-        self.needs_hidden = bool(weight[: self.hidden_size].any())
+        self.needs_hidden = _reads_hidden(weight)
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(((features - self.mean) / self.std) @ self.weight + self.bias)
@@ -110,4 +109,10 @@ def trigger_reads_hidden(directory: str | Path | None) -> bool:
         weight = load_file(str(Path(directory) / WEIGHTS_NAME))["weight"]
     except Exception:  # a corrupted file: loading it raises the checkpoint error
         return True
+    return _reads_hidden(weight)
+
+
+def _reads_hidden(weight: torch.Tensor) -> bool:
+    """Whether a trigger's weights (hidden + LOGIT_FEATURES,) use the hidden state: training that chose
+    the logit features alone stores zeros there."""
     return bool(weight[: len(weight) - LOGIT_FEATURES].any())

@@ -77,13 +77,18 @@ def main() -> None:
     if args.per_position:
         from s2t.training import override
 
-        if args.learning_curve:
-            sizes = [int(n) for n in args.learning_curve.split(",")]
-            result = override.override_learning_curve(args.groups, held_out, sizes, args.k, seed=args.seed)
-            print(override.format_override_learning_curve(result))
-        else:
-            result = override.override_ladder(args.groups, held_out, args.k, seed=args.seed)
-            print(override.format_override_ladder(result))
+        try:
+            if args.learning_curve:
+                sizes = [int(n) for n in args.learning_curve.split(",")]
+                result = override.override_learning_curve(
+                    args.groups, held_out, sizes, args.k, seed=args.seed
+                )
+                print(override.format_override_learning_curve(result))
+            else:
+                result = override.override_ladder(args.groups, held_out, args.k, seed=args.seed)
+                print(override.format_override_ladder(result))
+        except ValueError as e:  # bad sizes, k or held-out ids: one line, not a traceback
+            parser.error(str(e))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return

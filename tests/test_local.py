@@ -189,8 +189,8 @@ def test_head_training_at_trigger_points_and_its_ladder_rung_from_stored_hidden_
     row = ladder["rows"][-1]
     assert row["name"].startswith("head") and row["n_groups"] == recorded["n_groups"]
     assert row["agreement"]["value"] == pytest.approx(recorded["agreement_with_llm"])
-    with pytest.raises(ValueError, match="groups_at applies to head"):
-        TrainConfig(groups=str(collected), out=str(tmp_path / "x"), mode="lora", groups_at=at)
+    with pytest.raises(ValueError, match="--groups-at 'nonsense'"):
+        TrainConfig(groups=str(collected), out=str(tmp_path / "x"), mode="lora", groups_at="nonsense")
     with pytest.raises(ValueError, match=r"k=9 must lie in \[2, 4\]"):
         train(TrainConfig(groups=str(collected), out=str(tmp_path / "y"), k=9), slm=slm, progress=False)
 
@@ -391,6 +391,33 @@ def test_lora_training_saves_an_adapter_that_s2t_local_evaluation_uses(collected
     )
     payload = evaluate(cfg, tmp_path / "run", progress=False, generator=gen)
     assert payload["methods"]["s2t-local"]["n"] == 1
+
+
+def test_lora_training_at_trigger_points_trains_and_validates_only_where_the_trigger_fires(
+    collected, tiny_pair_dir, tmp_path
+):
+    from s2t.models import load_model
+    from s2t.training.feature_training import load_group_arrays
+
+    everything = load_group_arrays(collected, 4)
+    at = f"entropy={float(everything.entropy.median())}"
+    kept = load_group_arrays(collected, 4, at)
+    slm = load_model(tiny_pair_dir["slm"], device="cpu")
+    common = dict(
+        groups=str(collected), mode="lora", epochs=1, lr=1e-3, val_fraction=0.25, prefix_kl_tokens=8
+    )
+    selector = train(TrainConfig(out=str(tmp_path / "at"), groups_at=at, **common), slm=slm, progress=False)
+    training = selector.config.training
+    ids = [kept.problem_ids[p] for p in kept.problem.tolist()]
+    assert training["metrics"]["train"]["n_groups"] == sum(i in training["train_problem_ids"] for i in ids)
+    assert training["metrics"]["validation"]["all"]["n_groups"] == sum(
+        i in training["validation_problem_ids"] for i in ids
+    )
+    assert training["config"]["groups_at"] == at
+    every = train(TrainConfig(out=str(tmp_path / "all"), **common), slm=slm, progress=False)
+    assert (
+        0 < training["metrics"]["train"]["n_groups"] < every.config.training["metrics"]["train"]["n_groups"]
+    )
 
 
 def test_lora_training_under_accelerate_launch_on_two_processes_takes_the_single_process_steps(

@@ -111,7 +111,7 @@ def train_command(
     groups_at: Annotated[
         str | None,
         typer.Option(
-            help="features, head: train only on groups where these trigger settings fire (e.g. entropy@0.8, "
+            help="Train (and validate) only on groups where these trigger settings fire (e.g. entropy@0.8, "
             "calibrated by the collection, or entropy=0.48): the points the selector will meet."
         ),
     ] = None,
@@ -180,8 +180,6 @@ def train_command(
             raise ValueError(f"mode must be features, head or lora; got {mode!r}")
         if trigger_rate > 0:
             parse_label(trigger_label)  # before any training
-        if groups_at and mode == "lora":
-            raise ValueError("--groups-at applies to --mode features and head")
         d_epochs, d_lr, d_bs = defaults[mode]
     except ValueError as e:
         fail(str(e))

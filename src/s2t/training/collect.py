@@ -118,7 +118,10 @@ def group_settings(spec: str):
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
-        _, setting = split_method_name(f"s2t/{part}")
+        try:
+            _, setting = split_method_name(f"s2t/{part}")
+        except ValueError as e:
+            raise ValueError(f"--groups-at {part!r}: {e}") from None
         if setting.trigger not in GROUP_TRIGGERS or setting.k is not None:
             raise ValueError(
                 f"--groups-at {part!r}: choose triggers from {', '.join(GROUP_TRIGGERS)} "
@@ -172,6 +175,36 @@ def fires_at(setting, threshold: float | None, statistics: dict[str, torch.Tenso
     if setting.trigger == "always":
         return torch.ones_like(statistics["entropy"], dtype=torch.bool)
     return make_trigger(setting.trigger, threshold).critical(statistics[setting.trigger])
+
+
+def collected_groups_at(groups_dir: str | Path, groups_at: str, groups: Sequence[dict]) -> torch.Tensor:
+    """Which collected groups (records' ``groups`` entries) lie where any ``groups_at`` setting fires.
+
+    The thresholds are the collection's calibrated ones (``entropy@0.8``) or given (``entropy=0.48``);
+    each group's stored statistics (``entropy``, ``margin``, ``kl``) are compared as the trigger would
+    at decoding time. Returns a (G,) bool tensor, in the order of ``groups``.
+
+    Raises:
+        ValueError: a malformed setting, a quantile the collection has not calibrated, or a ``kl``
+            setting on a collection made before per-group KL was recorded.
+    """
+    settings = group_settings(groups_at)
+    thresholds = stored_group_thresholds(groups_dir, groups_at)
+    kl = torch.tensor([g.get("kl", float("nan")) for g in groups], dtype=torch.float32)
+    if any(s.trigger == "kl" for s in settings) and kl.isnan().any():
+        raise ValueError(
+            f"{groups_dir} records no per-group KL (collected before it was recorded): re-collect with "
+            "`s2t collect` into a new directory, or drop the kl setting"
+        )
+    stats = {
+        "entropy": torch.tensor([g["entropy"] for g in groups], dtype=torch.float32),
+        "margin": torch.tensor([g["margin"] for g in groups], dtype=torch.float32),
+        "kl": kl,
+    }
+    keep = torch.zeros(len(groups), dtype=torch.bool)
+    for s in settings:
+        keep |= fires_at(s, thresholds[s.label], stats)
+    return keep
 
 
 @torch.inference_mode()

@@ -23,13 +23,7 @@ from tqdm.auto import tqdm
 
 from s2t.policies.feature_selector import FeatureScorer, FeatureSelector, candidate_features
 from s2t.runs import write_json_atomic
-from s2t.training.collect import (
-    collected_records,
-    collection_config,
-    fires_at,
-    group_settings,
-    stored_group_thresholds,
-)
+from s2t.training.collect import collected_groups_at, collected_records, collection_config, group_settings
 from s2t.training.objective import split_problems
 
 
@@ -109,9 +103,7 @@ def load_group_arrays(groups_dir: str | Path, k: int, groups_at: str | None = No
     if k > collected_k:
         raise ValueError(f"k={k} exceeds the collection's K={collected_k}")
     records = collected_records(groups_dir, need_features=False)
-    settings = group_settings(groups_at) if groups_at else []
-    thresholds = stored_group_thresholds(groups_dir, groups_at) if groups_at else {}
-    names = ("slm", "llm", "entropy", "margin", "divergent", "problem", "kl", "position", "ids")
+    names = ("slm", "llm", "entropy", "margin", "divergent", "problem", "position", "ids")
     rows: dict[str, list] = {n: [] for n in names}
     for i, record in enumerate(records):
         for g in record["groups"]:
@@ -121,7 +113,6 @@ def load_group_arrays(groups_dir: str | Path, k: int, groups_at: str | None = No
             rows["margin"].append(g["margin"])
             rows["divergent"].append(g["divergent"])
             rows["problem"].append(i)
-            rows["kl"].append(g.get("kl", float("nan")))
             rows["position"].append(g["position"])
             rows["ids"].append(g["candidate_ids"][:k])
     data = GroupArrays(
@@ -136,18 +127,9 @@ def load_group_arrays(groups_dir: str | Path, k: int, groups_at: str | None = No
         torch.tensor(rows["ids"], dtype=torch.long).reshape(-1, k),
         torch.arange(len(rows["problem"])),
     )
-    if settings:
-        kl = torch.tensor(rows["kl"], dtype=torch.float32)
-        if any(s.trigger == "kl" for s in settings) and kl.isnan().any():
-            raise ValueError(
-                f"{groups_dir} records no per-group KL (collected before it was recorded): re-collect with "
-                "`s2t collect` into a new directory, or drop the kl setting"
-            )
-        stats = {"entropy": data.entropy, "margin": data.margin, "kl": kl}
-        keep = torch.zeros(len(kl), dtype=torch.bool)
-        for s in settings:
-            keep |= fires_at(s, thresholds[s.label], stats)
-        data = data.subset(keep)
+    if groups_at:
+        groups = [g for record in records for g in record["groups"]]
+        data = data.subset(collected_groups_at(groups_dir, groups_at, groups))
     if len(data.problem) == 0:
         raise ValueError(f"no groups in {groups_dir}" + (f" where {groups_at} fires" if groups_at else ""))
     return data

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from s2t.policies.learned_selector import ADAPTER_DIR, LocalSelector, model_fingerprint
 from s2t.policies.scoring import attention_mask_for
 from s2t.runs import write_json_atomic
-from s2t.training.collect import collected_records, collection_config
+from s2t.training.collect import collected_groups_at, collected_records, collection_config
 from s2t.training.objective import TrainConfig, grouped_selection_metrics, selector_loss, split_problems
 from s2t.training.packing import (
     PackedProblem,
@@ -279,6 +279,12 @@ class LoraTrainer:
         self.k = cfg.k or self.collect_cfg.get("k", 16)
         for record in self.records:
             check_record(record, self.k, str(self.groups_dir))
+        if cfg.groups_at:  # train and validate only where the inference trigger fires
+            self.records = [
+                record | {"groups": [g for g, keep in zip(record["groups"], at) if keep]}
+                for record in self.records
+                for at in [collected_groups_at(self.groups_dir, cfg.groups_at, record["groups"])]
+            ]
         checkpoint = self.out / CHECKPOINT_DIR
         if checkpoint.is_dir() and not resume:
             raise ResumeError(
@@ -309,7 +315,7 @@ class LoraTrainer:
         self.train_order = [i for i in sorted(self.train_p) if self.train_packed[i].n_groups > 0]
         if not self.train_order:
             raise ValueError("no training groups (collect more problems, or lower --val-fraction)")
-        # validation always reads every group, so agreement is reported on all and on divergent ones
+        # validation reads every kept group (all, not --groups-subset), so agreement is reported on all and on divergent ones
         self.val_packed = {
             i: pack_problem(self.records[i], self.k, "all", cfg.prefix_kl_tokens) for i in sorted(self.val_p)
         }
@@ -349,6 +355,7 @@ class LoraTrainer:
             "dtype": str(self.lm.dtype),
             "k": self.k,
             "subset": self.cfg.groups_subset,
+            "groups_at": self.cfg.groups_at,
             "start": self.start,
             "top": self.cfg.frozen_top,
             "window": self.cfg.prefix_kl_tokens,
@@ -610,7 +617,8 @@ class LoraTrainer:
             "k": self.k,
             "adapted_layers": list(range(self.start, self.lm.config.num_hidden_layers)),
             "collection": {
-                k: self.collect_cfg.get(k) for k in ("dataset", "split", "mode", "k", "slm", "llm")
+                k: self.collect_cfg.get(k)
+                for k in ("dataset", "split", "mode", "k", "slm", "llm", "groups_at")
             },
             "train_problem_ids": sorted(self.records[i]["problem_id"] for i in self.train_p),
             "validation_problem_ids": sorted(self.records[i]["problem_id"] for i in self.val_p),

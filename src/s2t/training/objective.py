@@ -32,7 +32,7 @@ class TrainConfig:
     out: str
     mode: str = "head"
     groups_subset: str = "all"  # all | divergent (only groups where SLM and LLM disagree)
-    groups_at: str | None = None  # head: keep only groups where these trigger settings fire (None: all)
+    groups_at: str | None = None  # keep only groups where these trigger settings fire (None: all)
     epochs: int = 30
     lr: float = 1e-2
     batch_size: int = 256
@@ -69,8 +69,6 @@ class TrainConfig:
         if self.k is not None and self.k < 2:
             raise ValueError(f"k must be >= 2 (a selection needs two candidates); got {self.k}")
         if self.groups_at:
-            if self.mode != "head":
-                raise ValueError("groups_at applies to head (and features) mode, not lora")
             from s2t.training.collect import group_settings
 
             group_settings(self.groups_at)

@@ -280,10 +280,10 @@ class LoraTrainer:
         for record in self.records:
             check_record(record, self.k, str(self.groups_dir))
         if cfg.groups_at:  # train and validate only where the inference trigger fires
+            groups = [g for record in self.records for g in record["groups"]]
+            keep = iter(collected_groups_at(self.groups_dir, cfg.groups_at, groups).tolist())
             self.records = [
-                record | {"groups": [g for g, keep in zip(record["groups"], at) if keep]}
-                for record in self.records
-                for at in [collected_groups_at(self.groups_dir, cfg.groups_at, record["groups"])]
+                record | {"groups": [g for g in record["groups"] if next(keep)]} for record in self.records
             ]
         checkpoint = self.out / CHECKPOINT_DIR
         if checkpoint.is_dir() and not resume:

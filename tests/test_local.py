@@ -554,13 +554,46 @@ def test_a_collection_without_its_features_says_how_to_recompute_them_and_resume
 
     copy = tmp_path / "groups"
     shutil.copytree(collected, copy, ignore=shutil.ignore_patterns("features"))  # as committed to git
-    with pytest.raises(FileNotFoundError, match="re-run the `s2t collect` command"):
+    with pytest.raises(FileNotFoundError, match="re-run the `s2t collect` command .* --recompute-features"):
         train(TrainConfig(groups=str(copy), out=str(tmp_path / "sel"), epochs=1), slm=slm, progress=False)
     cfg = CollectConfig(slm="tiny-slm", llm="tiny-llm", dataset="tiny", k=4, max_new_tokens=14, batch_size=2)
-    assert Collector(cfg, copy, slm=slm, llm=llm, problems=_problems(), progress=False).run_all() == 4
+    # a plain resume goes on with new problems only: the recorded ones are done
+    assert Collector(cfg, copy, slm=slm, llm=llm, problems=_problems(), progress=False).run_all() == 0
+    again = Collector(
+        cfg, copy, slm=slm, llm=llm, problems=_problems(), progress=False, recompute_features=True
+    )
+    assert again.run_all() == 4
     train(TrainConfig(groups=str(copy), out=str(tmp_path / "sel"), epochs=1), slm=slm, progress=False)
     lines = (copy / "problems.jsonl").read_text().splitlines()
     assert len(lines) == 8  # the recomputed records were appended; readers keep the last per problem
+
+
+def test_position_features_are_rebuilt_from_the_records_with_the_slm_alone(collected, slm, tmp_path):
+    import shutil
+
+    from s2t.training.trigger import load_position_features
+
+    copy = tmp_path / "groups"
+    shutil.copytree(collected, copy, ignore=shutil.ignore_patterns("features"))  # as committed to git
+    with pytest.raises(FileNotFoundError, match="needs the SLM"):
+        load_position_features(copy, min_step=0)
+    kwargs = {"min_step": 0, "with_kl": True, "with_llm_rank": True}
+    stored = load_position_features(collected, **kwargs)
+    rebuilt = load_position_features(copy, slm=slm, progress=False, **kwargs)
+    assert len(stored) == len(rebuilt) == 8
+    for a, b in zip(stored, rebuilt):
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.allclose(a.float(), b.float(), atol=1e-3, rtol=1e-3)
+        else:
+            assert a == b
+    # a record written before the per-position LLM values cannot be rebuilt without the LLM
+    lines = [json.loads(line) for line in (copy / "problems.jsonl").read_text().splitlines()]
+    for record in lines:
+        del record["position_kl"]
+    (copy / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(FileNotFoundError, match="--recompute-features"):
+        load_position_features(copy, slm=slm, progress=False, **kwargs)
 
 
 def test_the_learned_trigger_sees_at_inference_the_features_it_was_trained_on(collected, slm, tokenizer):

@@ -61,6 +61,13 @@ def collect(
     llm_device_map: LLMDeviceMapOpt = None,
     workers: WorkersOpt = 1,
     ray_address: RayAddressOpt = None,
+    recompute_features: Annotated[
+        bool,
+        typer.Option(
+            help="Also redo recorded problems whose features/ file is missing (a clone of committed "
+            "results; only --mode head needs them). Without it a resumed run goes on with new problems."
+        ),
+    ] = False,
 ) -> None:
     """Collect (context, top-K candidates, LLM preference) groups on training problems."""
     from s2t.data import DatasetUnavailableError
@@ -91,7 +98,9 @@ def collect(
             llm_device_map=llm_device_map,
         )
         console.print(f"collecting into {out}" + (f" on {workers} Ray workers" if workers > 1 else ""))
-        run_collect(config, out, workers=workers, ray_address=ray_address)
+        run_collect(
+            config, out, workers=workers, ray_address=ray_address, recompute_features=recompute_features
+        )
     except (ValueError, RuntimeError, FileNotFoundError, DatasetUnavailableError) as e:
         fail(str(e))
     console.print(f"done: {out}/problems.jsonl and {out}/features/")

@@ -267,9 +267,11 @@ class Collector:
         progress: bool = True,
         workers: int = 1,
         ray_address: str | None = None,
+        recompute_features: bool = False,
     ):
         """``workers > 1`` shards the problems over Ray actors, each loading its own pair (then
-        ``slm``/``llm`` must be None); otherwise the pair is loaded here (or the given one used)."""
+        ``slm``/``llm`` must be None); otherwise the pair is loaded here (or the given one used).
+        ``recompute_features`` also redoes recorded problems whose ``features/`` file is missing."""
         self.config = config
         if problems is None:
             problems = load_problems(
@@ -305,12 +307,18 @@ class Collector:
         self._worker = None if workers > 1 else CollectWorker(config, slm, llm)
         self.problems = list(problems)
         self.progress = progress
+        self.recompute_features = recompute_features
         (self.run.path / "features").mkdir(exist_ok=True)
 
     def done_ids(self) -> set[str]:
-        """Problems recorded with their feature file present (a copy without ``features/``, e.g. a
-        clone of committed results, recomputes the features)."""
-        return {r["problem_id"] for r in self.driver.records() if (self.run.path / r["features"]).is_file()}
+        """Problems already recorded. With ``recompute_features``, a record whose feature file is
+        missing (a clone of committed results: ``features/`` is not in git) is not done and is
+        collected again; otherwise the collection goes on with the problems not yet recorded (the
+        features-mode and LoRA trainers need only the records)."""
+        records = self.driver.records()
+        if not self.recompute_features:
+            return {r["problem_id"] for r in records}
+        return {r["problem_id"] for r in records if (self.run.path / r["features"]).is_file()}
 
     def run_all(self) -> int:
         """Collect every problem not yet recorded; returns how many were collected now."""
@@ -479,19 +487,17 @@ class CollectWorker:
             self.slm.model, slm_cache, len(prompt), len(prompt) + t, positions, cand_ids
         )
         index = problem.id.rsplit("/", 1)[-1]
+        llm_rank = rank_of(slm_logits, llm_top1)
         tensors = {
             "candidate_hidden": cand_hidden.half().cpu().contiguous(),
             "candidate_ids": cand_ids.contiguous(),
             "candidate_slm_probs": slm_probs.contiguous(),
             "candidate_llm_probs": llm_probs.contiguous(),
             "group_positions": torch.tensor(positions, dtype=torch.long),
-            "position_hidden": pos_hidden.half().cpu().contiguous(),
-            "position_entropy": entropy.contiguous(),
-            "position_margin": margin.contiguous(),
+            **slm_position_tensors(pos_hidden, slm_logits),
             "position_kl": kl.contiguous(),
-            "position_slm_topk_probs": logit_statistics(slm_logits)["top_probs"].contiguous(),
             "position_divergent": divergent.contiguous(),
-            "position_llm_top1_rank": rank_of(slm_logits, llm_top1),
+            "position_llm_top1_rank": llm_rank,
         }
         llm_best = llm_probs.argmax(-1) if positions else torch.zeros(0, dtype=torch.long)
         return {
@@ -504,6 +510,10 @@ class CollectWorker:
             "trajectory_ids": trajectory,
             "n_positions": t,
             "n_divergent": int(divergent[eligible].sum()),
+            # what needs the LLM at every position, so that features/ can be rebuilt from the SLM alone
+            "position_kl": [round(float(x), 5) for x in kl],
+            "position_divergent": [int(x) for x in divergent],
+            "position_llm_top1_rank": llm_rank.tolist(),
             "groups": [
                 {
                     "position": pos,
@@ -519,6 +529,62 @@ class CollectWorker:
                 for i, pos in enumerate(positions)
             ],
         }
+
+
+def slm_position_tensors(hidden: torch.Tensor, slm_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-position tensors of a trajectory that need only the SLM: ``position_hidden`` (T, H)
+    float16, ``position_entropy`` and ``position_margin`` (T,) float32 (the triggers' definitions)
+    and ``position_slm_topk_probs`` (T, 16) float32, from its last hidden states (T, H) and logits
+    (T, vocab)."""
+    stats = logit_statistics(slm_logits)
+    return {
+        "position_hidden": hidden.half().cpu().contiguous(),
+        "position_entropy": stats["entropy"].contiguous(),
+        "position_margin": stats["margin"].contiguous(),
+        "position_slm_topk_probs": stats["top_probs"].contiguous(),
+    }
+
+
+# the per-position values that need the LLM; records written since they were added carry them
+LLM_POSITION_KEYS = {
+    "position_kl": torch.float32,
+    "position_divergent": torch.bool,
+    "position_llm_top1_rank": torch.long,
+}
+
+
+def position_tensors(
+    groups_dir: str | Path, record: dict, slm: LoadedModel | None = None
+) -> dict[str, torch.Tensor]:
+    """Every per-position tensor of one collected problem (the ``position_*`` entries of its
+    feature file: see :func:`slm_position_tensors` and :data:`LLM_POSITION_KEYS`).
+
+    Read from ``features/`` when the file is there. Otherwise (a clone of committed results:
+    ``features/`` is not in git) rebuilt from the record: the SLM (``slm``) re-reads the trajectory,
+    teacher-forced, and the LLM's values come from the record, so no LLM is needed.
+
+    Raises:
+        FileNotFoundError: the file is missing and the record predates the per-position LLM
+            values, or no ``slm`` was given to rebuild it; the message names the fix.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(groups_dir) / record["features"]
+    if path.is_file():
+        return load_file(str(path))
+    if "position_kl" not in record:
+        raise FileNotFoundError(
+            f"{path} is missing and its record predates the per-position LLM values: re-run the "
+            f"`s2t collect` command that made {groups_dir} (same arguments) with --recompute-features"
+        )
+    if slm is None:
+        raise FileNotFoundError(f"{path} is missing: rebuilding it from its record needs the SLM")
+    hidden, logits = trajectory_forward(
+        slm.model, record["prompt_ids"], record["trajectory_ids"], len(slm.tokenizer)
+    )
+    tensors = slm_position_tensors(hidden, logits.cpu())
+    tensors.update({key: torch.tensor(record[key], dtype=dtype) for key, dtype in LLM_POSITION_KEYS.items()})
+    return tensors
 
 
 def collection_config(groups_dir: str | Path) -> dict:
@@ -550,7 +616,8 @@ def collected_records(groups_dir: str | Path, need_features: bool = True) -> lis
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} feature files of {groups_dir} are missing (e.g. {missing[0]}); re-run the "
-                "`s2t collect` command that made it (same arguments) to recompute them"
+                "`s2t collect` command that made it (same arguments) with --recompute-features to "
+                "recompute them, or train with --mode features or --mode lora, which need only the records"
             )
     return list(latest.values())
 
@@ -568,6 +635,8 @@ __all__ = [
     "Collector",
     "collection_config",
     "collected_records",
+    "position_tensors",
+    "slm_position_tensors",
     "LeakageError",
     "collect",
 ]

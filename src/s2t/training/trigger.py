@@ -16,18 +16,21 @@ rate: AUROC and recall of the label.
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from s2t.policies.features import LOGIT_FEATURES, step_features, without_hidden
 from s2t.policies.learned_selector import model_fingerprint
 from s2t.policies.learned_trigger import LearnedTrigger, LearnedTriggerConfig
-from s2t.training.collect import collected_records
+from s2t.training.collect import collected_records, position_tensors
 from s2t.training.objective import split_problems
+
+log = logging.getLogger(__name__)
 
 
 def _auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -65,19 +68,29 @@ def parse_label(label: str) -> float | None:
 
 
 def load_position_features(
-    groups_dir: str | Path, min_step: int = 3, with_kl: bool = False, with_llm_rank: bool = False
+    groups_dir: str | Path,
+    min_step: int = 3,
+    with_kl: bool = False,
+    with_llm_rank: bool = False,
+    slm=None,
+    progress: bool = True,
 ):
     """Per-position features, divergence labels and problem indices of a collection run.
 
     With ``with_kl`` one more item is returned: each position's KL(SLM‖LLM) over the SLM's
     top-64; a collection made before KL was recorded raises ``ValueError`` naming the fix. With
     ``with_llm_rank`` one more (last): the 1-based rank (int64) of the LLM's top-1 token under the SLM.
+    A problem whose ``features/`` file is missing is rebuilt from its record with ``slm``
+    (:func:`s2t.training.collect.position_tensors`; ``FileNotFoundError`` where it cannot be).
     """
     groups_dir = Path(groups_dir)
     feats, labels, problems, entropy, margin, kl, ranks = [], [], [], [], [], [], []
-    records = collected_records(groups_dir)
-    for i, rec in enumerate(records):
-        t = load_file(str(groups_dir / rec["features"]))
+    records = collected_records(groups_dir, need_features=False)
+    missing = sum(not (groups_dir / r["features"]).is_file() for r in records)
+    if missing and slm is not None:
+        log.info("rebuilding the per-position features of %d problems with the SLM", missing)
+    for i, rec in enumerate(tqdm(records, desc="position features", disable=not (progress and missing))):
+        t = position_tensors(groups_dir, rec, slm)
         if with_kl:
             if "position_kl" not in t:
                 raise ValueError(
@@ -192,7 +205,7 @@ def train_trigger(
     if not 0.0 < target_rate < 1.0:
         raise ValueError(f"target trigger rate must lie strictly between 0 and 1; got {target_rate}")
     kl_quantile = parse_label(label)
-    loaded = load_position_features(groups_dir, with_kl=kl_quantile is not None)
+    loaded = load_position_features(groups_dir, with_kl=kl_quantile is not None, slm=slm)
     x, y, problem, entropy, margin, _ = loaded[:6]
     train_p, val_p = split_problems(int(problem.max()) + 1, val_fraction, seed)
     tr = torch.tensor([int(p) in train_p for p in problem])

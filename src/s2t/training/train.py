@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from s2t.policies.learned_selector import LocalSelector
 from s2t.runs import write_json_atomic
-from s2t.training.collect import collected_records, collection_config
+from s2t.training.collect import collected_groups_at, collected_records, collection_config
 from s2t.training.objective import TrainConfig, selection_metrics, selector_loss, split_problems
 
 logger = logging.getLogger(__name__)
@@ -86,12 +86,9 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
         )
     train_p, val_p = split_problems(len(data.problem_ids), cfg.val_fraction, cfg.seed)
     keep = torch.ones(len(data.problem), dtype=torch.bool) if cfg.groups_subset == "all" else data.divergent
-    if cfg.groups_at:
-        from s2t.training.feature_training import load_group_arrays
-
-        at = torch.zeros(len(data.problem), dtype=torch.bool)
-        at[load_group_arrays(cfg.groups, data.llm_probs.shape[-1], cfg.groups_at).index] = True
-        keep &= at
+    if cfg.groups_at:  # the groups in load_groups' order: problem, then position
+        groups = [g for record in collected_records(cfg.groups) for g in record["groups"]]
+        keep &= collected_groups_at(cfg.groups, cfg.groups_at, groups)
     in_train = keep & torch.tensor([int(p) in train_p for p in data.problem])
     in_val = keep & torch.tensor([int(p) in val_p for p in data.problem])
     if not in_train.any():

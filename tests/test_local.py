@@ -189,6 +189,8 @@ def test_head_training_at_trigger_points_and_its_ladder_rung_from_stored_hidden_
     row = ladder["rows"][-1]
     assert row["name"].startswith("head") and row["n_groups"] == recorded["n_groups"]
     assert row["agreement"]["value"] == pytest.approx(recorded["agreement_with_llm"])
+    with pytest.raises(ValueError, match="no groups in .* where entropy=1000 fires"):
+        train(TrainConfig(groups=str(collected), out=str(tmp_path / "z"), groups_at="entropy=1000"), slm=slm)
     with pytest.raises(ValueError, match="--groups-at 'nonsense'"):
         TrainConfig(groups=str(collected), out=str(tmp_path / "x"), mode="lora", groups_at="nonsense")
     with pytest.raises(ValueError, match=r"k=9 must lie in \[2, 4\]"):
@@ -563,22 +565,37 @@ def test_a_collection_without_its_features_says_how_to_recompute_them_and_resume
         cfg, copy, slm=slm, llm=llm, problems=_problems(), progress=False, recompute_features=True
     )
     assert again.run_all() == 4
+    # a truncated feature file: a clear error naming it and the fix, which redoes exactly that problem
+    first = json.loads((copy / "problems.jsonl").read_text().splitlines()[-1])
+    damaged = copy / first["features"]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{damaged.name} is unreadable.*--recompute-features"):
+        train(TrainConfig(groups=str(copy), out=str(tmp_path / "sel"), epochs=1), slm=slm, progress=False)
+    again = Collector(
+        cfg, copy, slm=slm, llm=llm, problems=_problems(), progress=False, recompute_features=True
+    )
+    assert again.run_all() == 1
     train(TrainConfig(groups=str(copy), out=str(tmp_path / "sel"), epochs=1), slm=slm, progress=False)
     lines = (copy / "problems.jsonl").read_text().splitlines()
-    assert len(lines) == 8  # the recomputed records were appended; readers keep the last per problem
+    assert len(lines) == 9  # the recomputed records were appended; readers keep the last per problem
 
 
 def test_position_features_are_rebuilt_from_the_records_with_the_slm_alone(collected, slm, tmp_path):
+    import copy as copy_module
     import shutil
+    import types
 
     from s2t.training.trigger import load_position_features
 
     copy = tmp_path / "groups"
     shutil.copytree(collected, copy, ignore=shutil.ignore_patterns("features"))  # as committed to git
-    with pytest.raises(FileNotFoundError, match="needs the SLM"):
+    with pytest.raises(FileNotFoundError, match="4 feature files .* --recompute-features"):
         load_position_features(copy, min_step=0)
     kwargs = {"min_step": 0, "with_kl": True, "with_llm_rank": True}
     stored = load_position_features(collected, **kwargs)
+    with pytest.raises(ValueError, match="collected in float32 and the SLM is loaded in bfloat16"):
+        bf16 = types.SimpleNamespace(model=copy_module.deepcopy(slm.model).to(torch.bfloat16))
+        load_position_features(copy, slm=bf16, **kwargs)
     rebuilt = load_position_features(copy, slm=slm, progress=False, **kwargs)
     assert len(stored) == len(rebuilt) == 8
     for a, b in zip(stored, rebuilt):

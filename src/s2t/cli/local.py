@@ -64,8 +64,9 @@ def collect(
     recompute_features: Annotated[
         bool,
         typer.Option(
-            help="Also redo recorded problems whose features/ file is missing (a clone of committed "
-            "results; only --mode head needs them). Without it a resumed run goes on with new problems."
+            help="Also redo recorded problems whose features/ file is missing or unreadable (a clone "
+            "of committed results): --mode head needs them, and so does a learned trigger on records "
+            "older than the per-position values. Without it a resumed run goes on with new problems."
         ),
     ] = False,
 ) -> None:

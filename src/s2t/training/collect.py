@@ -36,6 +36,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save
 
 from s2t.data import Problem, load_problems
@@ -48,6 +49,7 @@ from s2t.models import (
     check_same_vocabulary,
     engine_kwargs,
     load_model,
+    parse_dtype,
     resolve_dtype,
 )
 from s2t.policies import EntropyTrigger, KLTrigger, LLMSelector, MarginTrigger, TopK
@@ -310,15 +312,24 @@ class Collector:
         self.recompute_features = recompute_features
         (self.run.path / "features").mkdir(exist_ok=True)
 
+    def _has_features(self, record: dict) -> bool:
+        """Whether the record's feature file is there and its header reads (not truncated)."""
+        path = self.run.path / record["features"]
+        try:
+            with safe_open(str(path), "pt"):
+                return True
+        except Exception:  # missing, or not a whole safetensors file
+            return False
+
     def done_ids(self) -> set[str]:
         """Problems already recorded. With ``recompute_features``, a record whose feature file is
-        missing (a clone of committed results: ``features/`` is not in git) is not done and is
+        missing or unreadable (a clone of committed results: ``features/`` is not in git) is not done and is
         collected again; otherwise the collection goes on with the problems not yet recorded (the
         features-mode and LoRA trainers need only the records)."""
         records = self.driver.records()
         if not self.recompute_features:
             return {r["problem_id"] for r in records}
-        return {r["problem_id"] for r in records if (self.run.path / r["features"]).is_file()}
+        return {r["problem_id"] for r in records if self._has_features(r)}
 
     def run_all(self) -> int:
         """Collect every problem not yet recorded; returns how many were collected now."""
@@ -511,7 +522,7 @@ class CollectWorker:
             "n_positions": t,
             "n_divergent": int(divergent[eligible].sum()),
             # what needs the LLM at every position, so that features/ can be rebuilt from the SLM alone
-            "position_kl": [round(float(x), 5) for x in kl],
+            "position_kl": [float(f"{float(x):.4g}") for x in kl],  # 4 significant digits, small KLs too
             "position_divergent": [int(x) for x in divergent],
             "position_llm_top1_rank": llm_rank.tolist(),
             "groups": [
@@ -553,6 +564,62 @@ LLM_POSITION_KEYS = {
 }
 
 
+def read_features(groups_dir: str | Path, record: dict) -> dict[str, torch.Tensor]:
+    """The tensors of a collected problem's ``features/`` file.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: the file is unreadable (truncated, corrupted); the message names the fix.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(groups_dir) / record["features"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error kinds on a truncated file
+        raise ValueError(
+            f"{path} is unreadable ({e}): re-run the `s2t collect` command that made {groups_dir} "
+            "(same arguments) with --recompute-features, which redoes it"
+        ) from e
+
+
+def check_rebuildable(groups_dir: str | Path, records: Sequence[dict], slm: LoadedModel | None) -> None:
+    """Check that :func:`position_tensors` can rebuild the missing feature files of ``records``.
+
+    Raises:
+        FileNotFoundError: a record that predates the per-position LLM values, or no ``slm``; the
+            message names ``--recompute-features``.
+        ValueError: ``slm`` is loaded in another dtype than the collection's (the rebuilt features
+            would mix precisions with the stored ones); the message names the dtype to load.
+    """
+    groups_dir = Path(groups_dir)
+    rerun = (
+        f"re-run the `s2t collect` command that made {groups_dir} (same arguments) with --recompute-features"
+    )
+    old = [r for r in records if "position_kl" not in r]
+    if old:
+        raise FileNotFoundError(
+            f"{len(old)} feature files of {groups_dir} are missing (e.g. {old[0]['features']}) and their "
+            f"records predate the per-position LLM values: {rerun}"
+        )
+    if records and slm is None:
+        raise FileNotFoundError(
+            f"{len(records)} feature files of {groups_dir} are missing (e.g. {records[0]['features']}): "
+            f"{rerun} (training the learned trigger rebuilds them from the records with the SLM alone)"
+        )
+    if records:
+        collected = collection_config(groups_dir).get("dtype") or LEGACY_CONFIG["dtype"]
+        if slm.model.dtype != parse_dtype(collected):
+            raise ValueError(
+                f"{groups_dir} was collected in {collected} and the SLM is loaded in "
+                f"{str(slm.model.dtype).removeprefix('torch.')}: its {len(records)} missing feature files "
+                f"would be rebuilt in another precision; load the SLM in {collected} (`s2t train --dtype "
+                f"{collected}`), train with --trigger-rate 0, or {rerun}"
+            )
+
+
 def position_tensors(
     groups_dir: str | Path, record: dict, slm: LoadedModel | None = None
 ) -> dict[str, torch.Tensor]:
@@ -567,18 +634,9 @@ def position_tensors(
         FileNotFoundError: the file is missing and the record predates the per-position LLM
             values, or no ``slm`` was given to rebuild it; the message names the fix.
     """
-    from safetensors.torch import load_file
-
-    path = Path(groups_dir) / record["features"]
-    if path.is_file():
-        return load_file(str(path))
-    if "position_kl" not in record:
-        raise FileNotFoundError(
-            f"{path} is missing and its record predates the per-position LLM values: re-run the "
-            f"`s2t collect` command that made {groups_dir} (same arguments) with --recompute-features"
-        )
-    if slm is None:
-        raise FileNotFoundError(f"{path} is missing: rebuilding it from its record needs the SLM")
+    if (Path(groups_dir) / record["features"]).is_file():
+        return read_features(groups_dir, record)
+    check_rebuildable(groups_dir, [record], slm)
     hidden, logits = trajectory_forward(
         slm.model, record["prompt_ids"], record["trajectory_ids"], len(slm.tokenizer)
     )
@@ -601,7 +659,7 @@ def collected_records(groups_dir: str | Path, need_features: bool = True) -> lis
     """The problem records of a collection, one per problem (the last one written wins).
 
     With ``need_features``, every record's ``features/`` file must exist; otherwise the error says
-    how to recompute them (re-running the same ``s2t collect`` command redoes exactly those).
+    how to recompute them (the same ``s2t collect`` command with ``--recompute-features``).
     """
     groups_dir = Path(groups_dir)
     if not (groups_dir / "problems.jsonl").is_file():
@@ -636,6 +694,8 @@ __all__ = [
     "collection_config",
     "collected_records",
     "position_tensors",
+    "read_features",
+    "check_rebuildable",
     "slm_position_tensors",
     "LeakageError",
     "collect",

@@ -201,7 +201,8 @@ def train_feature_selector(cfg: FeatureTrainConfig, slm=None, progress: bool = T
 
     collect_cfg = collection_config(cfg.groups)
     data = load_group_arrays(cfg.groups, cfg.k, cfg.groups_at)
-    slm = slm or load_model(collect_cfg["slm"])
+    # the collection's dtype: the learned trigger may rebuild missing per-position features with it
+    slm = slm or load_model(collect_cfg["slm"], dtype=collect_cfg.get("dtype") or "float32")
     train_p, val_p = split_problems(len(data.problem_ids), cfg.val_fraction, cfg.seed)
     in_train = torch.tensor([int(p) in train_p for p in data.problem], dtype=torch.bool)
     in_val = ~in_train

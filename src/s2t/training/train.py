@@ -21,12 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from s2t.policies.learned_selector import LocalSelector
 from s2t.runs import write_json_atomic
-from s2t.training.collect import collected_groups_at, collected_records, collection_config
+from s2t.training.collect import collected_groups_at, collected_records, collection_config, read_features
 from s2t.training.objective import TrainConfig, selection_metrics, selector_loss, split_problems
 
 logger = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ def load_groups(groups_dir: str | Path) -> tuple[GroupTensors, dict]:
         raise ValueError(f"{groups_dir} holds no collected problems yet")
     hidden, llm, slm, div, prob, ids = [], [], [], [], [], []
     for i, rec in enumerate(records):
-        t = load_file(str(groups_dir / rec["features"]))
+        t = read_features(groups_dir, rec)
         n = t["candidate_hidden"].shape[0]
         hidden.append(t["candidate_hidden"])
         llm.append(t["candidate_llm_probs"])
@@ -88,7 +87,10 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
     keep = torch.ones(len(data.problem), dtype=torch.bool) if cfg.groups_subset == "all" else data.divergent
     if cfg.groups_at:  # the groups in load_groups' order: problem, then position
         groups = [g for record in collected_records(cfg.groups) for g in record["groups"]]
-        keep &= collected_groups_at(cfg.groups, cfg.groups_at, groups)
+        at = collected_groups_at(cfg.groups, cfg.groups_at, groups)
+        if not at.any():
+            raise ValueError(f"no groups in {cfg.groups} where {cfg.groups_at} fires")
+        keep &= at
     in_train = keep & torch.tensor([int(p) in train_p for p in data.problem])
     in_val = keep & torch.tensor([int(p) in val_p for p in data.problem])
     if not in_train.any():

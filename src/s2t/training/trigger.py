@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from s2t.policies.features import LOGIT_FEATURES, step_features, without_hidden
 from s2t.policies.learned_selector import model_fingerprint
 from s2t.policies.learned_trigger import LearnedTrigger, LearnedTriggerConfig
-from s2t.training.collect import collected_records, position_tensors
+from s2t.training.collect import check_rebuildable, collected_records, position_tensors
 from s2t.training.objective import split_problems
 
 log = logging.getLogger(__name__)
@@ -81,14 +81,16 @@ def load_position_features(
     top-64; a collection made before KL was recorded raises ``ValueError`` naming the fix. With
     ``with_llm_rank`` one more (last): the 1-based rank (int64) of the LLM's top-1 token under the SLM.
     A problem whose ``features/`` file is missing is rebuilt from its record with ``slm``
-    (:func:`s2t.training.collect.position_tensors`; ``FileNotFoundError`` where it cannot be).
+    (:func:`s2t.training.collect.position_tensors`); :func:`s2t.training.collect.check_rebuildable`
+    raises ``FileNotFoundError`` or ``ValueError`` before any work where that cannot be done.
     """
     groups_dir = Path(groups_dir)
     feats, labels, problems, entropy, margin, kl, ranks = [], [], [], [], [], [], []
     records = collected_records(groups_dir, need_features=False)
-    missing = sum(not (groups_dir / r["features"]).is_file() for r in records)
-    if missing and slm is not None:
-        log.info("rebuilding the per-position features of %d problems with the SLM", missing)
+    missing = [r for r in records if not (groups_dir / r["features"]).is_file()]
+    if missing:
+        check_rebuildable(groups_dir, missing, slm)  # before any work
+        log.info("rebuilding the per-position features of %d problems with the SLM", len(missing))
     for i, rec in enumerate(tqdm(records, desc="position features", disable=not (progress and missing))):
         t = position_tensors(groups_dir, rec, slm)
         if with_kl:
@@ -200,7 +202,8 @@ def train_trigger(
 
     Raises:
         ValueError: a target rate outside (0, 1), an unknown label, or a ``kl`` label on a
-            collection without per-position KL.
+            collection without per-position KL; see also :func:`load_position_features`.
+        FileNotFoundError: a missing feature file that cannot be rebuilt from its record.
     """
     if not 0.0 < target_rate < 1.0:
         raise ValueError(f"target trigger rate must lie strictly between 0 and 1; got {target_rate}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -275,6 +276,10 @@ def test_eval_runs_on_the_llama_cpp_backend_and_records_it(tmp_path, data_file, 
     stored = json.loads((tmp_path / "run" / "config.json").read_text())
     assert stored["backend"] == "llama.cpp"
     assert {m for m in payload["methods"]} >= {"greedy", "llm", "s2t/entropy@0.5", "maj@2"}
+    # the torch dtype does not apply to GGUF files: a resume on a CPU with another default is accepted
+    other = "bfloat16" if stored["dtype"] == "float32" else "float32"
+    again = evaluate(replace(config, dtype=other), tmp_path / "run", progress=False)
+    assert set(again["methods"]) == set(payload["methods"])
     with pytest.raises(BackendUnavailableError, match="--backend torch"):
         EvalConfig(slm=paths[0], llm=paths[1], methods=["s2t-local"], selector="x", backend="llama.cpp")
 

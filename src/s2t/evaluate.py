@@ -232,6 +232,10 @@ class Evaluator:
         if any(is_local_method(m) for m in config.methods):
             self._check_selector_leakage()  # nor a selector trained on the evaluated problems
         resumable = RESUMABLE_KEYS | ({SELECTOR_KEY} if config.trigger != "learned" else set())
+        if config.backend == "llama.cpp":
+            # the GGUF files fix the precision there; the torch dtype (a CPU-dependent default) does not
+            # apply, so a run started on a CPU without native bfloat16 resumes on one with it
+            resumable |= {"dtype", "llm_dtype"}
         if not batch_invariant(config.backend, config.dtype, config.llm_dtype):
             resumable = resumable - {"batch_size"}
             if out_dir is not None:

@@ -554,6 +554,8 @@ def test_a_collection_without_its_features_says_how_to_recompute_them_and_resume
 ):
     import shutil
 
+    from safetensors.torch import load_file
+
     copy = tmp_path / "groups"
     shutil.copytree(collected, copy, ignore=shutil.ignore_patterns("features"))  # as committed to git
     with pytest.raises(FileNotFoundError, match="re-run the `s2t collect` command .* --recompute-features"):
@@ -564,7 +566,18 @@ def test_a_collection_without_its_features_says_how_to_recompute_them_and_resume
     again = Collector(
         cfg, copy, slm=slm, llm=llm, problems=_problems(), progress=False, recompute_features=True
     )
-    assert again.run_all() == 4
+    again._worker._decode = lambda *args: pytest.fail("a recorded trajectory was decoded again")
+    assert again.run_all() == 4  # from the stored trajectories: the same records and tensors
+    original = {
+        r["problem_id"]: r for r in map(json.loads, (collected / "problems.jsonl").read_text().splitlines())
+    }
+    redone = [json.loads(line) for line in (copy / "problems.jsonl").read_text().splitlines()[4:]]
+    assert [r["problem_id"] for r in redone] == list(original) and all(
+        r == original[r["problem_id"]] for r in redone
+    )
+    for record in redone:
+        a, b = load_file(str(collected / record["features"])), load_file(str(copy / record["features"]))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # a truncated feature file: a clear error naming it and the fix, which redoes exactly that problem
     first = json.loads((copy / "problems.jsonl").read_text().splitlines()[-1])
     damaged = copy / first["features"]

@@ -335,14 +335,25 @@ class Collector:
         """Collect every problem not yet recorded; returns how many were collected now."""
         done = self.done_ids()
         todo = self.driver.pending(self.problems, lambda p: p.id, done)
-        thresholds = self.group_thresholds() if todo and self.config.mode == "teacher-forced" else {}
+        teacher_forced = self.config.mode == "teacher-forced"
+        thresholds = self.group_thresholds() if todo and teacher_forced else {}
+        # recomputed features of a teacher-forced record re-read its stored trajectory (no decoding)
+        known = (
+            {
+                r["problem_id"]: r["trajectory_ids"]
+                for r in self.driver.records()
+                if r["problem_id"] not in done
+            }
+            if teacher_forced
+            else {}
+        )
         worker = self._worker
         if worker is not None:
-            worker.group_thresholds = thresholds
+            worker.group_thresholds, worker.known_trajectories = thresholds, known
         make_worker = (
             (lambda: worker)
             if worker is not None
-            else partial(CollectWorker, self.config, group_thresholds=thresholds)
+            else partial(CollectWorker, self.config, group_thresholds=thresholds, known_trajectories=known)
         )
         return self.driver.drive(
             self.problems,
@@ -394,9 +405,13 @@ class CollectWorker:
         slm: LoadedModel | None = None,
         llm: LoadedModel | None = None,
         group_thresholds: dict[str, float | None] | None = None,
+        known_trajectories: dict[str, list[int]] | None = None,
     ):
+        """``known_trajectories`` (problem id -> token ids): teacher-forced trajectories already
+        recorded, read again instead of decoded (recomputing missing feature files)."""
         self.config = config
         self.group_thresholds = group_thresholds or {}
+        self.known_trajectories = known_trajectories or {}
         self.slm = slm or load_model(config.slm, dtype=config.dtype)
         self.llm = llm or load_model(
             config.llm, dtype=config.llm_dtype or config.dtype, device_map=config.llm_device_map
@@ -429,21 +444,27 @@ class CollectWorker:
         prompts = [build_prompt(self.slm.tokenizer, p.question) for p in batch]
         recorded: dict[int, list] = {}
         if c.mode == "teacher-forced":
-            gens = self._decode(prompts, None, None)
+            new = [(p, prompt) for p, prompt in zip(batch, prompts) if p.id not in self.known_trajectories]
+            decoded = (
+                iter(g.token_ids for g in self._decode([q for _, q in new], None, None)) if new else iter(())
+            )
+            known = self.known_trajectories
+            trajectories = [known[p.id] if p.id in known else next(decoded) for p in batch]
         else:
             selector = RecordingLLMSelector()
             trigger = EntropyTrigger(c.on_policy_threshold)
             gens = self._decode(
                 prompts, Method(trigger, TopK(c.k), selector, c.min_step, "collect"), self.llm.model
             )
+            trajectories = [g.token_ids for g in gens]
             # decisions are recorded in step order, each under its prompt's index
             steps = [list(g.trigger_steps) for g in gens]
             cursor = [0] * len(gens)
             for row, ids, probs in selector.decisions:
                 recorded.setdefault(row, []).append((steps[row][cursor[row]], ids, probs))
                 cursor[row] += 1
-        for row, (problem, prompt, gen) in enumerate(zip(batch, prompts, gens)):
-            yield self._featurize(problem, prompt, gen.token_ids, recorded.get(row))
+        for row, (problem, prompt, trajectory) in enumerate(zip(batch, prompts, trajectories)):
+            yield self._featurize(problem, prompt, trajectory, recorded.get(row))
 
     def _featurize(self, problem: Problem, prompt: list[int], trajectory: list[int], on_policy) -> dict:
         c = self.config

@@ -321,29 +321,25 @@ class Collector:
         except Exception:  # missing, or not a whole safetensors file
             return False
 
-    def done_ids(self) -> set[str]:
-        """Problems already recorded. With ``recompute_features``, a record whose feature file is
+    def done_ids(self, records: Sequence[dict]) -> set[str]:
+        """Problems already recorded (of the run's ``records``). With ``recompute_features``, a record whose feature file is
         missing or unreadable (a clone of committed results: ``features/`` is not in git) is not done and is
         collected again; otherwise the collection goes on with the problems not yet recorded (the
         features-mode and LoRA trainers need only the records)."""
-        records = self.driver.records()
         if not self.recompute_features:
             return {r["problem_id"] for r in records}
         return {r["problem_id"] for r in records if self._has_features(r)}
 
     def run_all(self) -> int:
         """Collect every problem not yet recorded; returns how many were collected now."""
-        done = self.done_ids()
+        records = self.driver.records()
+        done = self.done_ids(records)
         todo = self.driver.pending(self.problems, lambda p: p.id, done)
         teacher_forced = self.config.mode == "teacher-forced"
         thresholds = self.group_thresholds() if todo and teacher_forced else {}
         # recomputed features of a teacher-forced record re-read its stored trajectory (no decoding)
         known = (
-            {
-                r["problem_id"]: r["trajectory_ids"]
-                for r in self.driver.records()
-                if r["problem_id"] not in done
-            }
+            {r["problem_id"]: r["trajectory_ids"] for r in records if r["problem_id"] not in done}
             if teacher_forced
             else {}
         )
@@ -444,11 +440,9 @@ class CollectWorker:
         prompts = [build_prompt(self.slm.tokenizer, p.question) for p in batch]
         recorded: dict[int, list] = {}
         if c.mode == "teacher-forced":
-            new = [(p, prompt) for p, prompt in zip(batch, prompts) if p.id not in self.known_trajectories]
-            decoded = (
-                iter(g.token_ids for g in self._decode([q for _, q in new], None, None)) if new else iter(())
-            )
             known = self.known_trajectories
+            new = [prompt for p, prompt in zip(batch, prompts) if p.id not in known]
+            decoded = iter(g.token_ids for g in self._decode(new, None, None)) if new else iter(())
             trajectories = [known[p.id] if p.id in known else next(decoded) for p in batch]
         else:
             selector = RecordingLLMSelector()
@@ -607,7 +601,7 @@ def read_features(groups_dir: str | Path, record: dict) -> dict[str, torch.Tenso
 
 
 def check_rebuildable(groups_dir: str | Path, records: Sequence[dict], slm: LoadedModel | None) -> None:
-    """Check that :func:`position_tensors` can rebuild the missing feature files of ``records``.
+    """Check that :func:`rebuild_position_tensors` can rebuild the missing feature files of ``records``.
 
     Raises:
         FileNotFoundError: a record that predates the per-position LLM values, or no ``slm``; the
@@ -631,7 +625,7 @@ def check_rebuildable(groups_dir: str | Path, records: Sequence[dict], slm: Load
             f"{rerun} (training the learned trigger rebuilds them from the records with the SLM alone)"
         )
     if records:
-        collected = collection_config(groups_dir).get("dtype") or LEGACY_CONFIG["dtype"]
+        collected = collection_dtype(collection_config(groups_dir))
         if slm.model.dtype != parse_dtype(collected):
             raise ValueError(
                 f"{groups_dir} was collected in {collected} and the SLM is loaded in "
@@ -641,29 +635,24 @@ def check_rebuildable(groups_dir: str | Path, records: Sequence[dict], slm: Load
             )
 
 
-def position_tensors(
-    groups_dir: str | Path, record: dict, slm: LoadedModel | None = None
-) -> dict[str, torch.Tensor]:
-    """Every per-position tensor of one collected problem (the ``position_*`` entries of its
-    feature file: see :func:`slm_position_tensors` and :data:`LLM_POSITION_KEYS`).
-
-    Read from ``features/`` when the file is there. Otherwise (a clone of committed results:
-    ``features/`` is not in git) rebuilt from the record: the SLM (``slm``) re-reads the trajectory,
-    teacher-forced, and the LLM's values come from the record, so no LLM is needed.
-
-    Raises:
-        FileNotFoundError: the file is missing and the record predates the per-position LLM
-            values, or no ``slm`` was given to rebuild it; the message names the fix.
+def rebuild_position_tensors(record: dict, slm: LoadedModel) -> dict[str, torch.Tensor]:
+    """The per-position tensors of one collected problem's feature file (the ``position_*``
+    entries: see :func:`slm_position_tensors` and :data:`LLM_POSITION_KEYS`), rebuilt from its
+    record where the file is missing (a clone of committed results: ``features/`` is not in git):
+    the SLM re-reads the trajectory, teacher-forced, and the LLM's values come from the record, so
+    no LLM is needed. :func:`check_rebuildable` says first whether the records allow it.
     """
-    if (Path(groups_dir) / record["features"]).is_file():
-        return read_features(groups_dir, record)
-    check_rebuildable(groups_dir, [record], slm)
     hidden, logits = trajectory_forward(
         slm.model, record["prompt_ids"], record["trajectory_ids"], len(slm.tokenizer)
     )
     tensors = slm_position_tensors(hidden, logits.cpu())
     tensors.update({key: torch.tensor(record[key], dtype=dtype) for key, dtype in LLM_POSITION_KEYS.items()})
     return tensors
+
+
+def collection_dtype(config: dict) -> str:
+    """The dtype a collection was made in, from its ``config.json`` (null in older ones: float32)."""
+    return config.get("dtype") or LEGACY_CONFIG["dtype"]
 
 
 def collection_config(groups_dir: str | Path) -> dict:
@@ -714,7 +703,8 @@ __all__ = [
     "Collector",
     "collection_config",
     "collected_records",
-    "position_tensors",
+    "rebuild_position_tensors",
+    "collection_dtype",
     "read_features",
     "check_rebuildable",
     "slm_position_tensors",

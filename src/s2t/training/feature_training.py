@@ -23,7 +23,13 @@ from tqdm.auto import tqdm
 
 from s2t.policies.feature_selector import FeatureScorer, FeatureSelector, candidate_features
 from s2t.runs import write_json_atomic
-from s2t.training.collect import collected_groups_at, collected_records, collection_config, group_settings
+from s2t.training.collect import (
+    collected_groups_at,
+    collected_records,
+    collection_config,
+    collection_dtype,
+    group_settings,
+)
 from s2t.training.objective import split_problems
 
 
@@ -202,7 +208,7 @@ def train_feature_selector(cfg: FeatureTrainConfig, slm=None, progress: bool = T
     collect_cfg = collection_config(cfg.groups)
     data = load_group_arrays(cfg.groups, cfg.k, cfg.groups_at)
     # the collection's dtype: the learned trigger may rebuild missing per-position features with it
-    slm = slm or load_model(collect_cfg["slm"], dtype=collect_cfg.get("dtype") or "float32")
+    slm = slm or load_model(collect_cfg["slm"], dtype=collection_dtype(collect_cfg))
     train_p, val_p = split_problems(len(data.problem_ids), cfg.val_fraction, cfg.seed)
     in_train = torch.tensor([int(p) in train_p for p in data.problem], dtype=torch.bool)
     in_val = ~in_train

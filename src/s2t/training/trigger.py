@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from s2t.policies.features import LOGIT_FEATURES, step_features, without_hidden
 from s2t.policies.learned_selector import model_fingerprint
 from s2t.policies.learned_trigger import LearnedTrigger, LearnedTriggerConfig
-from s2t.training.collect import check_rebuildable, collected_records, position_tensors
+from s2t.training.collect import check_rebuildable, collected_records, read_features, rebuild_position_tensors
 from s2t.training.objective import split_problems
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def load_position_features(
     top-64; a collection made before KL was recorded raises ``ValueError`` naming the fix. With
     ``with_llm_rank`` one more (last): the 1-based rank (int64) of the LLM's top-1 token under the SLM.
     A problem whose ``features/`` file is missing is rebuilt from its record with ``slm``
-    (:func:`s2t.training.collect.position_tensors`); :func:`s2t.training.collect.check_rebuildable`
+    (:func:`s2t.training.collect.rebuild_position_tensors`); :func:`s2t.training.collect.check_rebuildable`
     raises ``FileNotFoundError`` or ``ValueError`` before any work where that cannot be done.
     """
     groups_dir = Path(groups_dir)
@@ -91,8 +91,13 @@ def load_position_features(
     if missing:
         check_rebuildable(groups_dir, missing, slm)  # before any work
         log.info("rebuilding the per-position features of %d problems with the SLM", len(missing))
+    rebuild = {r["problem_id"] for r in missing}
     for i, rec in enumerate(tqdm(records, desc="position features", disable=not (progress and missing))):
-        t = position_tensors(groups_dir, rec, slm)
+        t = (
+            rebuild_position_tensors(rec, slm)
+            if rec["problem_id"] in rebuild
+            else read_features(groups_dir, rec)
+        )
         if with_kl:
             if "position_kl" not in t:
                 raise ValueError(

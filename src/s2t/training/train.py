@@ -39,6 +39,7 @@ class GroupTensors:
     divergent: torch.Tensor  # (N,) bool
     problem: torch.Tensor  # (N,) index into problem_ids
     problem_ids: list[str]
+    groups: list[dict]  # (N,) the records' ``groups`` entries: entropy, margin, kl, position, ...
 
 
 def load_groups(groups_dir: str | Path) -> tuple[GroupTensors, dict]:
@@ -53,7 +54,7 @@ def load_groups(groups_dir: str | Path) -> tuple[GroupTensors, dict]:
     records = collected_records(groups_dir)
     if not records:
         raise ValueError(f"{groups_dir} holds no collected problems yet")
-    hidden, llm, slm, div, prob, ids = [], [], [], [], [], []
+    hidden, llm, slm, div, prob, ids, groups = [], [], [], [], [], [], []
     for i, rec in enumerate(records):
         t = read_features(groups_dir, rec)
         n = t["candidate_hidden"].shape[0]
@@ -63,8 +64,9 @@ def load_groups(groups_dir: str | Path) -> tuple[GroupTensors, dict]:
         div.append(torch.tensor([g["divergent"] for g in rec["groups"]], dtype=torch.bool).reshape(n))
         prob.append(torch.full((n,), i, dtype=torch.long))
         ids.append(rec["problem_id"])
+        groups.extend(rec["groups"])
     data = GroupTensors(
-        torch.cat(hidden), torch.cat(llm), torch.cat(slm), torch.cat(div), torch.cat(prob), ids
+        torch.cat(hidden), torch.cat(llm), torch.cat(slm), torch.cat(div), torch.cat(prob), ids, groups
     )
     return data, config
 
@@ -85,9 +87,8 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
         )
     train_p, val_p = split_problems(len(data.problem_ids), cfg.val_fraction, cfg.seed)
     keep = torch.ones(len(data.problem), dtype=torch.bool) if cfg.groups_subset == "all" else data.divergent
-    if cfg.groups_at:  # the groups in load_groups' order: problem, then position
-        groups = [g for record in collected_records(cfg.groups) for g in record["groups"]]
-        at = collected_groups_at(cfg.groups, cfg.groups_at, groups)
+    if cfg.groups_at:
+        at = collected_groups_at(cfg.groups, cfg.groups_at, data.groups)
         if not at.any():
             raise ValueError(f"no groups in {cfg.groups} where {cfg.groups_at} fires")
         keep &= at
@@ -176,6 +177,7 @@ def _at_k(data: GroupTensors, k: int, collected_k: int) -> GroupTensors:
         data.divergent,
         data.problem,
         data.problem_ids,
+        data.groups,
     )
 
 

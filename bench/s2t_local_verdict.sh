@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The S2T-Local verdict on GSM8K test 0-299 (issue 26), from collection to table, in two lanes of one
+# core each. Every step resumes, so re-running a lane after an interruption continues where it stopped.
+#
+#   bash bench/s2t_local_verdict.sh baselines   # greedy, S2T at entropy@0.8 (S2T-Local's ceiling), LLM, maj@8
+#   bash bench/s2t_local_verdict.sh s2t-local   # collect 1,000 train problems, train, learning curve, S2T-Local rows
+#   bash bench/s2t_local_verdict.sh status      # how far each lane has got
+#
+# Run each lane under nohup (`nohup bash bench/s2t_local_verdict.sh baselines > logs/baselines.log 2>&1 &`).
+# Both lanes append to one run directory (appends are locked), so the table pairs every method on the
+# same problems; `report.md` appears once every method has run through. The commands are the ones
+# results/README.md gives for each directory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export S2T_DATA_DIR="${S2T_DATA_DIR:-../shared/data}" OMP_NUM_THREADS=1
+S2T="${S2T:-.venv/bin/s2t}"
+PYTHON="${PYTHON:-.venv/bin/python}"
+RUN=results/eval-gsm8k-test-300-llamacpp
+COLLECTION=results/collect-gsm8k-train-1000
+FEATURES=results/selector-features-gsm8k-train-1000-e08
+HEAD=results/selector-head-gsm8k-train-1000-e08
+EVAL=(--threads 1 eval --backend llama.cpp --dataset gsm8k --split test --limit 300 --batch-size 16
+    --calibration-problems 32 --dtype float32 --out "$RUN")
+
+baselines() {
+    "$S2T" "${EVAL[@]}" --methods greedy,s2t/entropy@0.8,llm,maj@8
+}
+
+s2t_local() {
+    # 1. the groups: 1,000 train problems; --recompute-features also redoes feature files a new
+    #    machine lacks (features/ is not in git) and records that predate the per-position KL
+    "$S2T" --threads 1 collect --dataset gsm8k --split train --limit 1000 --batch-size 8 --dtype float32 \
+        --recompute-features --out "$COLLECTION"
+    # 2. the selectors at entropy@0.8's points; the feature run also trains the learned trigger (kl@0.95)
+    "$S2T" --threads 1 train --groups "$COLLECTION" --out "$FEATURES" --mode features \
+        --groups-at entropy@0.8 --k 8 --trigger-rate 0.05
+    "$S2T" --threads 1 train --groups "$COLLECTION" --out "$HEAD" --mode head \
+        --groups-at entropy@0.8 --k 8 --trigger-rate 0
+    # 3. the ladder on the feature selector's held-out problems, and the learning curve on the
+    #    collection's first 100 problems held out
+    "$PYTHON" bench/selector_agreement.py --groups "$COLLECTION" --selectors "$FEATURES,$HEAD" \
+        --validation-from "$FEATURES" --groups-at entropy@0.8 --threads 1 \
+        --out results/bench/selector_ladder-1000-e08.json
+    "$PYTHON" bench/selector_agreement.py --groups "$COLLECTION" --hold-out-first 100 \
+        --learning-curve 250,500,900 --groups-at entropy@0.8 --threads 1 \
+        --out results/bench/selector_learning_curve-1000-e08.json
+    # 4. S2T-Local joins the verdict run: at entropy@0.8 and at its learned trigger, no LLM loaded
+    "$S2T" "${EVAL[@]}" --selector "$FEATURES" --methods s2t-local/entropy@0.8,s2t-local/learned
+}
+
+status() {
+    "$PYTHON" - "$COLLECTION/problems.jsonl" "$RUN/results.jsonl" <<'EOF'
+import collections, json, os, sys
+
+def records(path):  # a torn last line of an interrupted run is skipped
+    if os.path.exists(path):
+        for line in open(path):
+            try:
+                yield json.loads(line)
+            except ValueError:
+                pass
+
+collection, run = sys.argv[1:]
+latest = {r["problem_id"]: r for r in records(collection)}  # a recomputed record is written again
+here = os.path.dirname(collection)
+with_files = sum(os.path.exists(os.path.join(here, r["features"])) for r in latest.values())
+with_kl = sum("position_kl" in r for r in latest.values())
+print(f"collection {here}: {len(latest)} of 1000 problems recorded, {with_kl} with per-position KL, "
+      f"{with_files} with their features/ file on this machine")
+done = collections.defaultdict(set)
+for r in records(run):
+    done[r["method"]].add(r["problem_id"])
+print(f"verdict run {os.path.dirname(run)}, problems finished per method (of 300):")
+for method, finished in done.items():
+    print(f"  {method}: {len(finished)}")
+EOF
+}
+
+case "${1:-}" in
+    baselines) baselines ;;
+    s2t-local) s2t_local ;;
+    status) status ;;
+    *) echo "usage: bash bench/s2t_local_verdict.sh {baselines|s2t-local|status}" >&2; exit 2 ;;
+esac

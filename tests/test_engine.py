@@ -358,3 +358,18 @@ def test_a_long_prompt_prefills_between_the_running_batchs_steps(slm, tokenizer,
     assert scheduler.prefilling == []
     with pytest.raises(ValueError, match="prefill_chunk"):
         Scheduler(slm.model, prefill_chunk=0, **common)
+
+
+def test_the_first_candidate_is_greedys_token_when_logits_tie():
+    """bfloat16 logits tie often, and torch.topk leaves the order of ties unspecified: the first
+    candidate must be argmax's token (the lowest tied id), or keeping it would leave greedy's path."""
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 151936) * 3).to(torch.bfloat16)
+    top = logits.max(-1).values
+    planted = torch.randint(0, 151936, (64,))
+    logits[torch.arange(64), planted] = top  # a second token tied at the maximum, anywhere
+    logits[:4, :] = top[:4, None]  # more tokens tied at the maximum than K
+    cands = TopK(8)(logits)
+    assert torch.equal(cands.ids[:, 0], logits.argmax(-1))
+    assert (cands.slm_probs[:, :-1] >= cands.slm_probs[:, 1:]).all()  # still best first
+    assert (cands.ids.sort(-1).values.diff(dim=-1) > 0).all()  # K distinct tokens

@@ -34,8 +34,21 @@ class TopK:
             raise ValueError(f"K={self.k} exceeds the vocabulary size {vocab_size}")
 
     def __call__(self, slm_logits: torch.Tensor) -> CandidateSet:
+        """(batch, vocab) logits → the top-K candidates, best first, ties broken towards the lower token id.
+
+        ``torch.topk`` leaves the order of tied values unspecified, while greedy decoding takes
+        ``argmax``, the lowest id among the tied maxima. The first candidate is therefore always the
+        greedy token (bfloat16 logits tie often), so a selector that keeps its first candidate decodes
+        exactly greedy's tokens and an override is counted only where the token changes.
+        """
         probs = torch.softmax(slm_logits.float(), dim=-1)
         top_probs, top_ids = probs.topk(self.k, dim=-1)
+        by_id = top_ids.argsort(dim=-1)  # then a stable sort by probability keeps ties in id order
+        top_ids, top_probs = top_ids.gather(-1, by_id), top_probs.gather(-1, by_id)
+        order = top_probs.argsort(dim=-1, descending=True, stable=True)
+        top_ids, top_probs = top_ids.gather(-1, order), top_probs.gather(-1, order)
+        # more than K tokens tied at the maximum: topk may have left out argmax's token
+        top_ids[:, 0] = slm_logits.argmax(-1).to(top_ids.device)
         return CandidateSet(top_ids, top_probs, torch.ones_like(top_ids, dtype=torch.bool))
 
     def describe(self) -> dict:

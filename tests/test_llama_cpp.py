@@ -443,3 +443,75 @@ def test_s2t_at_a_logit_only_learned_trigger_matches_the_torch_engine(
     _learned_trigger(slm, tmp_path / "reads", reads_hidden=True)
     with pytest.raises(BackendUnavailableError, match="does not expose"):
         cpp.generate([question], "s2t", selector=str(tmp_path / "reads"), **options)
+
+
+# --- s2t serve on llama.cpp ---------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def llama_server(slm, llama_pair):
+    """``s2t serve --backend llama.cpp --method greedy`` on the tiny SLM's GGUF file; yields its URL."""
+    pytest.importorskip("fastapi")
+    from s2t.backends.llama_cpp import LlamaCppScheduler
+    from s2t.serving import create_app, running_server
+
+    _, (slm_cpp, _) = llama_pair
+    scheduler = LlamaCppScheduler(slm_cpp, build_method("greedy"), max_batch_size=2, **engine_kwargs(slm))
+    app = create_app(scheduler, slm.tokenizer, model_name="tiny", context_length=256, default_max_tokens=8)
+    with running_server(app) as url:
+        yield url
+
+
+def test_health_on_llama_cpp_reports_what_the_torch_server_reports(slm, llama_server):
+    import httpx
+
+    health = httpx.get(f"{llama_server}/health")
+    assert health.status_code == 200, health.text
+    fields = {"status", "model", "method", "running", "waiting", "prefilling", "finished", "cancelled"}
+    assert set(health.json()) == fields | {"failed"}
+    assert health.json()["prefilling"] == 0  # llama.cpp reads a prompt whole when it joins the batch
+
+
+def test_served_logprobs_on_llama_cpp_are_the_slms(slm, llama_server):
+    import httpx
+
+    from s2t.prompts import build_chat_prompt
+
+    messages = [{"role": "user", "content": "Natalia sold clips to 48 of her friends."}]
+    body = {"model": "tiny", "messages": messages, "max_tokens": 6, "logprobs": True, "top_logprobs": 2}
+    response = httpx.post(f"{llama_server}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    content = response.json()["choices"][0]["logprobs"]["content"]
+    prompt = build_chat_prompt(slm.tokenizer, messages)
+    tokens = decode(slm.model, [prompt], build_method("greedy"), **engine_kwargs(slm) | {"max_new_tokens": 6})
+    tokens = tokens[0].token_ids
+    with torch.no_grad():  # the SLM teacher-forced on the same tokens, in torch
+        logits = slm.model(input_ids=torch.tensor([prompt + tokens])).logits[0, :, : len(slm.tokenizer)]
+    reference = torch.log_softmax(logits, -1)[len(prompt) - 1 :]
+    assert len(content) == len(tokens)
+    for item, token, row in zip(content, tokens, reference):
+        assert item["logprob"] == pytest.approx(float(row[token]), abs=1e-2)  # llama.cpp's float32 vs torch's
+        tops = [top["logprob"] for top in item["top_logprobs"]]
+        assert tops == pytest.approx(row.topk(2).values.tolist(), abs=1e-2)
+
+    body = {"model": "tiny", "prompt": "Janet's ducks lay 16 eggs per day.", "max_tokens": 6, "logprobs": 2}
+    response = httpx.post(f"{llama_server}/v1/completions", json=body, timeout=60)
+    logprobs = response.json()["choices"][0]["logprobs"]
+    assert logprobs["token_logprobs"] and all(isinstance(lp, float) for lp in logprobs["token_logprobs"])
+    assert all(1 <= len(top) <= 2 for top in logprobs["top_logprobs"])
+
+
+def test_echo_with_logprobs_on_llama_cpp_gets_a_400_naming_the_torch_backend(llama_server):
+    import httpx
+
+    url, prompt = f"{llama_server}/v1/completions", "2+2="
+    for extra in ({"max_tokens": 0}, {"max_tokens": 4}, {"max_tokens": 4, "stream": True}):
+        body = {"model": "tiny", "prompt": prompt, "echo": True, "logprobs": 1, **extra}
+        response = httpx.post(url, json=body, timeout=60)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "echo" and "--backend torch" in error["message"]
+    echoed = httpx.post(
+        url, json={"model": "tiny", "prompt": prompt, "echo": True, "max_tokens": 4}, timeout=60
+    )
+    assert echoed.status_code == 200 and echoed.json()["choices"][0]["text"].startswith(prompt)

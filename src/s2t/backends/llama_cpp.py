@@ -47,7 +47,15 @@ from s2t.builtin_models import (
     cache_root,
     trim_padding_tokens,
 )
-from s2t.engine import Method, RequestQueue, StepOutput, _Sequence, cancelled_output, choose_tokens
+from s2t.engine import (
+    Method,
+    RequestQueue,
+    StepOutput,
+    _Sequence,
+    cancelled_output,
+    choose_tokens,
+    token_logprobs,
+)
 from s2t.engine import decode as engine_decode
 from s2t.engine import decode_stream as engine_decode_stream
 from s2t.models import ModelLoadError, TokenizerMismatchError, cpu_model_name, engine_kwargs
@@ -384,6 +392,9 @@ class LlamaCppScheduler(RequestQueue):
                 model.ensure_sequences(self.max_batch_size)
         self.n_ctx = min(m.n_ctx for m in (self.slm, self.llm) if m is not None)
         self.running: list[_Sequence] = []
+        # Always empty: a joining prompt is read whole in the step it joins (llama.cpp splits it into
+        # its own batches), so nothing waits half-read as under the torch engine's chunked prefill.
+        self.prefilling: list[_Sequence] = []
         self._free = list(range(self.max_batch_size))
         self._slot: dict[int, int] = {}  # sequence id -> KV sequence
         self._llm_read: dict[int, int] = {}  # sequence id -> tokens in the LLM's KV cache
@@ -439,7 +450,12 @@ class LlamaCppScheduler(RequestQueue):
                 if len(s.tokens) >= s.request.max_new_tokens or full
                 else None
             )
-            outputs.append(StepOutput(s.id, s.tokens[-1], s.result(finish) if finish else None))
+            out = StepOutput(s.id, s.tokens[-1], s.result(finish) if finish else None)
+            if s.request.logprobs is not None:
+                out.logprob, out.top_logprobs = token_logprobs(
+                    self.slm_logits[i], s.tokens[-1], s.request.logprobs
+                )
+            outputs.append(out)
             if finish is None:
                 keep.append(i)
                 entries.append((self._slot[s.id], [s.tokens[-1]], len(s.request.prompt) + len(s.tokens) - 1))

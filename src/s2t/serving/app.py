@@ -4,7 +4,8 @@
 The method, trigger, K and selector are the scheduler's, fixed at start-up; each request brings
 its own ``max_tokens``, ``temperature``, ``top_p``, ``stop`` and ``seed``, and may ask for
 log-probabilities (``logprobs``/``echo`` on completions, ``logprobs``/``top_logprobs`` on chat),
-which come from the SLM's next-token distribution. Every answer carries OpenAI's ``usage`` block
+which come from the SLM's next-token distribution (the prompt's, for ``echo``, on the torch engine
+only: the llama.cpp backend answers that with a 400). Every answer carries OpenAI's ``usage`` block
 and our cost record (``s2t_cost``: LLM calls and tokens, triggers, trigger rate, ...) for its
 sequence, as if it had been decoded alone; a stream carries them in a last chunk with no choices,
 only when ``stream_options.include_usage`` asks. Parameters OpenAI defines that we do not implement
@@ -120,6 +121,9 @@ def create_app(
     """
     worker = EngineWorker(scheduler)
     method = scheduler.method
+    # echo's prompt log-probabilities come from one forward pass of the torch SLM over the prompt
+    # (prompt_logprobs); the llama.cpp backend keeps only each sequence's next-token logits.
+    scores_prompts = isinstance(scheduler, Scheduler)
     byte_decoder = getattr(tokenizer, "byte_decoder", None) or _byte_level_decoder(tokenizer)
 
     @asynccontextmanager
@@ -398,6 +402,13 @@ def create_app(
     async def completions(body: CompletionRequest, connection: HTTPRequest):
         prompt = tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
         request = prepare(body, prompt, "prompt", body.max_tokens, body.logprobs)
+        if body.echo and body.logprobs is not None and not scores_prompts:
+            raise OpenAIError(
+                400,
+                "echo with logprobs (the prompt's log-probabilities) is computed only by the torch "
+                "engine; serve with --backend torch for it (logprobs without echo work on every backend)",
+                param="echo",
+            )
         return await respond(body, prompt, request, False, connection)
 
     @app.post("/v1/chat/completions")

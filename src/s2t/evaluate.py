@@ -44,7 +44,7 @@ from s2t.methods import (
 from s2t.methods import canonical_method_name as _canonical_method_name
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM, batch_invariant, resolve_dtype
 from s2t.run_driver import RunDriver
-from s2t.runs import ConfigMismatchError, RunDirectory
+from s2t.runs import ConfigMismatchError, RunDirectory, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ class EvalConfig:
             min_step=self.min_step,
             selector=self.selector,
             calibration=self.calibration_source(),
+            slm=self.slm,
         )
 
     def trigger_name(self, method: str) -> str | None:
@@ -240,9 +241,18 @@ class Evaluator:
             resumable = resumable - {"batch_size"}
             if out_dir is not None:
                 _check_same_batch_size(Path(out_dir), config)
+        if config.selector and out_dir is not None:
+            from s2t.policies.learned_selector import checkpoint_digest
+
+            # before config.json is rewritten, and whether or not work is left
+            digest = checkpoint_digest(config.selector)
+            for method in filter(is_local_method, config.methods):
+                _check_same_selector(Path(out_dir), method, digest)
         self.invocation = invocation_id()
         self.run = (
-            RunDirectory(out_dir, asdict(config), ignore_keys=resumable, legacy=LEGACY_CONFIG)
+            RunDirectory(
+                out_dir, _recorded_config(out_dir, config), ignore_keys=resumable, legacy=LEGACY_CONFIG
+            )
             if out_dir is not None
             else None
         )
@@ -346,16 +356,9 @@ class Evaluator:
         return checkpoint_digest(self.config.selector)
 
     def check_same_selector(self, method: str) -> None:
-        """Refuse to mix results of two different trained selectors under one method name."""
-        digest = self._selector_digest()
-        earlier = {r.get("selector") for r in self.run.records() if r["method"] == method}
-        other = earlier - {digest}
-        if other:
-            raise ValueError(
-                f"{self.run.path} holds {method} results of another selector (weights digest "
-                f"{sorted(map(str, other))[0]}, this one is {digest}): name this one's method "
-                "s2t-local:LABEL (e.g. s2t-local:lora), or use a new --out directory"
-            )
+        """Refuse to mix results of two different trained selectors under one method name (also
+        checked when the evaluator is made; again here, since another process may write the run)."""
+        _check_same_selector(self.run.path, method, self._selector_digest())
 
     def _accuracy_postfix(self, method: str) -> dict[str, str]:
         """The progress bar's running accuracy of ``method`` over every record of it written so far."""
@@ -455,6 +458,35 @@ class Evaluator:
                 f"the selector was trained on {len(leaked)} of the evaluated problems (e.g. {sorted(leaked)[0]}): "
                 "refusing a leaky evaluation"
             )
+
+
+def _check_same_selector(run_dir: Path, method: str, digest: str) -> None:
+    """Refuse a selector (weights ``digest``) for ``method`` where ``run_dir`` holds results of another."""
+    earlier = {r.get("selector") for r in read_jsonl(run_dir / RESULTS_FILE) if r.get("method") == method}
+    other = earlier - {digest}
+    if other:
+        raise ValueError(
+            f"{run_dir} holds {method} results of another selector (weights digest "
+            f"{sorted(map(str, other))[0]}, this one is {digest}): name this one's method "
+            "s2t-local:LABEL (e.g. s2t-local:lora), or use a new --out directory"
+        )
+
+
+def _recorded_config(out_dir: str | Path, config: EvalConfig) -> dict:
+    """What ``config.json`` records for this invocation of a run that may be resumed, or gain methods
+    or a selector, over several invocations (or lanes running side by side): every method any
+    invocation asked for, in first-asked order, and the selector that made the run's S2T-Local
+    results, which an invocation without ``--selector`` (running other methods) does not erase."""
+    recorded = asdict(config)
+    stored = Path(out_dir) / "config.json"
+    if not stored.is_file():
+        return recorded
+    earlier = json.loads(stored.read_text())
+    methods = list(earlier.get("methods") or [])
+    recorded["methods"] = methods + [m for m in config.methods if m not in methods]
+    if config.selector is None and earlier.get(SELECTOR_KEY) is not None:
+        recorded[SELECTOR_KEY] = earlier[SELECTOR_KEY]
+    return recorded
 
 
 def _check_same_batch_size(out_dir: Path, config: EvalConfig) -> None:

@@ -382,13 +382,15 @@ class MethodSpec:
         min_step: int = 3,
         selector: str | None = None,
         calibration: CalibrationSource | None = CalibrationSource(),
+        slm: str | None = None,
     ) -> MethodSpec:
         """The spec of method ``name`` under an entry point's options.
 
         A trigger setting in the name (``s2t/margin@0.8/k4``) replaces the options' trigger,
         threshold, quantile and K. Without a threshold the trigger is calibrated at ``quantile``
         (default 0.95) on ``calibration`` (None: refuse to calibrate). Greedy and the LLM alone
-        ignore the trigger options.
+        ignore the trigger options. ``slm``, the SLM as the entry point names it, lets a selector
+        trained on another built-in SLM be refused here rather than once the model has loaded.
 
         Raises:
             ValueError: an unknown method or trigger, a quantile outside (0, 1), a threshold outside
@@ -446,7 +448,7 @@ class MethodSpec:
             from s2t.policies.learned_trigger import LearnedTrigger
 
             if method == LOCAL_METHOD:
-                check_selector_checkpoint(selector)
+                check_selector_checkpoint(selector, k=k, slm=slm)
             if trigger == "learned":
                 LearnedTrigger.from_pretrained(selector)  # reads the trigger's small files only
         return cls(

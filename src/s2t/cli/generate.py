@@ -101,6 +101,7 @@ def generate(
             ratio=ratio,
             min_step=min_step,
             selector=selector,
+            slm=slm,
         )
         dataset = problem.split("/")[0] if problem else None
         specs = method_specs(method, options, calibration_problems, max_new_tokens, data_dir, dataset)

@@ -93,6 +93,7 @@ def serve(
             ratio=ratio,
             min_step=min_step,
             selector=selector,
+            slm=slm,
         )
         (spec,) = method_specs(method, options, calibration_problems, max_tokens, data_dir)
         chosen = resolve_backend(backend, [slm, llm], [spec])

@@ -41,17 +41,36 @@ NUM_BINS = 16
 ADAPTER_DIR = "adapter"  # a LoRA selector's peft adapter, beside its bins
 
 
-def check_selector_checkpoint(directory: str | Path) -> None:
+def check_selector_checkpoint(directory: str | Path, k: int | None = None, slm: str | None = None) -> None:
     """Check a trained selector's files without loading any model: its config and weights, and its
-    LoRA adapter when it has one.
+    LoRA adapter when it has one. With ``k``, a selector trained on another candidate count is
+    refused; with ``slm`` (the run's SLM as named on the command line), a selector trained on another
+    *built-in* model is refused. The fingerprint check against the loaded SLM
+    (:func:`~s2t.policies.checkpoint.check_base_model`) still follows when the model loads; these
+    checks only move the common mistakes before any model loads or any run directory is made.
 
     Raises:
-        SelectorCheckpointError: a file is missing, truncated, corrupted or malformed.
+        SelectorCheckpointError: a file is missing, truncated, corrupted or malformed, or the
+            selector was trained on another K or another built-in SLM (the message names both).
     """
+    from s2t.builtin_models import BUILTIN_MODELS
+
     directory = Path(directory)
-    load_selector(directory)  # reads the config and the (small) weights of any selector kind
+    selector = load_selector(directory)  # reads the config and the (small) weights of any selector kind
     if selector_kind(directory) == "lora":
         _check_safetensors_dir(directory / ADAPTER_DIR, "adapter_config.json", "LoRA adapter")
+    trained_k = getattr(selector.config, "k", None)
+    if k is not None and trained_k is not None and trained_k != k:
+        raise SelectorCheckpointError(
+            f"the selector in {directory} was trained on K={trained_k} candidates; got K={k} "
+            f"(run S2T-Local with --k {trained_k}, or /k{trained_k} in the method name)"
+        )
+    base = selector.config.base_model
+    if slm is not None and slm != base and slm in BUILTIN_MODELS and base in BUILTIN_MODELS:
+        raise SelectorCheckpointError(
+            f"the selector in {directory} was trained on base model {base!r}; this run's SLM is {slm!r}. "
+            "Use the same SLM (--slm), or a selector trained on it"
+        )
 
 
 def _check_safetensors_dir(directory: Path, config_name: str, what: str) -> None:

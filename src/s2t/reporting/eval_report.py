@@ -186,6 +186,21 @@ def resumption_note(summary: dict, config: dict) -> str | None:
     return f"Resumed or sharded (invocations): {listed}; {meaning}."
 
 
+def selector_note(records: list[dict], config: dict) -> str | None:
+    """A line naming the trained selector behind each S2T-Local row (its weights digest, as each
+    record stores it, and the directory ``config.json`` names), None without S2T-Local records."""
+    digests: dict[str, set] = {}
+    for r in records:
+        if r.get("selector") is not None:
+            digests.setdefault(r["method"], set()).add(r["selector"])
+    if not digests:
+        return None
+    rows = "; ".join(f"{m}: {', '.join(sorted(d))}" for m, d in sorted(digests.items()))
+    one = len(set().union(*digests.values())) == 1
+    where = f" ({config.get('selector')})" if one and config.get("selector") else ""
+    return f"S2T-Local selector weights digest{where}: {rows}."
+
+
 def write_report(run_dir: str | Path) -> dict:
     """Recompute ``summary.json``, ``report.md`` and ``accuracy_vs_cost.png`` from a run directory."""
     run_dir = Path(run_dir)
@@ -207,8 +222,9 @@ def write_report(run_dir: str | Path) -> dict:
     frontier_text = "\n" + frontier_markdown(frontier, summary) if frontier else ""
     note = resumption_note(summary, config)
     payload["resumed"] = note
+    payload["selector"] = selector_note(records, config)
     write_json_atomic(run_dir / "summary.json", payload)
-    resumed_text = f"\n{note}\n" if note else ""
+    resumed_text = "".join(f"\n{line}\n" for line in (note, payload["selector"]) if line)
     (run_dir / "report.md").write_text(header + markdown_table(summary) + resumed_text + frontier_text)
     if summary:
         plot_accuracy_vs_cost(summary, run_dir / "accuracy_vs_cost.png")

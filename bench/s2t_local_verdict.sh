@@ -49,7 +49,7 @@ s2t_local() {
 }
 
 status() {
-    "$PYTHON" - "$COLLECTION/problems.jsonl" "$RUN/results.jsonl" <<'EOF'
+    "$PYTHON" - "$COLLECTION/problems.jsonl" "$RUN/results.jsonl" "$FEATURES" "$HEAD" <<'EOF'
 import collections, json, os, sys
 
 def records(path):  # a torn last line of an interrupted run is skipped
@@ -60,13 +60,24 @@ def records(path):  # a torn last line of an interrupted run is skipped
             except ValueError:
                 pass
 
-collection, run = sys.argv[1:]
+collection, run, *selectors = sys.argv[1:]
 latest = {r["problem_id"]: r for r in records(collection)}  # a recomputed record is written again
 here = os.path.dirname(collection)
 with_files = sum(os.path.exists(os.path.join(here, r["features"])) for r in latest.values())
 with_kl = sum("position_kl" in r for r in latest.values())
 print(f"collection {here}: {len(latest)} of 1000 problems recorded, {with_kl} with per-position KL, "
       f"{with_files} with their features/ file on this machine")
+for selector in selectors:  # trained on how many of the collection's problems
+    config = os.path.join(selector, "selector_config.json")
+    if os.path.exists(config):
+        training = json.load(open(config))["training"]
+        n = len(training["train_problem_ids"]) + len(training["validation_problem_ids"])
+        print(f"selector {selector}: trained on a collection of {n} problems")
+    else:
+        print(f"selector {selector}: not trained")
+for artefact in ("selector_ladder-1000-e08.json", "selector_learning_curve-1000-e08.json"):
+    path = os.path.join("results", "bench", artefact)
+    print(f"{path}: {'written' if os.path.exists(path) else 'not yet'}")
 done = collections.defaultdict(set)
 for r in records(run):
     done[r["method"]].add(r["problem_id"])

@@ -33,7 +33,7 @@ def _planted_collection(path, n_problems=120, groups_per_problem=24, seed=0, wit
         "k": 16,
         "mode": "teacher-forced",
         "kind": "s2t-local-groups",
-        "groups_at": "entropy@0.5",
+        "groups_at": "always,entropy@0.5",  # every position: any setting's groups are all there
     }
     (path / "config.json").write_text(json.dumps(config))
     (path / "calibration.json").write_text(json.dumps({"entropy@0.5": {"threshold": 0.5}}))
@@ -154,6 +154,28 @@ def test_feature_selector_round_trips_and_refuses_other_models_kinds_and_k(train
         load_selector(tmp_path)
 
 
+def test_a_method_with_another_k_or_another_builtin_slm_is_refused_before_any_model_loads(trained, tmp_path):
+    from s2t.methods import MethodSpec
+
+    _, out = trained
+    with pytest.raises(SelectorCheckpointError, match="trained on K=8 candidates; got K=4"):
+        MethodSpec.parse("s2t-local/entropy=0.5/k4", selector=str(out))
+    MethodSpec.parse("s2t-local/entropy=0.5/k8", selector=str(out))
+    config = json.loads((out / "selector_config.json").read_text())
+    elsewhere = tmp_path / "other-slm"
+    elsewhere.mkdir()
+    (elsewhere / "selector.safetensors").write_bytes((out / "selector.safetensors").read_bytes())
+    (elsewhere / "selector_config.json").write_text(
+        json.dumps({**config, "base_model": "qwen2.5-coder-1.5b-instruct"})
+    )
+    with pytest.raises(SelectorCheckpointError, match="'qwen2.5-coder-1.5b-instruct'; this run's SLM is"):
+        MethodSpec.parse(
+            "s2t-local/entropy=0.5/k8", selector=str(elsewhere), slm="qwen2.5-coder-0.5b-instruct"
+        )
+    # a path or an unlisted name is left to the fingerprint check when the model loads
+    MethodSpec.parse("s2t-local/entropy=0.5/k8", selector=str(elsewhere), slm="/models/my-slm")
+
+
 def test_learning_curve_rises_with_data_and_never_fits_on_held_out_problems(planted):
     from s2t.training.ladder import format_learning_curve, learning_curve
 
@@ -265,6 +287,79 @@ def test_collection_calibrates_its_group_settings_and_records_kl(tiny_collection
         slm.model(input_ids=context).logits[:, -1, :vocab], llm.model(input_ids=context).logits[:, -1, :vocab]
     )
     assert g["kl"] == pytest.approx(float(expected), abs=1e-3)
+
+
+def test_groups_at_below_what_the_collection_kept_completely_is_refused(tiny_collection, tmp_path):
+    """The collection kept entropy >= T or kl >= T': below T it holds only the high-KL groups."""
+    import shutil
+
+    from s2t.training.collect import check_complete_groups_at
+
+    calibration = json.loads((tiny_collection / "calibration.json").read_text())
+    entropy_at, kl_at = calibration["entropy@0.7"]["threshold"], calibration["kl@0.9"]["threshold"]
+    for complete in (
+        "entropy@0.7",
+        "kl@0.9",
+        f"entropy={entropy_at!r}",
+        f"kl={kl_at * 2}",
+        "entropy@0.7,kl@0.9",
+    ):
+        check_complete_groups_at(tiny_collection, complete)
+    assert len(load_group_arrays(tiny_collection, 4, f"entropy={entropy_at!r}").problem) > 0
+    with pytest.raises(ValueError, match=r"--groups-at 'entropy=.*' fires on positions .* did not keep") as e:
+        load_group_arrays(tiny_collection, 4, f"entropy={entropy_at / 2}")
+    message = str(e.value)  # the collection's own settings, their thresholds and the loosest complete one
+    assert "groups_at 'entropy@0.7,kl@0.9'" in message and f"entropy@0.7 at {entropy_at!r}" in message
+    assert f"kl@0.9 at {kl_at!r}" in message and f"entropy@0.7 = entropy={entropy_at!r}" in message
+    for incomplete, reason in (("always", "no always setting"), ("margin=0.1", "no margin setting")):
+        with pytest.raises(ValueError, match=reason):
+            load_group_arrays(tiny_collection, 4, incomplete)
+    # an on-policy collection kept the steps where its entropy trigger fired
+    on_policy = tmp_path / "on_policy"
+    shutil.copytree(tiny_collection, on_policy)
+    config = json.loads((on_policy / "config.json").read_text())
+    (on_policy / "config.json").write_text(
+        json.dumps({**config, "mode": "on-policy", "on_policy_threshold": 0.5})
+    )
+    check_complete_groups_at(on_policy, "entropy=0.6")
+    with pytest.raises(ValueError, match="on_policy_threshold 0.5.*entropy=0.5"):
+        check_complete_groups_at(on_policy, "entropy=0.4")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--k", "0"], "k must be >= 2 (a selection needs two candidates); got 0"),
+        (["--trigger-rate", "-0.1"], "--trigger-rate must lie in [0, 1) (0 trains no trigger); got -0.1"),
+        (["--trigger-rate", "1"], "--trigger-rate must lie in [0, 1)"),
+        (["--trigger-rate", "1.5"], "--trigger-rate must lie in [0, 1)"),
+        (["--epochs", "0"], "epochs, batch_size and hidden must be >= 1"),
+        (
+            ["--groups-at", "nonsense"],
+            "--groups-at 'nonsense': choose triggers from entropy, margin, kl, always",
+        ),
+        (["--groups-at", "always"], "--groups-at 'always' fires on positions"),
+    ],
+)
+def test_train_refuses_a_bad_option_before_any_model_loads(
+    tiny_collection, tmp_path, monkeypatch, options, message
+):
+    from typer.testing import CliRunner
+
+    import s2t.models
+    from s2t.cli import app
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model loaded before the options were checked")
+
+    monkeypatch.setattr(s2t.models, "load_model", no_model)
+    out = tmp_path / "selector"
+    args = ["train", "--mode", "features", "--groups", str(tiny_collection), "--out", str(out), *options]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert "s2t/" not in result.output and "learned" not in result.output  # nothing the user never typed
+    assert not out.exists()
 
 
 def test_learned_trigger_learns_the_kl_label_and_an_old_collection_is_refused(tiny_collection, slm, tmp_path):

@@ -193,6 +193,9 @@ def test_head_training_at_trigger_points_and_its_ladder_rung_from_stored_hidden_
         train(TrainConfig(groups=str(collected), out=str(tmp_path / "z"), groups_at="entropy=1000"), slm=slm)
     with pytest.raises(ValueError, match="--groups-at 'nonsense'"):
         TrainConfig(groups=str(collected), out=str(tmp_path / "x"), mode="lora", groups_at="nonsense")
+    # the collection kept entropy@0.8 or kl@0.9 points: `always` would train on a biased share of the rest
+    with pytest.raises(ValueError, match="--groups-at 'always' fires on positions .* did not keep"):
+        train(TrainConfig(groups=str(collected), out=str(tmp_path / "w"), groups_at="always"), slm=slm)
     with pytest.raises(ValueError, match=r"k=9 must lie in \[2, 4\]"):
         train(TrainConfig(groups=str(collected), out=str(tmp_path / "y"), k=9), slm=slm, progress=False)
 
@@ -303,6 +306,17 @@ def test_a_run_gains_s2t_local_later_but_never_mixes_two_selectors(collected, sl
     other = replace(with_local, limit=None, selector=str(tmp_path / "other"))
     with pytest.raises(ValueError, match="s2t-local results of another selector"):
         evaluate(other, tmp_path / "run1", progress=False, generator=gen)
+    # ... also where nothing is left to run, and a refused invocation leaves config.json as it was
+    with pytest.raises(ValueError, match="s2t-local results of another selector"):
+        evaluate(replace(other, limit=1), tmp_path / "run1", progress=False, generator=gen)
+    stored = json.loads((tmp_path / "run1" / "config.json").read_text())
+    assert stored["selector"] == str(tmp_path / "sel")
+    # a later invocation without --selector (another lane's methods) keeps the selector and methods named
+    evaluate(replace(base, limit=1), tmp_path / "run1", progress=False, generator=gen)
+    stored = json.loads((tmp_path / "run1" / "config.json").read_text())
+    assert stored["selector"] == str(tmp_path / "sel") and stored["methods"] == ["greedy", "s2t-local"]
+    report = (tmp_path / "run1" / "report.md").read_text()
+    assert f"S2T-Local selector weights digest ({tmp_path / 'sel'}): s2t-local: " in report
     from s2t.evaluate_distributed import evaluate_distributed
 
     by_path = replace(with_local, slm=str(slm.model.name_or_path), limit=1)

@@ -167,7 +167,10 @@ def train_command(
         bool, typer.Option("--resume", help="lora: continue the checkpoint in --out (same configuration).")
     ] = False,
     trigger_rate: Annotated[
-        float, typer.Option(help="Also train an LLM-free trigger firing on this share of steps (0 to skip).")
+        float,
+        typer.Option(
+            help="Also train an LLM-free trigger firing on this share of steps, in [0, 1) (0 to skip)."
+        ),
     ] = 0.05,
     trigger_label: Annotated[
         str,
@@ -180,28 +183,38 @@ def train_command(
 ) -> None:
     """Train the S2T-Local selector (and an LLM-free trigger) from collected groups."""
     from s2t.policies.learned_selector import SelectorCheckpointError
+    from s2t.training.collect import check_complete_groups_at
     from s2t.training.objective import LORA_DEFAULT_LR, TrainConfig
     from s2t.training.train import train
     from s2t.training.trigger import parse_label
 
     defaults = {"head": (30, 1e-2, 256), "lora": (3, LORA_DEFAULT_LR, 1), "features": (30, 3e-3, 256)}
+    # every option is checked here or by the training configuration, before any model loads
     try:
         if mode not in defaults:
             raise ValueError(f"mode must be features, head or lora; got {mode!r}")
+        if not 0.0 <= trigger_rate < 1.0:
+            raise ValueError(f"--trigger-rate must lie in [0, 1) (0 trains no trigger); got {trigger_rate}")
         if trigger_rate > 0:
-            parse_label(trigger_label)  # before any training
+            parse_label(trigger_label)
+        if groups_at:
+            check_complete_groups_at(groups, groups_at)
         d_epochs, d_lr, d_bs = defaults[mode]
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         fail(str(e))
+    # None is "not given": an explicit 0 goes on to the configuration, which refuses it
+    epochs = d_epochs if epochs is None else epochs
+    lr = d_lr if lr is None else lr
+    batch_size = d_bs if batch_size is None else batch_size
     if mode == "features":
         selector = _train_features(
             groups,
             out,
-            k or 8,
+            8 if k is None else k,
             groups_at,
-            epochs or d_epochs,
-            lr or d_lr,
-            batch_size or d_bs,
+            epochs,
+            lr,
+            batch_size,
             val_fraction,
             seed,
             dtype,
@@ -223,9 +236,9 @@ def train_command(
             mode=mode,
             groups_subset=groups_subset,
             groups_at=groups_at,
-            epochs=epochs or d_epochs,
-            lr=lr or d_lr,
-            batch_size=batch_size or d_bs,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
             val_fraction=val_fraction,
             seed=seed,
             dtype=dtype,
@@ -329,8 +342,7 @@ def _ladder(selector, out: str, groups: str, k, groups_at, dtype) -> None:
     if not held_out:
         console.print("no validation problems (--val-fraction 0): no selector ladder")
         return
-    collect_cfg = collection_config(groups)
-    k = k or collect_cfg["k"]
+    k = collection_config(groups)["k"] if k is None else k
     try:
         ladder = selector_ladder(groups, held_out, k, groups_at, [out], slm=_collection_slm(groups, dtype))
     except ValueError as e:

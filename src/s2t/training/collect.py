@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -59,6 +61,9 @@ from s2t.prompts import build_prompt
 from s2t.run_driver import RunDriver
 from s2t.runs import RunDirectory, read_jsonl
 from s2t.teacher_forcing import trajectory_forward
+
+if TYPE_CHECKING:
+    from s2t.methods import TriggerSetting
 
 logger = logging.getLogger(__name__)
 
@@ -114,21 +119,25 @@ LEGACY_CONFIG = {"dtype": "float32"}
 
 def group_settings(spec: str):
     """Parse ``groups_at`` ("entropy@0.8,kl@0.9") into trigger settings; raises ``ValueError``."""
-    from s2t.methods import split_method_name
+    from s2t.methods import SETTING_SYNTAX, split_method_name
 
     settings = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
-        try:
-            _, setting = split_method_name(f"s2t/{part}")
-        except ValueError as e:
-            raise ValueError(f"--groups-at {part!r}: {e}") from None
-        if setting.trigger not in GROUP_TRIGGERS or setting.k is not None:
+        # the trigger's name first: the method-name parser would name a method and list every trigger
+        trigger = re.split(r"[@=/]", part, maxsplit=1)[0]
+        if trigger not in GROUP_TRIGGERS or "/" in part:
             raise ValueError(
                 f"--groups-at {part!r}: choose triggers from {', '.join(GROUP_TRIGGERS)} "
                 "(e.g. entropy@0.8, kl=1.1, always), without /kK"
             )
+        method = f"s2t/{part}"
+        try:
+            _, setting = split_method_name(method)
+        except ValueError as e:  # a bad value: its reason, without the method-name wrapper
+            reason = str(e).removeprefix(f"method {method!r}: ").removesuffix(f" (syntax: {SETTING_SYNTAX})")
+            raise ValueError(f"--groups-at {part!r}: {reason}") from None
         settings.append(setting)
     if not settings:
         raise ValueError("--groups-at names no trigger setting (e.g. entropy@0.8,kl@0.9)")
@@ -172,6 +181,73 @@ def stored_group_thresholds(groups_dir: str | Path, groups_at: str) -> dict[str,
     return thresholds
 
 
+def collection_group_settings(
+    groups_dir: str | Path,
+) -> tuple[str, list[tuple[TriggerSetting, float | None]]] | None:
+    """Where a collection kept its groups: its own ``(setting, threshold)`` pairs, with a line that
+    names them and where they are recorded.
+
+    A teacher-forced collection kept the positions where any of config.json's ``groups_at`` fires
+    (thresholds: given, or calibrated in calibration.json); an on-policy one, the steps where its
+    entropy trigger fired (config.json's ``on_policy_threshold``). None for a collection made before
+    ``groups_at`` was recorded (its groups: entropy or divergent positions).
+    """
+    from s2t.methods import TriggerSetting
+
+    config = collection_config(groups_dir)
+    if config.get("mode") == "on-policy":
+        threshold = config["on_policy_threshold"]
+        own = [(TriggerSetting("entropy", threshold=threshold), threshold)]
+        return f"its on-policy entropy trigger, config.json's on_policy_threshold {threshold!r}", own
+    if not config.get("groups_at"):
+        return None
+    thresholds = stored_group_thresholds(groups_dir, config["groups_at"])
+    own = [(s, thresholds[s.label]) for s in group_settings(config["groups_at"])]
+    calibrated = [f"{s.label} at {t!r}" for s, t in own if s.quantile is not None]
+    described = f"config.json's groups_at {config['groups_at']!r}" + (
+        f"; calibration.json: {', '.join(calibrated)}" if calibrated else ""
+    )
+    return described, own
+
+
+def check_complete_groups_at(groups_dir: str | Path, groups_at: str) -> None:
+    """Refuse a ``groups_at`` setting that fires on positions the collection did not keep.
+
+    A collection keeps the positions where any of its own settings fires, so it holds every firing
+    position of a setting only if that setting is as strict as one of its own: the same trigger at
+    an equal or stricter threshold (``entropy=0.6`` where it kept entropy >= 0.48), or anything where
+    it kept every position (``always``). Below that it holds only the groups it kept for another
+    setting (high KL, say): a biased sample, not the points the trigger will meet.
+
+    Raises:
+        ValueError: such a setting, naming the collection's own settings and the loosest complete
+            one; or a quantile setting the collection has not calibrated.
+    """
+    thresholds = stored_group_thresholds(groups_dir, groups_at)
+    kept = collection_group_settings(groups_dir)
+    if kept is None:  # made before groups_at was recorded: what it kept completely is unknown
+        return
+    described, own = kept
+    if any(o.trigger == "always" for o, _ in own):
+        return
+    for s in group_settings(groups_at):
+        same = [(o, t) for o, t in own if o.trigger == s.trigger]
+        if s.trigger == "always" or not same:
+            complete = f"no {s.trigger} setting is complete there"
+        else:
+            higher = make_trigger(s.trigger).higher_is_critical
+            bound = (min if higher else max)(t for _, t in same)
+            if thresholds[s.label] >= bound if higher else thresholds[s.label] <= bound:
+                continue
+            loosest = " = ".join([*(o.label for o, t in same if t == bound), f"{s.trigger}={bound!r}"])
+            complete = f"its loosest complete {s.trigger} setting is {loosest} (a stricter threshold is complete too)"
+        raise ValueError(
+            f"--groups-at {s.label!r} fires on positions {groups_dir} did not keep: the collection kept only "
+            f"where its own settings fire ({described}), so {complete}; train there, or collect with "
+            f"{s.label!r} in --groups-at"
+        )
+
+
 def fires_at(setting, threshold: float | None, statistics: dict[str, torch.Tensor]) -> torch.Tensor:
     """Where a group setting fires, given its (calibrated) threshold; (T,) bool."""
     if setting.trigger == "always":
@@ -187,10 +263,13 @@ def collected_groups_at(groups_dir: str | Path, groups_at: str, groups: Sequence
     at decoding time. Returns a (G,) bool tensor, in the order of ``groups``.
 
     Raises:
-        ValueError: a malformed setting, a quantile the collection has not calibrated, or a ``kl``
-            setting on a collection made before per-group KL was recorded.
+        ValueError: a malformed setting, a quantile the collection has not calibrated, a setting
+            that fires where the collection did not keep every position
+            (:func:`check_complete_groups_at`), or a ``kl`` setting on a collection made before
+            per-group KL was recorded.
     """
     settings = group_settings(groups_at)
+    check_complete_groups_at(groups_dir, groups_at)
     thresholds = stored_group_thresholds(groups_dir, groups_at)
     kl = torch.tensor([g.get("kl", float("nan")) for g in groups], dtype=torch.float32)
     if any(s.trigger == "kl" for s in settings) and kl.isnan().any():

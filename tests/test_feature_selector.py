@@ -154,6 +154,31 @@ def test_feature_selector_round_trips_and_refuses_other_models_kinds_and_k(train
         load_selector(tmp_path)
 
 
+def test_a_damaged_weights_file_that_still_parses_is_refused(trained, tmp_path):
+    """safetensors reads a file whose tensor bytes were flipped; the SHA-256 recorded at save catches it."""
+    import shutil
+
+    from s2t.policies.learned_trigger import LearnedTrigger, LearnedTriggerConfig
+
+    _, out = trained
+    copy = tmp_path / "sel"
+    shutil.copytree(out, copy)
+    n = 20
+    trigger_config = LearnedTriggerConfig("tiny", "f" * 16, threshold=0.5, target_rate=0.05)
+    LearnedTrigger(
+        torch.randn(n), torch.tensor(0.1), torch.zeros(n), torch.ones(n), trigger_config
+    ).save_pretrained(copy)
+    load_selector(copy), LearnedTrigger.from_pretrained(copy)  # intact
+    for name in ("selector.safetensors", "trigger.safetensors"):
+        data = bytearray((copy / name).read_bytes())
+        data[-3] ^= 0x40  # a weight's bytes, not the header: safetensors still parses the file
+        (copy / name).write_bytes(bytes(data))
+    with pytest.raises(SelectorCheckpointError, match="does not match the SHA-256 recorded"):
+        load_selector(copy)
+    with pytest.raises(SelectorCheckpointError, match="corrupted trigger checkpoint"):
+        LearnedTrigger.from_pretrained(copy)
+
+
 def test_a_method_with_another_k_or_another_builtin_slm_is_refused_before_any_model_loads(trained, tmp_path):
     from s2t.methods import MethodSpec
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from s2t.builtin_models import gguf_reader
@@ -46,8 +47,34 @@ def read_config(path: Path, config_class):
 
 def checkpoint_digest(directory: str | Path) -> str:
     """A short hash of a saved selector's weights: which trained selector produced a result."""
-    digest = hashlib.sha256((Path(directory) / WEIGHTS_NAME).read_bytes()).hexdigest()
-    return digest[:16]
+    return _sha256(Path(directory) / WEIGHTS_NAME)[:16]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_checkpoint(directory: Path, weights_name: str, tensors: dict, config_name: str, config) -> None:
+    """Write a checkpoint: its tensors with safetensors, then its config (a dataclass with a
+    ``weights_sha256`` field), which records the weights file's SHA-256 so that a load can tell a
+    damaged file (:func:`check_weights`) even where safetensors still parses it."""
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / weights_name))
+    config.weights_sha256 = _sha256(directory / weights_name)
+    (directory / config_name).write_text(json.dumps(asdict(config), indent=2))
+
+
+def check_weights(path: Path, recorded: str | None, what: str = "selector") -> None:
+    """Refuse a weights file whose SHA-256 is not the one its config recorded at save time (a
+    checkpoint saved before the hash was recorded, ``recorded=None``, is not checked).
+
+    Raises:
+        SelectorCheckpointError: naming the file.
+    """
+    if recorded is not None and _sha256(path) != recorded:
+        raise SelectorCheckpointError(
+            f"corrupted {what} checkpoint: {path} does not match the SHA-256 recorded when it was saved "
+            "(the file was damaged or replaced); restore it, or train again with `s2t train`"
+        )
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:

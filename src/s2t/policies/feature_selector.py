@@ -23,21 +23,22 @@ the base SLM by fingerprint, like the bin selectors.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from s2t.policies.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     SelectorCheckpointError,
     check_base_model,
+    check_weights,
     model_fingerprint,
     read_config,
+    save_checkpoint,
 )
 from s2t.policies.selectors import Selector, StepContext
 from s2t.policies.triggers import EntropyTrigger, MarginTrigger
@@ -106,6 +107,7 @@ class FeatureSelectorConfig:
     kind: str = KIND
     feature_version: int = FEATURE_VERSION
     training: dict = field(default_factory=dict)  # data, split, problem ids, metrics
+    weights_sha256: str | None = None  # of selector.safetensors, recorded at save (None: saved before)
 
 
 class FeatureSelector(Selector):
@@ -157,9 +159,8 @@ class FeatureSelector(Selector):
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {name: t.detach().contiguous() for name, t in self.scorer.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME))
-        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+        state = {name: t.detach() for name, t in self.scorer.state_dict().items()}
+        save_checkpoint(directory, WEIGHTS_NAME, state, CONFIG_NAME, self.config)
         return directory
 
     @classmethod
@@ -176,6 +177,7 @@ class FeatureSelector(Selector):
                 f"{directory} holds a {config.kind!r} selector with feature version {config.feature_version}; "
                 f"this release reads {KIND!r} version {FEATURE_VERSION}"
             )
+        check_weights(directory / WEIGHTS_NAME, config.weights_sha256)
         scorer = FeatureScorer(feature_count(config.k), config.hidden)
         try:
             scorer.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))

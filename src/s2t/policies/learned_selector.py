@@ -16,12 +16,12 @@ selector also carries a peft adapter (``adapter/``), merged into a copy of the S
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from s2t.policies.checkpoint import (  # noqa: F401 (re-exported: the selectors' checkpoint helpers)
@@ -29,10 +29,12 @@ from s2t.policies.checkpoint import (  # noqa: F401 (re-exported: the selectors'
     WEIGHTS_NAME,
     SelectorCheckpointError,
     check_base_model,
+    check_weights,
     checkpoint_digest,
     matches_fingerprint,
     model_fingerprint,
     read_config,
+    save_checkpoint,
 )
 from s2t.policies.scoring import candidate_hidden_states, keep_candidate
 from s2t.policies.selectors import Selector, StepContext
@@ -114,6 +116,7 @@ class LocalSelectorConfig:
     # "none": score / temperature alone (selectors trained before the prior, which collapsed onto the top-1).
     prior: str = "none"
     training: dict = field(default_factory=dict)  # how it was trained: data, split, problem ids, metrics
+    weights_sha256: str | None = None  # of selector.safetensors, recorded at save (None: saved before)
 
 
 class LocalSelector(Selector):
@@ -202,8 +205,7 @@ class LocalSelector(Selector):
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"bins": self.bins.contiguous()}, str(directory / WEIGHTS_NAME))
-        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+        save_checkpoint(directory, WEIGHTS_NAME, {"bins": self.bins}, CONFIG_NAME, self.config)
         return directory
 
     @classmethod
@@ -215,6 +217,7 @@ class LocalSelector(Selector):
                 f"{directory} is not a selector checkpoint ({CONFIG_NAME} + {WEIGHTS_NAME})"
             )
         config = read_config(directory / CONFIG_NAME, LocalSelectorConfig)
+        check_weights(directory / WEIGHTS_NAME, config.weights_sha256)
         try:
             bins = load_file(str(directory / WEIGHTS_NAME))["bins"]
         except (SafetensorError, KeyError, OSError) as e:

@@ -12,14 +12,19 @@ run it too.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from s2t.policies.checkpoint import SelectorCheckpointError, check_base_model, read_config
+from s2t.policies.checkpoint import (
+    SelectorCheckpointError,
+    check_base_model,
+    check_weights,
+    read_config,
+    save_checkpoint,
+)
 from s2t.policies.features import LOGIT_FEATURES, features_from_logits
 from s2t.policies.triggers import Trigger
 
@@ -34,6 +39,7 @@ class LearnedTriggerConfig:
     threshold: float
     target_rate: float
     metrics: dict = field(default_factory=dict)
+    weights_sha256: str | None = None  # of trigger.safetensors, recorded at save (None: saved before)
 
 
 class LearnedTrigger(Trigger):
@@ -76,8 +82,7 @@ class LearnedTrigger(Trigger):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {"weight": self.weight, "bias": self.bias.reshape(1), "mean": self.mean, "std": self.std}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME))
-        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+        save_checkpoint(directory, WEIGHTS_NAME, tensors, CONFIG_NAME, self.config)
 
     @classmethod
     def from_pretrained(
@@ -89,6 +94,7 @@ class LearnedTrigger(Trigger):
         if not (directory / WEIGHTS_NAME).is_file():
             raise SelectorCheckpointError(f"no learned trigger in {directory} (train one with `s2t train`)")
         config = read_config(directory / CONFIG_NAME, LearnedTriggerConfig)
+        check_weights(directory / WEIGHTS_NAME, config.weights_sha256, what="trigger")
         try:
             t = load_file(str(directory / WEIGHTS_NAME))
         except Exception as e:  # safetensors raises several unrelated types on corrupt files

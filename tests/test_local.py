@@ -177,6 +177,7 @@ def test_head_training_at_trigger_points_and_its_ladder_rung_from_stored_hidden_
         groups=str(collected), out=str(tmp_path / "sel"), epochs=3, val_fraction=0.25, groups_at=at
     )
     trained = train(cfg, slm=slm, progress=False)
+    assert trained.config.training["collection"]["trained_at_thresholds"] == {at: threshold}
     recorded = trained.config.training["metrics"]["validation"]
     kept = load_group_arrays(collected, 4, at)
     val_ids = set(trained.config.training["validation_problem_ids"])

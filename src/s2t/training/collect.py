@@ -248,6 +248,18 @@ def check_complete_groups_at(groups_dir: str | Path, groups_at: str) -> None:
         )
 
 
+def collection_summary(groups_dir: str | Path, groups_at: str | None = None) -> dict:
+    """What a trained selector records of the collection it learned from: its dataset, split, mode,
+    K, models and kept settings, and, with ``groups_at``, the thresholds the trainer's settings
+    resolved to there (``{"entropy@0.8": 0.4809}``). A quantile is calibrated per collection, and an
+    evaluation calibrates its own, so the number says which points the selector was trained on."""
+    config = collection_config(groups_dir)
+    summary = {k: config.get(k) for k in ("dataset", "split", "mode", "k", "slm", "llm", "groups_at")}
+    if groups_at:
+        summary["trained_at_thresholds"] = stored_group_thresholds(groups_dir, groups_at)
+    return summary
+
+
 def fires_at(setting, threshold: float | None, statistics: dict[str, torch.Tensor]) -> torch.Tensor:
     """Where a group setting fires, given its (calibrated) threshold; (T,) bool."""
     if setting.trigger == "always":

@@ -28,6 +28,7 @@ from s2t.training.collect import (
     collected_records,
     collection_config,
     collection_dtype,
+    collection_summary,
     group_settings,
 )
 from s2t.training.objective import split_problems
@@ -231,9 +232,7 @@ def train_feature_selector(cfg: FeatureTrainConfig, slm=None, progress: bool = T
     selector.config.training = {
         "mode": "features",
         "config": asdict(cfg),
-        "collection": {
-            k: collect_cfg.get(k) for k in ("dataset", "split", "mode", "k", "slm", "llm", "groups_at")
-        },
+        "collection": collection_summary(cfg.groups, cfg.groups_at),
         "train_problem_ids": sorted(data.problem_ids[i] for i in train_p),
         "validation_problem_ids": sorted(data.problem_ids[i] for i in val_p),
         "metrics": {"train": metrics(in_train), "validation": metrics(in_val) if in_val.any() else None},

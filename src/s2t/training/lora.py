@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from s2t.policies.learned_selector import ADAPTER_DIR, LocalSelector, model_fingerprint
 from s2t.policies.scoring import attention_mask_for
 from s2t.runs import write_json_atomic
-from s2t.training.collect import collected_groups_at, collected_records, collection_config
+from s2t.training.collect import collected_groups_at, collected_records, collection_config, collection_summary
 from s2t.training.objective import TrainConfig, grouped_selection_metrics, selector_loss, split_problems
 from s2t.training.packing import (
     PackedProblem,
@@ -616,10 +616,7 @@ class LoraTrainer:
             "config": asdict(cfg),
             "k": self.k,
             "adapted_layers": list(range(self.start, self.lm.config.num_hidden_layers)),
-            "collection": {
-                k: self.collect_cfg.get(k)
-                for k in ("dataset", "split", "mode", "k", "slm", "llm", "groups_at")
-            },
+            "collection": collection_summary(self.groups_dir, cfg.groups_at),
             "train_problem_ids": sorted(self.records[i]["problem_id"] for i in self.train_p),
             "validation_problem_ids": sorted(self.records[i]["problem_id"] for i in self.val_p),
             "chosen": chosen.get("where"),

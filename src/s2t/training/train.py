@@ -25,7 +25,13 @@ from tqdm.auto import tqdm
 
 from s2t.policies.learned_selector import LocalSelector
 from s2t.runs import write_json_atomic
-from s2t.training.collect import collected_groups_at, collected_records, collection_config, read_features
+from s2t.training.collect import (
+    collected_groups_at,
+    collected_records,
+    collection_config,
+    collection_summary,
+    read_features,
+)
 from s2t.training.objective import TrainConfig, selection_metrics, selector_loss, split_problems
 
 logger = logging.getLogger(__name__)
@@ -154,9 +160,7 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
     selector.config.training = {
         "mode": "head",
         "config": asdict(cfg),
-        "collection": {
-            k: collect_cfg.get(k) for k in ("dataset", "split", "mode", "k", "slm", "llm", "groups_at")
-        },
+        "collection": collection_summary(cfg.groups, cfg.groups_at),
         "train_problem_ids": sorted(data.problem_ids[i] for i in train_p),
         "validation_problem_ids": sorted(data.problem_ids[i] for i in val_p),
         "metrics": metrics,

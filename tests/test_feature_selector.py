@@ -260,6 +260,11 @@ def test_s2t_local_evaluation_with_a_feature_selector_never_loads_the_llm(traine
     local = next(r for r in records if r["method"] == "s2t-local")
     assert local["cost"]["llm_forward_calls"] == 0 and local["cost"]["triggers"] > 0
     assert not gen.llm_loaded
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert report.startswith("# tiny test: tiny (SLM) (no method of this run loads the LLM)")
+    assert "| trigger rate | overrides |" in report
+    overrides = local["cost"]["overrides"] / local["cost"]["generated_tokens"]
+    assert f"| {payload['methods']['s2t-local']['trigger_rate']:.1%} | {overrides:.1%} |" in report
 
 
 @pytest.fixture(scope="module")

@@ -117,15 +117,16 @@ def _fmt_p(entry: dict, key: str) -> str:
 def markdown_table(summary: dict) -> str:
     lines = [
         "| method | accuracy (95% CI) | n | p vs greedy | p vs maj@k | gen. tokens | LLM tokens | LLM calls"
-        " | trigger rate | time / problem (s) | time vs greedy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        " | trigger rate | overrides | time / problem (s) | time vs greedy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, e in summary.items():
         ratio = f"{e['time_ratio_vs_greedy']:.2f}×" if e.get("time_ratio_vs_greedy") else "–"
         lines.append(
             f"| {m} | {e['accuracy']:.1%} ({e['ci_low']:.1%}–{e['ci_high']:.1%}) | {e['n']} | {_fmt_p(e, 'vs_greedy')}"
             f" | {_fmt_p(e, 'vs_maj')} | {e['mean_generated_tokens']:.0f} | {e['mean_llm_forward_tokens']:.0f}"
-            f" | {e['mean_llm_forward_calls']:.1f} | {e['trigger_rate']:.1%} | {e['mean_wall_time_s']:.1f} | {ratio} |"
+            f" | {e['mean_llm_forward_calls']:.1f} | {e['trigger_rate']:.1%} | {e.get('override_rate', 0.0):.1%}"
+            f" | {e['mean_wall_time_s']:.1f} | {ratio} |"
         )
     extra = [
         f"- {m}: pass@k (any of k samples correct; *not* comparable to accuracy) = "
@@ -136,7 +137,9 @@ def markdown_table(summary: dict) -> str:
     notes = [
         "",
         "p-values: exact McNemar test on the problems both methods finished. Costs are per problem, as if "
-        "decoded alone; maj@k costs add up its k samples. LLM tokens: tokens the LLM had to read.",
+        "decoded alone; maj@k costs add up its k samples. LLM tokens: tokens the LLM had to read. "
+        "Trigger rate and overrides: shares of generated tokens where the trigger fired, and where the "
+        "selector then chose another token than the SLM's top-1.",
     ]
     return "\n".join(lines + ([""] + extra if extra else []) + notes) + "\n"
 
@@ -218,7 +221,9 @@ def write_report(run_dir: str | Path) -> dict:
         if frontier
         else None,
     }
-    header = f"# {config.get('dataset')} {config.get('split')}: {config.get('slm')} (SLM), {config.get('llm')} (LLM)\n\n"
+    llm_loaded = any(e.get("mean_llm_forward_calls", 0) > 0 or m == "llm" for m, e in summary.items())
+    llm = f", {config.get('llm')} (LLM)" if llm_loaded else " (no method of this run loads the LLM)"
+    header = f"# {config.get('dataset')} {config.get('split')}: {config.get('slm')} (SLM){llm}\n\n"
     frontier_text = "\n" + frontier_markdown(frontier, summary) if frontier else ""
     note = resumption_note(summary, config)
     payload["resumed"] = note

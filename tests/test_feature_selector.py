@@ -423,6 +423,82 @@ def test_learned_trigger_learns_the_kl_label_and_an_old_collection_is_refused(ti
         train_trigger(old, slm, "tiny", target_rate=0.2, label="kl@0.95")
 
 
+def test_train_refuses_trigger_data_it_cannot_use_before_any_model_loads(
+    tiny_collection, tmp_path, monkeypatch
+):
+    """A collection without per-position KL, or missing feature files whose records cannot rebuild
+    them, is refused before the selector is trained, not after."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    import s2t.models
+    from s2t.cli import app
+
+    asked = []
+
+    def no_model(*args, **kwargs):
+        asked.append(kwargs.get("dtype"))
+        raise AssertionError("a model loaded before the trigger's data was checked")
+
+    monkeypatch.setattr(s2t.models, "load_model", no_model)
+    no_kl = tmp_path / "no_kl"
+    shutil.copytree(tiny_collection, no_kl)
+    for path in (no_kl / "features").glob("*.safetensors"):
+        tensors = load_file(str(path))
+        tensors.pop("position_kl")
+        save_file(tensors, str(path))
+    bare = tmp_path / "bare"  # a clone of an old collection: no features/, records without the LLM values
+    shutil.copytree(tiny_collection, bare)
+    shutil.rmtree(bare / "features")
+    records = [json.loads(line) for line in (bare / "problems.jsonl").read_text().splitlines()]
+    (bare / "problems.jsonl").write_text(
+        "".join(
+            json.dumps({k: v for k, v in r.items() if not k.startswith("position_")}) + "\n" for r in records
+        )
+    )
+    for groups, message in (
+        (no_kl, "records no per-position KL"),
+        (bare, "predate the per-position LLM values"),
+    ):
+        out = tmp_path / f"selector-{groups.name}"
+        args = [
+            "train",
+            "--mode",
+            "features",
+            "--groups",
+            str(groups),
+            "--out",
+            str(out),
+            "--trigger-rate",
+            "0.1",
+        ]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not out.exists()
+    # the divergent label needs no KL
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--mode",
+            "features",
+            "--groups",
+            str(no_kl),
+            "--out",
+            str(tmp_path / "d"),
+            "--trigger-label",
+            "divergent",
+        ],
+    )
+    assert "a model loaded before" in repr(result.exception)  # got past the checks, to loading the SLM
+    # ... in the collection's dtype, which rebuilt trigger features must match
+    from s2t.training.collect import collection_config, collection_dtype
+
+    assert asked == [collection_dtype(collection_config(no_kl))]
+
+
 def test_trigger_model_choice_keeps_the_hidden_state_only_where_it_carries_the_label():
     from s2t.training.trigger import _choose_model
 

@@ -186,7 +186,7 @@ def train_command(
     from s2t.training.collect import check_complete_groups_at
     from s2t.training.objective import LORA_DEFAULT_LR, TrainConfig
     from s2t.training.train import train
-    from s2t.training.trigger import parse_label
+    from s2t.training.trigger import check_trigger_data
 
     defaults = {"head": (30, 1e-2, 256), "lora": (3, LORA_DEFAULT_LR, 1), "features": (30, 3e-3, 256)}
     # every option is checked here or by the training configuration, before any model loads
@@ -196,7 +196,7 @@ def train_command(
         if not 0.0 <= trigger_rate < 1.0:
             raise ValueError(f"--trigger-rate must lie in [0, 1) (0 trains no trigger); got {trigger_rate}")
         if trigger_rate > 0:
-            parse_label(trigger_label)
+            check_trigger_data(groups, trigger_label)
         if groups_at:
             check_complete_groups_at(groups, groups_at)
         d_epochs, d_lr, d_bs = defaults[mode]
@@ -274,11 +274,13 @@ def train_command(
 
 @cache
 def _collection_slm(groups: str, dtype):
-    """The collection's SLM, loaded once per command (the selector, the trigger and the ladder share it)."""
+    """The collection's SLM, loaded once per command (the selector, the trigger and the ladder share it),
+    by default in the collection's dtype: rebuilt trigger features must match the stored ones."""
     from s2t.models import load_model
-    from s2t.training.collect import collection_config
+    from s2t.training.collect import collection_config, collection_dtype
 
-    return load_model(collection_config(groups)["slm"], dtype=dtype)
+    config = collection_config(groups)
+    return load_model(config["slm"], dtype=dtype or collection_dtype(config))
 
 
 def _train_features(groups, out, k, groups_at, epochs, lr, batch_size, val_fraction, seed, dtype):

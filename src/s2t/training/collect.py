@@ -691,6 +691,27 @@ def read_features(groups_dir: str | Path, record: dict) -> dict[str, torch.Tenso
         ) from e
 
 
+def _recompute_hint(groups_dir: Path) -> str:
+    return (
+        f"re-run the `s2t collect` command that made {groups_dir} (same arguments) with --recompute-features"
+    )
+
+
+def check_records_rebuildable(groups_dir: str | Path, records: Sequence[dict]) -> None:
+    """The model-free half of :func:`check_rebuildable`: every record whose feature file is missing
+    carries the per-position LLM values (``records`` are those records).
+
+    Raises:
+        FileNotFoundError: naming ``--recompute-features``.
+    """
+    old = [r for r in records if "position_kl" not in r]
+    if old:
+        raise FileNotFoundError(
+            f"{len(old)} feature files of {groups_dir} are missing (e.g. {old[0]['features']}) and their "
+            f"records predate the per-position LLM values: {_recompute_hint(Path(groups_dir))}"
+        )
+
+
 def check_rebuildable(groups_dir: str | Path, records: Sequence[dict], slm: LoadedModel | None) -> None:
     """Check that :func:`rebuild_position_tensors` can rebuild the missing feature files of ``records``.
 
@@ -701,15 +722,8 @@ def check_rebuildable(groups_dir: str | Path, records: Sequence[dict], slm: Load
             would mix precisions with the stored ones); the message names the dtype to load.
     """
     groups_dir = Path(groups_dir)
-    rerun = (
-        f"re-run the `s2t collect` command that made {groups_dir} (same arguments) with --recompute-features"
-    )
-    old = [r for r in records if "position_kl" not in r]
-    if old:
-        raise FileNotFoundError(
-            f"{len(old)} feature files of {groups_dir} are missing (e.g. {old[0]['features']}) and their "
-            f"records predate the per-position LLM values: {rerun}"
-        )
+    rerun = _recompute_hint(groups_dir)
+    check_records_rebuildable(groups_dir, records)
     if records and slm is None:
         raise FileNotFoundError(
             f"{len(records)} feature files of {groups_dir} are missing (e.g. {records[0]['features']}): "

@@ -67,6 +67,43 @@ def parse_label(label: str) -> float | None:
     raise ValueError(f"unknown trigger label {label!r}; choose {TRIGGER_LABELS}")
 
 
+def check_trigger_data(groups_dir: str | Path, label: str = "kl@0.95") -> None:
+    """Check, before any model loads, that a trigger can be trained on ``label`` from a collection:
+    the label parses, every missing feature file can be rebuilt from its record, and for a ``kl``
+    label every feature file holds the per-position KL (reading only the files' headers).
+
+    Raises:
+        ValueError: an unknown label, or a ``kl`` label on problems without per-position KL.
+        FileNotFoundError: not a collection, or missing feature files that cannot be rebuilt.
+    """
+    from safetensors import safe_open
+
+    from s2t.training.collect import check_records_rebuildable
+
+    groups_dir = Path(groups_dir)
+    kl_label = parse_label(label) is not None
+    records = collected_records(groups_dir, need_features=False)
+    missing = [r for r in records if not (groups_dir / r["features"]).is_file()]
+    check_records_rebuildable(groups_dir, missing)
+    if not kl_label:
+        return
+    for r in records:
+        if r in missing:  # rebuilt from its record, which carries the KL (checked above)
+            continue
+        try:
+            with safe_open(str(groups_dir / r["features"]), framework="pt") as f:
+                has_kl = "position_kl" in f.keys()
+        except Exception:  # a damaged file: reading it says which and how to redo it
+            read_features(groups_dir, r)
+            raise
+        if not has_kl:
+            raise ValueError(
+                f"{groups_dir} records no per-position KL for {r['problem_id']} (collected before it was "
+                "recorded), so a trigger cannot learn the kl label from it: collect again with `s2t collect "
+                "--out NEW_DIR`, or train with --trigger-label divergent"
+            )
+
+
 def load_position_features(
     groups_dir: str | Path,
     min_step: int = 3,

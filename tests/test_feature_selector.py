@@ -4,6 +4,7 @@ decodes like greedy until trained, and saves/loads like the other selector kinds
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -393,9 +394,6 @@ def test_train_refuses_a_bad_option_before_any_model_loads(
 
 
 def test_learned_trigger_learns_the_kl_label_and_an_old_collection_is_refused(tiny_collection, slm, tmp_path):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
 
     from s2t.training.trigger import parse_label, train_trigger
 
@@ -413,14 +411,23 @@ def test_learned_trigger_learns_the_kl_label_and_an_old_collection_is_refused(ti
     for bad in ("kl@1.5", "kl", "entropy@0.9"):
         with pytest.raises(ValueError):
             parse_label(bad)
-    old = tmp_path / "old"
-    shutil.copytree(tiny_collection, old)
-    for path in (old / "features").glob("*.safetensors"):
+    old = _copy_without_position_kl(tiny_collection, tmp_path / "old")
+    with pytest.raises(ValueError, match="no per-position KL.*s2t collect"):
+        train_trigger(old, slm, "tiny", target_rate=0.2, label="kl@0.95")
+
+
+def _copy_without_position_kl(collection: Path, to: Path) -> Path:
+    """A copy of ``collection`` whose feature files lack the per-position KL (as before it was recorded)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(collection, to)
+    for path in (to / "features").glob("*.safetensors"):
         tensors = load_file(str(path))
         tensors.pop("position_kl")
         save_file(tensors, str(path))
-    with pytest.raises(ValueError, match="no per-position KL.*s2t collect"):
-        train_trigger(old, slm, "tiny", target_rate=0.2, label="kl@0.95")
+    return to
 
 
 def test_train_refuses_trigger_data_it_cannot_use_before_any_model_loads(
@@ -430,7 +437,6 @@ def test_train_refuses_trigger_data_it_cannot_use_before_any_model_loads(
     them, is refused before the selector is trained, not after."""
     import shutil
 
-    from safetensors.torch import load_file, save_file
     from typer.testing import CliRunner
 
     import s2t.models
@@ -443,12 +449,7 @@ def test_train_refuses_trigger_data_it_cannot_use_before_any_model_loads(
         raise AssertionError("a model loaded before the trigger's data was checked")
 
     monkeypatch.setattr(s2t.models, "load_model", no_model)
-    no_kl = tmp_path / "no_kl"
-    shutil.copytree(tiny_collection, no_kl)
-    for path in (no_kl / "features").glob("*.safetensors"):
-        tensors = load_file(str(path))
-        tensors.pop("position_kl")
-        save_file(tensors, str(path))
+    no_kl = _copy_without_position_kl(tiny_collection, tmp_path / "no_kl")
     bare = tmp_path / "bare"  # a clone of an old collection: no features/, records without the LLM values
     shutil.copytree(tiny_collection, bare)
     shutil.rmtree(bare / "features")

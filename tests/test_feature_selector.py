@@ -370,6 +370,15 @@ def test_groups_at_below_what_the_collection_kept_completely_is_refused(tiny_col
             "--groups-at 'nonsense': choose triggers from entropy, margin, kl, always",
         ),
         (["--groups-at", "always"], "--groups-at 'always' fires on positions"),
+        (["--lr", "nan"], "lr a finite number > 0; got lr=nan"),
+        (["--lr", "inf"], "lr a finite number > 0; got lr=inf"),
+        (["--groups-subset", "bogus"], "--groups-subset must be all or divergent; got 'bogus'"),
+        (["--groups-subset", "divergent"], "features mode trains on all groups"),
+        (["--mode", "head", "--lr", "inf"], "lr a finite number > 0; got lr=inf"),
+        (["--mode", "lora", "--lora-r", "0"], "lora_r and lora_alpha must be >= 1"),
+        (["--mode", "lora", "--lora-dropout", "1.5"], "lora_dropout must lie in [0, 1); got 1.5"),
+        (["--mode", "lora", "--prefix-kl-weight", "-1"], "prefix_kl_weight must be a finite number >= 0"),
+        (["--mode", "lora", "--bins-lr", "-1"], "bins_lr must be a finite number > 0; got -1.0"),
     ],
 )
 def test_train_refuses_a_bad_option_before_any_model_loads(

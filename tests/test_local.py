@@ -367,6 +367,58 @@ def test_learned_trigger_trains_reloads_and_drives_llm_free_decoding(
     assert [g.trigger_steps for g in batched] == [g.trigger_steps for g in single]
 
 
+def test_a_run_never_mixes_two_learned_triggers_however_the_trigger_is_named(collected, slm, tmp_path):
+    from dataclasses import replace
+
+    from s2t.api import S2TGenerator
+    from s2t.evaluate import EvalConfig, evaluate
+    from s2t.policies.learned_trigger import LearnedTrigger
+    from s2t.training.trigger import train_trigger
+
+    trigger = train_trigger(collected, slm, "tiny", target_rate=0.3, val_fraction=0.25, epochs=20)
+    trigger.save_pretrained(tmp_path / "a")
+    LearnedTrigger(
+        trigger.weight + 0.5, trigger.bias, trigger.mean, trigger.std, trigger.config
+    ).save_pretrained(tmp_path / "b")
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("\n".join(json.dumps({"question": q, "answer": "#### 4"}) for q in QUESTIONS[:2]))
+    gen = S2TGenerator(slm, llm="/nonexistent/llm/never/loaded")
+    base = EvalConfig(
+        slm="tiny",
+        llm="none",
+        dataset="tiny",
+        split="test",
+        data_file=str(test_file),
+        limit=1,
+        methods=["random-select/learned"],
+        k=4,
+        max_new_tokens=6,
+        selector=str(tmp_path / "a"),
+    )
+    evaluate(base, tmp_path / "run", progress=False, generator=gen)
+    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert records[0]["selector"].startswith("trigger:")
+    with pytest.raises(ValueError, match="random-select/learned results of another selector"):
+        evaluate(
+            replace(base, limit=None, selector=str(tmp_path / "b")),
+            tmp_path / "run",
+            progress=False,
+            generator=gen,
+        )
+    # a later invocation that uses no selector keeps naming the one behind the run's results
+    evaluate(
+        replace(base, methods=["greedy"], selector=str(tmp_path / "b")),
+        tmp_path / "run",
+        progress=False,
+        generator=gen,
+    )
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert stored["selector"] == str(tmp_path / "a")
+    assert stored["methods"] == ["random-select/learned", "greedy"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "(no method of this run loads the LLM)" in report and "nan" not in report
+
+
 def test_lora_training_saves_an_adapter_that_s2t_local_evaluation_uses(collected, tiny_pair_dir, tmp_path):
     from s2t.api import S2TGenerator
     from s2t.evaluate import EvalConfig, evaluate
@@ -408,6 +460,19 @@ def test_lora_training_saves_an_adapter_that_s2t_local_evaluation_uses(collected
     )
     payload = evaluate(cfg, tmp_path / "run", progress=False, generator=gen)
     assert payload["methods"]["s2t-local"]["n"] == 1
+    record = json.loads((tmp_path / "run" / "results.jsonl").read_text().splitlines()[0])
+    assert f"+adapter:{selector.config.adapter_sha256[:16]}" in record["selector"]
+    # a damaged adapter that safetensors still parses is refused, before and at loading
+    from s2t.policies.learned_selector import check_selector_checkpoint, load_adapted_slm
+
+    adapter = tmp_path / "sel" / "adapter" / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[-5] ^= 0x7F
+    adapter.write_bytes(bytes(data))
+    with pytest.raises(SelectorCheckpointError, match="corrupted LoRA adapter"):
+        check_selector_checkpoint(tmp_path / "sel")
+    with pytest.raises(SelectorCheckpointError, match="corrupted LoRA adapter"):
+        load_adapted_slm(slm.model, tmp_path / "sel")
 
 
 def test_lora_training_at_trigger_points_trains_and_validates_only_where_the_trigger_fires(

@@ -138,6 +138,30 @@ class EvalConfig:
         spec = self.spec(method)
         return spec.trigger if spec is not None and spec.trigger != "never" else None
 
+    def uses_selector(self, method: str) -> bool:
+        """Whether ``method``'s results depend on ``--selector``: S2T-Local, or any learned trigger
+        (``--trigger learned`` or ``/learned`` in the name), which is stored with the selector."""
+        spec = self.spec(method)
+        return spec is not None and spec.selector is not None
+
+    def selector_digest(self, method: str) -> str:
+        """What of ``--selector`` made ``method``'s results: its weights' digest for S2T-Local (the
+        form records have always carried), and its learned trigger's, prefixed ``trigger:``, where the
+        method fires on it."""
+        from s2t.policies.learned_selector import CONFIG_NAME, checkpoint_digest
+        from s2t.policies.learned_trigger import WEIGHTS_NAME as TRIGGER_WEIGHTS
+
+        spec = self.spec(method)
+        parts = []
+        if is_local_method(method):
+            parts.append(checkpoint_digest(self.selector))
+            adapter = json.loads((Path(self.selector) / CONFIG_NAME).read_text()).get("adapter_sha256")
+            if adapter:  # a LoRA selector saved with its adapter's hash: most of its weights
+                parts.append("adapter:" + adapter[:16])
+        if spec.trigger == "learned":
+            parts.append("trigger:" + checkpoint_digest(self.selector, TRIGGER_WEIGHTS))
+        return "+".join(parts)
+
     def needs_llm(self, method: str) -> bool:
         """Whether ``method`` needs the LLM loaded (decided from the configuration, before any model loads)."""
         spec = self.spec(method)
@@ -232,7 +256,7 @@ class Evaluator:
         self.problems = list(problems) if problems is not None else self._load_problems()
         if any(is_local_method(m) for m in config.methods):
             self._check_selector_leakage()  # nor a selector trained on the evaluated problems
-        resumable = RESUMABLE_KEYS | ({SELECTOR_KEY} if config.trigger != "learned" else set())
+        resumable = RESUMABLE_KEYS | {SELECTOR_KEY}  # guarded per method by the records' digests
         if config.backend == "llama.cpp":
             # the GGUF files fix the precision there; the torch dtype (a CPU-dependent default) does not
             # apply, so a run started on a CPU without native bfloat16 resumes on one with it
@@ -241,13 +265,9 @@ class Evaluator:
             resumable = resumable - {"batch_size"}
             if out_dir is not None:
                 _check_same_batch_size(Path(out_dir), config)
-        if config.selector and out_dir is not None:
-            from s2t.policies.learned_selector import checkpoint_digest
-
-            # before config.json is rewritten, and whether or not work is left
-            digest = checkpoint_digest(config.selector)
-            for method in filter(is_local_method, config.methods):
-                _check_same_selector(Path(out_dir), method, digest)
+        if out_dir is not None:  # before config.json is rewritten, and whether or not work is left
+            for method in filter(config.uses_selector, config.methods):
+                _check_same_selector(Path(out_dir), method, config.selector_digest(method))
         self.invocation = invocation_id()
         self.run = (
             RunDirectory(
@@ -327,7 +347,7 @@ class Evaluator:
         done = self.finished()
         for method in self.config.methods:
             problem_key = partial(unit_key, method)
-            if is_local_method(method) and self.driver.pending(self.problems, problem_key, done):
+            if self.config.uses_selector(method) and self.driver.pending(self.problems, problem_key, done):
                 self.check_same_selector(method)
             self.driver.drive(
                 self.problems,
@@ -350,15 +370,11 @@ class Evaluator:
             for record in self.run_method(method, problems):
                 yield record | made_by
 
-    def _selector_digest(self) -> str:
-        from s2t.policies.learned_selector import checkpoint_digest
-
-        return checkpoint_digest(self.config.selector)
-
     def check_same_selector(self, method: str) -> None:
-        """Refuse to mix results of two different trained selectors under one method name (also
-        checked when the evaluator is made; again here, since another process may write the run)."""
-        _check_same_selector(self.run.path, method, self._selector_digest())
+        """Refuse to mix results of two different trained selectors (or learned triggers) under one
+        method name (also checked when the evaluator is made; again here, since another process may
+        write the run)."""
+        _check_same_selector(self.run.path, method, self.config.selector_digest(method))
 
     def _accuracy_postfix(self, method: str) -> dict[str, str]:
         """The progress bar's running accuracy of ``method`` over every record of it written so far."""
@@ -372,7 +388,7 @@ class Evaluator:
             yield from self._run_majority(samples, problems)
             return
         resolved = self._resolve(method)
-        extra = {"selector": self._selector_digest()} if is_local_method(method) else {}
+        extra = {"selector": self.config.selector_digest(method)} if self.config.uses_selector(method) else {}
         if self.config.trigger_name(method) is not None:
             extra["setting"] = _setting_record(resolved.method)
         # One continuous batch: a finished problem's place goes to the next one at once.
@@ -463,7 +479,7 @@ class Evaluator:
 def _check_same_selector(run_dir: Path, method: str, digest: str) -> None:
     """Refuse a selector (weights ``digest``) for ``method`` where ``run_dir`` holds results of another."""
     earlier = {r.get("selector") for r in read_jsonl(run_dir / RESULTS_FILE) if r.get("method") == method}
-    other = earlier - {digest}
+    other = earlier - {digest, None}  # None: a record made before digests were recorded
     if other:
         raise ValueError(
             f"{run_dir} holds {method} results of another selector (weights digest "
@@ -475,8 +491,8 @@ def _check_same_selector(run_dir: Path, method: str, digest: str) -> None:
 def _recorded_config(out_dir: str | Path, config: EvalConfig) -> dict:
     """What ``config.json`` records for this invocation of a run that may be resumed, or gain methods
     or a selector, over several invocations (or lanes running side by side): every method any
-    invocation asked for, in first-asked order, and the selector that made the run's S2T-Local
-    results, which an invocation without ``--selector`` (running other methods) does not erase."""
+    invocation asked for, in first-asked order, and the selector behind the run's selector-using
+    results (S2T-Local, learned triggers), which only an invocation that runs such a method sets."""
     recorded = asdict(config)
     stored = Path(out_dir) / "config.json"
     if not stored.is_file():
@@ -484,7 +500,7 @@ def _recorded_config(out_dir: str | Path, config: EvalConfig) -> dict:
     earlier = json.loads(stored.read_text())
     methods = list(earlier.get("methods") or [])
     recorded["methods"] = methods + [m for m in config.methods if m not in methods]
-    if config.selector is None and earlier.get(SELECTOR_KEY) is not None:
+    if not any(map(config.uses_selector, config.methods)) and earlier.get(SELECTOR_KEY) is not None:
         recorded[SELECTOR_KEY] = earlier[SELECTOR_KEY]
     return recorded
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from s2t.data import Problem
 from s2t.distributed import import_ray
-from s2t.evaluate import EvalConfig, EvalShard, Evaluator, is_local_method, unit_key
+from s2t.evaluate import EvalConfig, EvalShard, Evaluator, unit_key
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def evaluate_distributed(
     prepare_builtin_models(config)
     thresholds = evaluator.prepare_methods()  # calibrates once, here; stored in calibration.json
     for method in config.methods:
-        if is_local_method(method):  # one trained selector per method name, as in a single process
+        if config.uses_selector(method):  # one trained selector per method name, as in a single process
             evaluator.check_same_selector(method)
     problems, driver, done = evaluator.problems, evaluator.driver, evaluator.finished()
     # at most two batches a shard, and enough shards that every worker gets some

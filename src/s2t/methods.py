@@ -248,6 +248,22 @@ def base_method(name: str) -> str:
     return LOCAL_METHOD if is_local_method(base) else base
 
 
+def method_needs_llm(name: str, trigger: str = "entropy") -> bool:
+    """Whether method ``name`` loads the LLM, from the name alone: the LLM alone, S2T and Takeover
+    always do, and any method whose trigger (the name's setting, else ``trigger``, the run's
+    ``--trigger``) reads the LLM (``kl``). Greedy and maj@K never do."""
+    if majority_samples(name) is not None:
+        return False
+    base, setting = split_method_name(name)
+    method = base_method(base)
+    if method in (LLM_ALONE, "s2t", "takeover"):
+        return True
+    if method == "greedy":
+        return False
+    trigger = setting.trigger if setting is not None else trigger
+    return trigger in TRIGGERS and TRIGGERS[trigger].needs_llm
+
+
 def majority_samples(name: str) -> int | None:
     """K for ``maj@K`` (K samples, majority vote; an evaluation baseline), else None."""
     match = _MAJORITY_PATTERN.match(name)
@@ -444,13 +460,15 @@ class MethodSpec:
                 )
             calibration.check()
         if uses_selector:
+            from s2t.policies.checkpoint import check_builtin_base
             from s2t.policies.learned_selector import check_selector_checkpoint
             from s2t.policies.learned_trigger import LearnedTrigger
 
             if method == LOCAL_METHOD:
                 check_selector_checkpoint(selector, k=k, slm=slm)
             if trigger == "learned":
-                LearnedTrigger.from_pretrained(selector)  # reads the trigger's small files only
+                learned = LearnedTrigger.from_pretrained(selector)  # reads the trigger's small files only
+                check_builtin_base(learned.config.base_model, slm, f"the learned trigger in {selector}")
         return cls(
             name,
             method,
@@ -467,9 +485,7 @@ class MethodSpec:
     @property
     def needs_llm(self) -> bool:
         """Whether this method loads the LLM (decided before any model loads)."""
-        if self.method in (LLM_ALONE, "s2t", "takeover"):
-            return True
-        return self.trigger in TRIGGERS and TRIGGERS[self.trigger].needs_llm
+        return method_needs_llm(self.method, self.trigger)
 
     @property
     def needs_calibration(self) -> bool:

@@ -193,6 +193,12 @@ def train_command(
     try:
         if mode not in defaults:
             raise ValueError(f"mode must be features, head or lora; got {mode!r}")
+        if groups_subset not in ("all", "divergent"):
+            raise ValueError(f"--groups-subset must be all or divergent; got {groups_subset!r}")
+        if mode == "features" and groups_subset != "all":
+            raise ValueError(
+                "--groups-subset applies to head and lora modes; features mode trains on all groups"
+            )
         if not 0.0 <= trigger_rate < 1.0:
             raise ValueError(f"--trigger-rate must lie in [0, 1) (0 trains no trigger); got {trigger_rate}")
         if trigger_rate > 0:

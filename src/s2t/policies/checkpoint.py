@@ -45,9 +45,10 @@ def read_config(path: Path, config_class):
     return config_class(**data)
 
 
-def checkpoint_digest(directory: str | Path) -> str:
-    """A short hash of a saved selector's weights: which trained selector produced a result."""
-    return _sha256(Path(directory) / WEIGHTS_NAME)[:16]
+def checkpoint_digest(directory: str | Path, name: str = WEIGHTS_NAME) -> str:
+    """A short hash of a saved selector's weights (or another of its files, such as its learned
+    trigger's): which trained selector produced a result."""
+    return _sha256(Path(directory) / name)[:16]
 
 
 def _sha256(path: Path) -> str:
@@ -112,6 +113,23 @@ def check_base_model(
         f"this {what} was trained on base model {base_model!r} (fingerprint {fingerprint}); "
         f"the given SLM has fingerprint {given}. Use the same SLM."
     )
+
+
+def check_builtin_base(base_model: str, slm: str | None, what: str) -> None:
+    """Refuse, before any model loads, a checkpoint (``what``) trained on another *built-in* SLM than
+    ``slm`` (the run's SLM as named on the command line). Paths and other names are left to
+    :func:`check_base_model`'s fingerprint check once the model has loaded.
+
+    Raises:
+        SelectorCheckpointError: naming both models.
+    """
+    from s2t.builtin_models import BUILTIN_MODELS
+
+    if slm is not None and slm != base_model and slm in BUILTIN_MODELS and base_model in BUILTIN_MODELS:
+        raise SelectorCheckpointError(
+            f"{what} was trained on base model {base_model!r}; this run's SLM is {slm!r}. "
+            "Use the same SLM (--slm), or one trained on it"
+        )
 
 
 def _fingerprint(model: PreTrainedModel, round_through: torch.dtype | None) -> str:

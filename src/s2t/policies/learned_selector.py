@@ -15,6 +15,7 @@ selector also carries a peft adapter (``adapter/``), merged into a copy of the S
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from s2t.policies.checkpoint import (  # noqa: F401 (re-exported: the selectors'
     WEIGHTS_NAME,
     SelectorCheckpointError,
     check_base_model,
+    check_builtin_base,
     check_weights,
     checkpoint_digest,
     matches_fingerprint,
@@ -55,23 +57,39 @@ def check_selector_checkpoint(directory: str | Path, k: int | None = None, slm: 
         SelectorCheckpointError: a file is missing, truncated, corrupted or malformed, or the
             selector was trained on another K or another built-in SLM (the message names both).
     """
-    from s2t.builtin_models import BUILTIN_MODELS
-
     directory = Path(directory)
     selector = load_selector(directory)  # reads the config and the (small) weights of any selector kind
     if selector_kind(directory) == "lora":
         _check_safetensors_dir(directory / ADAPTER_DIR, "adapter_config.json", "LoRA adapter")
+        check_adapter(directory, selector.config.adapter_sha256)
     trained_k = getattr(selector.config, "k", None)
     if k is not None and trained_k is not None and trained_k != k:
         raise SelectorCheckpointError(
             f"the selector in {directory} was trained on K={trained_k} candidates; got K={k} "
             f"(run S2T-Local with --k {trained_k}, or /k{trained_k} in the method name)"
         )
-    base = selector.config.base_model
-    if slm is not None and slm != base and slm in BUILTIN_MODELS and base in BUILTIN_MODELS:
+    check_builtin_base(selector.config.base_model, slm, f"the selector in {directory}")
+
+
+def adapter_digest(directory: str | Path) -> str:
+    """The SHA-256 of a LoRA selector's adapter weights (its ``adapter/*.safetensors``, in name order)."""
+    digest = hashlib.sha256()
+    for path in sorted((Path(directory) / ADAPTER_DIR).glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def check_adapter(directory: str | Path, recorded: str | None) -> None:
+    """Refuse a LoRA adapter whose weights are not the ones saved with the selector (``recorded``;
+    None for a selector saved before the hash was recorded, which is not checked).
+
+    Raises:
+        SelectorCheckpointError: naming the adapter.
+    """
+    if recorded is not None and adapter_digest(directory) != recorded:
         raise SelectorCheckpointError(
-            f"the selector in {directory} was trained on base model {base!r}; this run's SLM is {slm!r}. "
-            "Use the same SLM (--slm), or a selector trained on it"
+            f"corrupted LoRA adapter in {Path(directory) / ADAPTER_DIR}: its weights do not match the SHA-256 "
+            "recorded when the selector was saved (damaged or replaced); restore it, or train again"
         )
 
 
@@ -117,6 +135,7 @@ class LocalSelectorConfig:
     prior: str = "none"
     training: dict = field(default_factory=dict)  # how it was trained: data, split, problem ids, metrics
     weights_sha256: str | None = None  # of selector.safetensors, recorded at save (None: saved before)
+    adapter_sha256: str | None = None  # a LoRA selector's adapter/*.safetensors (see adapter_digest)
 
 
 class LocalSelector(Selector):
@@ -275,6 +294,9 @@ def load_adapted_slm(model, selector_dir: str | Path):
 
     from peft import PeftModel
 
+    check_adapter(
+        selector_dir, read_config(Path(selector_dir) / CONFIG_NAME, LocalSelectorConfig).adapter_sha256
+    )
     adapted = PeftModel.from_pretrained(copy.deepcopy(model), str(Path(selector_dir) / ADAPTER_DIR))
     merged = adapted.merge_and_unload()
     merged.eval().requires_grad_(False)

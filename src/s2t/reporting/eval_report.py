@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from s2t.methods import method_needs_llm
 from s2t.models import batch_invariant
 from s2t.reporting.frontier import (
     GAP_TARGETS,
@@ -121,7 +122,8 @@ def markdown_table(summary: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, e in summary.items():
-        ratio = f"{e['time_ratio_vs_greedy']:.2f}×" if e.get("time_ratio_vs_greedy") else "–"
+        ratio = e.get("time_ratio_vs_greedy")
+        ratio = f"{ratio:.2f}×" if ratio and ratio == ratio else "–"  # none (or NaN) without a greedy row
         lines.append(
             f"| {m} | {e['accuracy']:.1%} ({e['ci_low']:.1%}–{e['ci_high']:.1%}) | {e['n']} | {_fmt_p(e, 'vs_greedy')}"
             f" | {_fmt_p(e, 'vs_maj')} | {e['mean_generated_tokens']:.0f} | {e['mean_llm_forward_tokens']:.0f}"
@@ -221,7 +223,8 @@ def write_report(run_dir: str | Path) -> dict:
         if frontier
         else None,
     }
-    llm_loaded = any(e.get("mean_llm_forward_calls", 0) > 0 or m == "llm" for m, e in summary.items())
+    trigger = config.get("trigger") or "entropy"
+    llm_loaded = any(method_needs_llm(m, trigger) for m in summary)
     llm = f", {config.get('llm')} (LLM)" if llm_loaded else " (no method of this run loads the LLM)"
     header = f"# {config.get('dataset')} {config.get('split')}: {config.get('slm')} (SLM){llm}\n\n"
     frontier_text = "\n" + frontier_markdown(frontier, summary) if frontier else ""

@@ -15,6 +15,7 @@ on the decision points it will meet at inference.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,8 +56,10 @@ class FeatureTrainConfig:
             raise ValueError(f"k must be >= 2 (a selection needs two candidates); got {self.k}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in [0, 1); got {self.val_fraction}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.hidden < 1:
-            raise ValueError("epochs, batch_size and hidden must be >= 1 and lr > 0")
+        if self.epochs < 1 or self.batch_size < 1 or not 0 < self.lr < math.inf or self.hidden < 1:
+            raise ValueError(
+                f"epochs, batch_size and hidden must be >= 1 and lr a finite number > 0; got lr={self.lr}"
+            )
         if self.groups_at:
             group_settings(self.groups_at)
 

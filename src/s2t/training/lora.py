@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from s2t.policies.learned_selector import ADAPTER_DIR, LocalSelector, model_fingerprint
+from s2t.policies.learned_selector import ADAPTER_DIR, LocalSelector, adapter_digest, model_fingerprint
 from s2t.policies.scoring import attention_mask_for
 from s2t.runs import write_json_atomic
 from s2t.training.collect import collected_groups_at, collected_records, collection_config, collection_summary
@@ -629,8 +629,9 @@ class LoraTrainer:
             },
         }
         if self.accelerator.is_main_process:
-            selector.save_pretrained(self.out)
             self.model.save_pretrained(self.out / ADAPTER_DIR)  # safetensors by default
+            selector.config.adapter_sha256 = adapter_digest(self.out)  # then the config that records it
+            selector.save_pretrained(self.out)
             write_json_atomic(self.out / "training_history.json", self.state.history)
         self.accelerator.wait_for_everyone()
         self.model.unload()  # leave the caller's model as it was

@@ -14,6 +14,7 @@ measure generalisation to unseen problems.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -64,8 +65,22 @@ class TrainConfig:
             raise ValueError(f"groups_subset must be 'all' or 'divergent'; got {self.groups_subset!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in [0, 1); got {self.val_fraction}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        if self.epochs < 1 or self.batch_size < 1 or not 0 < self.lr < math.inf:
+            raise ValueError(
+                f"epochs and batch_size must be >= 1 and lr a finite number > 0; got lr={self.lr}"
+            )
+        if self.bins_lr is not None and not 0 < self.bins_lr < math.inf:
+            raise ValueError(f"bins_lr must be a finite number > 0; got {self.bins_lr}")
+        nonnegative = ("weight_decay", "grad_clip", "hinge_margin", "kl_weight", "prefix_kl_weight")
+        for name in nonnegative:
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0; got {getattr(self, name)}")
+        if not 0 < self.score_temperature < math.inf:
+            raise ValueError(f"score_temperature must be a finite number > 0; got {self.score_temperature}")
+        if self.lora_r < 1 or self.lora_alpha < 1:
+            raise ValueError(f"lora_r and lora_alpha must be >= 1; got {self.lora_r}, {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must lie in [0, 1); got {self.lora_dropout}")
         if self.k is not None and self.k < 2:
             raise ValueError(f"k must be >= 2 (a selection needs two candidates); got {self.k}")
         if self.groups_at:

@@ -90,6 +90,27 @@ def load_script(path: str):
     return module
 
 
+def tiny_eval_config(tmp_path: Path, questions, **options):
+    """An :class:`~s2t.evaluate.EvalConfig` over ``questions`` (each answered "4"), written as a tiny
+    test set in ``tmp_path``, for the tiny models with short decoding; ``options`` override any field."""
+    from s2t.evaluate import EvalConfig
+
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps({"question": q, "answer": "#### 4"}) + "\n" for q in questions))
+    defaults = dict(
+        slm="tiny",
+        llm="none",
+        dataset="tiny",
+        split="test",
+        data_file=str(test_file),
+        limit=None,
+        trigger="entropy",
+        k=4,
+        max_new_tokens=6,
+    )
+    return EvalConfig(**(defaults | options))
+
+
 @functools.cache
 def ci_tiny_gguf():
     """``.ci/tiny_gguf.py`` as a module. CI runs that script without the test tree, so the GGUF writer

@@ -15,7 +15,7 @@ from s2t.policies.feature_selector import FeatureSelector
 from s2t.policies.learned_selector import SelectorCheckpointError, load_selector, selector_kind
 from s2t.prompts import build_prompt
 from s2t.training.feature_training import FeatureTrainConfig, load_group_arrays, train_feature_selector
-from tests.conftest import make_model
+from tests.conftest import make_model, tiny_eval_config
 
 K = 8
 MARGIN_CUTOFF = 0.15
@@ -235,25 +235,12 @@ def test_groups_at_keeps_only_the_trigger_points_and_kl_needs_recorded_kl(plante
 
 def test_s2t_local_evaluation_with_a_feature_selector_never_loads_the_llm(trained, slm, tmp_path):
     from s2t.api import S2TGenerator
-    from s2t.evaluate import EvalConfig, evaluate
+    from s2t.evaluate import evaluate
 
     _, out = trained
-    test_file = tmp_path / "test.jsonl"
-    test_file.write_text(json.dumps({"question": "What is 2 + 2?", "answer": "#### 4"}) + "\n")
     gen = S2TGenerator(slm, llm="/nonexistent/llm/never/loaded")
-    cfg = EvalConfig(
-        slm="tiny",
-        llm="none",
-        dataset="tiny",
-        split="test",
-        data_file=str(test_file),
-        limit=None,
-        methods=["greedy", "s2t-local"],
-        trigger="entropy",
-        threshold=0.0,
-        k=K,
-        max_new_tokens=6,
-        selector=str(out),
+    cfg = tiny_eval_config(
+        tmp_path, ["What is 2 + 2?"], methods=["greedy", "s2t-local"], threshold=0.0, k=K, selector=str(out)
     )
     payload = evaluate(cfg, tmp_path / "run", progress=False, generator=gen)
     assert payload["methods"]["s2t-local"]["n"] == 1

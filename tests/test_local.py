@@ -17,7 +17,7 @@ from s2t.policies.scoring import candidate_hidden_states
 from s2t.prompts import build_prompt
 from s2t.training.collect import CollectConfig, Collector, LeakageError
 from s2t.training.train import TrainConfig, train
-from tests.conftest import make_model
+from tests.conftest import make_model, tiny_eval_config
 
 QUESTIONS = [
     "How many eggs are left?",
@@ -234,20 +234,12 @@ def test_s2t_local_evaluation_needs_no_llm_and_refuses_leaky_problems(collected,
         slm=slm,
         progress=False,
     )
-    test_file = tmp_path / "test.jsonl"
-    test_file.write_text("\n".join(json.dumps({"question": q, "answer": "#### 4"}) for q in QUESTIONS[:2]))
     gen = S2TGenerator(slm, llm="/nonexistent/llm/never/loaded")
-    cfg = EvalConfig(
-        slm="tiny",
-        llm="none",
-        dataset="tiny",
-        split="test",
-        data_file=str(test_file),
-        limit=None,
+    cfg = tiny_eval_config(
+        tmp_path,
+        QUESTIONS[:2],
         methods=["greedy", "s2t-local"],
-        trigger="entropy",
         threshold=0.5,
-        k=4,
         max_new_tokens=8,
         selector=str(tmp_path / "sel"),
     )
@@ -279,22 +271,8 @@ def test_a_run_gains_s2t_local_later_but_never_mixes_two_selectors(collected, sl
             slm=slm,
             progress=False,
         )
-    test_file = tmp_path / "test.jsonl"
-    test_file.write_text("\n".join(json.dumps({"question": q, "answer": "#### 4"}) for q in QUESTIONS[:2]))
     gen = S2TGenerator(slm, llm="/nonexistent/llm/never/loaded")
-    base = EvalConfig(
-        slm="tiny",
-        llm="none",
-        dataset="tiny",
-        split="test",
-        data_file=str(test_file),
-        limit=None,
-        methods=["greedy"],
-        trigger="entropy",
-        threshold=0.5,
-        k=4,
-        max_new_tokens=6,
-    )
+    base = tiny_eval_config(tmp_path, QUESTIONS[:2], methods=["greedy"], threshold=0.5)
     evaluate(base, tmp_path / "run", progress=False, generator=gen)
     with_local = replace(base, methods=["greedy", "s2t-local"], selector=str(tmp_path / "sel"))
     payload = evaluate(with_local, tmp_path / "run", progress=False, generator=gen)
@@ -371,7 +349,7 @@ def test_a_run_never_mixes_two_learned_triggers_however_the_trigger_is_named(col
     from dataclasses import replace
 
     from s2t.api import S2TGenerator
-    from s2t.evaluate import EvalConfig, evaluate
+    from s2t.evaluate import evaluate
     from s2t.policies.learned_trigger import LearnedTrigger
     from s2t.training.trigger import train_trigger
 
@@ -380,20 +358,9 @@ def test_a_run_never_mixes_two_learned_triggers_however_the_trigger_is_named(col
     LearnedTrigger(
         trigger.weight + 0.5, trigger.bias, trigger.mean, trigger.std, trigger.config
     ).save_pretrained(tmp_path / "b")
-    test_file = tmp_path / "test.jsonl"
-    test_file.write_text("\n".join(json.dumps({"question": q, "answer": "#### 4"}) for q in QUESTIONS[:2]))
     gen = S2TGenerator(slm, llm="/nonexistent/llm/never/loaded")
-    base = EvalConfig(
-        slm="tiny",
-        llm="none",
-        dataset="tiny",
-        split="test",
-        data_file=str(test_file),
-        limit=1,
-        methods=["random-select/learned"],
-        k=4,
-        max_new_tokens=6,
-        selector=str(tmp_path / "a"),
+    base = tiny_eval_config(
+        tmp_path, QUESTIONS[:2], limit=1, methods=["random-select/learned"], selector=str(tmp_path / "a")
     )
     evaluate(base, tmp_path / "run", progress=False, generator=gen)
     records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
@@ -421,7 +388,7 @@ def test_a_run_never_mixes_two_learned_triggers_however_the_trigger_is_named(col
 
 def test_lora_training_saves_an_adapter_that_s2t_local_evaluation_uses(collected, tiny_pair_dir, tmp_path):
     from s2t.api import S2TGenerator
-    from s2t.evaluate import EvalConfig, evaluate
+    from s2t.evaluate import evaluate
     from s2t.models import load_model
 
     slm = load_model(tiny_pair_dir["slm"], device="cpu")  # a private copy: training must leave it unchanged
@@ -441,22 +408,9 @@ def test_lora_training_saves_an_adapter_that_s2t_local_evaluation_uses(collected
     assert selector.config.training["mode"] == "lora"
     after = slm.model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    test_file = tmp_path / "test.jsonl"
-    test_file.write_text(json.dumps({"question": QUESTIONS[0], "answer": "#### 4"}))
     gen = S2TGenerator(slm)
-    cfg = EvalConfig(
-        slm="tiny",
-        llm="none",
-        dataset="tiny",
-        split="test",
-        data_file=str(test_file),
-        limit=None,
-        methods=["s2t-local"],
-        trigger="entropy",
-        threshold=0.0,
-        k=4,
-        max_new_tokens=6,
-        selector=str(tmp_path / "sel"),
+    cfg = tiny_eval_config(
+        tmp_path, QUESTIONS[:1], methods=["s2t-local"], threshold=0.0, selector=str(tmp_path / "sel")
     )
     payload = evaluate(cfg, tmp_path / "run", progress=False, generator=gen)
     assert payload["methods"]["s2t-local"]["n"] == 1
@@ -469,9 +423,9 @@ def test_lora_training_saves_an_adapter_that_s2t_local_evaluation_uses(collected
     data = bytearray(adapter.read_bytes())
     data[-5] ^= 0x7F
     adapter.write_bytes(bytes(data))
-    with pytest.raises(SelectorCheckpointError, match="corrupted LoRA adapter"):
+    with pytest.raises(SelectorCheckpointError, match="corrupted LoRA adapter checkpoint"):
         check_selector_checkpoint(tmp_path / "sel")
-    with pytest.raises(SelectorCheckpointError, match="corrupted LoRA adapter"):
+    with pytest.raises(SelectorCheckpointError, match="corrupted LoRA adapter checkpoint"):
         load_adapted_slm(slm.model, tmp_path / "sel")
 
 

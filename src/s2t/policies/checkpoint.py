@@ -64,14 +64,17 @@ def save_checkpoint(directory: Path, weights_name: str, tensors: dict, config_na
     (directory / config_name).write_text(json.dumps(asdict(config), indent=2))
 
 
-def check_weights(path: Path, recorded: str | None, what: str = "selector") -> None:
-    """Refuse a weights file whose SHA-256 is not the one its config recorded at save time (a
-    checkpoint saved before the hash was recorded, ``recorded=None``, is not checked).
+def check_weights(
+    path: Path, recorded: str | None, what: str = "selector", actual: str | None = None
+) -> None:
+    """Refuse weights whose SHA-256 (``actual``, default: the file ``path``'s) is not the one their
+    config recorded at save time (a checkpoint saved before the hash was recorded, ``recorded=None``,
+    is not checked).
 
     Raises:
-        SelectorCheckpointError: naming the file.
+        SelectorCheckpointError: naming ``path`` and ``what`` it holds.
     """
-    if recorded is not None and _sha256(path) != recorded:
+    if recorded is not None and (actual or _sha256(path)) != recorded:
         raise SelectorCheckpointError(
             f"corrupted {what} checkpoint: {path} does not match the SHA-256 recorded when it was saved "
             "(the file was damaged or replaced); restore it, or train again with `s2t train`"

@@ -86,10 +86,9 @@ def check_adapter(directory: str | Path, recorded: str | None) -> None:
     Raises:
         SelectorCheckpointError: naming the adapter.
     """
-    if recorded is not None and adapter_digest(directory) != recorded:
-        raise SelectorCheckpointError(
-            f"corrupted LoRA adapter in {Path(directory) / ADAPTER_DIR}: its weights do not match the SHA-256 "
-            "recorded when the selector was saved (damaged or replaced); restore it, or train again"
+    if recorded is not None:
+        check_weights(
+            Path(directory) / ADAPTER_DIR, recorded, "LoRA adapter", actual=adapter_digest(directory)
         )
 
 

@@ -31,9 +31,10 @@ s2t_local() {
     #    machine lacks (features/ is not in git) and records that predate the per-position KL
     "$S2T" --threads 1 collect --dataset gsm8k --split train --limit 1000 --batch-size 8 --dtype float32 \
         --recompute-features --out "$COLLECTION"
-    # 2. the selectors at entropy@0.8's points; the feature run also trains the learned trigger (kl@0.95)
+    # 2. the selectors at entropy@0.8's points; the feature run also trains the learned trigger (kl@0.95),
+    #    on the logit features, which the llama.cpp backend gives (it exposes no hidden states)
     "$S2T" --threads 1 train --groups "$COLLECTION" --out "$FEATURES" --mode features \
-        --groups-at entropy@0.8 --k 8 --trigger-rate 0.05
+        --groups-at entropy@0.8 --k 8 --trigger-rate 0.05 --trigger-features logits
     "$S2T" --threads 1 train --groups "$COLLECTION" --out "$HEAD" --mode head \
         --groups-at entropy@0.8 --k 8 --trigger-rate 0
     # 3. the ladder on the feature selector's held-out problems, and the learning curve on the

@@ -366,6 +366,7 @@ def test_groups_at_below_what_the_collection_kept_completely_is_refused(tiny_col
         (["--mode", "lora", "--lora-dropout", "1.5"], "lora_dropout must lie in [0, 1); got 1.5"),
         (["--mode", "lora", "--prefix-kl-weight", "-1"], "prefix_kl_weight must be a finite number >= 0"),
         (["--mode", "lora", "--bins-lr", "-1"], "bins_lr must be a finite number > 0; got -1.0"),
+        (["--trigger-features", "hidden"], "--trigger-features must be one of auto, logits; got 'hidden'"),
     ],
 )
 def test_train_refuses_a_bad_option_before_any_model_loads(
@@ -404,6 +405,24 @@ def test_learned_trigger_learns_the_kl_label_and_an_old_collection_is_refused(ti
         tiny_collection, slm, "tiny", target_rate=0.2, val_fraction=0.4, epochs=20, label="divergent"
     )
     assert divergent.config.metrics["kl_cutoff"] is None
+    # a trigger restricted to the logit features never reads the hidden state: it runs on llama.cpp too
+    from s2t.policies.learned_trigger import trigger_reads_hidden
+
+    logits_only = train_trigger(
+        tiny_collection,
+        slm,
+        "tiny",
+        target_rate=0.2,
+        val_fraction=0.4,
+        epochs=20,
+        label="kl@0.8",
+        features="logits",
+    )
+    assert logits_only.config.metrics["model_choice"]["features"] == "no-hidden"
+    logits_only.save_pretrained(tmp_path / "logits")
+    assert not trigger_reads_hidden(tmp_path / "logits")
+    with pytest.raises(ValueError, match="trigger features must be one of auto, logits"):
+        train_trigger(tiny_collection, slm, "tiny", target_rate=0.2, features="hidden")
     for bad in ("kl@1.5", "kl", "entropy@0.9"):
         with pytest.raises(ValueError):
             parse_label(bad)
@@ -507,6 +526,8 @@ def test_trigger_model_choice_keeps_the_hidden_state_only_where_it_carries_the_l
     train = problem < 32
     in_hidden = _choose_model(x, x[:, 0] > 1.0, problem, train_p, train, seed=0, epochs=50)
     assert in_hidden["features"] == "all" and in_hidden["inner_auroc"] > 0.95
+    logits_only = _choose_model(x, x[:, 0] > 1.0, problem, train_p, train, 0, 50, candidates=("no-hidden",))
+    assert logits_only["features"] == "no-hidden" and logits_only["inner_auroc"] < 0.7
     in_entropy = _choose_model(x, x[:, hidden] > 1.0, problem, train_p, train, seed=0, epochs=50)
     assert in_entropy["inner_auroc"] > 0.95
     no_label = torch.zeros(len(problem), dtype=torch.bool)

@@ -179,6 +179,13 @@ def train_command(
             "paper's KL trigger fires) or divergent (LLM top-1 != SLM top-1)."
         ),
     ] = "kl@0.95",
+    trigger_features: Annotated[
+        str,
+        typer.Option(
+            help="What the learned trigger reads: auto (the hidden state if it helps on an inner split of "
+            "the training problems) or logits (entropy, margin and top probabilities only; runs on llama.cpp)."
+        ),
+    ] = "auto",
     dtype: DtypeOpt = None,
 ) -> None:
     """Train the S2T-Local selector (and an LLM-free trigger) from collected groups."""
@@ -186,7 +193,7 @@ def train_command(
     from s2t.training.collect import check_complete_groups_at
     from s2t.training.objective import LORA_DEFAULT_LR, TrainConfig
     from s2t.training.train import train
-    from s2t.training.trigger import check_trigger_data
+    from s2t.training.trigger import TRIGGER_FEATURES, check_trigger_data
 
     defaults = {"head": (30, 1e-2, 256), "lora": (3, LORA_DEFAULT_LR, 1), "features": (30, 3e-3, 256)}
     # every option is checked here or by the training configuration, before any model loads
@@ -201,6 +208,10 @@ def train_command(
             )
         if not 0.0 <= trigger_rate < 1.0:
             raise ValueError(f"--trigger-rate must lie in [0, 1) (0 trains no trigger); got {trigger_rate}")
+        if trigger_features not in TRIGGER_FEATURES:
+            raise ValueError(
+                f"--trigger-features must be one of {', '.join(TRIGGER_FEATURES)}; got {trigger_features!r}"
+            )
         if trigger_rate > 0:
             check_trigger_data(groups, trigger_label)
         if groups_at:
@@ -227,7 +238,9 @@ def train_command(
         )
         try:
             trigger = (
-                _train_trigger(groups, out, trigger_rate, val_fraction, seed, dtype, trigger_label)
+                _train_trigger(
+                    groups, out, trigger_rate, val_fraction, seed, dtype, trigger_label, trigger_features
+                )
                 if trigger_rate > 0
                 else None
             )
@@ -265,7 +278,9 @@ def train_command(
             if not PartialState().is_main_process:  # under `accelerate launch`: the main process reports
                 return
         trigger = (
-            _train_trigger(groups, out, trigger_rate, val_fraction, seed, dtype, trigger_label)
+            _train_trigger(
+                groups, out, trigger_rate, val_fraction, seed, dtype, trigger_label, trigger_features
+            )
             if trigger_rate > 0
             else None
         )
@@ -362,14 +377,23 @@ def _ladder(selector, out: str, groups: str, k, groups_at, dtype) -> None:
     console.print(verdict(ladder), markup=False, soft_wrap=True)
 
 
-def _train_trigger(groups: str, out: str, rate: float, val_fraction: float, seed: int, dtype, label: str):
+def _train_trigger(
+    groups: str, out: str, rate: float, val_fraction: float, seed: int, dtype, label: str, features: str
+):
 
     from s2t.training.collect import collection_config
     from s2t.training.trigger import train_trigger
 
     slm_name = collection_config(groups)["slm"]
     trigger = train_trigger(
-        groups, _collection_slm(groups, dtype), slm_name, rate, val_fraction, seed, label=label
+        groups,
+        _collection_slm(groups, dtype),
+        slm_name,
+        rate,
+        val_fraction,
+        seed,
+        label=label,
+        features=features,
     )
     trigger.save_pretrained(out)
     return trigger

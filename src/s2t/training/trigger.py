@@ -185,6 +185,8 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, epochs: int, weight_decay: f
     return w.detach(), b.detach(), mean, std
 
 
+TRIGGER_FEATURES = ("auto", "logits")  # what the trigger may read: tuned, or the logit features only
+
 # the model choices tried on an inner split of the training problems
 WEIGHT_DECAYS = (1e-3, 1e-2, 1e-1, 1.0)
 
@@ -197,10 +199,11 @@ def _choose_model(
     train: torch.Tensor,
     seed: int,
     epochs: int,
+    candidates: tuple[str, ...] = ("all", "no-hidden"),
 ) -> dict:
-    """Choose the trigger's features (with or without the hidden state) and weight decay by AUROC on
-    10% of the *training* problems ``train_p`` (whose positions ``train`` marks), fitting on the rest;
-    the validation problems are never seen.
+    """Choose the trigger's features (among ``candidates``: with or without the hidden state) and
+    weight decay by AUROC on 10% of the *training* problems ``train_p`` (whose positions ``train``
+    marks), fitting on the rest; the validation problems are never seen.
 
     Returns ``{"features": "all" | "no-hidden", "weight_decay", "inner_auroc"}``.
     """
@@ -209,10 +212,10 @@ def _choose_model(
     inner = set(order[: max(1, round(0.1 * len(order)))])
     sel = torch.tensor([int(p) in inner for p in problem]) & train
     fit = train & ~sel
-    best = {"features": "all", "weight_decay": WEIGHT_DECAYS[0], "inner_auroc": float("nan")}
+    best = {"features": candidates[0], "weight_decay": WEIGHT_DECAYS[0], "inner_auroc": float("nan")}
     if not fit.any() or not y[fit].any() or not y[sel].any() or y[sel].all():
         return best
-    for features in ("all", "no-hidden"):
+    for features in candidates:
         cols = x if features == "all" else without_hidden(x)
         for wd in WEIGHT_DECAYS:
             w, b, mean, std = _fit_logistic(cols[fit], y[fit], epochs, wd)
@@ -233,6 +236,7 @@ def train_trigger(
     weight_decay: float = 1e-3,
     label: str = "kl@0.95",
     tune: bool = True,
+    features: str = "auto",
 ) -> LearnedTrigger:
     """Fit the logistic trigger on training problems and set its threshold for ``target_rate``.
 
@@ -240,7 +244,9 @@ def train_trigger(
     is the ``Q`` quantile of the *training* problems' per-position KL. With ``tune``, the features
     (with or without the hidden state) and the weight decay are chosen on an inner split of the
     training problems (:func:`_choose_model`; the hidden state's 896 weights overfit a few dozen
-    problems); without it, all features and ``weight_decay``.
+    problems); without it, all features and ``weight_decay``. ``features="logits"`` leaves the hidden
+    state out whatever the tuning says: such a trigger also runs on the llama.cpp backend, which
+    exposes no hidden states (``"auto"``: the tuning decides).
 
     Raises:
         ValueError: a target rate outside (0, 1), an unknown label, or a ``kl`` label on a
@@ -249,6 +255,8 @@ def train_trigger(
     """
     if not 0.0 < target_rate < 1.0:
         raise ValueError(f"target trigger rate must lie strictly between 0 and 1; got {target_rate}")
+    if features not in TRIGGER_FEATURES:
+        raise ValueError(f"trigger features must be one of {', '.join(TRIGGER_FEATURES)}; got {features!r}")
     kl_quantile = parse_label(label)
     loaded = load_position_features(groups_dir, with_kl=kl_quantile is not None, slm=slm)
     x, y, problem, entropy, margin, _ = loaded[:6]
@@ -261,7 +269,10 @@ def train_trigger(
         kl_cutoff = float(torch.quantile(kl[tr].double(), kl_quantile))
         y = kl >= kl_cutoff
     torch.manual_seed(seed)
-    choice = _choose_model(x, y, problem, train_p, tr, seed, epochs) if tune else None
+    candidates = ("no-hidden",) if features == "logits" else ("all", "no-hidden")
+    choice = _choose_model(x, y, problem, train_p, tr, seed, epochs, candidates) if tune else None
+    if choice is None and features == "logits":
+        choice = {"features": "no-hidden", "weight_decay": weight_decay, "inner_auroc": None}
     cheap = without_hidden(x)
     if choice is not None and choice["features"] == "no-hidden":
         # the same checkpoint format: the hidden state's weights are zero

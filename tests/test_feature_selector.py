@@ -367,6 +367,7 @@ def test_groups_at_below_what_the_collection_kept_completely_is_refused(tiny_col
         (["--mode", "lora", "--prefix-kl-weight", "-1"], "prefix_kl_weight must be a finite number >= 0"),
         (["--mode", "lora", "--bins-lr", "-1"], "bins_lr must be a finite number > 0; got -1.0"),
         (["--trigger-features", "hidden"], "--trigger-features must be one of auto, logits; got 'hidden'"),
+        (["--k", "32"], "--k 32 exceeds the collection's K=4"),
     ],
 )
 def test_train_refuses_a_bad_option_before_any_model_loads(

@@ -190,7 +190,7 @@ def train_command(
 ) -> None:
     """Train the S2T-Local selector (and an LLM-free trigger) from collected groups."""
     from s2t.policies.learned_selector import SelectorCheckpointError
-    from s2t.training.collect import check_complete_groups_at
+    from s2t.training.collect import check_complete_groups_at, collection_config
     from s2t.training.objective import LORA_DEFAULT_LR, TrainConfig
     from s2t.training.train import train
     from s2t.training.trigger import TRIGGER_FEATURES, check_trigger_data
@@ -200,6 +200,11 @@ def train_command(
     try:
         if mode not in defaults:
             raise ValueError(f"mode must be features, head or lora; got {mode!r}")
+        collected_k = collection_config(groups)["k"]  # also: a missing collection, before any model loads
+        if k is not None and k > collected_k:
+            raise ValueError(
+                f"--k {k} exceeds the collection's K={collected_k} (its groups hold {collected_k} candidates)"
+            )
         if groups_subset not in ("all", "divergent"):
             raise ValueError(f"--groups-subset must be all or divergent; got {groups_subset!r}")
         if mode == "features" and groups_subset != "all":

@@ -67,6 +67,11 @@ def parse_label(label: str) -> float | None:
     raise ValueError(f"unknown trigger label {label!r}; choose {TRIGGER_LABELS}")
 
 
+def _without_feature_files(groups_dir: Path, records: list[dict]) -> list[dict]:
+    """The records whose ``features/`` file is missing (rebuilt from the record, where it allows)."""
+    return [r for r in records if not (groups_dir / r["features"]).is_file()]
+
+
 def check_trigger_data(groups_dir: str | Path, label: str = "kl@0.95") -> None:
     """Check, before any model loads, that a trigger can be trained on ``label`` from a collection:
     the label parses, every missing feature file can be rebuilt from its record, and for a ``kl``
@@ -83,12 +88,13 @@ def check_trigger_data(groups_dir: str | Path, label: str = "kl@0.95") -> None:
     groups_dir = Path(groups_dir)
     kl_label = parse_label(label) is not None
     records = collected_records(groups_dir, need_features=False)
-    missing = [r for r in records if not (groups_dir / r["features"]).is_file()]
+    missing = _without_feature_files(groups_dir, records)
     check_records_rebuildable(groups_dir, missing)
     if not kl_label:
         return
+    rebuilt = {r["problem_id"] for r in missing}  # from their records, which carry the KL (checked above)
     for r in records:
-        if r in missing:  # rebuilt from its record, which carries the KL (checked above)
+        if r["problem_id"] in rebuilt:
             continue
         try:
             with safe_open(str(groups_dir / r["features"]), framework="pt") as f:
@@ -124,7 +130,7 @@ def load_position_features(
     groups_dir = Path(groups_dir)
     feats, labels, problems, entropy, margin, kl, ranks = [], [], [], [], [], [], []
     records = collected_records(groups_dir, need_features=False)
-    missing = [r for r in records if not (groups_dir / r["features"]).is_file()]
+    missing = _without_feature_files(groups_dir, records)
     if missing:
         check_rebuildable(groups_dir, missing, slm)  # before any work
         log.info("rebuilding the per-position features of %d problems with the SLM", len(missing))

@@ -20,7 +20,7 @@ COLLECTION=results/collect-gsm8k-train-1000
 FEATURES=results/selector-features-gsm8k-train-1000-e08
 HEAD=results/selector-head-gsm8k-train-1000-e08
 EVAL=(--threads 1 eval --backend llama.cpp --dataset gsm8k --split test --limit 300 --batch-size 16
-    --calibration-problems 32 --dtype float32 --out "$RUN")
+    --calibration-problems 32 --out "$RUN")
 
 baselines() {
     "$S2T" "${EVAL[@]}" --methods greedy,s2t/entropy@0.8,llm,maj@8

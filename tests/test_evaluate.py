@@ -51,6 +51,9 @@ def test_every_method_problem_pair_is_recorded_and_graded(tmp_path, data_file, g
     assert "pass_at_k" in payload["methods"]["maj@3"]
     for name in ("summary.json", "report.md", "accuracy_vs_cost.png"):
         assert (tmp_path / "run" / name).is_file()
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    expected = f"Backend: torch, {stored['dtype']}."
+    assert expected in (tmp_path / "run" / "report.md").read_text().splitlines()
 
 
 def test_resumed_run_gives_the_same_summary_as_an_uninterrupted_one(tmp_path, data_file, generator):

@@ -9,6 +9,7 @@ extra) and are skipped without it; the refusals are tested everywhere.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -256,7 +257,9 @@ def test_generator_answers_like_the_torch_generator_and_refuses_a_vocabulary_mis
         mismatched.llm  # noqa: B018 (loading the LLM checks the pair)
 
 
-def test_eval_runs_on_the_llama_cpp_backend_and_records_it(tmp_path, data_file, calibration_data, llama_pair):
+def test_eval_runs_on_the_llama_cpp_backend_and_records_it(
+    tmp_path, data_file, calibration_data, llama_pair, caplog
+):
     from s2t.evaluate import EvalConfig, evaluate
 
     paths, _ = llama_pair
@@ -276,10 +279,21 @@ def test_eval_runs_on_the_llama_cpp_backend_and_records_it(tmp_path, data_file, 
     stored = json.loads((tmp_path / "run" / "config.json").read_text())
     assert stored["backend"] == "llama.cpp"
     assert {m for m in payload["methods"]} >= {"greedy", "llm", "s2t/entropy@0.5", "maj@2"}
-    # the torch dtype does not apply to GGUF files: a resume on a CPU with another default is accepted
-    other = "bfloat16" if stored["dtype"] == "float32" else "float32"
-    again = evaluate(replace(config, dtype=other), tmp_path / "run", progress=False)
+    # the torch dtype does not apply to GGUF files: the run records the files' own types, not a dtype
+    assert stored["dtype"] == stored["llm_dtype"] == "gguf"
+    assert (
+        "Backend: llama.cpp, on the GGUF files' own weight types"
+        in (tmp_path / "run" / "report.md").read_text()
+    )
+    # a --dtype given anyway is ignored with a warning, and a run recorded with a torch dtype (as runs
+    # before this one were) resumes
+    stored["dtype"] = "float32"
+    (tmp_path / "run" / "config.json").write_text(json.dumps(stored))
+    with caplog.at_level(logging.WARNING, logger="s2t.evaluate"):
+        again = evaluate(replace(config, dtype="bfloat16"), tmp_path / "run", progress=False)
+    assert "apply to the torch backend" in caplog.text
     assert set(again["methods"]) == set(payload["methods"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dtype"] == "gguf"
     with pytest.raises(BackendUnavailableError, match="--backend torch"):
         EvalConfig(slm=paths[0], llm=paths[1], methods=["s2t-local"], selector="x", backend="llama.cpp")
 

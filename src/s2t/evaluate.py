@@ -49,6 +49,11 @@ from s2t.runs import ConfigMismatchError, RunDirectory, read_jsonl
 logger = logging.getLogger(__name__)
 
 
+# What a llama.cpp run records as its dtype: the GGUF files' own weight types (the built-in models'
+# are Q4_K_M), which the torch ``--dtype`` does not change.
+GGUF_DTYPE = "gguf"
+
+
 @dataclass
 class EvalConfig:
     """Everything that determines an evaluation's results (stored as the run's config.json)."""
@@ -104,7 +109,15 @@ class EvalConfig:
         )
         for name in self.methods:
             self.spec(name)  # raises ValueError naming the method or the option
-        self.dtype = resolve_dtype(self.dtype)  # recorded, so a run says which dtype made it
+        if self.backend == "llama.cpp":
+            if {self.dtype, self.llm_dtype} - {None, GGUF_DTYPE}:
+                logger.warning(
+                    "--dtype and --llm-dtype apply to the torch backend; llama.cpp runs the GGUF files' own "
+                    "weight types (the built-in models': Q4_K_M), so they are ignored"
+                )
+            self.dtype = self.llm_dtype = GGUF_DTYPE  # recorded: the torch dtype would misname the run
+        else:
+            self.dtype = resolve_dtype(self.dtype)  # recorded, so a run says which dtype made it
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         if self.calibration_problems < 1 and self.threshold is None:

@@ -41,7 +41,8 @@ DecodeDtypeOpt = Annotated[
     str | None,
     typer.Option(
         help="float32, bfloat16 or float16; default bfloat16 on hardware that computes in it "
-        "(CUDA, CPUs with AVX512-BF16 or AMX), else float32."
+        "(CUDA, CPUs with AVX512-BF16 or AMX), else float32. The torch backend only: llama.cpp runs the "
+        "GGUF files' own weight types."
     ),
 ]
 LLMDtypeOpt = Annotated[

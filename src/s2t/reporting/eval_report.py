@@ -175,6 +175,19 @@ def plot_accuracy_vs_cost(summary: dict, path: Path) -> Path:
     return path
 
 
+def precision_line(config: dict) -> str:
+    """The backend and the weights' precision a run decoded with, as ``config.json`` records them."""
+    from s2t.evaluate import LEGACY_CONFIG  # what a run made before these were recorded used
+
+    backend = config.get("backend") or LEGACY_CONFIG["backend"]
+    if backend == "llama.cpp":
+        return "Backend: llama.cpp, on the GGUF files' own weight types (the built-in models': Q4_K_M)."
+    dtype = config.get("dtype") or LEGACY_CONFIG["dtype"]
+    llm_dtype = config.get("llm_dtype")
+    llm = f" (LLM {llm_dtype})" if llm_dtype and llm_dtype != dtype else ""
+    return f"Backend: {backend}, {dtype}{llm}."
+
+
 def resumption_note(summary: dict, config: dict) -> str | None:
     """A line naming the methods whose records come from more than one invocation (resumed or
     sharded), with what that means for this run's dtype and backend (None if there are none)."""
@@ -226,7 +239,10 @@ def write_report(run_dir: str | Path) -> dict:
     trigger = config.get("trigger") or "entropy"
     llm_loaded = any(method_needs_llm(m, trigger) for m in summary)
     llm = f", {config.get('llm')} (LLM)" if llm_loaded else " (no method of this run loads the LLM)"
-    header = f"# {config.get('dataset')} {config.get('split')}: {config.get('slm')} (SLM){llm}\n\n"
+    header = (
+        f"# {config.get('dataset')} {config.get('split')}: {config.get('slm')} (SLM){llm}\n\n"
+        f"{precision_line(config)}\n\n"
+    )
     frontier_text = "\n" + frontier_markdown(frontier, summary) if frontier else ""
     note = resumption_note(summary, config)
     payload["resumed"] = note

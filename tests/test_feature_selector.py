@@ -329,7 +329,14 @@ def test_groups_at_below_what_the_collection_kept_completely_is_refused(tiny_col
     message = str(e.value)  # the collection's own settings, their thresholds and the loosest complete one
     assert "groups_at 'entropy@0.7,kl@0.9'" in message and f"entropy@0.7 at {entropy_at!r}" in message
     assert f"kl@0.9 at {kl_at!r}" in message and f"entropy@0.7 = entropy={entropy_at!r}" in message
-    for incomplete, reason in (("always", "no always setting"), ("margin=0.1", "no margin setting")):
+    # a trigger it never kept at is refused as such, quantile or threshold (the hint to give a threshold
+    # for an uncalibrated quantile would only lead here)
+    for incomplete, reason in (
+        ("always", "no always setting"),
+        ("margin=0.1", "no margin setting"),
+        ("margin@0.8", "no margin setting"),
+        ("entropy@0.7,margin@0.8", "no margin setting"),
+    ):
         with pytest.raises(ValueError, match=reason):
             load_group_arrays(tiny_collection, 4, incomplete)
     # an on-policy collection kept the steps where its entropy trigger fired

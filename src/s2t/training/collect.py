@@ -223,28 +223,36 @@ def check_complete_groups_at(groups_dir: str | Path, groups_at: str) -> None:
         ValueError: such a setting, naming the collection's own settings and the loosest complete
             one; or a quantile setting the collection has not calibrated.
     """
-    thresholds = stored_group_thresholds(groups_dir, groups_at)
     kept = collection_group_settings(groups_dir)
-    if kept is None:  # made before groups_at was recorded: what it kept completely is unknown
+    if kept is None or any(o.trigger == "always" for o, _ in kept[1]):
+        # made before groups_at was recorded (what it kept completely is unknown), or kept everything
+        stored_group_thresholds(groups_dir, groups_at)  # still refuses an uncalibrated quantile
         return
     described, own = kept
-    if any(o.trigger == "always" for o, _ in own):
-        return
-    for s in group_settings(groups_at):
-        same = [(o, t) for o, t in own if o.trigger == s.trigger]
-        if s.trigger == "always" or not same:
-            complete = f"no {s.trigger} setting is complete there"
-        else:
-            higher = make_trigger(s.trigger).higher_is_critical
-            bound = (min if higher else max)(t for _, t in same)
-            if thresholds[s.label] >= bound if higher else thresholds[s.label] <= bound:
-                continue
-            loosest = " = ".join([*(o.label for o, t in same if t == bound), f"{s.trigger}={bound!r}"])
-            complete = f"its loosest complete {s.trigger} setting is {loosest} (a stricter threshold is complete too)"
+
+    def refuse(s, complete: str):
         raise ValueError(
             f"--groups-at {s.label!r} fires on positions {groups_dir} did not keep: the collection kept only "
             f"where its own settings fire ({described}), so {complete}; train there, or collect with "
             f"{s.label!r} in --groups-at"
+        )
+
+    settings = group_settings(groups_at)
+    # a trigger the collection never kept at is refused first: no threshold of it could be complete,
+    # so the missing-calibration hint (give TRIGGER=VALUE) would only lead to this refusal
+    for s in settings:
+        if s.trigger == "always" or not any(o.trigger == s.trigger for o, _ in own):
+            refuse(s, f"no {s.trigger} setting is complete there")
+    thresholds = stored_group_thresholds(groups_dir, groups_at)
+    for s in settings:
+        same = [(o, t) for o, t in own if o.trigger == s.trigger]
+        higher = make_trigger(s.trigger).higher_is_critical
+        bound = (min if higher else max)(t for _, t in same)
+        if thresholds[s.label] >= bound if higher else thresholds[s.label] <= bound:
+            continue
+        loosest = " = ".join([*(o.label for o, t in same if t == bound), f"{s.trigger}={bound!r}"])
+        refuse(
+            s, f"its loosest complete {s.trigger} setting is {loosest} (a stricter threshold is complete too)"
         )
 
 

@@ -11,7 +11,7 @@ from s2t.api import S2TGenerator
 from s2t.cli import app
 from s2t.data import DatasetUnavailableError
 from s2t.evaluate import EvalConfig, Evaluator, evaluate
-from s2t.reporting.eval_report import summarize
+from s2t.reporting.eval_report import markdown_table, summarize
 from s2t.runs import ConfigMismatchError
 
 
@@ -171,7 +171,7 @@ def test_a_run_recorded_before_dtypes_were_resolved_resumes_as_float32(tmp_path,
     from s2t.runs import ConfigMismatchError, RunDirectory
 
     monkeypatch.setenv("S2T_DEFAULT_DTYPE", "bfloat16")
-    assert EvalConfig(methods=["greedy"]).dtype == "bfloat16"
+    assert EvalConfig(methods=["greedy"], backend="torch").dtype == "bfloat16"
     (tmp_path / "config.json").write_text(json.dumps({"dtype": None, "k": 8}))
     with pytest.raises(
         ConfigMismatchError, match="dtype: .float32. -> .bfloat16.*--dtype float32 resumes it"
@@ -243,7 +243,7 @@ def test_unknown_method_is_refused(data_file):
 
 
 def test_summary_statistics_match_hand_computed_values():
-    def rec(method, pid, correct):
+    def rec(method, pid, correct, finish="stop"):
         cost = dict(
             generated_tokens=10,
             slm_forward_tokens=20,
@@ -253,7 +253,13 @@ def test_summary_statistics_match_hand_computed_values():
             overrides=0,
             wall_time_s=1.0 if method == "greedy" else 2.0,
         )
-        return {"method": method, "problem_id": pid, "correct": correct, "cost": cost}
+        return {
+            "method": method,
+            "problem_id": pid,
+            "correct": correct,
+            "cost": cost,
+            "finish_reason": finish,
+        }
 
     greedy = [True, False, False, False, False, True]
     s2t = [True, True, True, True, True, True]
@@ -266,6 +272,17 @@ def test_summary_statistics_match_hand_computed_values():
     assert summary["s2t"]["vs_greedy"]["p_value"] == pytest.approx(2 * 0.5**4)
     assert summary["s2t"]["time_ratio_vs_greedy"] == pytest.approx(2.0)
     assert summary["s2t"]["trigger_rate"] == pytest.approx(0.1)
+    # the share of generations cut at the token budget: maj@k counts each of its samples
+    cut = summarize(
+        [rec("greedy", 0, True, "length"), rec("greedy", 1, True)]
+        + [
+            rec("maj@2", i, True, f) | {"pass_at_k": True}
+            for i, f in enumerate([["length", "stop"], ["stop"] * 2])
+        ]
+    )
+    assert cut["greedy"]["cut_off_rate"] == pytest.approx(0.5)
+    assert cut["maj@2"]["cut_off_rate"] == pytest.approx(0.25)
+    assert "| cut off |" in markdown_table(cut) and "| 50% |" in markdown_table(cut)
 
 
 def test_cli_eval_runs_and_resumes(tmp_path, data_file, tiny_pair_dir):

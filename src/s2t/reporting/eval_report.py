@@ -80,6 +80,8 @@ def summarize(records: list[dict], methods: list[str] | None = None, seed: int =
             "trigger_rate": sum(c["triggers"] for c in costs) / tokens if tokens else 0.0,
             "override_rate": sum(c["overrides"] for c in costs) / tokens if tokens else 0.0,
             "mean_wall_time_s": _mean(c["wall_time_s"] for c in costs),
+            # generations that hit --max-new-tokens: graded on what they hold (as lm-eval does)
+            "cut_off_rate": _mean(f == "length" for r in recs.values() for f in _finish_reasons(r)),
             # records name the process that decoded them (older versions' records name none)
             "invocations": len({r.get("invocation") for r in recs.values()}),
             "batch_sizes": sorted({r["batch_size"] for r in recs.values() if "batch_size" in r}),
@@ -115,11 +117,17 @@ def _fmt_p(entry: dict, key: str) -> str:
     return f"{entry[key]['p_value']:.3g}" if key in entry else "–"
 
 
+def _finish_reasons(record: dict) -> list[str]:
+    """A record's finish reasons: one per generation (maj@k records list their k samples')."""
+    reasons = record.get("finish_reason")
+    return list(reasons) if isinstance(reasons, list) else [reasons]
+
+
 def markdown_table(summary: dict) -> str:
     lines = [
         "| method | accuracy (95% CI) | n | p vs greedy | p vs maj@k | gen. tokens | LLM tokens | LLM calls"
-        " | trigger rate | overrides | time / problem (s) | time vs greedy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | trigger rate | overrides | cut off | time / problem (s) | time vs greedy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, e in summary.items():
         ratio = e.get("time_ratio_vs_greedy")
@@ -128,7 +136,7 @@ def markdown_table(summary: dict) -> str:
             f"| {m} | {e['accuracy']:.1%} ({e['ci_low']:.1%}–{e['ci_high']:.1%}) | {e['n']} | {_fmt_p(e, 'vs_greedy')}"
             f" | {_fmt_p(e, 'vs_maj')} | {e['mean_generated_tokens']:.0f} | {e['mean_llm_forward_tokens']:.0f}"
             f" | {e['mean_llm_forward_calls']:.1f} | {e['trigger_rate']:.1%} | {e.get('override_rate', 0.0):.1%}"
-            f" | {e['mean_wall_time_s']:.1f} | {ratio} |"
+            f" | {e.get('cut_off_rate', 0.0):.0%} | {e['mean_wall_time_s']:.1f} | {ratio} |"
         )
     extra = [
         f"- {m}: pass@k (any of k samples correct; *not* comparable to accuracy) = "
@@ -141,7 +149,8 @@ def markdown_table(summary: dict) -> str:
         "p-values: exact McNemar test on the problems both methods finished. Costs are per problem, as if "
         "decoded alone; maj@k costs add up its k samples. LLM tokens: tokens the LLM had to read. "
         "Trigger rate and overrides: shares of generated tokens where the trigger fired, and where the "
-        "selector then chose another token than the SLM's top-1.",
+        "selector then chose another token than the SLM's top-1. Cut off: generations (maj@k: samples) "
+        "that reached the token budget; their answers are graded on what they hold.",
     ]
     return "\n".join(lines + ([""] + extra if extra else []) + notes) + "\n"
 

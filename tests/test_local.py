@@ -365,7 +365,9 @@ def test_a_run_never_mixes_two_learned_triggers_however_the_trigger_is_named(col
     evaluate(base, tmp_path / "run", progress=False, generator=gen)
     records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert records[0]["selector"].startswith("trigger:")
-    with pytest.raises(ValueError, match="random-select/learned results of another selector"):
+    with pytest.raises(
+        ValueError, match="random-select/learned results of another selector.*random-select:LABEL/learned"
+    ):
         evaluate(
             replace(base, limit=None, selector=str(tmp_path / "b")),
             tmp_path / "run",
@@ -384,6 +386,22 @@ def test_a_run_never_mixes_two_learned_triggers_however_the_trigger_is_named(col
     assert stored["methods"] == ["random-select/learned", "greedy"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "(no method of this run loads the LLM)" in report and "nan" not in report
+    # ... under a labelled name the second trigger joins the run, paired with the first on its problems
+    labelled = evaluate(
+        replace(base, methods=["random-select:b/learned"], selector=str(tmp_path / "b")),
+        tmp_path / "run",
+        progress=False,
+        generator=gen,
+    )
+    assert labelled["methods"]["random-select:b/learned"]["n"] == 1
+    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    by_method = {r["method"]: r.get("selector") for r in records}
+    assert by_method["random-select:b/learned"] != by_method["random-select/learned"]
+    # a label says which selector made a method's results: where none is read, it is refused
+    with pytest.raises(ValueError, match="reads none; drop ':b'"):
+        replace(base, methods=["random-select:b/entropy@0.5"])
+    with pytest.raises(ValueError, match="unknown method"):
+        replace(base, methods=["greedy:b"])
 
 
 def test_lora_training_saves_an_adapter_that_s2t_local_evaluation_uses(collected, tiny_pair_dir, tmp_path):

@@ -40,6 +40,7 @@ from s2t.methods import (
     build_method,
     is_local_method,
     majority_samples,
+    split_label,
 )
 from s2t.methods import canonical_method_name as _canonical_method_name
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM, batch_invariant, resolve_dtype
@@ -204,7 +205,7 @@ def invocation_id() -> str:
 
 def canonical_method_name(name: str) -> str:
     """A method name ``s2t eval`` accepts, canonically spelled: those of :data:`s2t.methods.METHODS`
-    (with a trigger setting, or ``s2t-local:LABEL``) and ``maj@K``; else ``ValueError``."""
+    (with a trigger setting, or labelled ``METHOD:LABEL``) and ``maj@K``; else ``ValueError``."""
     return _canonical_method_name(name, majority=True)
 
 
@@ -494,10 +495,12 @@ def _check_same_selector(run_dir: Path, method: str, digest: str) -> None:
     earlier = {r.get("selector") for r in read_jsonl(run_dir / RESULTS_FILE) if r.get("method") == method}
     other = earlier - {digest, None}  # None: a record made before digests were recorded
     if other:
+        base, _, setting = method.partition("/")
+        labelled = f"{split_label(base)[0]}:LABEL" + (f"/{setting}" if setting else "")
         raise ValueError(
             f"{run_dir} holds {method} results of another selector (weights digest "
             f"{sorted(map(str, other))[0]}, this one is {digest}): name this one's method "
-            "s2t-local:LABEL (e.g. s2t-local:lora), or use a new --out directory"
+            f"{labelled} (e.g. s2t-local:lora, s2t:hidden/learned), or use a new --out directory"
         )
 
 

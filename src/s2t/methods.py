@@ -48,8 +48,10 @@ DEFAULT_K = 8
 
 # Methods that consult a trigger, and so may carry their own trigger setting in their name.
 TRIGGERED_METHODS = (*(m for m in METHOD_SELECTORS if m != "greedy"), LOCAL_METHOD)
-# s2t-local, or s2t-local:LABEL: a labelled variant lets a second selector join a run directory
-_LOCAL_PATTERN = re.compile(r"^s2t-local(?::[a-z0-9][a-z0-9._-]*)?$")
+# METHOD:LABEL (s2t-local:lora, s2t:hidden/learned): a labelled variant of a method that reads --selector
+# (S2T-Local, or a learned trigger) lets a second selector join a run directory
+_LABELLED_PATTERN = re.compile(r"^(?P<method>[a-z0-9-]+):(?P<label>[a-z0-9][a-z0-9._-]*)$")
+LABEL_SYNTAX = "METHOD:LABEL (lowercase letters, digits, '.', '_', '-') on a method that reads --selector"
 _MAJORITY_PATTERN = re.compile(r"^maj@(?P<k>[0-9]+)$")
 DEFAULT_MAX_NEW_TOKENS = 512
 
@@ -236,16 +238,25 @@ def calibrate(
     return float(trigger.threshold)
 
 
+def split_label(base: str) -> tuple[str, str | None]:
+    """``"s2t-local:lora"`` -> ``("s2t-local", "lora")``; an unlabelled name gives ``(base, None)``.
+    Only triggered methods take labels; anything else is returned whole (and is then unknown)."""
+    match = _LABELLED_PATTERN.match(base)
+    if match and match["method"] in TRIGGERED_METHODS:
+        return match["method"], match["label"]
+    return base, None
+
+
 def is_local_method(name: str) -> bool:
     """``s2t-local`` or a labelled variant ``s2t-local:LABEL`` (e.g. ``s2t-local:lora``), with or
     without a trigger setting (``s2t-local/margin@0.8``)."""
-    return bool(_LOCAL_PATTERN.match(name.split("/", 1)[0]))
+    return base_method(name) == LOCAL_METHOD
 
 
 def base_method(name: str) -> str:
-    """The entry of :data:`METHODS` behind a name: ``s2t-local:lora/margin@0.8`` -> ``s2t-local``."""
-    base = name.split("/", 1)[0]
-    return LOCAL_METHOD if is_local_method(base) else base
+    """The entry of :data:`METHODS` behind a name: ``s2t-local:lora/margin@0.8`` -> ``s2t-local``,
+    ``s2t:hidden/learned`` -> ``s2t``."""
+    return split_label(name.split("/", 1)[0])[0]
 
 
 def method_needs_llm(name: str, trigger: str = "entropy") -> bool:
@@ -273,17 +284,17 @@ def majority_samples(name: str) -> int | None:
 def canonical_method_name(name: str, majority: bool = False) -> str:
     """Check a method name and return its canonical spelling (``s2t/entropy@0.80`` -> ``s2t/entropy@0.8``).
 
-    Names are those of :data:`METHODS` (and ``s2t-local:LABEL``), with ``maj@K`` where
+    Names are those of :data:`METHODS` (and labelled variants ``METHOD:LABEL`` of the triggered methods), with ``maj@K`` where
     ``majority`` (``s2t eval``). Raises ``ValueError`` naming the method for an unknown method, a
     malformed or out-of-range trigger setting, a setting on a method without a trigger, or an LLM
     trigger on S2T-Local.
     """
     base, setting = split_method_name(name)
     known_majority = majority and majority_samples(base) is not None
-    if not (base in METHODS or is_local_method(base) or known_majority):
+    if not (base in METHODS or split_label(base)[1] is not None or known_majority):
         raise ValueError(
-            f"unknown method {name!r}; choose from {', '.join(METHODS)} (or s2t-local:LABEL: lowercase "
-            f"letters, digits, '.', '_', '-'){', maj@K' if majority else ''}; a trigger setting follows a "
+            f"unknown method {name!r}; choose from {', '.join(METHODS)} (or {LABEL_SYNTAX}: "
+            f"{', '.join(TRIGGERED_METHODS)}){', maj@K' if majority else ''}; a trigger setting follows a "
             f"'/' ({SETTING_SYNTAX})"
         )
     if setting is None:
@@ -428,6 +439,13 @@ class MethodSpec:
             raise ValueError(f"unknown trigger {trigger!r}; choose from {', '.join(SETTING_TRIGGERS)}")
         _check_local_trigger(name, trigger)
         uses_selector = method == LOCAL_METHOD or trigger == "learned"
+        label = split_label(base)[1]
+        if label is not None and not uses_selector:
+            raise ValueError(
+                f"method {name!r}: a label tells apart the selectors (or learned triggers) of one run "
+                f"directory, and {method} at the {trigger!r} trigger reads none; drop ':{label}', or use "
+                "the learned trigger (e.g. s2t:LABEL/learned)"
+            )
         if uses_selector and not selector:
             needs = "the s2t-local method" if method == LOCAL_METHOD else "the learned trigger"
             raise ValueError(f"{needs} needs a trained selector: pass --selector DIR (see `s2t train`)")

@@ -69,7 +69,7 @@ def torch_only_reason(
             name = item
             base, _, setting = name.partition("/")
             method = base.split(":")[0]
-            consults_trigger = bool(setting) or base in ("s2t", "takeover", "random-select")
+            consults_trigger = bool(setting) or method in ("s2t", "takeover", "random-select")
             used = setting.split("/")[0].split("@")[0].split("=")[0] if setting else trigger
         if method in TORCH_ONLY_METHODS and not reads_only_logits(own_selector):
             return (

@@ -40,8 +40,9 @@ def eval_command(
     methods: Annotated[
         str,
         typer.Option(
-            help=f"Comma-separated: {', '.join(METHODS)}, maj@K (s2t-local:LABEL adds a second selector to a "
-            "run; a trigger setting may follow a '/', e.g. s2t/entropy@0.8)."
+            help=f"Comma-separated: {', '.join(METHODS)}, maj@K (METHOD:LABEL adds a second selector or "
+            "learned trigger to a run: s2t-local:lora, s2t:hidden/learned; a trigger setting may follow a '/', "
+            "e.g. s2t/entropy@0.8)."
         ),
     ] = "greedy,s2t",
     dataset: Annotated[

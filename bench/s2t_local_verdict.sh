@@ -4,6 +4,7 @@
 #
 #   bash bench/s2t_local_verdict.sh baselines   # greedy, S2T at entropy@0.8 (S2T-Local's ceiling), LLM, maj@8
 #   bash bench/s2t_local_verdict.sh s2t-local   # collect 1,000 train problems, train, learning curve, S2T-Local rows
+#   bash bench/s2t_local_verdict.sh learned-trigger  # S2T at the hidden-state learned trigger, 100 test problems
 #   bash bench/s2t_local_verdict.sh status      # how far each lane has got
 #
 # Run each lane under nohup (`nohup bash bench/s2t_local_verdict.sh baselines > logs/baselines.log 2>&1 &`).
@@ -19,6 +20,7 @@ RUN=results/eval-gsm8k-test-300-llamacpp
 COLLECTION=results/collect-gsm8k-train-1000
 FEATURES=results/selector-features-gsm8k-train-1000-e08
 HEAD=results/selector-head-gsm8k-train-1000-e08
+HIDDEN=results/trigger-hidden-gsm8k-train-1000  # the learned trigger with the SLM's hidden state (torch only)
 EVAL=(--threads 1 eval --backend llama.cpp --dataset gsm8k --split test --limit 300 --batch-size 16
     --calibration-problems 32 --out "$RUN")
 
@@ -47,6 +49,22 @@ s2t_local() {
         --out results/bench/selector_learning_curve-1000-e08.json
     # 4. S2T-Local joins the verdict run: at entropy@0.8 and at its learned trigger, no LLM loaded
     "$S2T" "${EVAL[@]}" --selector "$FEATURES" --methods s2t-local/entropy@0.8,s2t-local/learned
+}
+
+learned_trigger() {
+    # item 3 of issue 26 once the collection is complete: the learned trigger may read the hidden state
+    # (`auto` keeps it where it helps on an inner split of the training problems), so S2T runs on torch,
+    # in the float32 table of the 100 test problems, labelled beside the committed s2t/learned row and
+    # paired with s2t/kl@0.95 and s2t (entropy@0.95) there
+    # (the s2t-local lane collects; two collectors on one directory would redo each other's problems)
+    "$PYTHON" -c 'import json, sys; n = len({json.loads(l)["problem_id"] for l in open(sys.argv[1]) if l.strip()})
+sys.exit(0 if n >= 1000 else f"the collection holds {n} of 1000 problems: let the s2t-local lane finish it first")' \
+        "$COLLECTION/problems.jsonl"
+    "$S2T" --threads 1 train --groups "$COLLECTION" --out "$HIDDEN" --mode features \
+        --groups-at entropy@0.8 --k 8 --trigger-rate 0.05 --trigger-features auto
+    "$S2T" --threads 1 eval --backend torch --dtype float32 --dataset gsm8k --split test --limit 100 \
+        --max-new-tokens 512 --batch-size 16 --selector "$HIDDEN" --methods s2t:hidden/learned \
+        --out results/eval-gsm8k-test-100
 }
 
 status() {
@@ -91,6 +109,7 @@ EOF
 case "${1:-}" in
     baselines) baselines ;;
     s2t-local) s2t_local ;;
+    learned-trigger) learned_trigger ;;
     status) status ;;
-    *) echo "usage: bash bench/s2t_local_verdict.sh {baselines|s2t-local|status}" >&2; exit 2 ;;
+    *) echo "usage: bash bench/s2t_local_verdict.sh {baselines|s2t-local|learned-trigger|status}" >&2; exit 2 ;;
 esac

@@ -292,6 +292,8 @@ def test_eval_runs_on_the_llama_cpp_backend_and_records_it(
     with caplog.at_level(logging.WARNING, logger="s2t.evaluate"):
         again = evaluate(replace(config, dtype="bfloat16"), tmp_path / "run", progress=False)
     assert "apply to the torch backend" in caplog.text
+    with pytest.raises(ValueError, match="dtype must be one of"):  # a typo is refused, not ignored
+        replace(config, dtype="bfloat61")
     assert set(again["methods"]) == set(payload["methods"])
     assert json.loads((tmp_path / "run" / "config.json").read_text())["dtype"] == "gguf"
     with pytest.raises(BackendUnavailableError, match="--backend torch"):

@@ -295,7 +295,10 @@ def test_a_run_gains_s2t_local_later_but_never_mixes_two_selectors(collected, sl
     stored = json.loads((tmp_path / "run1" / "config.json").read_text())
     assert stored["selector"] == str(tmp_path / "sel") and stored["methods"] == ["greedy", "s2t-local"]
     report = (tmp_path / "run1" / "report.md").read_text()
-    assert f"S2T-Local selector weights digest ({tmp_path / 'sel'}): s2t-local: " in report
+    assert (
+        f"Selector digests (S2T-Local weights; trigger: the learned trigger's) ({tmp_path / 'sel'}): s2t-local: "
+        in report
+    )
     from s2t.evaluate_distributed import evaluate_distributed
 
     by_path = replace(with_local, slm=str(slm.model.name_or_path), limit=1)
@@ -315,6 +318,17 @@ def test_a_run_gains_s2t_local_later_but_never_mixes_two_selectors(collected, sl
     records = [json.loads(line) for line in (tmp_path / "run1" / "results.jsonl").read_text().splitlines()]
     by_method = {r["method"]: r["selector"] for r in records if r["method"].startswith("s2t-local")}
     assert by_method["s2t-local"] != by_method["s2t-local:other"]
+    # a label names one selector for every setting: another setting of a label is no way around it
+    for method, selector in (("s2t-local/entropy@0.4", "other"), ("s2t-local:other/entropy@0.4", "sel")):
+        with pytest.raises(
+            ValueError, match=r"s2t-local(:other)? results of another selector under .*:LABEL/entropy@0.4"
+        ):
+            evaluate(
+                replace(other, methods=[method], selector=str(tmp_path / selector)),
+                tmp_path / "run1",
+                progress=False,
+                generator=gen,
+            )
     with pytest.raises(ValueError, match="unknown method"):
         EvalConfig(methods=["s2t-local:Bad Label"])
 
@@ -366,7 +380,8 @@ def test_a_run_never_mixes_two_learned_triggers_however_the_trigger_is_named(col
     records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert records[0]["selector"].startswith("trigger:")
     with pytest.raises(
-        ValueError, match="random-select/learned results of another selector.*random-select:LABEL/learned"
+        ValueError,
+        match="random-select/learned results of another learned trigger.*random-select:LABEL/learned",
     ):
         evaluate(
             replace(base, limit=None, selector=str(tmp_path / "b")),

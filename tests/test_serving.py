@@ -440,7 +440,13 @@ def test_cli_serve_builds_the_app_and_loads_no_llm_for_greedy(tiny_pair_dir, mon
 
 
 @pytest.mark.parametrize(
-    "extra, message", [(["--method", "maj@8"], "unknown method"), (["--method", "s2t-local"], "--selector")]
+    "extra, message",
+    [
+        (["--method", "maj@8"], "unknown method"),
+        (["--method", "s2t-local"], "--selector"),
+        (["--method", "s2t-local:lora"], "serve 's2t-local'"),
+        (["--method", "s2t:x:y"], "unknown method 's2t:x:y'"),  # as typed, not an emoji code
+    ],
 )
 def test_cli_serve_refuses_bad_methods_with_a_message(tiny_pair_dir, extra, message):
     from typer.testing import CliRunner

@@ -260,3 +260,25 @@ def test_a_sweep_decodes_the_calibration_questions_once_per_trigger(
     assert sorted(calls) == ["entropy", "margin"]
     calibration = payload["calibration"]
     assert calibration["entropy@0.5"]["threshold"] <= calibration["entropy@0.7"]["threshold"]
+
+
+def test_the_frontier_spells_a_setting_one_way_and_pairs_labelled_rows(tmp_path):
+    """``s2t`` under ``--trigger learned`` is the ``learned`` setting (no quantile), K is named alike
+    for plain and set names, and ``s2t:L`` meets ``takeover:L`` at the same setting."""
+    from s2t.reporting.eval_report import write_report
+
+    n = 6
+    recs = [_record("greedy", i, i < 1) for i in range(n)] + [_record("llm", i, i < 4, 50) for i in range(n)]
+    for method, correct in (("s2t", 3), ("takeover", 2), ("s2t:b/learned", 4), ("takeover:b/learned", 1)):
+        recs += [_record(method, i, i < correct, 5) for i in range(n)]
+    recs += [_record("s2t/entropy@0.8", i, i < 2, 9) for i in range(n)]
+    config = {"trigger": "learned", "quantile": 0.95, "k": 4, "seed": 0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+
+    rows = {r["method"]: r for r in write_report(tmp_path)["frontier"]["rows"]}
+    assert rows["s2t"]["setting"] == rows["s2t:b/learned"]["setting"] == "learned/k4"
+    assert rows["s2t/entropy@0.8"]["setting"] == "entropy@0.8/k4"
+    assert rows["s2t"]["vs_takeover"]["method"] == "takeover"
+    assert rows["s2t:b/learned"]["vs_takeover"]["method"] == "takeover:b/learned"
+    assert rows["s2t:b/learned"]["vs_takeover"]["only_s2t"] == 3

@@ -43,15 +43,15 @@ from s2t.methods import (
     split_label,
 )
 from s2t.methods import canonical_method_name as _canonical_method_name
-from s2t.models import DEFAULT_LLM, DEFAULT_SLM, batch_invariant, resolve_dtype
+from s2t.models import DEFAULT_LLM, DEFAULT_SLM, batch_invariant, parse_dtype, resolve_dtype
 from s2t.run_driver import RunDriver
 from s2t.runs import ConfigMismatchError, RunDirectory, read_jsonl
 
 logger = logging.getLogger(__name__)
 
 
-# What a llama.cpp run records as its dtype: the GGUF files' own weight types (the built-in models'
-# are Q4_K_M), which the torch ``--dtype`` does not change.
+# What a llama.cpp run records as its dtype: the GGUF files' own weight types (Q4_K_M for the built-in
+# models), which the torch ``--dtype`` does not change.
 GGUF_DTYPE = "gguf"
 
 
@@ -111,10 +111,13 @@ class EvalConfig:
         for name in self.methods:
             self.spec(name)  # raises ValueError naming the method or the option
         if self.backend == "llama.cpp":
-            if {self.dtype, self.llm_dtype} - {None, GGUF_DTYPE}:
+            given = {self.dtype, self.llm_dtype} - {None, GGUF_DTYPE}
+            for dtype in given:
+                parse_dtype(dtype)  # a typo is refused here as on torch
+            if given:
                 logger.warning(
                     "--dtype and --llm-dtype apply to the torch backend; llama.cpp runs the GGUF files' own "
-                    "weight types (the built-in models': Q4_K_M), so they are ignored"
+                    "weight types (Q4_K_M for the built-in models), so they are ignored"
                 )
             self.dtype = self.llm_dtype = GGUF_DTYPE  # recorded: the torch dtype would misname the run
         else:
@@ -490,18 +493,38 @@ class Evaluator:
             )
 
 
+def _digest_parts(digest: str) -> dict[str, str]:
+    """A record's selector digest by part: ``"ab12+adapter:cd34+trigger:ef56"`` ->
+    ``{"weights": "ab12", "adapter": "cd34", "trigger": "ef56"}`` (see :meth:`EvalConfig.selector_digest`)."""
+    parts = {}
+    for part in digest.split("+"):
+        kind, _, value = part.rpartition(":")
+        parts[kind or "weights"] = value
+    return parts
+
+
 def _check_same_selector(run_dir: Path, method: str, digest: str) -> None:
-    """Refuse a selector (weights ``digest``) for ``method`` where ``run_dir`` holds results of another."""
-    earlier = {r.get("selector") for r in read_jsonl(run_dir / RESULTS_FILE) if r.get("method") == method}
-    other = earlier - {digest, None}  # None: a record made before digests were recorded
-    if other:
-        base, _, setting = method.partition("/")
-        labelled = f"{split_label(base)[0]}:LABEL" + (f"/{setting}" if setting else "")
-        raise ValueError(
-            f"{run_dir} holds {method} results of another selector (weights digest "
-            f"{sorted(map(str, other))[0]}, this one is {digest}): name this one's method "
-            f"{labelled} (e.g. s2t-local:lora, s2t:hidden/learned), or use a new --out directory"
-        )
+    """Refuse a selector (``digest``) for ``method`` where ``run_dir`` holds results of another
+    under the same label: a label (none, or ``s2t-local:lora``'s ``lora``) names one selector's
+    weights and one learned trigger for every method and setting that carries it."""
+    base, _, setting = method.partition("/")
+    label = split_label(base)[1]
+    mine = _digest_parts(digest)
+    for r in read_jsonl(run_dir / RESULTS_FILE):
+        if r.get("selector") is None or split_label(r["method"].split("/", 1)[0])[1] != label:
+            continue  # None: no selector read, or a record made before digests were recorded
+        theirs = _digest_parts(r["selector"])
+        clash = sorted(kind for kind in mine.keys() & theirs.keys() if mine[kind] != theirs[kind])
+        if clash:
+            what = {"weights": "selector", "adapter": "LoRA adapter", "trigger": "learned trigger"}[clash[0]]
+            labelled = f"{split_label(base)[0]}:LABEL" + (f"/{setting}" if setting else "")
+            named = f"label {label!r}" if label else "no label"
+            raise ValueError(
+                f"{run_dir} holds {r['method']} results of another {what} under {named} (digest "
+                f"{theirs[clash[0]]}, this one is {mine[clash[0]]}): a label names one selector and one "
+                f"learned trigger; name this one's method {labelled} with a new label (e.g. "
+                "s2t-local:lora, s2t:hidden/learned), or use a new --out directory"
+            )
 
 
 def _recorded_config(out_dir: str | Path, config: EvalConfig) -> dict:

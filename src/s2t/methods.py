@@ -44,6 +44,8 @@ from s2t.policies.triggers import (
 )
 
 DEFAULT_QUANTILE = 0.95
+# Triggers that take no quantile: always and never have no threshold, the learned one keeps its own.
+UNCALIBRATED_TRIGGERS = ("always", "never", "learned")
 DEFAULT_K = 8
 
 # Methods that consult a trigger, and so may carry their own trigger setting in their name.
@@ -51,7 +53,10 @@ TRIGGERED_METHODS = (*(m for m in METHOD_SELECTORS if m != "greedy"), LOCAL_METH
 # METHOD:LABEL (s2t-local:lora, s2t:hidden/learned): a labelled variant of a method that reads --selector
 # (S2T-Local, or a learned trigger) lets a second selector join a run directory
 _LABELLED_PATTERN = re.compile(r"^(?P<method>[a-z0-9-]+):(?P<label>[a-z0-9][a-z0-9._-]*)$")
-LABEL_SYNTAX = "METHOD:LABEL (lowercase letters, digits, '.', '_', '-') on a method that reads --selector"
+LABEL_SYNTAX = (
+    "METHOD:LABEL (a lowercase letter or digit, then lowercase letters, digits, '.', '_', '-') on a method "
+    "that reads --selector"
+)
 _MAJORITY_PATTERN = re.compile(r"^maj@(?P<k>[0-9]+)$")
 DEFAULT_MAX_NEW_TOKENS = 512
 

@@ -17,7 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Select to Think: SLMs that select among their own top-K.",
 )
-console = Console()
+console = Console(emoji=False)  # a method named s2t:x:y is printed as typed, not as an emoji code
 
 SLMOpt = Annotated[str, typer.Option(help="SLM: built-in name, local directory, .gguf file or Hub id.")]
 LLMOpt = Annotated[str, typer.Option(help="LLM (same kinds as --slm); loaded only if a method needs it.")]

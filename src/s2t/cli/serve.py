@@ -79,12 +79,19 @@ def serve(
     """
     from s2t.backends import make_generator, resolve_backend
     from s2t.cli.generate import method_specs, resolve_with_status
+    from s2t.methods import split_label
     from s2t.serving import create_app
     from s2t.serving.server import serve as run_server
 
     try:
-        if method.split("/", 1)[0] not in SERVED_METHODS:
+        base, label = split_label(method.split("/", 1)[0])
+        if base not in SERVED_METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(SERVED_METHODS)}")
+        if label is not None:
+            raise ValueError(
+                f"method {method!r}: a label tells apart the selectors of one `s2t eval` run directory, "
+                f"and a server runs one (--selector); serve {method.replace(':' + label, '', 1)!r}"
+            )
         options = dict(
             trigger=trigger,
             threshold=threshold,

@@ -190,7 +190,7 @@ def precision_line(config: dict) -> str:
 
     backend = config.get("backend") or LEGACY_CONFIG["backend"]
     if backend == "llama.cpp":
-        return "Backend: llama.cpp, on the GGUF files' own weight types (the built-in models': Q4_K_M)."
+        return "Backend: llama.cpp, on the GGUF files' own weight types (Q4_K_M for the built-in models)."
     dtype = config.get("dtype") or LEGACY_CONFIG["dtype"]
     llm_dtype = config.get("llm_dtype")
     llm = f" (LLM {llm_dtype})" if llm_dtype and llm_dtype != dtype else ""
@@ -214,8 +214,9 @@ def resumption_note(summary: dict, config: dict) -> str | None:
 
 
 def selector_note(records: list[dict], config: dict) -> str | None:
-    """A line naming the trained selector behind each S2T-Local row (its weights digest, as each
-    record stores it, and the directory ``config.json`` names), None without S2T-Local records."""
+    """A line naming what of a trained selector made each row that read one (S2T-Local's weights
+    digest, ``trigger:`` a learned trigger's, as each record stores them, and the directory
+    ``config.json`` names), None without such records."""
     digests: dict[str, set] = {}
     for r in records:
         if r.get("selector") is not None:
@@ -225,7 +226,7 @@ def selector_note(records: list[dict], config: dict) -> str | None:
     rows = "; ".join(f"{m}: {', '.join(sorted(d))}" for m, d in sorted(digests.items()))
     one = len(set().union(*digests.values())) == 1
     where = f" ({config.get('selector')})" if one and config.get("selector") else ""
-    return f"S2T-Local selector weights digest{where}: {rows}."
+    return f"Selector digests (S2T-Local weights; trigger: the learned trigger's){where}: {rows}."
 
 
 def write_report(run_dir: str | Path) -> dict:

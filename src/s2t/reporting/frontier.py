@@ -10,9 +10,16 @@ redrawn at any time (also while a sweep is still running).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from s2t.methods import split_method_name
+from s2t.methods import (
+    DEFAULT_K,
+    UNCALIBRATED_TRIGGERS,
+    TriggerSetting,
+    split_label,
+    split_method_name,
+)
 from s2t.stats import gap_recovered_ci, mcnemar_exact
 
 REFERENCE_METHODS = ("greedy", "llm")
@@ -22,18 +29,22 @@ GAP_TARGETS = (0.5, 0.8)
 def _setting_label(method: str, config: dict) -> tuple[str, str] | None:
     """(selector family, trigger setting) of a method that consults a trigger, else None.
 
-    A plain name (``s2t``) uses the run's own trigger configuration (``entropy@0.95``).
+    A plain name (``s2t``) uses the run's own trigger configuration (``entropy@0.95``); the label is
+    the canonical spelling of the setting the method ran at, so that ``s2t`` under ``--trigger
+    learned`` and ``s2t/learned`` read alike, and K (when not the default) is named either way.
     """
     base, setting = split_method_name(method)
     if base in ("greedy", "llm") or base.startswith("maj@"):
         return None
-    if setting is not None:
-        return base, setting.label
-    if config.get("threshold") is not None:
-        label = f"{config.get('trigger')}={config['threshold']!r}"
-    else:
-        label = f"{config.get('trigger')}@{config.get('quantile')!r}"
-    return base, label + (f"/k{config['k']}" if config.get("k") not in (None, 8) else "")
+    if setting is None:
+        trigger = config.get("trigger") or "entropy"
+        threshold = config.get("threshold")
+        untuned = threshold is not None or trigger in UNCALIBRATED_TRIGGERS
+        setting = TriggerSetting(
+            trigger, threshold=threshold, quantile=None if untuned else config.get("quantile")
+        )
+    k = setting.k if setting.k is not None else config.get("k")
+    return base, replace(setting, k=k if k not in (None, DEFAULT_K) else None).label
 
 
 def frontier_rows(
@@ -103,7 +114,9 @@ def _pair_selectors(rows: list[dict], by_method: dict[str, dict[str, bool]]) -> 
     """S2T against Takeover at the same trigger setting: McNemar p on the problems both finished."""
     by_setting = {(r["selector"], r["setting"]): r for r in rows}
     for (selector, setting), row in by_setting.items():
-        other = by_setting.get(("takeover", setting)) if selector == "s2t" else None
+        method, label = split_label(selector)  # s2t:hidden is paired with takeover:hidden
+        takeover = "takeover" + (f":{label}" if label else "")
+        other = by_setting.get((takeover, setting)) if method == "s2t" else None
         if other is None:
             continue
         common = sorted(set(by_method[row["method"]]) & set(by_method[other["method"]]))
@@ -203,7 +216,7 @@ def plot_frontier(rows: list[dict], summary: dict, path: Path) -> Path:
                     [100 * (r["accuracy"] - r["ci_low"]) for r in points],
                     [100 * (r["ci_high"] - r["accuracy"]) for r in points],
                 ],
-                fmt=f"{markers.get(selector, 'D')}-",
+                fmt=f"{markers.get(split_label(selector)[0], 'D')}-",
                 capsize=3,
                 alpha=0.85,
                 label=f"{selector}, {trigger} trigger",

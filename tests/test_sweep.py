@@ -93,6 +93,10 @@ def test_two_settings_sharing_a_name_are_refused(data_file):
         config(data_file, methods=["s2t/entropy@0.8", "s2t/entropy@0.80"])
     with pytest.raises(ValueError, match="listed twice"):
         config(data_file, methods=["greedy", "greedy"])
+    # a plain name runs at the run's options, so it may be another name's setting
+    with pytest.raises(ValueError, match="'s2t' and 's2t/entropy@0.95' are one setting"):
+        config(data_file, methods=["s2t", "s2t/entropy@0.95"])  # config(): --trigger entropy --quantile 0.95
+    config(data_file, methods=["s2t", "s2t/entropy@0.9", "takeover/entropy@0.95"])
     with pytest.raises(ValueError, match="--selector"):
         config(data_file, methods=["s2t-local/learned@0.9"])
 

@@ -108,8 +108,20 @@ class EvalConfig:
         self.backend = resolve_backend(
             self.backend, [self.slm, self.llm], self.methods, self.trigger, selector=self.selector
         )
+        settings: dict[tuple, str] = {}
         for name in self.methods:
-            self.spec(name)  # raises ValueError naming the method or the option
+            spec = self.spec(name)  # raises ValueError naming the method or the option
+            if spec is None:
+                continue
+            # a plain name runs at the run's options: `s2t` under --trigger learned is `s2t/learned`
+            label = split_label(name.split("/", 1)[0])[1]
+            key = (spec.method, label, spec.trigger, spec.quantile, spec.threshold, spec.k, spec.ratio)
+            if key in settings:
+                raise ValueError(
+                    f"methods {settings[key]!r} and {name!r} are one setting under this run's options "
+                    f"(--trigger {self.trigger}): give each setting once"
+                )
+            settings[key] = name
         if self.backend == "llama.cpp":
             given = {self.dtype, self.llm_dtype} - {None, GGUF_DTYPE}
             for dtype in given:

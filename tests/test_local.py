@@ -401,6 +401,14 @@ def test_a_run_never_mixes_two_learned_triggers_however_the_trigger_is_named(col
     assert stored["methods"] == ["random-select/learned", "greedy"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "(no method of this run loads the LLM)" in report and "nan" not in report
+    # the trigger records its collection problems: evaluating on them is refused, as for a selector
+    assert trigger.config.problem_ids == [f"tiny/train/{i}" for i in range(len(QUESTIONS))]
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps({"question": q, "answer": "#### 4"}) + "\n" for q in QUESTIONS))
+    leaky = replace(base, split="train", data_file=str(train_file), limit=None)
+    with pytest.raises(ValueError, match="the learned trigger was trained on 4 of the evaluated problems"):
+        evaluate(leaky, tmp_path / "leaky", progress=False, generator=gen)
+    assert not (tmp_path / "leaky").exists()
     # ... under a labelled name the second trigger joins the run, paired with the first on its problems
     labelled = evaluate(
         replace(base, methods=["random-select:b/learned"], selector=str(tmp_path / "b")),

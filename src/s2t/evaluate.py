@@ -283,8 +283,8 @@ class Evaluator:
         self.config = config
         # Problems first: a dataset that cannot be loaded must not leave a run directory behind.
         self.problems = list(problems) if problems is not None else self._load_problems()
-        if any(is_local_method(m) for m in config.methods):
-            self._check_selector_leakage()  # nor a selector trained on the evaluated problems
+        if any(map(config.uses_selector, config.methods)):
+            self._check_selector_leakage()  # nor a selector or learned trigger trained on the evaluated problems
         resumable = RESUMABLE_KEYS | {SELECTOR_KEY}  # guarded per method by the records' digests
         if config.backend == "llama.cpp":
             # the GGUF files fix the precision there; the torch dtype (a CPU-dependent default) does not
@@ -491,18 +491,33 @@ class Evaluator:
         return self._resolve(name).method
 
     def _check_selector_leakage(self) -> None:
-        """Refuse a selector trained (or validated) on any of the evaluated problems (read from its
-        config, before any model loads)."""
+        """Refuse a selector, or a learned trigger, trained (or validated) on any of the evaluated
+        problems (read from their configs, before any model loads). A trigger saved before it recorded
+        its problems cannot be checked."""
         from s2t.policies.learned_selector import load_selector
+        from s2t.policies.learned_trigger import LearnedTrigger
 
-        training = load_selector(self.config.selector).config.training
-        seen = set(training.get("train_problem_ids", [])) | set(training.get("validation_problem_ids", []))
-        leaked = seen & {p.id for p in self.problems}
-        if leaked:
-            raise ValueError(
-                f"the selector was trained on {len(leaked)} of the evaluated problems (e.g. {sorted(leaked)[0]}): "
-                "refusing a leaky evaluation"
+        specs = [s for s in map(self.config.spec, self.config.methods) if s is not None and s.selector]
+        evaluated = {p.id for p in self.problems}
+        if any(is_local_method(s.name) for s in specs):
+            training = load_selector(self.config.selector).config.training
+            seen = set(training.get("train_problem_ids", [])) | set(
+                training.get("validation_problem_ids", [])
             )
+            _refuse_leak("the selector", seen & evaluated)
+        if any(s.trigger == "learned" for s in specs):
+            _refuse_leak(
+                "the learned trigger",
+                set(LearnedTrigger.from_pretrained(self.config.selector).config.problem_ids) & evaluated,
+            )
+
+
+def _refuse_leak(what: str, leaked: set[str]) -> None:
+    if leaked:
+        raise ValueError(
+            f"{what} was trained on {len(leaked)} of the evaluated problems (e.g. {sorted(leaked)[0]}): "
+            "refusing a leaky evaluation"
+        )
 
 
 def _digest_parts(digest: str) -> dict[str, str]:

@@ -40,6 +40,9 @@ class LearnedTriggerConfig:
     target_rate: float
     metrics: dict = field(default_factory=dict)
     weights_sha256: str | None = None  # of trigger.safetensors, recorded at save (None: saved before)
+    # the collection problems it was fitted and validated on (empty: saved before they were recorded),
+    # so that an evaluation on any of them is refused as leaky
+    problem_ids: list[str] = field(default_factory=list)
 
 
 class LearnedTrigger(Trigger):

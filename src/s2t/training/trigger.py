@@ -317,5 +317,12 @@ def train_trigger(
                 f"recall_at_{target_rate:g}": _recall_at_rate(s, y[va], target_rate),
             }
         metrics["learned"]["validation_trigger_rate"] = float((scores[va] >= threshold).float().mean())
-    config = LearnedTriggerConfig(base_model, model_fingerprint(slm.model), threshold, target_rate, metrics)
+    config = LearnedTriggerConfig(
+        base_model,
+        model_fingerprint(slm.model),
+        threshold,
+        target_rate,
+        metrics,
+        problem_ids=[r["problem_id"] for r in collected_records(groups_dir, need_features=False)],
+    )
     return LearnedTrigger(w, b, mean, std, config)

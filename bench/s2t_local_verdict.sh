@@ -35,9 +35,10 @@ s2t_local() {
         --recompute-features --out "$COLLECTION"
     # 2. the selectors at entropy@0.8's points; the feature run also trains the learned trigger (kl@0.95),
     #    on the logit features, which the llama.cpp backend gives (it exposes no hidden states)
-    "$S2T" --threads 1 train --groups "$COLLECTION" --out "$FEATURES" --mode features \
+    # (--overwrite: a rerun of the lane trains again, as on a longer collection)
+    "$S2T" --threads 1 train --groups "$COLLECTION" --out "$FEATURES" --mode features --overwrite \
         --groups-at entropy@0.8 --k 8 --trigger-rate 0.05 --trigger-features logits
-    "$S2T" --threads 1 train --groups "$COLLECTION" --out "$HEAD" --mode head \
+    "$S2T" --threads 1 train --groups "$COLLECTION" --out "$HEAD" --mode head --overwrite \
         --groups-at entropy@0.8 --k 8 --trigger-rate 0
     # 3. the ladder on the feature selector's held-out problems, and the learning curve on the
     #    collection's first 100 problems held out
@@ -60,7 +61,7 @@ learned_trigger() {
     "$PYTHON" -c 'import json, sys; n = len({json.loads(l)["problem_id"] for l in open(sys.argv[1]) if l.strip()})
 sys.exit(0 if n >= 1000 else f"the collection holds {n} of 1000 problems: let the s2t-local lane finish it first")' \
         "$COLLECTION/problems.jsonl"
-    "$S2T" --threads 1 train --groups "$COLLECTION" --out "$HIDDEN" --mode features \
+    "$S2T" --threads 1 train --groups "$COLLECTION" --out "$HIDDEN" --mode features --overwrite \
         --groups-at entropy@0.8 --k 8 --trigger-rate 0.05 --trigger-features auto
     "$S2T" --threads 1 eval --backend torch --dtype float32 --dataset gsm8k --split test --limit 100 \
         --max-new-tokens 512 --batch-size 16 --selector "$HIDDEN" --methods s2t:hidden/learned \

@@ -636,3 +636,52 @@ def test_override_learning_curve_fits_on_nested_prefixes_and_scores_the_same_pos
     assert "net per 1,000 at 10%" in format_override_learning_curve(curve, rates=("0.1",))
     with pytest.raises(ValueError, match="sizes must lie in"):
         override_learning_curve(path, held_out, [49], k=8, progress=False)
+
+
+def test_train_refuses_an_out_it_would_overwrite_and_overwrite_clears_only_its_own_files(
+    tiny_collection, tmp_path, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    import s2t.models
+    from s2t.cli import app
+    from s2t.training.train import OUTPUT_DIRS, OUTPUT_FILES, check_output_dir, clear_output_dir
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model loaded before the options were checked")
+
+    monkeypatch.setattr(s2t.models, "load_model", no_model)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    for name in OUTPUT_FILES:
+        (trained / name).write_text("{}")
+    (trained / "checkpoint").mkdir()
+    (trained / "notes.txt").write_text("mine")
+
+    def train(out, *options):
+        args = ["train", "--mode", "features", "--groups", str(tiny_collection), "--out", str(out), *options]
+        return CliRunner().invoke(app, args)
+
+    for out, options, message in (
+        (a_file, [], "is a file"),
+        (a_file / "sub", [], f"lies under {a_file}, which is a file"),
+        (tiny_collection, [], "is a collection directory"),
+        (trained, [], "holds a trained selector (selector_config.json): pass --overwrite"),
+        (trained, ["--resume"], "--resume applies to lora mode"),
+        (trained, ["--overwrite", "--epochs", "0"], "epochs"),  # a bad option keeps the earlier training
+    ):
+        result = train(out, *options)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert all((trained / name).is_file() for name in OUTPUT_FILES)
+    # --overwrite gets past the checks (to loading the SLM), having cleared only what training writes
+    result = train(trained, "--overwrite", "--trigger-rate", "0")
+    assert "a model loaded before" in repr(result.exception)
+    assert sorted(p.name for p in trained.iterdir()) == ["notes.txt"]
+    with pytest.raises(ValueError, match="give one"):
+        check_output_dir(trained, overwrite=True, resume=True)
+    (trained / "trigger_config.json").write_text("{}")
+    (trained / OUTPUT_DIRS[0]).mkdir()
+    clear_output_dir(trained)
+    assert sorted(p.name for p in trained.iterdir()) == ["notes.txt"]

@@ -166,6 +166,14 @@ def train_command(
     resume: Annotated[
         bool, typer.Option("--resume", help="lora: continue the checkpoint in --out (same configuration).")
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace the selector (and learned trigger) an earlier training saved in --out; without it "
+            "such an --out is refused.",
+        ),
+    ] = False,
     trigger_rate: Annotated[
         float,
         typer.Option(
@@ -192,7 +200,7 @@ def train_command(
     from s2t.policies.learned_selector import SelectorCheckpointError
     from s2t.training.collect import check_complete_groups_at, collection_config
     from s2t.training.objective import LORA_DEFAULT_LR, TrainConfig
-    from s2t.training.train import train
+    from s2t.training.train import check_output_dir, clear_output_dir, train
     from s2t.training.trigger import TRIGGER_FEATURES, check_trigger_data
 
     defaults = {"head": (30, 1e-2, 256), "lora": (3, LORA_DEFAULT_LR, 1), "features": (30, 3e-3, 256)}
@@ -221,6 +229,11 @@ def train_command(
             check_trigger_data(groups, trigger_label)
         if groups_at:
             check_complete_groups_at(groups, groups_at)
+        if resume and mode != "lora":
+            raise ValueError(
+                "--resume applies to lora mode; features and head training take minutes and restart"
+            )
+        check_output_dir(out, overwrite=overwrite, resume=resume)
         d_epochs, d_lr, d_bs = defaults[mode]
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
@@ -240,6 +253,7 @@ def train_command(
             val_fraction,
             seed,
             dtype,
+            overwrite,
         )
         try:
             trigger = (
@@ -276,6 +290,8 @@ def train_command(
             checkpoint_every=checkpoint_every,
             eval_every=eval_every,
         )
+        if overwrite:  # every option is checked: now the earlier training may go
+            clear_output_dir(out)
         selector = train(config, resume=resume)
         if mode == "lora":
             from accelerate import PartialState
@@ -309,8 +325,9 @@ def _collection_slm(groups: str, dtype):
     return load_model(config["slm"], dtype=dtype or collection_dtype(config))
 
 
-def _train_features(groups, out, k, groups_at, epochs, lr, batch_size, val_fraction, seed, dtype):
+def _train_features(groups, out, k, groups_at, epochs, lr, batch_size, val_fraction, seed, dtype, overwrite):
     from s2t.training.feature_training import FeatureTrainConfig, train_feature_selector
+    from s2t.training.train import clear_output_dir
 
     try:
         config = FeatureTrainConfig(
@@ -324,6 +341,8 @@ def _train_features(groups, out, k, groups_at, epochs, lr, batch_size, val_fract
             val_fraction=val_fraction,
             seed=seed,
         )
+        if overwrite:  # every option is checked: now the earlier training may go
+            clear_output_dir(out)
         return train_feature_selector(config, slm=_collection_slm(groups, dtype))
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))

@@ -185,6 +185,57 @@ def _at_k(data: GroupTensors, k: int, collected_k: int) -> GroupTensors:
     )
 
 
+# What `s2t train` writes into its --out directory (any mode): the files a new training replaces.
+OUTPUT_FILES = (
+    "selector.safetensors",
+    "selector_config.json",
+    "trigger.safetensors",
+    "trigger_config.json",
+    "ladder.json",
+    "training_history.json",
+)
+OUTPUT_DIRS = ("adapter", "checkpoint", "prepared")  # lora mode's
+
+
+def check_output_dir(out: str | Path, overwrite: bool = False, resume: bool = False) -> None:
+    """Check ``out`` before any training: where a new selector may go (see :func:`clear_output_dir`).
+
+    Raises:
+        ValueError: ``out`` is a file, lies under one, is a collection directory, or holds a trained
+            selector or trigger without ``overwrite`` (or ``resume``, which lora mode continues);
+            ``overwrite`` with ``resume``.
+    """
+    out = Path(out)
+    if overwrite and resume:
+        raise ValueError("--overwrite starts the training again and --resume continues it: give one")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a directory for the selector")
+    file_above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if file_above is not None:
+        raise ValueError(f"--out {out} lies under {file_above}, which is a file")
+    if (out / "problems.jsonl").is_file():
+        raise ValueError(f"--out {out} is a collection directory: give the selector a directory of its own")
+    held = [name for name in ("selector_config.json", "trigger_config.json") if (out / name).is_file()]
+    if held and not (overwrite or resume):
+        raise ValueError(
+            f"{out} holds a trained selector ({held[0]}): pass --overwrite to replace it, or use a new --out"
+        )
+
+
+def clear_output_dir(out: str | Path) -> None:
+    """Remove what an earlier training saved in ``out`` (for ``--overwrite``, once every option has
+    been checked): only the files and directories training writes (:data:`OUTPUT_FILES`,
+    :data:`OUTPUT_DIRS`), so that a stale learned trigger never stays beside a new selector."""
+    import shutil
+
+    out = Path(out)
+    for name in OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in OUTPUT_DIRS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+
+
 def train(cfg: TrainConfig, progress: bool = True, resume: bool = False, **kwargs) -> LocalSelector:
     """Train a selector in ``cfg.mode``; ``resume`` continues a LoRA run from its checkpoint."""
     if cfg.mode == "head":
@@ -196,4 +247,12 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False, **kwarg
     return train_lora(cfg, progress=progress, resume=resume, **kwargs)
 
 
-__all__ = ["GroupTensors", "TrainConfig", "load_groups", "train", "train_head"]
+__all__ = [
+    "GroupTensors",
+    "TrainConfig",
+    "check_output_dir",
+    "clear_output_dir",
+    "load_groups",
+    "train",
+    "train_head",
+]

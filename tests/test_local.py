@@ -666,6 +666,28 @@ def test_a_collection_without_its_features_says_how_to_recompute_them_and_resume
     train(TrainConfig(groups=str(copy), out=str(tmp_path / "sel"), epochs=1), slm=slm, progress=False)
     lines = (copy / "problems.jsonl").read_text().splitlines()
     assert len(lines) == 9  # the recomputed records were appended; readers keep the last per problem
+    # a damaged file that still parses (NaN where hidden states were) is refused too, and redone
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(damaged))
+    tensors["candidate_hidden"][0, 0, 0] = float("nan")
+    save_file(tensors, str(damaged))
+    with pytest.raises(
+        ValueError, match=f"{damaged.name} holds non-finite values in candidate_hidden.*--recompute"
+    ):
+        train(TrainConfig(groups=str(copy), out=str(tmp_path / "sel2"), epochs=1), slm=slm, progress=False)
+    again = Collector(
+        cfg, copy, slm=slm, llm=llm, problems=_problems(), progress=False, recompute_features=True
+    )
+    assert again.run_all() == 1
+    # and a selector whose training diverged is not saved: it would decode as greedy, silently
+    from s2t.policies.learned_selector import LocalSelector
+
+    diverged = LocalSelector.initial(slm.model, "tiny", len(slm.tokenizer))
+    diverged.bins = torch.full_like(diverged.bins, float("nan"))
+    with pytest.raises(ValueError, match="'bins' weights are not finite"):
+        diverged.save_pretrained(tmp_path / "diverged")
+    assert not (tmp_path / "diverged" / "selector.safetensors").exists()
 
 
 def test_position_features_are_rebuilt_from_the_records_with_the_slm_alone(collected, slm, tmp_path):

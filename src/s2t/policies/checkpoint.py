@@ -58,7 +58,17 @@ def _sha256(path: Path) -> str:
 def save_checkpoint(directory: Path, weights_name: str, tensors: dict, config_name: str, config) -> None:
     """Write a checkpoint: its tensors with safetensors, then its config (a dataclass with a
     ``weights_sha256`` field), which records the weights file's SHA-256 so that a load can tell a
-    damaged file (:func:`check_weights`) even where safetensors still parses it."""
+    damaged file (:func:`check_weights`) even where safetensors still parses it.
+
+    Raises:
+        ValueError: a non-finite weight (training diverged); nothing is written.
+    """
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(
+            f"refusing to save {directory / weights_name}: its {bad!r} weights are not finite (training "
+            "diverged: try a lower --lr, or check the collection's features)"
+        )
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / weights_name))
     config.weights_sha256 = _sha256(directory / weights_name)
     (directory / config_name).write_text(json.dumps(asdict(config), indent=2))

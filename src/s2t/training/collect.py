@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save
 
 from s2t.data import Problem, load_problems
@@ -412,12 +411,12 @@ class Collector:
         (self.run.path / "features").mkdir(exist_ok=True)
 
     def _has_features(self, record: dict) -> bool:
-        """Whether the record's feature file is there and its header reads (not truncated)."""
-        path = self.run.path / record["features"]
+        """Whether the record's feature file is there and reads whole, with finite values (what
+        :func:`read_features` accepts)."""
         try:
-            with safe_open(str(path), "pt"):
-                return True
-        except Exception:  # missing, or not a whole safetensors file
+            read_features(self.run.path, record)
+            return True
+        except (FileNotFoundError, ValueError):  # missing, truncated, or damaged
             return False
 
     def done_ids(self, records: Sequence[dict]) -> set[str]:
@@ -683,7 +682,8 @@ def read_features(groups_dir: str | Path, record: dict) -> dict[str, torch.Tenso
 
     Raises:
         FileNotFoundError: the file is missing.
-        ValueError: the file is unreadable (truncated, corrupted); the message names the fix.
+        ValueError: the file is unreadable (truncated, corrupted), or holds non-finite values (which
+            collection never writes, and which would train a selector to NaN); the message names the fix.
     """
     from safetensors.torch import load_file
 
@@ -691,12 +691,17 @@ def read_features(groups_dir: str | Path, record: dict) -> dict[str, torch.Tenso
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error kinds on a truncated file
         raise ValueError(
-            f"{path} is unreadable ({e}): re-run the `s2t collect` command that made {groups_dir} "
-            "(same arguments) with --recompute-features, which redoes it"
+            f"{path} is unreadable ({e}): {_recompute_hint(Path(groups_dir))}, which redoes it"
         ) from e
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(
+            f"{path} holds non-finite values in {bad} (damaged): {_recompute_hint(Path(groups_dir))}"
+        )
+    return tensors
 
 
 def _recompute_hint(groups_dir: Path) -> str:

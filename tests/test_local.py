@@ -86,6 +86,32 @@ def test_collection_refuses_evaluation_splits(slm, llm):
         )
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1; got 0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1; got 0"),
+        (["--k", "1"], "K must be >= 2"),
+        (["--limit", "0"], "--limit must be >= 1"),
+        (["--offset", "5"], "no problems to collect: tiny train holds none from --offset 5"),
+    ],
+)
+def test_collect_refuses_bad_options_before_anything_is_written(tmp_path, monkeypatch, options, message):
+    from typer.testing import CliRunner
+
+    import s2t.models
+    from s2t.cli import app
+
+    monkeypatch.setattr(s2t.models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "#### 4"}) + "\n" for q in QUESTIONS[:2]))
+    out = tmp_path / "groups"
+    args = ["collect", "--dataset", "tiny", "--split", "train", "--data-file", str(data), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, *options])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not out.exists()  # a corrected command starts afresh, not against a poisoned config.json
+
+
 @pytest.fixture(scope="module")
 def collected(tmp_path_factory, slm, llm):
     out = tmp_path_factory.mktemp("groups")

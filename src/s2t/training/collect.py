@@ -104,10 +104,19 @@ class CollectConfig:
                 f"refusing to collect training data on the {self.dataset!r} {self.split!r} split: "
                 "it is an evaluation split (collect on train problems; see design.md §2.1)"
             )
-        if not 1 <= self.k:
-            raise ValueError(f"K must be >= 1; got {self.k}")
+        if self.k < 2:
+            raise ValueError(
+                f"K must be >= 2 (a selector chooses among at least two candidates); got {self.k}"
+            )
         if self.calibration_problems < 1:
             raise ValueError(f"calibration_problems must be >= 1; got {self.calibration_problems}")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1 (or none, for every problem); got {self.limit}")
+        if self.offset < 0 or self.min_step < 0:
+            raise ValueError(f"--offset and min_step must be >= 0; got {self.offset}, {self.min_step}")
         group_settings(self.groups_at)  # validates the settings before any model loads
 
 
@@ -376,6 +385,10 @@ class Collector:
         if problems is None:
             problems = load_problems(
                 config.dataset, config.split, config.limit, config.offset, config.data_file
+            )
+        if not problems:
+            raise ValueError(
+                f"no problems to collect: {config.dataset} {config.split} holds none from --offset {config.offset}"
             )
         leaked = [p.id for p in problems if p.split.lower() in EVALUATION_SPLITS]
         if leaked:

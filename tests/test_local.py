@@ -777,3 +777,19 @@ def test_collection_records_its_resolved_dtype_and_resumes_a_legacy_null_as_floa
     (tmp_path / "config.json").write_text(json.dumps(legacy))
     with pytest.raises(ConfigMismatchError, match="--dtype float32 resumes it"):
         RunDirectory(tmp_path, asdict(CollectConfig(dataset="tiny")), legacy=LEGACY_CONFIG)
+
+
+def test_a_missing_or_hand_edited_checkpoint_config_is_refused_by_name(tmp_path):
+    from s2t.policies.checkpoint import read_config
+    from s2t.policies.learned_trigger import LearnedTriggerConfig
+
+    path = tmp_path / "trigger_config.json"
+    with pytest.raises(SelectorCheckpointError, match="trigger_config.json is missing"):
+        read_config(path, LearnedTriggerConfig)
+    good = {"base_model": "tiny", "base_fingerprint": "ab", "threshold": 1, "target_rate": 0.05}
+    path.write_text(json.dumps(good))
+    assert read_config(path, LearnedTriggerConfig).threshold == 1  # a JSON integer is a number
+    for field, value in (("threshold", "high"), ("threshold", True), ("metrics", []), ("problem_ids", "x")):
+        path.write_text(json.dumps(good | {field: value}))
+        with pytest.raises(SelectorCheckpointError, match=f"{field} = .* is not a"):
+            read_config(path, LearnedTriggerConfig)

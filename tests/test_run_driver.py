@@ -69,3 +69,14 @@ def test_without_a_run_directory_records_reach_on_record_only(tmp_path):
     assert [r["square"] for r in seen] == [1, 4]
     with pytest.raises(ValueError, match="shard_size must be >= 1"):
         driver.drive([3], lambda n: n, SquareWorker, shard_size=0, progress=False)
+
+
+def test_json_files_are_strict_json_with_non_finite_numbers_as_null(tmp_path):
+    from s2t.runs import write_json_atomic
+
+    write_json_atomic(
+        tmp_path / "a.json", {"auroc": float("nan"), "losses": [1.5, float("inf")], "n": (1, 2)}
+    )
+    text = (tmp_path / "a.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"auroc": None, "losses": [1.5, None], "n": [1, 2]}

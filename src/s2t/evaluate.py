@@ -43,7 +43,14 @@ from s2t.methods import (
     split_label,
 )
 from s2t.methods import canonical_method_name as _canonical_method_name
-from s2t.models import DEFAULT_LLM, DEFAULT_SLM, batch_invariant, parse_dtype, resolve_dtype
+from s2t.models import (
+    DEFAULT_LLM,
+    DEFAULT_SLM,
+    LEGACY_DECODING,
+    batch_invariant,
+    parse_dtype,
+    resolve_dtype,
+)
 from s2t.run_driver import RunDriver
 from s2t.runs import ConfigMismatchError, RunDirectory, read_jsonl
 
@@ -208,8 +215,8 @@ RESUMABLE_KEYS = {"limit", "batch_size", "methods", "llm_device_map"}
 # it): a run may gain s2t-local later; each s2t-local record names its selector's weights digest
 # and a different selector for the same run directory is refused.
 SELECTOR_KEY = "selector"
-# Runs made before the dtype was resolved and recorded stored null, which then meant float32.
-LEGACY_CONFIG = {"dtype": "float32", "backend": "torch"}
+# Runs made before the dtype (and backend) were resolved and recorded stored null, which meant these.
+LEGACY_CONFIG = LEGACY_DECODING
 
 
 def invocation_id() -> str:

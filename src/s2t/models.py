@@ -125,6 +125,11 @@ def cpu_description() -> str:
     return f"{cpu_model_name()} ({bf16}), {os.cpu_count()} cores"
 
 
+# What a run directory's null (or missing) dtype and backend mean: runs made before they were
+# recorded decoded in float32 on the torch engine.
+LEGACY_DECODING = {"dtype": "float32", "backend": "torch"}
+
+
 def batch_invariant(backend: str | None, dtype: str | None, llm_dtype: str | None = None) -> bool:
     """Whether a sequence's tokens do not depend on which sequences share its batch.
 
@@ -135,8 +140,8 @@ def batch_invariant(backend: str | None, dtype: str | None, llm_dtype: str | Non
     test 0 decoded in a batch of 2 first differs from decoding it alone at step 131). The llama.cpp
     backend is not checked, so it counts as batch-dependent.
     """
-    dtype = dtype or "float32"
-    return (backend or "torch") == "torch" and {dtype, llm_dtype or dtype} == {"float32"}
+    dtype = dtype or LEGACY_DECODING["dtype"]
+    return (backend or LEGACY_DECODING["backend"]) == "torch" and {dtype, llm_dtype or dtype} == {"float32"}
 
 
 def default_dtype(device: str | None = None) -> str:

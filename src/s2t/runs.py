@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -53,9 +54,26 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def json_text(obj: Any) -> str:
+    """``obj`` as indented JSON text for a file: strict JSON, with a non-finite float (an AUROC
+    without a positive label, a diverged loss) written as null rather than the invalid ``NaN``;
+    objects JSON does not know are written as their ``str``."""
+
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(obj), indent=2, default=str, allow_nan=False) + "\n"
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON so that readers never see a half-written file."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    """Write JSON (:func:`json_text`) so that readers never see a half-written file."""
+    write_bytes_atomic(path, json_text(obj).encode())
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:

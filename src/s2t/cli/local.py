@@ -380,8 +380,7 @@ def _report(selector, trigger, trigger_rate: float, out: str, groups: str, k, gr
 
 def _ladder(selector, out: str, groups: str, k, groups_at, dtype) -> None:
     """The selector ladder on the validation problems: the SLM's top-1, the shallow model, this one."""
-    import json
-
+    from s2t.runs import write_json_atomic
     from s2t.training.collect import collection_config
     from s2t.training.ladder import format_ladder, selector_ladder, verdict
 
@@ -395,7 +394,7 @@ def _ladder(selector, out: str, groups: str, k, groups_at, dtype) -> None:
     except ValueError as e:
         console.print(f"no selector ladder: {e}")
         return
-    (Path(out) / "ladder.json").write_text(json.dumps(ladder, indent=2) + "\n")
+    write_json_atomic(Path(out) / "ladder.json", ladder)
     console.print(f"selector ladder on the {len(held_out)} validation problems (K={k}):")
     console.print(format_ladder(ladder), markup=False, soft_wrap=True)
     console.print(verdict(ladder), markup=False, soft_wrap=True)

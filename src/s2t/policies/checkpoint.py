@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import types
+import typing
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from s2t.builtin_models import gguf_reader
+from s2t.runs import json_text
 
 WEIGHTS_NAME = "selector.safetensors"  # every selector kind's weights file
 CONFIG_NAME = "selector_config.json"  # ... and its JSON config
@@ -23,7 +26,10 @@ class SelectorCheckpointError(ValueError):
 
 
 def read_config(path: Path, config_class):
-    """Build the dataclass ``config_class`` from a JSON file; a malformed file gets an error naming it."""
+    """Build the dataclass ``config_class`` from a JSON file; a missing or malformed file (a field
+    missing, unknown or of another type) gets an error naming it."""
+    if not Path(path).is_file():
+        raise SelectorCheckpointError(f"{path} is missing: re-save the checkpoint with `s2t train`")
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -42,7 +48,25 @@ def read_config(path: Path, config_class):
         raise SelectorCheckpointError(
             f"{path} is malformed ({'; '.join(parts)}); re-save it with `s2t train`"
         )
+    hints = typing.get_type_hints(config_class)
+    wrong = next((n for n, v in data.items() if not _has_type(v, hints[n])), None)
+    if wrong is not None:
+        raise SelectorCheckpointError(
+            f"{path} is malformed ({wrong} = {data[wrong]!r} is not a {hints[wrong]}); re-save it with `s2t train`"
+        )
     return config_class(**data)
+
+
+def _has_type(value, hint) -> bool:
+    """Whether a JSON value fits a config field's type hint (``float | None``, ``list[str]``, ...)."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(_has_type(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):  # JSON numbers: an int stands for a float, a bool for neither
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    base = typing.get_origin(hint) or hint
+    return isinstance(value, base) if isinstance(base, type) else True
 
 
 def checkpoint_digest(directory: str | Path, name: str = WEIGHTS_NAME) -> str:
@@ -71,7 +95,7 @@ def save_checkpoint(directory: Path, weights_name: str, tensors: dict, config_na
         )
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / weights_name))
     config.weights_sha256 = _sha256(directory / weights_name)
-    (directory / config_name).write_text(json.dumps(asdict(config), indent=2))
+    (directory / config_name).write_text(json_text(asdict(config)))
 
 
 def check_weights(

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from s2t.methods import method_needs_llm
-from s2t.models import batch_invariant
+from s2t.models import LEGACY_DECODING, batch_invariant
 from s2t.reporting.frontier import (
     GAP_TARGETS,
     cheapest_reaching,
@@ -186,12 +186,10 @@ def plot_accuracy_vs_cost(summary: dict, path: Path) -> Path:
 
 def precision_line(config: dict) -> str:
     """The backend and the weights' precision a run decoded with, as ``config.json`` records them."""
-    from s2t.evaluate import LEGACY_CONFIG  # what a run made before these were recorded used
-
-    backend = config.get("backend") or LEGACY_CONFIG["backend"]
+    backend = config.get("backend") or LEGACY_DECODING["backend"]
     if backend == "llama.cpp":
         return "Backend: llama.cpp, on the GGUF files' own weight types (Q4_K_M for the built-in models)."
-    dtype = config.get("dtype") or LEGACY_CONFIG["dtype"]
+    dtype = config.get("dtype") or LEGACY_DECODING["dtype"]
     llm_dtype = config.get("llm_dtype")
     llm = f" (LLM {llm_dtype})" if llm_dtype and llm_dtype != dtype else ""
     return f"Backend: {backend}, {dtype}{llm}."

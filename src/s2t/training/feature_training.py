@@ -58,7 +58,8 @@ class FeatureTrainConfig:
             raise ValueError(f"val_fraction must lie in [0, 1); got {self.val_fraction}")
         if self.epochs < 1 or self.batch_size < 1 or not 0 < self.lr < math.inf or self.hidden < 1:
             raise ValueError(
-                f"epochs, batch_size and hidden must be >= 1 and lr a finite number > 0; got lr={self.lr}"
+                "epochs, batch_size and hidden must be >= 1 and lr a finite number > 0; got "
+                f"epochs={self.epochs}, batch_size={self.batch_size}, hidden={self.hidden}, lr={self.lr}"
             )
         if self.groups_at:
             group_settings(self.groups_at)

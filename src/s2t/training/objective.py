@@ -67,7 +67,8 @@ class TrainConfig:
             raise ValueError(f"val_fraction must lie in [0, 1); got {self.val_fraction}")
         if self.epochs < 1 or self.batch_size < 1 or not 0 < self.lr < math.inf:
             raise ValueError(
-                f"epochs and batch_size must be >= 1 and lr a finite number > 0; got lr={self.lr}"
+                "epochs and batch_size must be >= 1 and lr a finite number > 0; got "
+                f"epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}"
             )
         if self.bins_lr is not None and not 0 < self.bins_lr < math.inf:
             raise ValueError(f"bins_lr must be a finite number > 0; got {self.bins_lr}")

@@ -29,12 +29,11 @@ split every trainer uses (``--val-fraction``, ``--seed``); every selector must h
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
 from s2t.policies.learned_selector import load_selector
+from s2t.runs import write_json_atomic
 from s2t.training.collect import collected_records, collection_config
 from s2t.training.ladder import format_ladder, format_learning_curve, learning_curve, selector_ladder, verdict
 from s2t.training.objective import split_problems
@@ -63,6 +62,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.k < 2:
+        parser.error(f"--k must be >= 2 (a selection needs two candidates); got {args.k}")
+    if args.validation_from and args.hold_out_first is not None:
+        parser.error("--validation-from and --hold-out-first each choose the held-out problems: give one")
+    if not 0 < args.val_fraction < 1:
+        parser.error(f"--val-fraction must lie strictly between 0 and 1; got {args.val_fraction}")
+    sizes = _sizes(parser, args.learning_curve) if args.learning_curve else None
     if args.validation_from:
         held_out = load_selector(args.validation_from).config.training["validation_problem_ids"]
     else:
@@ -78,8 +84,7 @@ def main() -> None:
         from s2t.training import override
 
         try:
-            if args.learning_curve:
-                sizes = [int(n) for n in args.learning_curve.split(",")]
+            if sizes:
                 result = override.override_learning_curve(
                     args.groups, held_out, sizes, args.k, seed=args.seed
                 )
@@ -90,17 +95,19 @@ def main() -> None:
         except ValueError as e:  # bad sizes, k or held-out ids: one line, not a traceback
             parser.error(str(e))
         if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            write_json_atomic(args.out, result)
         return
-    if args.learning_curve:
-        sizes = [int(n) for n in args.learning_curve.split(",")]
-        curve = learning_curve(
-            args.groups, held_out, sizes, args.k, args.groups_at, seed=args.seed, progress=False
-        )
+    if sizes:
+        try:
+            curve = learning_curve(
+                args.groups, held_out, sizes, args.k, args.groups_at, seed=args.seed, progress=False
+            )
+        except ValueError as e:  # sizes above the training problems, a setting the collection lacks
+            parser.error(str(e))
         curve["groups"] = args.groups
         print(format_learning_curve(curve))
         if args.out:
-            Path(args.out).write_text(json.dumps(curve, indent=2) + "\n")
+            write_json_atomic(args.out, curve)
         return
     selectors = [d for d in args.selectors.split(",") if d]
     slm = None
@@ -108,14 +115,30 @@ def main() -> None:
         from s2t.models import load_model
 
         slm = load_model(collection_config(args.groups)["slm"], dtype=args.dtype)
-    ladder = selector_ladder(
-        args.groups, held_out, args.k, args.groups_at, selectors, slm=slm, seed=args.seed
-    )
+    try:
+        ladder = selector_ladder(
+            args.groups, held_out, args.k, args.groups_at, selectors, slm=slm, seed=args.seed
+        )
+    except ValueError as e:
+        parser.error(str(e))
     ladder["groups"] = args.groups
     print(format_ladder(ladder))
     print(verdict(ladder))
     if args.out:
-        Path(args.out).write_text(json.dumps(ladder, indent=2) + "\n")
+        write_json_atomic(args.out, ladder)
+
+
+def _sizes(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    """``--learning-curve``'s training-problem counts: positive integers, sorted, each once."""
+    try:
+        sizes = sorted({int(n) for n in text.split(",") if n.strip()})
+    except ValueError:
+        parser.error(
+            f"--learning-curve takes comma-separated problem counts (e.g. 250,500,900); got {text!r}"
+        )
+    if not sizes or sizes[0] < 1:
+        parser.error(f"--learning-curve counts must be >= 1; got {text!r}")
+    return sizes
 
 
 if __name__ == "__main__":

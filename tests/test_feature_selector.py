@@ -689,3 +689,23 @@ def test_train_refuses_an_out_it_would_overwrite_and_overwrite_clears_only_its_o
     (trained / OUTPUT_DIRS[0]).mkdir()
     clear_output_dir(trained)
     assert sorted(p.name for p in trained.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--learning-curve", "0,50"], "counts must be >= 1"),
+        (["--learning-curve", "50,abc"], "comma-separated problem counts"),
+        (["--val-fraction", "1.5"], "--val-fraction must lie strictly between 0 and 1"),
+        (["--k", "1"], "--k must be >= 2"),
+        (["--hold-out-first", "4", "--validation-from", "x"], "give one"),
+    ],
+)
+def test_the_ladder_script_refuses_bad_options_with_one_line(monkeypatch, capsys, options, message):
+    from tests.conftest import load_script
+
+    script = load_script("bench/selector_agreement.py")
+    monkeypatch.setattr("sys.argv", ["selector_agreement.py", "--groups", "/nonexistent", *options])
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -444,7 +444,8 @@ def test_learned_trigger_learns_the_kl_label_and_an_old_collection_is_refused(ti
 
 
 def _copy_without_position_kl(collection: Path, to: Path) -> Path:
-    """A copy of ``collection`` whose feature files lack the per-position KL (as before it was recorded)."""
+    """A copy of ``collection`` whose feature files lack the per-position KL (as before it was recorded,
+    when records carried no digest of their feature file either)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -454,6 +455,10 @@ def _copy_without_position_kl(collection: Path, to: Path) -> Path:
         tensors = load_file(str(path))
         tensors.pop("position_kl")
         save_file(tensors, str(path))
+    records = [json.loads(line) for line in (to / "problems.jsonl").read_text().splitlines()]
+    (to / "problems.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "features_sha256"}) + "\n" for r in records)
+    )
     return to
 
 

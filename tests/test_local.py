@@ -692,16 +692,22 @@ def test_a_collection_without_its_features_says_how_to_recompute_them_and_resume
     train(TrainConfig(groups=str(copy), out=str(tmp_path / "sel"), epochs=1), slm=slm, progress=False)
     lines = (copy / "problems.jsonl").read_text().splitlines()
     assert len(lines) == 9  # the recomputed records were appended; readers keep the last per problem
-    # a damaged file that still parses (NaN where hidden states were) is refused too, and redone
+    # a damaged file that still parses is refused too, by its record's digest (records made before
+    # digests, by its non-finite values), and redone
     from safetensors.torch import save_file
+
+    from s2t.training.collect import read_features
 
     tensors = load_file(str(damaged))
     tensors["candidate_hidden"][0, 0, 0] = float("nan")
     save_file(tensors, str(damaged))
+    with pytest.raises(ValueError, match=f"{damaged.name} does not match the SHA-256.*--recompute"):
+        train(TrainConfig(groups=str(copy), out=str(tmp_path / "sel2"), epochs=1), slm=slm, progress=False)
+    undigested = {k: v for k, v in first.items() if k != "features_sha256"}
     with pytest.raises(
         ValueError, match=f"{damaged.name} holds non-finite values in candidate_hidden.*--recompute"
     ):
-        train(TrainConfig(groups=str(copy), out=str(tmp_path / "sel2"), epochs=1), slm=slm, progress=False)
+        read_features(copy, undigested)
     again = Collector(
         cfg, copy, slm=slm, llm=llm, problems=_problems(), progress=False, recompute_features=True
     )

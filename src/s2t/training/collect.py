@@ -28,6 +28,7 @@ Collection refuses evaluation splits: nothing from a test split can leak into tr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -637,12 +638,15 @@ class CollectWorker:
             "position_llm_top1_rank": llm_rank,
         }
         llm_best = llm_probs.argmax(-1) if positions else torch.zeros(0, dtype=torch.long)
+        data = save(tensors)
         return {
             "problem_id": problem.id,
             "dataset": problem.dataset,
             "split": problem.split,
             "features": f"features/{problem.split}-{index}.safetensors",
-            "features_data": save(tensors),
+            "features_data": data,
+            # a damaged file that still parses is told by its digest (records before it carry none)
+            "features_sha256": hashlib.sha256(data).hexdigest(),
             "prompt_ids": prompt,
             "trajectory_ids": trajectory,
             "n_positions": t,
@@ -695,20 +699,28 @@ def read_features(groups_dir: str | Path, record: dict) -> dict[str, torch.Tenso
 
     Raises:
         FileNotFoundError: the file is missing.
-        ValueError: the file is unreadable (truncated, corrupted), or holds non-finite values (which
+        ValueError: the file is unreadable (truncated, corrupted), does not match the digest its record
+            holds (from session 34 on), or holds non-finite values (which
             collection never writes, and which would train a selector to NaN); the message names the fix.
     """
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = Path(groups_dir) / record["features"]
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing")
+    data = path.read_bytes()
     try:
-        tensors = load_file(str(path))
+        tensors = load(data)
     except Exception as e:  # safetensors raises its own error kinds on a truncated file
         raise ValueError(
             f"{path} is unreadable ({e}): {_recompute_hint(Path(groups_dir))}, which redoes it"
         ) from e
+    recorded = record.get("features_sha256")
+    if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
+        raise ValueError(
+            f"{path} does not match the SHA-256 its record holds (damaged or replaced): "
+            f"{_recompute_hint(Path(groups_dir))}"
+        )
     bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise ValueError(

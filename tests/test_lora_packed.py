@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,7 +165,9 @@ def _saved(out):
     }
 
 
-def test_interrupted_lora_training_resumes_to_the_weights_of_an_uninterrupted_run(groups, slm, tmp_path):
+def test_interrupted_lora_training_resumes_to_the_weights_of_an_uninterrupted_run(
+    groups, slm, tmp_path, monkeypatch
+):
     from s2t.training.lora import LoraTrainer, ResumeError
 
     whole = tmp_path / "whole"
@@ -211,12 +214,19 @@ def test_interrupted_lora_training_resumes_to_the_weights_of_an_uninterrupted_ru
             progress=False,
             resume=True,
         )
-    train(_lora_config(groups, cut, lora_layers=1), slm=copy.deepcopy(slm), progress=False, resume=True)
-    a, b = _saved(whole), _saved(cut)
+    # resumed from a copy of the checkpoint, with the collection's path typed relative to another directory
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(cut, moved)
+    monkeypatch.chdir(groups.parent)
+    relative = _lora_config(Path(groups.name), moved, lora_layers=1)
+    train(relative, slm=copy.deepcopy(slm), progress=False, resume=True)
+    a, b = _saved(whole), _saved(moved)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5)
-    config = json.loads((cut / "selector_config.json").read_text())["training"]
+    config = json.loads((moved / "selector_config.json").read_text())["training"]
     assert config["adapted_layers"] == [1]
     assert config["validation_problem_ids"] and config["train_problem_ids"]
     assert not set(config["validation_problem_ids"]) & set(config["train_problem_ids"])

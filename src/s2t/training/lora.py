@@ -59,8 +59,9 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"
 PREPARED_DIR = "prepared"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# TrainConfig fields that may differ when a run is resumed: they do not change what a step does.
-RESUMABLE_FIELDS = {"epochs", "checkpoint_every", "eval_every"}
+# TrainConfig fields that may differ when a run is resumed: they do not change what a step does (and
+# --out is where the checkpoint was found, however it is spelled or wherever it was copied).
+RESUMABLE_FIELDS = {"epochs", "checkpoint_every", "eval_every", "out"}
 
 
 class ResumeError(ValueError):
@@ -401,7 +402,10 @@ class LoraTrainer:
 
     def _check_resumable(self, checkpoint: Path) -> None:
         saved = json.loads((checkpoint / "trainer_state.json").read_text())["config"]
+        saved.pop("out", None)  # recorded by checkpoints made before it became resumable
         now = _config_key(self.cfg)
+        # the collection by where it is, not how the path was typed (relative to another directory)
+        saved["groups"], now["groups"] = (str(Path(p).resolve()) for p in (saved["groups"], now["groups"]))
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if changed:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)

@@ -799,3 +799,28 @@ def test_a_missing_or_hand_edited_checkpoint_config_is_refused_by_name(tmp_path)
         path.write_text(json.dumps(good | {field: value}))
         with pytest.raises(SelectorCheckpointError, match=f"{field} = .* is not a"):
             read_config(path, LearnedTriggerConfig)
+
+
+def test_a_collection_resumed_with_other_weights_is_refused_before_they_mix(
+    collected, slm, llm, tokenizer, tmp_path
+):
+    import shutil
+
+    from s2t.models import LoadedModel
+    from s2t.training.collect import collected_records
+
+    copy = tmp_path / "groups"
+    shutil.copytree(collected, copy)
+    lines = (copy / "problems.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["model_fingerprints"] for line in lines)
+    (copy / "problems.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # the last problem is still to do
+    other = LoadedModel("tiny-slm", make_model(tokenizer, seed=7).eval(), slm.tokenizer)  # other weights
+    cfg = CollectConfig(slm="tiny-slm", llm="tiny-llm", dataset="tiny", k=4, max_new_tokens=14, batch_size=2)
+    with pytest.raises(ValueError, match="would mix models.*collect into a new --out"):
+        Collector(cfg, copy, slm=other, llm=llm, problems=_problems(), progress=False).run_all()
+    assert (copy / "problems.jsonl").read_text().splitlines() == lines[:-1]  # nothing mixed was written
+    # a collection that mixed them anyway (hand-joined files) is refused by every reader
+    mixed = json.loads(lines[-1]) | {"model_fingerprints": {"slm": "other", "llm": "x"}}
+    (copy / "problems.jsonl").write_text("\n".join([*lines[:-1], json.dumps(mixed)]) + "\n")
+    with pytest.raises(ValueError, match="would mix models"):
+        collected_records(copy, need_features=False)

@@ -55,6 +55,7 @@ from s2t.models import (
     resolve_dtype,
 )
 from s2t.policies import EntropyTrigger, KLTrigger, LLMSelector, MarginTrigger, TopK
+from s2t.policies.checkpoint import model_fingerprint
 from s2t.policies.features import logit_statistics, rank_of
 from s2t.policies.triggers import make_trigger
 from s2t.prompts import build_prompt
@@ -415,14 +416,25 @@ class Collector:
             self.run,
             "problems.jsonl",
             key=lambda r: r["problem_id"],
-            side_files=lambda r: {r["features"]: r.pop("features_data")},
+            side_files=self._side_files,
         )
         self.workers, self.ray_address = workers, ray_address
+        self._first_stamped: dict | None = None  # see _side_files
         self._worker = None if workers > 1 else CollectWorker(config, slm, llm)
         self.problems = list(problems)
         self.progress = progress
         self.recompute_features = recompute_features
         (self.run.path / "features").mkdir(exist_ok=True)
+
+    def _side_files(self, record: dict) -> dict[str, bytes]:
+        """A finished record's feature file, once its models are known to be the collection's (those
+        of its first record that names them, read once)."""
+        if self._first_stamped is None:
+            self._first_stamped = next(
+                (r for r in self.driver.records() if r.get("model_fingerprints")), record
+            )
+        check_same_models(self.run.path, [self._first_stamped, record])
+        return {record["features"]: record.pop("features_data")}
 
     def _has_features(self, record: dict) -> bool:
         """Whether the record's feature file is there and reads whole, with finite values (what
@@ -526,6 +538,11 @@ class CollectWorker:
         )
         check_same_vocabulary(self.slm, self.llm)
         self.vocab_size = len(self.slm.tokenizer)
+        # stamped on every record: a collection resumed with other weights at the same paths is refused
+        self.fingerprints = {
+            "slm": model_fingerprint(self.slm.model),
+            "llm": model_fingerprint(self.llm.model),
+        }
 
     def run_shard(self, batch: Sequence[Problem]) -> list[dict]:
         return list(self._collect_batch(batch))
@@ -645,6 +662,7 @@ class CollectWorker:
             "split": problem.split,
             "features": f"features/{problem.split}-{index}.safetensors",
             "features_data": data,
+            "model_fingerprints": self.fingerprints,
             # a damaged file that still parses is told by its digest (records before it carry none)
             "features_sha256": hashlib.sha256(data).hexdigest(),
             "prompt_ids": prompt,
@@ -808,11 +826,29 @@ def collection_config(groups_dir: str | Path) -> dict:
     return json.loads(config_file.read_text())
 
 
+def check_same_models(groups_dir: str | Path, records: Sequence[dict]) -> None:
+    """Refuse records collected with different models (the weights at a configured path replaced
+    between resumes): their ``model_fingerprints`` must agree (records made before carry none).
+
+    Raises:
+        ValueError: naming two problems whose models differ and the way out.
+    """
+    stamped = [r for r in records if r.get("model_fingerprints")]
+    other = next((r for r in stamped if r["model_fingerprints"] != stamped[0]["model_fingerprints"]), None)
+    if other is not None:
+        raise ValueError(
+            f"{groups_dir} would mix models: {stamped[0]['problem_id']} was collected with "
+            f"{stamped[0]['model_fingerprints']} and {other['problem_id']} with {other['model_fingerprints']} "
+            "(the weights at the configured SLM or LLM path changed): collect into a new --out"
+        )
+
+
 def collected_records(groups_dir: str | Path, need_features: bool = True) -> list[dict]:
     """The problem records of a collection, one per problem (the last one written wins).
 
     With ``need_features``, every record's ``features/`` file must exist; otherwise the error says
-    how to recompute them (the same ``s2t collect`` command with ``--recompute-features``).
+    how to recompute them (the same ``s2t collect`` command with ``--recompute-features``). Records
+    collected with different models are refused (:func:`check_same_models`).
     """
     groups_dir = Path(groups_dir)
     if not (groups_dir / "problems.jsonl").is_file():
@@ -822,6 +858,7 @@ def collected_records(groups_dir: str | Path, need_features: bool = True) -> lis
     latest: dict[str, dict] = {}
     for record in read_jsonl(groups_dir / "problems.jsonl"):
         latest[record["problem_id"]] = record
+    check_same_models(groups_dir, list(latest.values()))
     if need_features:
         missing = [r["features"] for r in latest.values() if not (groups_dir / r["features"]).is_file()]
         if missing:

@@ -654,7 +654,13 @@ def test_train_refuses_an_out_it_would_overwrite_and_overwrite_clears_only_its_o
 
     import s2t.models
     from s2t.cli import app
-    from s2t.training.train import OUTPUT_DIRS, OUTPUT_FILES, check_output_dir, clear_output_dir
+    from s2t.training.train import (
+        OUTPUT_DIRS,
+        OUTPUT_FILES,
+        check_output_dir,
+        clear_output_dir,
+        replacing_output,
+    )
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model loaded before the options were checked")
@@ -684,10 +690,18 @@ def test_train_refuses_an_out_it_would_overwrite_and_overwrite_clears_only_its_o
         result = train(out, *options)
         assert result.exit_code == 2 and message in result.output, result.output
         assert all((trained / name).is_file() for name in OUTPUT_FILES)
-    # --overwrite gets past the checks (to loading the SLM), having cleared only what training writes
+    # --overwrite gets past the checks (to loading the SLM), with the earlier training set aside; a
+    # training that fails there (here: the model) puts it back, one that succeeds drops it
     result = train(trained, "--overwrite", "--trigger-rate", "0")
     assert "a model loaded before" in repr(result.exception)
-    assert sorted(p.name for p in trained.iterdir()) == ["notes.txt"]
+    assert all((trained / name).is_file() for name in OUTPUT_FILES) and (trained / "checkpoint").is_dir()
+    assert not (trained / ".replaced").exists()
+    with replacing_output(trained, overwrite=True):
+        assert sorted(p.name for p in trained.iterdir()) == [".replaced", "notes.txt"]
+        (trained / "selector_config.json").write_text('{"new": 1}')
+    assert sorted(p.name for p in trained.iterdir()) == ["notes.txt", "selector_config.json"]
+    inside = train(tiny_collection / "features" / "sel")
+    assert inside.exit_code == 2 and "lies in" in inside.output and "a collection directory" in inside.output
     with pytest.raises(ValueError, match="give one"):
         check_output_dir(trained, overwrite=True, resume=True)
     (trained / "trigger_config.json").write_text("{}")

@@ -200,7 +200,7 @@ def train_command(
     from s2t.policies.learned_selector import SelectorCheckpointError
     from s2t.training.collect import check_complete_groups_at, collection_config
     from s2t.training.objective import LORA_DEFAULT_LR, TrainConfig
-    from s2t.training.train import check_output_dir, clear_output_dir, train
+    from s2t.training.train import check_output_dir, replacing_output, train
     from s2t.training.trigger import TRIGGER_FEATURES, check_trigger_data
 
     defaults = {"head": (30, 1e-2, 256), "lora": (3, LORA_DEFAULT_LR, 1), "features": (30, 3e-3, 256)}
@@ -241,21 +241,61 @@ def train_command(
     epochs = d_epochs if epochs is None else epochs
     lr = d_lr if lr is None else lr
     batch_size = d_bs if batch_size is None else batch_size
-    if mode == "features":
-        selector = _train_features(
-            groups,
-            out,
-            8 if k is None else k,
-            groups_at,
-            epochs,
-            lr,
-            batch_size,
-            val_fraction,
-            seed,
-            dtype,
-            overwrite,
-        )
+    with replacing_output(out, overwrite):  # an earlier training comes back unless this one succeeds
+        if mode == "features":
+            selector = _train_features(
+                groups,
+                out,
+                8 if k is None else k,
+                groups_at,
+                epochs,
+                lr,
+                batch_size,
+                val_fraction,
+                seed,
+                dtype,
+            )
+            try:
+                trigger = (
+                    _train_trigger(
+                        groups, out, trigger_rate, val_fraction, seed, dtype, trigger_label, trigger_features
+                    )
+                    if trigger_rate > 0
+                    else None
+                )
+            except (ValueError, FileNotFoundError) as e:
+                fail(f"the selector is saved in {out}; the learned trigger failed: {e}")
+            _report(selector, trigger, trigger_rate, out, groups, selector.config.k, groups_at, dtype)
+            return
         try:
+            config = TrainConfig(
+                groups=groups,
+                out=out,
+                mode=mode,
+                groups_subset=groups_subset,
+                groups_at=groups_at,
+                epochs=epochs,
+                lr=lr,
+                batch_size=batch_size,
+                val_fraction=val_fraction,
+                seed=seed,
+                dtype=dtype,
+                lora_r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                lora_layers=lora_layers,
+                k=k,
+                bins_lr=bins_lr,
+                prefix_kl_weight=prefix_kl_weight,
+                checkpoint_every=checkpoint_every,
+                eval_every=eval_every,
+            )
+            selector = train(config, resume=resume)
+            if mode == "lora":
+                from accelerate import PartialState
+
+                if not PartialState().is_main_process:  # under `accelerate launch`: the main process reports
+                    return
             trigger = (
                 _train_trigger(
                     groups, out, trigger_rate, val_fraction, seed, dtype, trigger_label, trigger_features
@@ -263,55 +303,13 @@ def train_command(
                 if trigger_rate > 0
                 else None
             )
-        except (ValueError, FileNotFoundError) as e:
-            fail(f"the selector is saved in {out}; the learned trigger failed: {e}")
-        _report(selector, trigger, trigger_rate, out, groups, selector.config.k, groups_at, dtype)
-        return
-    try:
-        config = TrainConfig(
-            groups=groups,
-            out=out,
-            mode=mode,
-            groups_subset=groups_subset,
-            groups_at=groups_at,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            val_fraction=val_fraction,
-            seed=seed,
-            dtype=dtype,
-            lora_r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            lora_layers=lora_layers,
-            k=k,
-            bins_lr=bins_lr,
-            prefix_kl_weight=prefix_kl_weight,
-            checkpoint_every=checkpoint_every,
-            eval_every=eval_every,
-        )
-        if overwrite:  # every option is checked: now the earlier training may go
-            clear_output_dir(out)
-        selector = train(config, resume=resume)
-        if mode == "lora":
-            from accelerate import PartialState
-
-            if not PartialState().is_main_process:  # under `accelerate launch`: the main process reports
-                return
-        trigger = (
-            _train_trigger(
-                groups, out, trigger_rate, val_fraction, seed, dtype, trigger_label, trigger_features
+        except KeyboardInterrupt:
+            fail(
+                f"interrupted; what was trained is in {out}/checkpoint: continue with the same command and --resume"
             )
-            if trigger_rate > 0
-            else None
-        )
-    except KeyboardInterrupt:
-        fail(
-            f"interrupted; what was trained is in {out}/checkpoint: continue with the same command and --resume"
-        )
-    except (ValueError, RuntimeError, FileNotFoundError, SelectorCheckpointError) as e:
-        fail(str(e))
-    _report(selector, trigger, trigger_rate, out, groups, k, groups_at, dtype)
+        except (ValueError, RuntimeError, FileNotFoundError, SelectorCheckpointError) as e:
+            fail(str(e))
+        _report(selector, trigger, trigger_rate, out, groups, k, groups_at, dtype)
 
 
 @cache
@@ -325,9 +323,8 @@ def _collection_slm(groups: str, dtype):
     return load_model(config["slm"], dtype=dtype or collection_dtype(config))
 
 
-def _train_features(groups, out, k, groups_at, epochs, lr, batch_size, val_fraction, seed, dtype, overwrite):
+def _train_features(groups, out, k, groups_at, epochs, lr, batch_size, val_fraction, seed, dtype):
     from s2t.training.feature_training import FeatureTrainConfig, train_feature_selector
-    from s2t.training.train import clear_output_dir
 
     try:
         config = FeatureTrainConfig(
@@ -341,9 +338,9 @@ def _train_features(groups, out, k, groups_at, epochs, lr, batch_size, val_fract
             val_fraction=val_fraction,
             seed=seed,
         )
-        if overwrite:  # every option is checked: now the earlier training may go
-            clear_output_dir(out)
         return train_feature_selector(config, slm=_collection_slm(groups, dtype))
+    except RuntimeError as e:  # e.g. a learning rate whose steps overflow float32
+        fail(f"training failed: {e}")
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
 

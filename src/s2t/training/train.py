@@ -17,6 +17,8 @@ uses the collection's *training* split.
 from __future__ import annotations
 
 import logging
+import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -213,8 +215,12 @@ def check_output_dir(out: str | Path, overwrite: bool = False, resume: bool = Fa
     file_above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if file_above is not None:
         raise ValueError(f"--out {out} lies under {file_above}, which is a file")
-    if (out / "problems.jsonl").is_file():
-        raise ValueError(f"--out {out} is a collection directory: give the selector a directory of its own")
+    collection = next((p for p in (out, *out.parents) if (p / "problems.jsonl").is_file()), None)
+    if collection is not None:
+        where = "is" if collection == out else f"lies in {collection}, which is"
+        raise ValueError(
+            f"--out {out} {where} a collection directory: give the selector a directory of its own"
+        )
     held = [name for name in ("selector_config.json", "trigger_config.json") if (out / name).is_file()]
     if held and not (overwrite or resume):
         raise ValueError(
@@ -222,12 +228,38 @@ def check_output_dir(out: str | Path, overwrite: bool = False, resume: bool = Fa
         )
 
 
-def clear_output_dir(out: str | Path) -> None:
-    """Remove what an earlier training saved in ``out`` (for ``--overwrite``, once every option has
-    been checked): only the files and directories training writes (:data:`OUTPUT_FILES`,
-    :data:`OUTPUT_DIRS`), so that a stale learned trigger never stays beside a new selector."""
-    import shutil
+@contextmanager
+def replacing_output(out: str | Path, overwrite: bool):
+    """With ``overwrite``, set aside what an earlier training saved in ``out`` (:func:`clear_output_dir`'s
+    files, moved to ``out/.replaced``) for the block: dropped when it ends normally, put back when it
+    raises (a bad option found late, a model that does not load, an interrupt), so no failed training
+    costs the earlier one. Without ``overwrite``, nothing is done."""
+    out = Path(out)
+    if not overwrite or not out.is_dir():
+        yield
+        return
+    aside = out / ".replaced"
+    if aside.exists():
+        shutil.rmtree(aside)
+    aside.mkdir()
+    moved = [name for name in (*OUTPUT_FILES, *OUTPUT_DIRS) if (out / name).exists()]
+    for name in moved:
+        (out / name).rename(aside / name)
+    try:
+        yield
+    except BaseException:
+        clear_output_dir(out)
+        for name in moved:
+            (aside / name).rename(out / name)
+        shutil.rmtree(aside)
+        raise
+    shutil.rmtree(aside)
 
+
+def clear_output_dir(out: str | Path) -> None:
+    """Remove what a training saved in ``out``: only the files and directories training writes
+    (:data:`OUTPUT_FILES`, :data:`OUTPUT_DIRS`), so that a stale learned trigger never stays beside a
+    new selector."""
     out = Path(out)
     for name in OUTPUT_FILES:
         (out / name).unlink(missing_ok=True)
@@ -253,6 +285,7 @@ __all__ = [
     "check_output_dir",
     "clear_output_dir",
     "load_groups",
+    "replacing_output",
     "train",
     "train_head",
 ]

@@ -79,6 +79,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def non_finite_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity (None if all are finite)."""
+    return next(
+        (k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None
+    )
+
+
 def save_checkpoint(directory: Path, weights_name: str, tensors: dict, config_name: str, config) -> None:
     """Write a checkpoint: its tensors with safetensors, then its config (a dataclass with a
     ``weights_sha256`` field), which records the weights file's SHA-256 so that a load can tell a
@@ -87,7 +94,7 @@ def save_checkpoint(directory: Path, weights_name: str, tensors: dict, config_na
     Raises:
         ValueError: a non-finite weight (training diverged); nothing is written.
     """
-    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    bad = non_finite_tensor(tensors)
     if bad is not None:
         raise ValueError(
             f"refusing to save {directory / weights_name}: its {bad!r} weights are not finite (training "

@@ -55,7 +55,7 @@ from s2t.models import (
     resolve_dtype,
 )
 from s2t.policies import EntropyTrigger, KLTrigger, LLMSelector, MarginTrigger, TopK
-from s2t.policies.checkpoint import model_fingerprint
+from s2t.policies.checkpoint import model_fingerprint, non_finite_tensor
 from s2t.policies.features import logit_statistics, rank_of
 from s2t.policies.triggers import make_trigger
 from s2t.prompts import build_prompt
@@ -739,7 +739,7 @@ def read_features(groups_dir: str | Path, record: dict) -> dict[str, torch.Tenso
             f"{path} does not match the SHA-256 its record holds (damaged or replaced): "
             f"{_recompute_hint(Path(groups_dir))}"
         )
-    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    bad = non_finite_tensor(tensors)
     if bad is not None:
         raise ValueError(
             f"{path} holds non-finite values in {bad} (damaged): {_recompute_hint(Path(groups_dir))}"

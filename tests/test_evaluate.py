@@ -173,6 +173,7 @@ def test_a_run_recorded_before_dtypes_were_resolved_resumes_as_float32(tmp_path,
     monkeypatch.setenv("S2T_DEFAULT_DTYPE", "bfloat16")
     assert EvalConfig(methods=["greedy"], backend="torch").dtype == "bfloat16"
     (tmp_path / "config.json").write_text(json.dumps({"dtype": None, "k": 8}))
+    (tmp_path / "results.jsonl").write_text("{}\n")  # work done under it
     with pytest.raises(
         ConfigMismatchError, match="dtype: .float32. -> .bfloat16.*--dtype float32 resumes it"
     ):
@@ -187,6 +188,7 @@ def test_a_run_recorded_before_backends_resumes_on_torch(tmp_path):
     from s2t.runs import ConfigMismatchError, RunDirectory
 
     (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32", "k": 8}))
+    (tmp_path / "results.jsonl").write_text("{}\n")
     with pytest.raises(
         ConfigMismatchError, match="backend: .torch. -> .llama.cpp.*--backend torch resumes it"
     ):

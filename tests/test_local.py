@@ -112,6 +112,55 @@ def test_collect_refuses_bad_options_before_anything_is_written(tmp_path, monkey
     assert not out.exists()  # a corrected command starts afresh, not against a poisoned config.json
 
 
+def test_collect_refuses_k_above_the_vocabulary_and_zero_workers_before_anything_is_written(
+    tmp_path, tiny_pair_dir
+):
+    """K is checked against the models' vocabulary once they load, before ``config.json`` exists."""
+    from typer.testing import CliRunner
+
+    from s2t.cli import app
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "#### 4"}) + "\n" for q in QUESTIONS[:2]))
+    out = tmp_path / "groups"
+    args = ["collect", "--dataset", "tiny", "--data-file", str(data), "--out", str(out)]
+    args += ["--slm", tiny_pair_dir["slm"], "--llm", tiny_pair_dir["llm"], "--dtype", "float32"]
+    result = CliRunner().invoke(app, [*args, "--k", "100000"])
+    assert result.exit_code == 2 and "K=100000 exceeds the vocabulary size" in result.output, result.output
+    assert not out.exists()
+    result = CliRunner().invoke(app, [*args, "--workers", "0"])
+    assert result.exit_code == 2 and "--workers" in result.output, result.output
+    assert not out.exists()
+
+
+def test_a_run_that_failed_before_any_work_binds_no_configuration(tmp_path):
+    """``config.json`` alone (a run refused before its first result) does not refuse the corrected command."""
+    from s2t.runs import ConfigMismatchError, RunDirectory
+
+    RunDirectory(tmp_path / "run", {"k": 100000})
+    RunDirectory(tmp_path / "run", {"k": 8})
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"k": 8}
+    (tmp_path / "run" / "calibration.json").write_text("{}")
+    with pytest.raises(ConfigMismatchError, match="k: 8 -> 4"):
+        RunDirectory(tmp_path / "run", {"k": 4})
+
+
+def test_a_data_file_spelled_another_way_resumes_the_same_run(tmp_path, monkeypatch):
+    """A relative and an absolute spelling of one data file are one configuration; another file is not."""
+    from s2t.runs import ConfigMismatchError, RunDirectory
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    RunDirectory(tmp_path / "run", {"data_file": "a.jsonl", "k": 8})
+    (tmp_path / "run" / "problems.jsonl").write_text("{}\n")  # work done under it
+    RunDirectory(tmp_path / "run", {"data_file": str(tmp_path / "a.jsonl"), "k": 8})
+    with pytest.raises(ConfigMismatchError, match="data_file"):
+        RunDirectory(tmp_path / "run", {"data_file": "b.jsonl", "k": 8})
+    with pytest.raises(ConfigMismatchError, match="data_file"):  # a file that is gone matches nothing
+        RunDirectory(tmp_path / "run", {"data_file": "gone.jsonl", "k": 8})
+
+
 @pytest.fixture(scope="module")
 def collected(tmp_path_factory, slm, llm):
     out = tmp_path_factory.mktemp("groups")
@@ -778,6 +827,7 @@ def test_collection_records_its_resolved_dtype_and_resumes_a_legacy_null_as_floa
     assert CollectConfig(dataset="tiny").dtype == "bfloat16"
     assert CollectConfig(dataset="tiny", dtype="float32").dtype == "float32"
     legacy = asdict(CollectConfig(dataset="tiny", dtype="float32")) | {"dtype": None}
+    (tmp_path / "problems.jsonl").write_text("{}\n")  # work done under it
     (tmp_path / "config.json").write_text(json.dumps(legacy))
     RunDirectory(tmp_path, asdict(CollectConfig(dataset="tiny", dtype="float32")), legacy=LEGACY_CONFIG)
     (tmp_path / "config.json").write_text(json.dumps(legacy))

@@ -34,6 +34,7 @@ from s2t.methods import (
     trigger_statistics,
 )
 from s2t.models import LoadedModel, check_same_vocabulary, engine_kwargs, load_model, resolve_dtype
+from s2t.policies.candidates import TopK
 from s2t.policies.triggers import make_trigger
 from s2t.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from s2t.runs import locked, write_json_atomic
@@ -178,6 +179,8 @@ class S2TGenerator:
             if "calibration" not in options:  # the Python API calibrates only on questions it is given
                 options["calibration"] = CalibrationSource.from_questions(questions) if questions else None
             spec = MethodSpec.parse(spec, **options)
+        if spec.method != LLM_ALONE:  # before any calibration: a K the SLM cannot give fails at once
+            TopK(spec.k).check_vocab(self.vocab_size)
         if spec.method == LLM_ALONE:
             greedy = build_method("greedy", min_step=spec.min_step, label=spec.name)
             return ResolvedMethod(self.llm, None, greedy, llm_alone=True)

@@ -94,13 +94,23 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
             raise ValueError(f"{path}:{number}: malformed results line: {e}") from e
 
 
+def _same_file(a: Any, b: Any) -> bool:
+    """Whether two stored paths name one existing file (``data.jsonl`` and its absolute spelling)."""
+    try:
+        return isinstance(a, str) and isinstance(b, str) and os.path.samefile(a, b)
+    except OSError:  # either is missing
+        return False
+
+
 class RunDirectory:
     """A results directory bound to one configuration.
 
     ``ignore_keys`` names config entries that may change between resumptions without
     changing the results (e.g. ``limit``, ``batch_size``, ``workers``). ``legacy`` says what a
     null stored by an older version, or a key it did not store, meant (e.g. ``{"dtype": "float32"}``),
-    so such runs resume.
+    so such runs resume. ``path_keys`` name entries holding file paths: two spellings of one existing
+    file (relative and absolute) are the same configuration. A directory holding nothing but its
+    ``config.json`` binds nothing (see :meth:`_holds_work`).
     """
 
     def __init__(
@@ -109,14 +119,16 @@ class RunDirectory:
         config: dict,
         ignore_keys: Iterable[str] = (),
         legacy: dict[str, Any] | None = None,
+        path_keys: Iterable[str] = ("data_file",),
     ):
         self.path = Path(path)
         self.config = json.loads(json.dumps(config, default=str))
         self.ignore_keys = set(ignore_keys)
+        self.path_keys = set(path_keys)
         self.legacy = dict(legacy or {})  # key -> what a stored null meant (an older default)
         self.path.mkdir(parents=True, exist_ok=True)
         config_file = self.path / "config.json"
-        if config_file.is_file():
+        if config_file.is_file() and self._holds_work():
             existing = json.loads(config_file.read_text())
             diff = self._differences(existing, self.config)
             if diff:
@@ -132,10 +144,20 @@ class RunDirectory:
                 )
         write_json_atomic(config_file, self.config)
 
+    def _holds_work(self) -> bool:
+        """Whether the directory holds a file besides ``config.json``. One that does not (a run that
+        failed before its first result or calibration, e.g. on a K above the vocabulary) binds
+        nothing: the corrected command starts it afresh."""
+        return any(p.is_file() and p.name != "config.json" for p in self.path.rglob("*"))
+
     def _differences(self, old: dict, new: dict) -> list[str]:
         old = old | {k: v for k, v in self.legacy.items() if old.get(k) is None and k in new}
         keys = (set(old) | set(new)) - self.ignore_keys
-        return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(keys) if old.get(k) != new.get(k)]
+        return [
+            f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(keys)
+            if old.get(k) != new.get(k) and not (k in self.path_keys and _same_file(old.get(k), new.get(k)))
+        ]
 
     def records(self, name: str = "results.jsonl") -> list[dict]:
         return list(read_jsonl(self.path / name))

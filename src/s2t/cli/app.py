@@ -53,7 +53,8 @@ LLMDeviceMapOpt = Annotated[
     typer.Option(help="Place the LLM with transformers' device_map, e.g. 'auto' to spread it over the GPUs."),
 ]
 WorkersOpt = Annotated[
-    int, typer.Option(help="Ray workers (one model pair each; one GPU each when the cluster has GPUs).")
+    int,
+    typer.Option(min=1, help="Ray workers (one model pair each; one GPU each when the cluster has GPUs)."),
 ]
 RayAddressOpt = Annotated[
     str | None, typer.Option(help="Ray cluster to join ('auto', host:port); default: start Ray locally.")

@@ -405,6 +405,8 @@ class Collector:
                     "with workers > 1 each worker loads its own models: pass names in the config"
                 )
             import_ray()  # fail before anything is written
+        # the models load (and K is checked against their vocabulary) before config.json is written
+        self._worker = None if workers > 1 else CollectWorker(config, slm, llm)
         self.run = RunDirectory(
             out_dir,
             {**asdict(config), "kind": "s2t-local-groups"},
@@ -420,7 +422,6 @@ class Collector:
         )
         self.workers, self.ray_address = workers, ray_address
         self._first_stamped: dict | None = None  # see _side_files
-        self._worker = None if workers > 1 else CollectWorker(config, slm, llm)
         self.problems = list(problems)
         self.progress = progress
         self.recompute_features = recompute_features
@@ -538,6 +539,7 @@ class CollectWorker:
         )
         check_same_vocabulary(self.slm, self.llm)
         self.vocab_size = len(self.slm.tokenizer)
+        TopK(config.k).check_vocab(self.vocab_size)
         # stamped on every record: a collection resumed with other weights at the same paths is refused
         self.fingerprints = {
             "slm": model_fingerprint(self.slm.model),

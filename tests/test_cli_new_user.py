@@ -194,9 +194,7 @@ def test_calibration_logs_its_progress(slm, caplog):
     assert any(m.startswith("calibrated entropy@0.9: threshold") for m in messages), messages
 
 
-def test_eval_with_k_above_the_vocabulary_fails_at_once_and_binds_nothing(
-    tiny_pair_dir, data_dir, tmp_path
-):
+def test_eval_with_k_above_the_vocabulary_fails_at_once_and_binds_nothing(tiny_pair_dir, data_dir, tmp_path):
     """``--k 100000`` is refused when the method is resolved (before any calibration), and the run
     directory it leaves does not refuse the corrected command."""
     out = tmp_path / "run"

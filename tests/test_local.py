@@ -849,6 +849,44 @@ def test_a_missing_or_hand_edited_checkpoint_config_is_refused_by_name(tmp_path)
         path.write_text(json.dumps(good | {field: value}))
         with pytest.raises(SelectorCheckpointError, match=f"{field} = .* is not a"):
             read_config(path, LearnedTriggerConfig)
+    path.write_text(json.dumps(good | {"problem_ids": [1, 2]}))  # a list of another element type
+    with pytest.raises(SelectorCheckpointError, match="problem_ids = .* is not a list"):
+        read_config(path, LearnedTriggerConfig)
+
+
+@pytest.mark.parametrize(
+    "config_class, field, value, message",
+    [
+        ("LearnedTriggerConfig", "threshold", 1.5, r"threshold = 1.5 lies outside \[0, 1\]"),
+        ("LearnedTriggerConfig", "target_rate", 0, r"target_rate = 0 lies outside \(0, 1\]"),
+        ("LocalSelectorConfig", "prior", "foo", "prior = 'foo' is none of none, slm-logprob"),
+        ("LocalSelectorConfig", "score_temperature", -1, r"score_temperature = -1 lies outside \(0, inf\]"),
+        ("LocalSelectorConfig", "num_bins", 0, "num_bins = 0 lies outside"),
+        ("FeatureSelectorConfig", "k", 1, r"k = 1 lies outside \[2, inf\]"),
+    ],
+)
+def test_a_hand_edited_checkpoint_value_out_of_range_is_refused_by_name(
+    tmp_path, config_class, field, value, message
+):
+    from s2t.policies.checkpoint import read_config
+    from s2t.policies.feature_selector import FeatureSelectorConfig
+    from s2t.policies.learned_selector import LocalSelectorConfig
+    from s2t.policies.learned_trigger import LearnedTriggerConfig
+
+    good = {
+        "LearnedTriggerConfig": {"threshold": 0.5, "target_rate": 0.05},
+        "LocalSelectorConfig": {"vocab_size": 10, "hidden_size": 4, "reserved_ids": [10]},
+        "FeatureSelectorConfig": {"k": 8},
+    }[config_class] | {"base_model": "tiny", "base_fingerprint": "ab"}
+    cls = {c.__name__: c for c in (LearnedTriggerConfig, LocalSelectorConfig, FeatureSelectorConfig)}[
+        config_class
+    ]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(good))
+    read_config(path, cls)  # the unedited config loads
+    path.write_text(json.dumps(good | {field: value}))
+    with pytest.raises(SelectorCheckpointError, match=f"config.json is malformed \\({message}"):
+        read_config(path, cls)
 
 
 def test_a_collection_resumed_with_other_weights_is_refused_before_they_mix(

@@ -27,7 +27,8 @@ class SelectorCheckpointError(ValueError):
 
 def read_config(path: Path, config_class):
     """Build the dataclass ``config_class`` from a JSON file; a missing or malformed file (a field
-    missing, unknown or of another type) gets an error naming it."""
+    missing, unknown, of another type, or out of the range the config's ``__post_init__`` checks)
+    gets an error naming it."""
     if not Path(path).is_file():
         raise SelectorCheckpointError(f"{path} is missing: re-save the checkpoint with `s2t train`")
     try:
@@ -54,7 +55,10 @@ def read_config(path: Path, config_class):
         raise SelectorCheckpointError(
             f"{path} is malformed ({wrong} = {data[wrong]!r} is not a {hints[wrong]}); re-save it with `s2t train`"
         )
-    return config_class(**data)
+    try:
+        return config_class(**data)
+    except ValueError as e:  # a value out of its range (the config's own checks)
+        raise SelectorCheckpointError(f"{path} is malformed ({e}); re-save it with `s2t train`") from e
 
 
 def _has_type(value, hint) -> bool:
@@ -66,7 +70,22 @@ def _has_type(value, hint) -> bool:
     if hint in (int, float):  # JSON numbers: an int stands for a float, a bool for neither
         return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
     base = typing.get_origin(hint) or hint
-    return isinstance(value, base) if isinstance(base, type) else True
+    if not isinstance(base, type):
+        return True
+    if base is list and typing.get_args(hint):  # list[str]: every element too
+        return isinstance(value, list) and all(_has_type(v, typing.get_args(hint)[0]) for v in value)
+    return isinstance(value, base)
+
+
+def check_range(name: str, value, low=None, high=None, *, low_open: bool = False) -> None:
+    """Raise ValueError unless ``low <= value <= high`` (``low < value`` with ``low_open``); a
+    config's own check of a field, so that a hand-edited checkpoint config is refused by name."""
+    below = low is not None and (value <= low if low_open else value < low)
+    if below or (high is not None and value > high):
+        bounds = (
+            f"{'(' if low_open else '['}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        )
+        raise ValueError(f"{name} = {value!r} lies outside {bounds}")
 
 
 def checkpoint_digest(directory: str | Path, name: str = WEIGHTS_NAME) -> str:

@@ -35,6 +35,7 @@ from s2t.policies.checkpoint import (
     WEIGHTS_NAME,
     SelectorCheckpointError,
     check_base_model,
+    check_range,
     check_weights,
     model_fingerprint,
     read_config,
@@ -108,6 +109,10 @@ class FeatureSelectorConfig:
     feature_version: int = FEATURE_VERSION
     training: dict = field(default_factory=dict)  # data, split, problem ids, metrics
     weights_sha256: str | None = None  # of selector.safetensors, recorded at save (None: saved before)
+
+    def __post_init__(self):
+        check_range("k", self.k, 2)
+        check_range("hidden", self.hidden, 1)
 
 
 class FeatureSelector(Selector):

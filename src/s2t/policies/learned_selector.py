@@ -31,6 +31,7 @@ from s2t.policies.checkpoint import (  # noqa: F401 (re-exported: the selectors'
     SelectorCheckpointError,
     check_base_model,
     check_builtin_base,
+    check_range,
     check_weights,
     checkpoint_digest,
     matches_fingerprint,
@@ -42,6 +43,7 @@ from s2t.policies.scoring import candidate_hidden_states, keep_candidate
 from s2t.policies.selectors import Selector, StepContext
 
 NUM_BINS = 16
+PRIORS = ("none", "slm-logprob")  # see LocalSelectorConfig.prior
 ADAPTER_DIR = "adapter"  # a LoRA selector's peft adapter, beside its bins
 
 
@@ -135,6 +137,13 @@ class LocalSelectorConfig:
     training: dict = field(default_factory=dict)  # how it was trained: data, split, problem ids, metrics
     weights_sha256: str | None = None  # of selector.safetensors, recorded at save (None: saved before)
     adapter_sha256: str | None = None  # a LoRA selector's adapter/*.safetensors (see adapter_digest)
+
+    def __post_init__(self):
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior = {self.prior!r} is none of {', '.join(PRIORS)}")
+        check_range("score_temperature", self.score_temperature, 0, low_open=True)
+        for name in ("vocab_size", "hidden_size", "num_bins"):
+            check_range(name, getattr(self, name), 1)
 
 
 class LocalSelector(Selector):

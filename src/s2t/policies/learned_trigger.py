@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from s2t.policies.checkpoint import (
     SelectorCheckpointError,
     check_base_model,
+    check_range,
     check_weights,
     read_config,
     save_checkpoint,
@@ -43,6 +44,10 @@ class LearnedTriggerConfig:
     # the collection problems it was fitted and validated on (empty: saved before they were recorded),
     # so that an evaluation on any of them is refused as leaky
     problem_ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        check_range("threshold", self.threshold, 0, 1)
+        check_range("target_rate", self.target_rate, 0, 1, low_open=True)
 
 
 class LearnedTrigger(Trigger):

@@ -69,13 +69,26 @@ def main() -> None:
     if not 0 < args.val_fraction < 1:
         parser.error(f"--val-fraction must lie strictly between 0 and 1; got {args.val_fraction}")
     sizes = _sizes(parser, args.learning_curve) if args.learning_curve else None
+    try:
+        _run(args, sizes)
+    except (ValueError, FileNotFoundError) as e:  # a bad collection or selector: one line, not a traceback
+        parser.error(str(e))
+
+
+def _run(args: argparse.Namespace, sizes: list[int] | None) -> None:
+    """The ladder, learning curve or per-position figures the options ask for, printed and saved."""
     if args.validation_from:
-        held_out = load_selector(args.validation_from).config.training["validation_problem_ids"]
+        held_out = load_selector(args.validation_from).config.training.get("validation_problem_ids")
+        if not held_out:
+            raise ValueError(
+                f"{args.validation_from} records no validation problems: give --hold-out-first or "
+                "--val-fraction instead"
+            )
     else:
         ids = [r["problem_id"] for r in collected_records(args.groups, need_features=False)]
         if args.hold_out_first is not None:
             if not 1 <= args.hold_out_first < len(ids):
-                parser.error(f"--hold-out-first must lie in [1, {len(ids) - 1}] for {args.groups}")
+                raise ValueError(f"--hold-out-first must lie in [1, {len(ids) - 1}] for {args.groups}")
             held_out = ids[: args.hold_out_first]
         else:
             _, val = split_problems(len(ids), args.val_fraction, args.seed)
@@ -83,27 +96,19 @@ def main() -> None:
     if args.per_position:
         from s2t.training import override
 
-        try:
-            if sizes:
-                result = override.override_learning_curve(
-                    args.groups, held_out, sizes, args.k, seed=args.seed
-                )
-                print(override.format_override_learning_curve(result))
-            else:
-                result = override.override_ladder(args.groups, held_out, args.k, seed=args.seed)
-                print(override.format_override_ladder(result))
-        except ValueError as e:  # bad sizes, k or held-out ids: one line, not a traceback
-            parser.error(str(e))
+        if sizes:
+            result = override.override_learning_curve(args.groups, held_out, sizes, args.k, seed=args.seed)
+            print(override.format_override_learning_curve(result))
+        else:
+            result = override.override_ladder(args.groups, held_out, args.k, seed=args.seed)
+            print(override.format_override_ladder(result))
         if args.out:
             write_json_atomic(args.out, result)
         return
     if sizes:
-        try:
-            curve = learning_curve(
-                args.groups, held_out, sizes, args.k, args.groups_at, seed=args.seed, progress=False
-            )
-        except ValueError as e:  # sizes above the training problems, a setting the collection lacks
-            parser.error(str(e))
+        curve = learning_curve(
+            args.groups, held_out, sizes, args.k, args.groups_at, seed=args.seed, progress=False
+        )
         curve["groups"] = args.groups
         print(format_learning_curve(curve))
         if args.out:
@@ -115,12 +120,9 @@ def main() -> None:
         from s2t.models import load_model
 
         slm = load_model(collection_config(args.groups)["slm"], dtype=args.dtype)
-    try:
-        ladder = selector_ladder(
-            args.groups, held_out, args.k, args.groups_at, selectors, slm=slm, seed=args.seed
-        )
-    except ValueError as e:
-        parser.error(str(e))
+    ladder = selector_ladder(
+        args.groups, held_out, args.k, args.groups_at, selectors, slm=slm, seed=args.seed
+    )
     ladder["groups"] = args.groups
     print(format_ladder(ladder))
     print(verdict(ladder))

@@ -718,6 +718,8 @@ def test_train_refuses_an_out_it_would_overwrite_and_overwrite_clears_only_its_o
         (["--val-fraction", "1.5"], "--val-fraction must lie strictly between 0 and 1"),
         (["--k", "1"], "--k must be >= 2"),
         (["--hold-out-first", "4", "--validation-from", "x"], "give one"),
+        ([], "/nonexistent is not a collection directory"),
+        (["--validation-from", "/nonexistent"], "/nonexistent is not a selector checkpoint"),
     ],
 )
 def test_the_ladder_script_refuses_bad_options_with_one_line(monkeypatch, capsys, options, message):

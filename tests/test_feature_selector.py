@@ -730,3 +730,36 @@ def test_the_ladder_script_refuses_bad_options_with_one_line(monkeypatch, capsys
     with pytest.raises(SystemExit) as e:
         script.main()
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_diverged_epoch_is_never_kept_and_a_first_epoch_divergence_is_refused(caplog):
+    from s2t.training.objective import DIVERGENCE_FACTOR, diverged
+
+    assert not diverged(1, 1.2, 1.7, kept_any=False)
+    assert not diverged(1, DIVERGENCE_FACTOR * 1.7, 1.7, kept_any=False)
+    with caplog.at_level("WARNING"):
+        assert diverged(3, float("nan"), 1.7, kept_any=True)
+        assert diverged(3, 1e21, 1.7, kept_any=True)
+    assert "keeping an earlier epoch" in caplog.text
+    with pytest.raises(ValueError, match="diverged in epoch 1 .*1.7 to inf.*lower --lr"):
+        diverged(1, float("inf"), 1.7, kept_any=False)
+
+
+def test_training_that_blows_up_its_weights_saves_nothing_and_says_lower_lr(
+    tiny_collection, tmp_path, monkeypatch, slm
+):
+    """A too-high --lr overflows the feature scorer's weights (huge but finite, or NaN); that training
+    is refused, not saved as a selector that decodes garbage or greedy. (The head's scores are bounded
+    bin values, and its gradients clipped: its loss stays finite at any learning rate.)"""
+    from typer.testing import CliRunner
+
+    import s2t.models
+    from s2t.cli import app
+
+    monkeypatch.setattr(s2t.models, "load_model", lambda *args, **kwargs: slm)  # the collection's SLM
+
+    out = tmp_path / "sel"
+    args = ["train", "--mode", "features", "--groups", str(tiny_collection), "--out", str(out), "--k", "4"]
+    result = CliRunner().invoke(app, [*args, "--lr", "1e30", "--epochs", "2", "--trigger-rate", "0"])
+    assert result.exit_code == 2 and "diverged in epoch 1" in result.output, result.output
+    assert not (out / "selector.safetensors").exists()

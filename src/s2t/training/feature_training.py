@@ -32,7 +32,7 @@ from s2t.training.collect import (
     collection_summary,
     group_settings,
 )
-from s2t.training.objective import split_problems
+from s2t.training.objective import diverged, split_problems
 
 
 @dataclass
@@ -167,6 +167,10 @@ def fit_feature_scorer(
 
     Returns:
         The scorer in eval mode and the per-epoch history (train loss, agreement on ``select``).
+        A diverged epoch (:func:`~s2t.training.objective.diverged`) ends training, unkept.
+
+    Raises:
+        ValueError: the first epoch diverged.
     """
     torch.manual_seed(cfg.seed)
     scorer = FeatureScorer(x.shape[-1], cfg.hidden)
@@ -175,6 +179,13 @@ def fit_feature_scorer(
     scorer.std.copy_(flat.std(0).clamp_min(1e-4))
     optimizer = torch.optim.AdamW(scorer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     x_fit, t_fit = x[fit], target[fit]
+
+    def fit_loss() -> float:  # the current state's loss on the training groups
+        with torch.no_grad():
+            return float(-(t_fit * torch.log_softmax(scorer(x_fit), -1)).sum(-1).mean())
+
+    scorer.eval()
+    start_loss = fit_loss()
     history, best_state, best_val = [], None, float("-inf")
     for epoch in tqdm(range(cfg.epochs), desc="training feature selector", disable=not progress):
         scorer.train()
@@ -195,6 +206,9 @@ def fit_feature_scorer(
                 else 0.0
             )
         history.append({"epoch": epoch + 1, "train_loss": total / len(x_fit), "val_agreement": val})
+        if diverged(epoch + 1, fit_loss(), start_loss, best_state is not None):
+            history[-1]["diverged"] = True
+            break
         if best_state is None or val > best_val or not select.any():
             best_val, best_state = val, {n: t.clone() for n, t in scorer.state_dict().items()}
     scorer.load_state_dict(best_state)

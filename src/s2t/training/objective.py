@@ -14,12 +14,15 @@ measure generalisation to unseen problems.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 MODES = ("head", "lora")
 LORA_DEFAULT_LR = 5e-5  # the paper's
@@ -106,6 +109,34 @@ def selector_loss(logits: torch.Tensor, llm_probs: torch.Tensor, cfg: TrainConfi
     teacher = llm_probs / llm_probs.sum(-1, keepdim=True).clamp_min(1e-12)
     kl = F.kl_div(F.log_softmax(logits, -1), teacher, reduction="batchmean")
     return ce + hinge + cfg.kl_weight * kl
+
+
+DIVERGENCE_FACTOR = 100.0  # an end-of-epoch loss this many times the untrained state's is divergence
+
+
+def diverged(epoch: int, end_loss: float, start_loss: float, kept_any: bool) -> bool:
+    """Whether the state after ``epoch`` diverged: its loss on the training groups (``end_loss``) is
+    not finite, or above :data:`DIVERGENCE_FACTOR` times the untrained state's (``start_loss``). Such a
+    state (weights blown up by a too-high learning rate) is never kept, and the trainer stops there,
+    keeping its best earlier epoch.
+
+    Raises:
+        ValueError: it diverged and no earlier epoch can be kept (``kept_any`` False).
+    """
+    if math.isfinite(end_loss) and end_loss <= DIVERGENCE_FACTOR * max(start_loss, 1e-3):
+        return False
+    if not kept_any:
+        raise ValueError(
+            f"training diverged in epoch {epoch} (its loss went from {start_loss:.4g} to {end_loss:.4g}) "
+            "and no earlier epoch can be kept: lower --lr"
+        )
+    logger.warning(
+        "training diverged in epoch %d (its loss went from %.4g to %.4g): keeping an earlier epoch",
+        epoch,
+        start_loss,
+        end_loss,
+    )
+    return True
 
 
 def split_problems(n_problems: int, val_fraction: float, seed: int) -> tuple[set[int], set[int]]:

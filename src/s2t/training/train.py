@@ -34,7 +34,13 @@ from s2t.training.collect import (
     collection_summary,
     read_features,
 )
-from s2t.training.objective import TrainConfig, selection_metrics, selector_loss, split_problems
+from s2t.training.objective import (
+    TrainConfig,
+    diverged,
+    selection_metrics,
+    selector_loss,
+    split_problems,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +117,13 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
     x_train, y_train = data.hidden[in_train].float(), data.llm_probs[in_train]
     history = []
     best_state, best_val = bins.detach().clone(), float("-inf")
+
+    def train_loss() -> float:  # the current bins' loss on the training groups
+        with torch.no_grad():
+            logits = selector.selection_logits(x_train, data.slm_probs[in_train], bins)
+            return float(selector_loss(logits, y_train, cfg))
+
+    start_loss = train_loss()
     for epoch in tqdm(range(cfg.epochs), desc="training bins", disable=not progress):
         perm = torch.randperm(len(x_train))
         total = 0.0
@@ -140,6 +153,9 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
                 **{f"val_{k}": v for k, v in val.items()},
             }
         )
+        if diverged(epoch + 1, train_loss(), start_loss, best_val > float("-inf")):
+            history[-1]["diverged"] = True
+            break
         score = val.get("agreement_with_llm", -total)
         if score > best_val:
             best_val, best_state = score, bins.detach().clone()

@@ -502,6 +502,27 @@ def test_a_run_never_mixes_two_learned_triggers_however_the_trigger_is_named(col
         replace(base, methods=["greedy:b"])
 
 
+def test_a_learned_trigger_that_records_no_problems_is_evaluated_with_a_leakage_warning(
+    collected, slm, tmp_path, caplog
+):
+    from dataclasses import replace
+
+    from s2t.api import S2TGenerator
+    from s2t.evaluate import evaluate
+    from s2t.training.trigger import train_trigger
+
+    trigger = train_trigger(collected, slm, "tiny", target_rate=0.3, val_fraction=0.25, epochs=5)
+    trigger.config.problem_ids = []  # as saved before session 34
+    trigger.save_pretrained(tmp_path / "old")
+    config = tiny_eval_config(
+        tmp_path, QUESTIONS[:2], limit=1, methods=["random-select/learned"], selector=str(tmp_path / "old")
+    )
+    gen = S2TGenerator(slm, llm="/nonexistent/llm/never/loaded")
+    with caplog.at_level("WARNING", logger="s2t.evaluate"):
+        evaluate(replace(config, split="train"), tmp_path / "run", progress=False, generator=gen)
+    assert "records no problems" in caplog.text and "cannot be checked for leakage" in caplog.text
+
+
 def test_lora_training_saves_an_adapter_that_s2t_local_evaluation_uses(collected, tiny_pair_dir, tmp_path):
     from s2t.api import S2TGenerator
     from s2t.evaluate import evaluate

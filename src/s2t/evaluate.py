@@ -513,10 +513,14 @@ class Evaluator:
             )
             _refuse_leak("the selector", seen & evaluated)
         if any(s.trigger == "learned" for s in specs):
-            _refuse_leak(
-                "the learned trigger",
-                set(LearnedTrigger.from_pretrained(self.config.selector).config.problem_ids) & evaluated,
-            )
+            fitted_on = LearnedTrigger.from_pretrained(self.config.selector).config.problem_ids
+            if not fitted_on:
+                logger.warning(
+                    "the learned trigger in %s records no problems (saved before they were recorded): "
+                    "it cannot be checked for leakage; retrain it with `s2t train` to have it checked",
+                    self.config.selector,
+                )
+            _refuse_leak("the learned trigger", set(fitted_on) & evaluated)
 
 
 def _refuse_leak(what: str, leaked: set[str]) -> None:

@@ -883,6 +883,8 @@ def test_a_missing_or_hand_edited_checkpoint_config_is_refused_by_name(tmp_path)
         ("LocalSelectorConfig", "prior", "foo", "prior = 'foo' is none of none, slm-logprob"),
         ("LocalSelectorConfig", "score_temperature", -1, r"score_temperature = -1 lies outside \(0, inf\]"),
         ("LocalSelectorConfig", "num_bins", 0, "num_bins = 0 lies outside"),
+        ("LocalSelectorConfig", "score_temperature", float("nan"), "score_temperature = nan is not a finite"),
+        ("LearnedTriggerConfig", "target_rate", float("inf"), "target_rate = inf is not a finite number"),
         ("FeatureSelectorConfig", "k", 1, r"k = 1 lies outside \[2, inf\]"),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import MISSING, asdict, fields
@@ -78,8 +79,10 @@ def _has_type(value, hint) -> bool:
 
 
 def check_range(name: str, value, low=None, high=None, *, low_open: bool = False) -> None:
-    """Raise ValueError unless ``low <= value <= high`` (``low < value`` with ``low_open``); a
+    """Raise ValueError unless ``value`` is finite and ``low <= value <= high`` (``low < value`` with ``low_open``); a
     config's own check of a field, so that a hand-edited checkpoint config is refused by name."""
+    if not math.isfinite(value):
+        raise ValueError(f"{name} = {value!r} is not a finite number")
     below = low is not None and (value <= low if low_open else value < low)
     if below or (high is not None and value > high):
         bounds = (

@@ -194,16 +194,20 @@ def test_calibration_logs_its_progress(slm, caplog):
     assert any(m.startswith("calibrated entropy@0.9: threshold") for m in messages), messages
 
 
-def test_eval_with_k_above_the_vocabulary_fails_at_once_and_binds_nothing(tiny_pair_dir, data_dir, tmp_path):
-    """``--k 100000`` is refused when the method is resolved (before any calibration), and the run
-    directory it leaves does not refuse the corrected command."""
+def test_eval_with_k_above_the_vocabulary_fails_before_any_method_and_leaves_no_run(
+    tiny_pair_dir, data_dir, tmp_path
+):
+    """``--k 100000`` is refused before the first method decodes (greedy too: the run records K), and
+    no run directory is left to refuse the corrected command."""
     out = tmp_path / "run"
     args = eval_args(tiny_pair_dir, data_dir / "gsm8k" / "test.jsonl", out)
-    args[args.index("greedy")] = "s2t/entropy=0.5"  # a fixed threshold: no calibration either way
+    args[args.index("greedy")] = "greedy,s2t/entropy=0.5"  # a fixed threshold: no calibration
     args += ["--llm", tiny_pair_dir["llm"]]
     result = CliRunner().invoke(app, [*args, "--k", "100000"])
-    assert result.exit_code != 0 and "K=100000 exceeds the vocabulary size" in result.output, result.output
-    assert {p.name for p in out.iterdir()} <= {"config.json"}
+    assert result.exit_code != 0 and "K=100000 exceeds the tokenizer's vocabulary" in result.output, (
+        result.output
+    )
+    assert not out.exists()
     result = CliRunner().invoke(app, [*args, "--k", "4"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["k"] == 4

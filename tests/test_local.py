@@ -126,23 +126,42 @@ def test_collect_refuses_k_above_the_vocabulary_and_zero_workers_before_anything
     args = ["collect", "--dataset", "tiny", "--data-file", str(data), "--out", str(out)]
     args += ["--slm", tiny_pair_dir["slm"], "--llm", tiny_pair_dir["llm"], "--dtype", "float32"]
     result = CliRunner().invoke(app, [*args, "--k", "100000"])
-    assert result.exit_code == 2 and "K=100000 exceeds the vocabulary size" in result.output, result.output
+    assert result.exit_code == 2 and "K=100000 exceeds the tokenizer's vocabulary" in result.output, (
+        result.output
+    )
     assert not out.exists()
     result = CliRunner().invoke(app, [*args, "--workers", "0"])
     assert result.exit_code == 2 and "--workers" in result.output, result.output
     assert not out.exists()
 
 
-def test_a_run_that_failed_before_any_work_binds_no_configuration(tmp_path):
-    """``config.json`` alone (a run refused before its first result) does not refuse the corrected command."""
+def test_a_run_that_fails_before_any_work_gives_its_directory_back_and_no_other(tmp_path):
+    """``discard_if_unused`` undoes only what this invocation made, and only while nothing else was
+    written: a second command started meanwhile is refused as before, and others' work stays."""
     from s2t.runs import ConfigMismatchError, RunDirectory
 
-    RunDirectory(tmp_path / "run", {"k": 100000})
-    RunDirectory(tmp_path / "run", {"k": 8})
-    assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"k": 8}
-    (tmp_path / "run" / "calibration.json").write_text("{}")
-    with pytest.raises(ConfigMismatchError, match="k: 8 -> 4"):
-        RunDirectory(tmp_path / "run", {"k": 4})
+    first = RunDirectory(tmp_path / "run", {"k": 100000})
+    with pytest.raises(ConfigMismatchError, match="k: 100000 -> 8"):  # a concurrent other command
+        RunDirectory(tmp_path / "run", {"k": 8})
+    (tmp_path / "run" / "sub").mkdir()
+    first.discard_if_unused()  # its K failed: nothing was written
+    assert not (tmp_path / "run").exists()
+    RunDirectory(tmp_path / "run", {"k": 8})  # the corrected command
+    resumed = RunDirectory(tmp_path / "run", {"k": 8})
+    resumed.discard_if_unused()  # it did not write config.json: nothing of it to undo
+    assert (tmp_path / "run" / "config.json").is_file()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    other = RunDirectory(tmp_path / "kept", {"k": 8})
+    other.discard_if_unused()  # a directory holding other files is left as it is
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["config.json", "notes.txt"]
+    late = RunDirectory(tmp_path / "late", {"k": 8})
+    (tmp_path / "late" / "calibration.json").write_text("{}")  # work done since
+    late.discard_if_unused()
+    assert (tmp_path / "late" / "config.json").is_file()
+    (tmp_path / "late" / "config.json").write_text("{not json")
+    with pytest.raises(ConfigMismatchError, match="late/config.json is unreadable"):
+        RunDirectory(tmp_path / "late", {"k": 8})
 
 
 def test_a_data_file_spelled_another_way_resumes_the_same_run(tmp_path, monkeypatch):

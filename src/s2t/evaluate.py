@@ -34,6 +34,7 @@ from s2t.backends import make_generator, resolve_backend
 from s2t.data import Problem, load_problems
 from s2t.engine import CostRecord, Method
 from s2t.grading import grade, majority_vote
+from s2t.method_names import LLM_ALONE
 from s2t.methods import (
     CalibrationSource,
     MethodSpec,
@@ -51,6 +52,7 @@ from s2t.models import (
     parse_dtype,
     resolve_dtype,
 )
+from s2t.policies.candidates import TopK
 from s2t.run_driver import RunDriver
 from s2t.runs import ConfigMismatchError, RunDirectory, read_jsonl
 
@@ -381,6 +383,11 @@ class Evaluator:
         goes to the next one at once); ``on_record`` sees each record after it is written.
         """
         done = self.finished()
+        pending = [
+            m for m in self.config.methods if self.driver.pending(self.problems, partial(unit_key, m), done)
+        ]
+        if any(m != LLM_ALONE for m in pending):  # the SLM decodes: --k must fit its vocabulary
+            TopK(self.config.k).check_vocab(self.generator.vocab_size)
         for method in self.config.methods:
             problem_key = partial(unit_key, method)
             if self.config.uses_selector(method) and self.driver.pending(self.problems, problem_key, done):
@@ -611,5 +618,9 @@ def evaluate(config: EvalConfig, out_dir: str | Path, progress: bool = True, **k
     from s2t.reporting.eval_report import write_report
 
     evaluator = Evaluator(config, out_dir, progress=progress, **kwargs)
-    evaluator.run_all()
+    try:
+        evaluator.run_all()
+    except BaseException:  # failed before its first result: the corrected command is not refused
+        evaluator.run.discard_if_unused()
+        raise
     return write_report(evaluator.run.path)

@@ -109,8 +109,9 @@ class RunDirectory:
     changing the results (e.g. ``limit``, ``batch_size``, ``workers``). ``legacy`` says what a
     null stored by an older version, or a key it did not store, meant (e.g. ``{"dtype": "float32"}``),
     so such runs resume. ``path_keys`` name entries holding file paths: two spellings of one existing
-    file (relative and absolute) are the same configuration. A directory holding nothing but its
-    ``config.json`` binds nothing (see :meth:`_holds_work`).
+    file (relative and absolute) are the same configuration. A run that fails before its first
+    result can give its new directory back (:meth:`discard_if_unused`), so that the corrected
+    command is not refused.
     """
 
     def __init__(
@@ -126,10 +127,17 @@ class RunDirectory:
         self.ignore_keys = set(ignore_keys)
         self.path_keys = set(path_keys)
         self.legacy = dict(legacy or {})  # key -> what a stored null meant (an older default)
+        self.created = not self.path.exists()  # this invocation made the directory
         self.path.mkdir(parents=True, exist_ok=True)
         config_file = self.path / "config.json"
-        if config_file.is_file() and self._holds_work():
-            existing = json.loads(config_file.read_text())
+        self.wrote_config = not config_file.is_file()  # and its config.json
+        if config_file.is_file():
+            try:
+                existing = json.loads(config_file.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ConfigMismatchError(
+                    f"{config_file} is unreadable ({e}): use a new --out directory, or repair the file"
+                ) from e
             diff = self._differences(existing, self.config)
             if diff:
                 older = [
@@ -144,11 +152,21 @@ class RunDirectory:
                 )
         write_json_atomic(config_file, self.config)
 
-    def _holds_work(self) -> bool:
-        """Whether the directory holds a file besides ``config.json``. One that does not (a run that
-        failed before its first result or calibration, e.g. on a K above the vocabulary) binds
-        nothing: the corrected command starts it afresh."""
-        return any(p.is_file() and p.name != "config.json" for p in self.path.rglob("*"))
+    def discard_if_unused(self) -> None:
+        """Undo what this invocation made if nothing else was written since: its ``config.json``, and
+        the directory if it made that too (a run that failed before its first result or calibration,
+        e.g. on a K above the vocabulary), so that the corrected command starts afresh. A directory
+        holding anything else (another invocation's results, a calibration) is left as it is."""
+        if not self.wrote_config:
+            return
+        others = [p for p in self.path.rglob("*") if p.name != "config.json"]
+        if any(p.is_file() for p in others):
+            return
+        (self.path / "config.json").unlink(missing_ok=True)
+        if self.created:
+            for d in sorted(others, key=lambda p: len(p.parts), reverse=True):
+                d.rmdir()
+            self.path.rmdir()
 
     def _differences(self, old: dict, new: dict) -> list[str]:
         old = old | {k: v for k, v in self.legacy.items() if old.get(k) is None and k in new}

@@ -31,7 +31,7 @@ class TopK:
 
     def check_vocab(self, vocab_size: int) -> None:
         if self.k > vocab_size:
-            raise ValueError(f"K={self.k} exceeds the vocabulary size {vocab_size}")
+            raise ValueError(f"K={self.k} exceeds the tokenizer's vocabulary ({vocab_size} tokens)")
 
     def __call__(self, slm_logits: torch.Tensor) -> CandidateSet:
         """(batch, vocab) logits → the top-K candidates, best first, ties broken towards the lower token id.

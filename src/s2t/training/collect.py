@@ -875,7 +875,11 @@ def collected_records(groups_dir: str | Path, need_features: bool = True) -> lis
 def collect(config: CollectConfig, out_dir: str | Path, **kwargs) -> Path:
     """Collect (or resume collecting) S2T-Local training groups; returns the run directory."""
     collector = Collector(config, out_dir, **kwargs)
-    collector.run_all()
+    try:
+        collector.run_all()
+    except BaseException:  # failed before its first record: the corrected command is not refused
+        collector.run.discard_if_unused()
+        raise
     return collector.run.path
 
 

@@ -763,3 +763,37 @@ def test_training_that_blows_up_its_weights_saves_nothing_and_says_lower_lr(
     result = CliRunner().invoke(app, [*args, "--lr", "1e30", "--epochs", "2", "--trigger-rate", "0"])
     assert result.exit_code == 2 and "diverged in epoch 1" in result.output, result.output
     assert not (out / "selector.safetensors").exists()
+
+
+def test_an_overwrite_killed_by_sigterm_or_sigkill_loses_no_earlier_training(tmp_path):
+    import os
+    import signal
+
+    from s2t.training.train import OUTPUT_FILES, check_output_dir, replacing_output
+
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    for name in OUTPUT_FILES:
+        (trained / name).write_text(name)
+    # SIGTERM (a scheduler) mid-training: the earlier training is put back at once
+    with pytest.raises(KeyboardInterrupt), replacing_output(trained, overwrite=True):
+        (trained / OUTPUT_FILES[0]).write_text("half-written new training")
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert all((trained / name).read_text() == name for name in OUTPUT_FILES)
+    assert not (trained / ".replaced").exists()
+    # SIGKILL cannot be caught: the set-aside training is put back by the next command that looks
+    (trained / ".replaced").mkdir()
+    for name in OUTPUT_FILES:
+        (trained / name).rename(trained / ".replaced" / name)
+    with pytest.raises(ValueError, match="holds a trained selector"):
+        check_output_dir(trained)
+    assert all((trained / name).read_text() == name for name in OUTPUT_FILES)
+    # ... and the next --overwrite sets it aside again rather than deleting it
+    (trained / ".replaced").mkdir()
+    (trained / OUTPUT_FILES[0]).rename(trained / ".replaced" / OUTPUT_FILES[0])
+    with pytest.raises(ValueError, match="interrupted --overwrite set aside"):  # both: the user decides
+        check_output_dir(trained, overwrite=True)
+    with pytest.raises(ValueError, match="interrupted --overwrite set aside"):
+        with replacing_output(trained, overwrite=True):
+            pass
+    assert (trained / ".replaced" / OUTPUT_FILES[0]).read_text() == OUTPUT_FILES[0]

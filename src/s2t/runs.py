@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import signal
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -217,3 +218,22 @@ class RunDirectory:
         """Write a file of the run (``name`` relative to it) so that readers never see it half-written."""
         write_bytes_atomic(self.path / name, data)
         return self.path / name
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (e.g. a job scheduler) interrupts like Ctrl-C inside the block, so its cleanup (a
+    checkpoint, a restore) runs. Outside the main thread signals cannot be caught: nothing changes."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

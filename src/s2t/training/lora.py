@@ -31,8 +31,6 @@ import hashlib
 import json
 import logging
 import random
-import signal
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,7 +40,7 @@ from tqdm.auto import tqdm
 
 from s2t.policies.learned_selector import ADAPTER_DIR, LocalSelector, adapter_digest, model_fingerprint
 from s2t.policies.scoring import attention_mask_for
-from s2t.runs import write_json_atomic
+from s2t.runs import terminate_as_interrupt, write_json_atomic
 from s2t.training.collect import collected_groups_at, collected_records, collection_config, collection_summary
 from s2t.training.objective import TrainConfig, grouped_selection_metrics, selector_loss, split_problems
 from s2t.training.packing import (
@@ -242,24 +240,6 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def _crossed(seen: int, step: int, every: int) -> bool:
     """Whether going from ``seen - step`` to ``seen`` problems passed a multiple of ``every`` (0: never)."""
     return bool(every) and seen // every > (seen - step) // every
-
-
-@contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM (e.g. a job scheduler) interrupts like Ctrl-C, so the checkpoint is written."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class LoraTrainer:
@@ -479,7 +459,7 @@ class LoraTrainer:
         cfg, acc = self.cfg, self.accelerator
         rank, world = acc.process_index, acc.num_processes
         n = len(self.train_order)
-        with _terminate_as_interrupt():
+        with terminate_as_interrupt():
             try:
                 if not self.state.history and self.val_packed:  # a fresh run: the curve's origin
                     self._validate("start")

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from s2t.policies.learned_selector import LocalSelector
-from s2t.runs import write_json_atomic
+from s2t.runs import terminate_as_interrupt, write_json_atomic
 from s2t.training.collect import (
     collected_groups_at,
     collected_records,
@@ -221,7 +221,7 @@ def check_output_dir(out: str | Path, overwrite: bool = False, resume: bool = Fa
     Raises:
         ValueError: ``out`` is a file, lies under one, is a collection directory, or holds a trained
             selector or trigger without ``overwrite`` (or ``resume``, which lora mode continues);
-            ``overwrite`` with ``resume``.
+            ``overwrite`` with ``resume``; see also :func:`restore_set_aside`, which runs first.
     """
     out = Path(out)
     if overwrite and resume:
@@ -237,6 +237,7 @@ def check_output_dir(out: str | Path, overwrite: bool = False, resume: bool = Fa
         raise ValueError(
             f"--out {out} {where} a collection directory: give the selector a directory of its own"
         )
+    restore_set_aside(out)  # what a killed --overwrite set aside is the training this directory holds
     held = [name for name in ("selector_config.json", "trigger_config.json") if (out / name).is_file()]
     if held and not (overwrite or resume):
         raise ValueError(
@@ -255,14 +256,14 @@ def replacing_output(out: str | Path, overwrite: bool):
         yield
         return
     aside = out / ".replaced"
-    if aside.exists():
-        shutil.rmtree(aside)
+    restore_set_aside(out)
     aside.mkdir()
     moved = [name for name in (*OUTPUT_FILES, *OUTPUT_DIRS) if (out / name).exists()]
     for name in moved:
         (out / name).rename(aside / name)
     try:
-        yield
+        with terminate_as_interrupt():  # a killed training (SIGTERM) puts the earlier one back too
+            yield
     except BaseException:
         clear_output_dir(out)
         for name in moved:
@@ -270,6 +271,27 @@ def replacing_output(out: str | Path, overwrite: bool):
         shutil.rmtree(aside)
         raise
     shutil.rmtree(aside)
+
+
+def restore_set_aside(out: str | Path) -> None:
+    """Put back an earlier training that a killed ``--overwrite`` run left in ``out/.replaced``
+    (SIGKILL, a power cut), if ``out`` holds no training of its own.
+
+    Raises:
+        ValueError: ``out`` holds both a training and a set-aside one: which to keep is the user's call.
+    """
+    out, aside = Path(out), Path(out) / ".replaced"
+    if not aside.is_dir():
+        return
+    if any((out / name).exists() for name in (*OUTPUT_FILES, *OUTPUT_DIRS)):
+        raise ValueError(
+            f"{aside} holds an earlier training that an interrupted --overwrite set aside, and {out} a "
+            f"newer one: delete the one you do not want (the directory, or its files in {out}), then retry"
+        )
+    for item in aside.iterdir():
+        item.rename(out / item.name)
+    aside.rmdir()
+    logger.warning("put back the earlier training an interrupted --overwrite had set aside in %s", aside)
 
 
 def clear_output_dir(out: str | Path) -> None:

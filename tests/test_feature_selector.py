@@ -743,14 +743,19 @@ def test_a_diverged_epoch_is_never_kept_and_a_first_epoch_divergence_is_refused(
     assert "keeping an earlier epoch" in caplog.text
     with pytest.raises(ValueError, match="diverged in epoch 1 .*1.7 to inf.*lower --lr"):
         diverged(1, float("inf"), 1.7, kept_any=False)
+    small, huge = torch.full((2, 2), 6e4), torch.tensor([1.0, -1e5])
+    assert not diverged(2, 1.2, 1.7, kept_any=True, weights=[small])
+    with pytest.raises(ValueError, match="largest weight is 1e\\+05"):  # a bounded loss hid it
+        diverged(1, 1.2, 1.7, kept_any=False, weights=[small, huge])
 
 
+@pytest.mark.parametrize("mode", ["features", "head"])
 def test_training_that_blows_up_its_weights_saves_nothing_and_says_lower_lr(
-    tiny_collection, tmp_path, monkeypatch, slm
+    tiny_collection, tmp_path, monkeypatch, slm, mode
 ):
-    """A too-high --lr overflows the feature scorer's weights (huge but finite, or NaN); that training
-    is refused, not saved as a selector that decodes garbage or greedy. (The head's scores are bounded
-    bin values, and its gradients clipped: its loss stays finite at any learning rate.)"""
+    """A too-high --lr blows up the weights (huge but finite, or NaN); that training is refused, not
+    saved as a selector that decodes garbage or greedy. (The head's loss stays bounded at any learning
+    rate: its weights tell.)"""
     from typer.testing import CliRunner
 
     import s2t.models
@@ -759,7 +764,7 @@ def test_training_that_blows_up_its_weights_saves_nothing_and_says_lower_lr(
     monkeypatch.setattr(s2t.models, "load_model", lambda *args, **kwargs: slm)  # the collection's SLM
 
     out = tmp_path / "sel"
-    args = ["train", "--mode", "features", "--groups", str(tiny_collection), "--out", str(out), "--k", "4"]
+    args = ["train", "--mode", mode, "--groups", str(tiny_collection), "--out", str(out), "--k", "4"]
     result = CliRunner().invoke(app, [*args, "--lr", "1e30", "--epochs", "2", "--trigger-rate", "0"])
     assert result.exit_code == 2 and "diverged in epoch 1" in result.output, result.output
     assert not (out / "selector.safetensors").exists()

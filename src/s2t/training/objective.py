@@ -112,30 +112,32 @@ def selector_loss(logits: torch.Tensor, llm_probs: torch.Tensor, cfg: TrainConfi
 
 
 DIVERGENCE_FACTOR = 100.0  # an end-of-epoch loss this many times the untrained state's is divergence
+WEIGHT_LIMIT = torch.finfo(torch.float16).max  # a weight beyond float16's range has blown up
 
 
-def diverged(epoch: int, end_loss: float, start_loss: float, kept_any: bool) -> bool:
+def diverged(epoch: int, end_loss: float, start_loss: float, kept_any: bool, weights=()) -> bool:
     """Whether the state after ``epoch`` diverged: its loss on the training groups (``end_loss``) is
-    not finite, or above :data:`DIVERGENCE_FACTOR` times the untrained state's (``start_loss``). Such a
-    state (weights blown up by a too-high learning rate) is never kept, and the trainer stops there,
-    keeping its best earlier epoch.
+    not finite or above :data:`DIVERGENCE_FACTOR` times the untrained state's (``start_loss``), or one
+    of its ``weights`` (tensors) lies beyond float16's range (:data:`WEIGHT_LIMIT`; a bounded loss can
+    hide such weights, which overflow in half precision). Such a state (a too-high learning rate) is
+    never kept, and the trainer stops there, keeping its best earlier epoch.
 
     Raises:
         ValueError: it diverged and no earlier epoch can be kept (``kept_any`` False).
     """
-    if math.isfinite(end_loss) and end_loss <= DIVERGENCE_FACTOR * max(start_loss, 1e-3):
+    largest = max((float(w.detach().abs().max()) for w in weights if w.numel()), default=0.0)
+    if (
+        math.isfinite(end_loss)
+        and end_loss <= DIVERGENCE_FACTOR * max(start_loss, 1e-3)
+        and largest <= WEIGHT_LIMIT
+    ):
         return False
+    what = f"its loss went from {start_loss:.4g} to {end_loss:.4g}, its largest weight is {largest:.3g}"
     if not kept_any:
         raise ValueError(
-            f"training diverged in epoch {epoch} (its loss went from {start_loss:.4g} to {end_loss:.4g}) "
-            "and no earlier epoch can be kept: lower --lr"
+            f"training diverged in epoch {epoch} ({what}) and no earlier epoch can be kept: lower --lr"
         )
-    logger.warning(
-        "training diverged in epoch %d (its loss went from %.4g to %.4g): keeping an earlier epoch",
-        epoch,
-        start_loss,
-        end_loss,
-    )
+    logger.warning("training diverged in epoch %d (%s): keeping an earlier epoch", epoch, what)
     return True
 
 

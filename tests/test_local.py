@@ -905,6 +905,19 @@ def test_a_missing_or_hand_edited_checkpoint_config_is_refused_by_name(tmp_path)
         ("LocalSelectorConfig", "score_temperature", float("nan"), "score_temperature = nan is not a finite"),
         ("LearnedTriggerConfig", "target_rate", float("inf"), "target_rate = inf is not a finite number"),
         ("FeatureSelectorConfig", "k", 1, r"k = 1 lies outside \[2, inf\]"),
+        (
+            "FeatureSelectorConfig",
+            "training",
+            {"train_problem_ids": "tiny/test/0"},
+            "training.train_problem_ids = ",
+        ),
+        (
+            "LocalSelectorConfig",
+            "training",
+            {"validation_problem_ids": [0, 1]},
+            "training.validation_problem_ids",
+        ),
+        ("LocalSelectorConfig", "training", {"train_problem_ids": None}, "training.train_problem_ids = None"),
     ],
 )
 def test_a_hand_edited_checkpoint_value_out_of_range_is_refused_by_name(
@@ -954,3 +967,11 @@ def test_a_collection_resumed_with_other_weights_is_refused_before_they_mix(
     (copy / "problems.jsonl").write_text("\n".join([*lines[:-1], json.dumps(mixed)]) + "\n")
     with pytest.raises(ValueError, match="would mix models"):
         collected_records(copy, need_features=False)
+
+
+def test_a_selector_config_whose_training_record_is_not_an_object_is_refused_by_name(tmp_path):
+    from s2t.policies.learned_selector import selector_kind
+
+    (tmp_path / "selector_config.json").write_text(json.dumps({"base_model": "tiny", "training": 5}))
+    with pytest.raises(SelectorCheckpointError, match="malformed \\(training = 5 is not an object\\)"):
+        selector_kind(tmp_path)

@@ -78,6 +78,18 @@ def _has_type(value, hint) -> bool:
     return isinstance(value, base)
 
 
+PROBLEM_ID_FIELDS = ("train_problem_ids", "validation_problem_ids")  # a selector's training record
+
+
+def check_problem_ids(training: dict) -> None:
+    """Raise ValueError unless each of a selector training record's problem-id lists (the leakage
+    checks read them) is a list of strings."""
+    for name in PROBLEM_ID_FIELDS:
+        ids = training.get(name, [])
+        if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+            raise ValueError(f"training.{name} = {ids!r:.60} is not a list of problem ids")
+
+
 def check_range(name: str, value, low=None, high=None, *, low_open: bool = False) -> None:
     """Raise ValueError unless ``value`` is finite and ``low <= value <= high`` (``low < value`` with ``low_open``); a
     config's own check of a field, so that a hand-edited checkpoint config is refused by name."""

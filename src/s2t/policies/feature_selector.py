@@ -35,6 +35,7 @@ from s2t.policies.checkpoint import (
     WEIGHTS_NAME,
     SelectorCheckpointError,
     check_base_model,
+    check_problem_ids,
     check_range,
     check_weights,
     model_fingerprint,
@@ -111,6 +112,7 @@ class FeatureSelectorConfig:
     weights_sha256: str | None = None  # of selector.safetensors, recorded at save (None: saved before)
 
     def __post_init__(self):
+        check_problem_ids(self.training)
         check_range("k", self.k, 2)
         check_range("hidden", self.hidden, 1)
 

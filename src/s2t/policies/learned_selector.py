@@ -31,6 +31,7 @@ from s2t.policies.checkpoint import (  # noqa: F401 (re-exported: the selectors'
     SelectorCheckpointError,
     check_base_model,
     check_builtin_base,
+    check_problem_ids,
     check_range,
     check_weights,
     checkpoint_digest,
@@ -139,6 +140,7 @@ class LocalSelectorConfig:
     adapter_sha256: str | None = None  # a LoRA selector's adapter/*.safetensors (see adapter_digest)
 
     def __post_init__(self):
+        check_problem_ids(self.training)
         if self.prior not in PRIORS:
             raise ValueError(f"prior = {self.prior!r} is none of {', '.join(PRIORS)}")
         check_range("score_temperature", self.score_temperature, 0, low_open=True)
@@ -275,7 +277,10 @@ def selector_kind(directory: str | Path) -> str:
         raise SelectorCheckpointError(f"{path} is not readable JSON: {e}") from e
     if not isinstance(data, dict):
         raise SelectorCheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
-    kind = data.get("kind") or (data.get("training") or {}).get("mode") or "head"
+    training = data.get("training") or {}
+    if not isinstance(training, dict):
+        raise SelectorCheckpointError(f"{path} is malformed (training = {training!r} is not an object)")
+    kind = data.get("kind") or training.get("mode") or "head"
     if kind not in SELECTOR_KINDS:
         raise SelectorCheckpointError(
             f"{directory} holds a selector of kind {kind!r}, which this release cannot load; "

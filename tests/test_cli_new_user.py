@@ -211,3 +211,29 @@ def test_eval_with_k_above_the_vocabulary_fails_before_any_method_and_leaves_no_
     result = CliRunner().invoke(app, [*args, "--k", "4"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["k"] == 4
+
+
+def test_a_run_is_bound_to_its_data_files_content_not_to_how_the_path_is_spelled(
+    tiny_pair_dir, data_dir, tmp_path, monkeypatch
+):
+    """From another directory, ``../t.jsonl`` resumes the run ``t.jsonl`` started; another file under
+    the same relative name, or the same file edited, is refused."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "t.jsonl").write_text((data_dir / "gsm8k" / "test.jsonl").read_text())
+    (tmp_path / "sub" / "t.jsonl").write_text(json.dumps(PROBLEMS[1]) + "\n")
+    out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(app, eval_args(tiny_pair_dir, "t.jsonl", out)).exit_code == 0
+    stored = json.loads((out / "config.json").read_text())
+    assert len(stored["data_file_sha256"]) == 64
+    monkeypatch.chdir(tmp_path / "sub")
+    args = eval_args(tiny_pair_dir, "../t.jsonl", out)
+    args[args.index("--limit") + 1] = "2"
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output  # the same content: resumed, one more problem
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    result = CliRunner().invoke(app, eval_args(tiny_pair_dir, "t.jsonl", out))  # sub/t.jsonl: another file
+    assert result.exit_code != 0 and "data_file_sha256" in result.output, result.output
+    (tmp_path / "t.jsonl").write_text(json.dumps(PROBLEMS[1]) + "\n" + json.dumps(PROBLEMS[0]) + "\n")
+    result = CliRunner().invoke(app, args)  # the first file, edited
+    assert result.exit_code != 0 and "data_file_sha256" in result.output, result.output

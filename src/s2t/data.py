@@ -13,6 +13,7 @@ results from runs with different ``limit``/``offset`` can be joined on id.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -227,6 +228,18 @@ def load_problems(
     records = _load_from_hub(spec, split, local_path)
     source = f"{spec.hub_id} ({spec.hub_split(split)} split)"
     return _to_problems(records, source, dataset, split, spec, question_field, answer_field, limit, offset)
+
+
+def data_file_digest(data_file: str | os.PathLike | None) -> str | None:
+    """SHA-256 (hex) of a ``--data-file``'s bytes, or None without one (or if it cannot be read; loading
+    it then fails with its own error). Run directories record it: a resumed run is bound to the file's
+    content, however the path is spelled, and an edited file is refused."""
+    if data_file is None:
+        return None
+    try:
+        return hashlib.sha256(Path(data_file).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:

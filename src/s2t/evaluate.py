@@ -31,7 +31,7 @@ from pathlib import Path
 
 from s2t.api import CalibrationStore, Calibrator, ResolvedMethod, S2TGenerator
 from s2t.backends import make_generator, resolve_backend
-from s2t.data import Problem, load_problems
+from s2t.data import Problem, data_file_digest, load_problems
 from s2t.engine import CostRecord, Method
 from s2t.grading import grade, majority_vote
 from s2t.method_names import LLM_ALONE
@@ -577,11 +577,12 @@ def _recorded_config(out_dir: str | Path, config: EvalConfig) -> dict:
     or a selector, over several invocations (or lanes running side by side): every method any
     invocation asked for, in first-asked order, and the selector behind the run's selector-using
     results (S2T-Local, learned triggers), which only an invocation that runs such a method sets."""
-    recorded = asdict(config)
+    recorded = asdict(config) | {"data_file_sha256": data_file_digest(config.data_file)}
     stored = Path(out_dir) / "config.json"
-    if not stored.is_file():
+    try:
+        earlier = json.loads(stored.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # none yet (RunDirectory names a bad one)
         return recorded
-    earlier = json.loads(stored.read_text())
     methods = list(earlier.get("methods") or [])
     recorded["methods"] = methods + [m for m in config.methods if m not in methods]
     if not any(map(config.uses_selector, config.methods)) and earlier.get(SELECTOR_KEY) is not None:

@@ -95,6 +95,9 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
             raise ValueError(f"{path}:{number}: malformed results line: {e}") from e
 
 
+DATA_FILE_KEYS = {"data_file": "data_file_sha256"}  # see RunDirectory's content_keys
+
+
 def _same_file(a: Any, b: Any) -> bool:
     """Whether two stored paths name one existing file (``data.jsonl`` and its absolute spelling)."""
     try:
@@ -109,8 +112,10 @@ class RunDirectory:
     ``ignore_keys`` names config entries that may change between resumptions without
     changing the results (e.g. ``limit``, ``batch_size``, ``workers``). ``legacy`` says what a
     null stored by an older version, or a key it did not store, meant (e.g. ``{"dtype": "float32"}``),
-    so such runs resume. ``path_keys`` name entries holding file paths: two spellings of one existing
-    file (relative and absolute) are the same configuration. A run that fails before its first
+    so such runs resume. ``content_keys`` maps an entry holding a file's path to the entry holding
+    its content's digest: where both configs hold the digest, the content decides (the path may be
+    spelled another way; an edited file is refused), else (a run recorded before digests) two
+    spellings of one existing file are the same configuration. A run that fails before its first
     result can give its new directory back (:meth:`discard_if_unused`), so that the corrected
     command is not refused.
     """
@@ -121,12 +126,12 @@ class RunDirectory:
         config: dict,
         ignore_keys: Iterable[str] = (),
         legacy: dict[str, Any] | None = None,
-        path_keys: Iterable[str] = ("data_file",),
+        content_keys: dict[str, str] | None = None,
     ):
         self.path = Path(path)
         self.config = json.loads(json.dumps(config, default=str))
         self.ignore_keys = set(ignore_keys)
-        self.path_keys = set(path_keys)
+        self.content_keys = dict(DATA_FILE_KEYS if content_keys is None else content_keys)
         self.legacy = dict(legacy or {})  # key -> what a stored null meant (an older default)
         self.created = not self.path.exists()  # this invocation made the directory
         self.path.mkdir(parents=True, exist_ok=True)
@@ -172,10 +177,16 @@ class RunDirectory:
     def _differences(self, old: dict, new: dict) -> list[str]:
         old = old | {k: v for k, v in self.legacy.items() if old.get(k) is None and k in new}
         keys = (set(old) | set(new)) - self.ignore_keys
+        for path_key, digest_key in self.content_keys.items():
+            if old.get(digest_key) is not None and new.get(digest_key) is not None:
+                keys.discard(path_key)  # the content decides
+            else:  # recorded before digests (or no file): the path decides
+                keys.discard(digest_key)
         return [
             f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
             for k in sorted(keys)
-            if old.get(k) != new.get(k) and not (k in self.path_keys and _same_file(old.get(k), new.get(k)))
+            if old.get(k) != new.get(k)
+            and not (k in self.content_keys and _same_file(old.get(k), new.get(k)))
         ]
 
     def records(self, name: str = "results.jsonl") -> list[dict]:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save
 
-from s2t.data import Problem, load_problems
+from s2t.data import Problem, data_file_digest, load_problems
 from s2t.engine import Method, decode
 from s2t.models import (
     DEFAULT_LLM,
@@ -409,7 +409,11 @@ class Collector:
         self._worker = None if workers > 1 else CollectWorker(config, slm, llm)
         self.run = RunDirectory(
             out_dir,
-            {**asdict(config), "kind": "s2t-local-groups"},
+            {
+                **asdict(config),
+                "kind": "s2t-local-groups",
+                "data_file_sha256": data_file_digest(config.data_file),
+            },
             ignore_keys={"limit", "batch_size", "llm_device_map"},
             legacy=LEGACY_CONFIG,
         )

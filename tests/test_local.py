@@ -975,3 +975,24 @@ def test_a_selector_config_whose_training_record_is_not_an_object_is_refused_by_
     (tmp_path / "selector_config.json").write_text(json.dumps({"base_model": "tiny", "training": 5}))
     with pytest.raises(SelectorCheckpointError, match="malformed \\(training = 5 is not an object\\)"):
         selector_kind(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kind, field, value", [("features", "hidden", 32), ("features", "k", 8), ("head", "num_bins", 17)]
+)
+def test_a_config_edited_to_another_valid_size_is_refused_naming_the_field(slm, tmp_path, kind, field, value):
+    from s2t.policies.feature_selector import FeatureSelector
+    from s2t.policies.learned_selector import LocalSelector, load_selector
+
+    selector = (
+        FeatureSelector.initial(slm.model, "tiny", k=4, hidden=16)
+        if kind == "features"
+        else LocalSelector.initial(slm.model, "tiny", len(slm.tokenizer))
+    )
+    selector.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "selector_config.json").read_text())
+    (tmp_path / "selector_config.json").write_text(json.dumps(config | {field: value}))
+    with pytest.raises(
+        SelectorCheckpointError, match=f"does not fit selector_config.json \\(.*{field}={value}"
+    ):
+        load_selector(tmp_path)

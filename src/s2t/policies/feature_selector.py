@@ -187,9 +187,18 @@ class FeatureSelector(Selector):
         check_weights(directory / WEIGHTS_NAME, config.weights_sha256)
         scorer = FeatureScorer(feature_count(config.k), config.hidden)
         try:
-            scorer.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
-        except (SafetensorError, RuntimeError, OSError) as e:
+            weights = load_file(str(directory / WEIGHTS_NAME))
+        except (SafetensorError, OSError) as e:
             raise SelectorCheckpointError(f"corrupted selector checkpoint in {directory}: {e}") from e
+        expected = {n: tuple(t.shape) for n, t in scorer.state_dict().items()}
+        found = {n: tuple(t.shape) for n, t in weights.items()}
+        if found != expected:
+            wrong = next(n for n in sorted(set(expected) | set(found)) if expected.get(n) != found.get(n))
+            raise SelectorCheckpointError(
+                f"{directory / WEIGHTS_NAME} does not fit {CONFIG_NAME} (k={config.k}, hidden={config.hidden}): "
+                f"{wrong} has shape {found.get(wrong)}, expected {expected.get(wrong)}"
+            )
+        scorer.load_state_dict(weights)
         selector = cls(scorer, config)
         if model is not None:
             selector.check_base(model)

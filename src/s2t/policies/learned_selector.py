@@ -251,6 +251,11 @@ class LocalSelector(Selector):
             bins = load_file(str(directory / WEIGHTS_NAME))["bins"]
         except (SafetensorError, KeyError, OSError) as e:
             raise SelectorCheckpointError(f"corrupted selector checkpoint in {directory}: {e}") from e
+        if bins.shape != (config.num_bins, config.hidden_size):
+            raise SelectorCheckpointError(
+                f"{directory / WEIGHTS_NAME} does not fit {CONFIG_NAME} (num_bins={config.num_bins}, "
+                f"hidden_size={config.hidden_size}): its bins have shape {tuple(bins.shape)}"
+            )
         selector = cls(bins, config)
         if model is not None:
             selector.check_base(model)

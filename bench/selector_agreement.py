@@ -40,7 +40,7 @@ from s2t.training.objective import split_problems
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--groups", default="results/collect-gsm8k-train-300")
     parser.add_argument("--selectors", default="", help="comma-separated selector directories")
     parser.add_argument("--validation-from", default=None, help="a selector whose validation problems to use")
@@ -131,15 +131,16 @@ def _run(args: argparse.Namespace, sizes: list[int] | None) -> None:
 
 
 def _sizes(parser: argparse.ArgumentParser, text: str) -> list[int]:
-    """``--learning-curve``'s training-problem counts: positive integers, sorted, each once."""
+    """``--learning-curve``'s training-problem counts: integers >= 2 (a fit and a selection problem),
+    sorted, each once."""
     try:
         sizes = sorted({int(n) for n in text.split(",") if n.strip()})
     except ValueError:
         parser.error(
             f"--learning-curve takes comma-separated problem counts (e.g. 250,500,900); got {text!r}"
         )
-    if not sizes or sizes[0] < 1:
-        parser.error(f"--learning-curve counts must be >= 1; got {text!r}")
+    if not sizes or sizes[0] < 2:
+        parser.error(f"--learning-curve counts must be >= 2; got {text!r}")
     return sizes
 
 

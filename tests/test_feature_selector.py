@@ -713,7 +713,7 @@ def test_train_refuses_an_out_it_would_overwrite_and_overwrite_clears_only_its_o
 @pytest.mark.parametrize(
     "options, message",
     [
-        (["--learning-curve", "0,50"], "counts must be >= 1"),
+        (["--learning-curve", "1,50"], "counts must be >= 2"),
         (["--learning-curve", "50,abc"], "comma-separated problem counts"),
         (["--val-fraction", "1.5"], "--val-fraction must lie strictly between 0 and 1"),
         (["--k", "1"], "--k must be >= 2"),

@@ -383,7 +383,10 @@ def _ladder(selector, out: str, groups: str, k, groups_at, dtype) -> None:
 
     held_out = selector.config.training.get("validation_problem_ids") or []
     if not held_out:
-        console.print("no validation problems (--val-fraction 0): no selector ladder")
+        console.print(
+            "no validation problems (--val-fraction held out none of the collection's problems): "
+            "no selector ladder"
+        )
         return
     k = collection_config(groups)["k"] if k is None else k
     try:

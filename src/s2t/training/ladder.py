@@ -160,6 +160,11 @@ def selector_ladder(
             f"{groups_dir} holds no groups for {len(missing)} validation problems (e.g. {min(missing)})"
         )
     in_val = torch.tensor([data.problem_ids[p] in held_out for p in data.problem.tolist()], dtype=torch.bool)
+    if in_val.all():
+        raise ValueError(
+            f"every group of {groups_dir} lies in the validation problems: nothing is left to fit the "
+            "shallow model on (collect more problems, or hold out fewer)"
+        )
     train, val = data.subset(~in_val), data.subset(in_val)
     rows = [{"name": "SLM top-1", **ladder_metrics(torch.zeros(len(val.problem), dtype=torch.long), val)}]
     shallow = fit_shallow_model(train, seed)

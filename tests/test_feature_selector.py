@@ -570,6 +570,9 @@ def test_ladder_verdict_compares_each_trained_rung_with_the_top1_and_the_shallow
     assert "does NOT beat the SLM top-1 (68.8% vs 69.5%)" in features
     assert "above the shallow by its point estimate only" in features
     assert "beats the SLM top-1" in head and "beats the shallow" in head and "CIs apart" in head
+    few = verdict(ladder | {"validation_problem_ids": ["a", "b"]})
+    assert few.startswith("only 2 validation problem(s): too few for a verdict")
+    assert verdict(ladder | {"validation_problem_ids": [str(i) for i in range(10)]}) == verdict(ladder)
 
 
 def _planted_positions(path, n_problems=60, positions=80, seed=0):

@@ -54,12 +54,25 @@ def read_config(path: Path, config_class):
     wrong = next((n for n, v in data.items() if not _has_type(v, hints[n])), None)
     if wrong is not None:
         raise SelectorCheckpointError(
-            f"{path} is malformed ({wrong} = {data[wrong]!r} is not a {hints[wrong]}); re-save it with `s2t train`"
+            f"{path} is malformed ({wrong} = {data[wrong]!r} is not {_type_name(hints[wrong])}); re-save it "
+            "with `s2t train`"
         )
     try:
         return config_class(**data)
     except ValueError as e:  # a value out of its range (the config's own checks)
         raise SelectorCheckpointError(f"{path} is malformed ({e}); re-save it with `s2t train`") from e
+
+
+def _type_name(hint) -> str:
+    """A type hint as a reader says it: ``str`` -> "a string", ``float | None`` -> "a number or null"."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "an object"}
+    names |= {list: "a list", type(None): "null"}
+    base = typing.get_origin(hint) or hint
+    if base is list and typing.get_args(hint):
+        return f"a list of {_type_name(typing.get_args(hint)[0]).split(' ', 1)[-1]}s"
+    return names.get(base, str(hint))
 
 
 def _has_type(value, hint) -> bool:

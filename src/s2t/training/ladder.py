@@ -272,8 +272,18 @@ def _cell(v: dict | None) -> str:
     return "–" if v is None else f"{v['value']:.1%} ({v['low']:.1%}–{v['high']:.1%})"
 
 
+MIN_VERDICT_PROBLEMS = 10  # fewer held-out problems give bootstrap CIs (over problems) of no meaning
+
+
 def verdict(ladder: dict) -> str:
-    """Whether each trained rung beats the SLM's top-1 and the shallow model (by its CI or its point)."""
+    """Whether each trained rung beats the SLM's top-1 and the shallow model (by its CI or its point);
+    with fewer than :data:`MIN_VERDICT_PROBLEMS` validation problems, that there are too few to tell."""
+    n = len(ladder.get("validation_problem_ids", ()))
+    if "validation_problem_ids" in ladder and n < MIN_VERDICT_PROBLEMS:
+        return (
+            f"only {n} validation problem(s): too few for a verdict (the CIs resample problems; "
+            f"hold out at least {MIN_VERDICT_PROBLEMS})"
+        )
     lines = []
     for row in ladder["rows"][2:]:
         parts = [_versus(row["agreement"], ladder["rows"][i]) for i in (0, 1)]

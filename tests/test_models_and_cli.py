@@ -105,7 +105,7 @@ def test_k_below_one_is_refused(k):
 def test_k_above_vocabulary_is_refused(slm):
     gen = S2TGenerator(slm)
     method = build_method("random-select", trigger="always", k=len(slm.tokenizer) + 1)
-    with pytest.raises(ValueError, match="exceeds the vocabulary"):
+    with pytest.raises(ValueError, match="exceeds the tokenizer.s vocabulary"):
         gen.generate(["hi"], method, max_new_tokens=2)
 
 

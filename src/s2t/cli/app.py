@@ -86,6 +86,19 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+class _ProgressAwareHandler(logging.StreamHandler):
+    """Log lines to stderr through ``tqdm.write``, so a warning printed while a progress bar runs (a
+    diverged epoch) gets a line of its own instead of landing mid-bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # as StreamHandler does: logging never raises
+            self.handleError(record)
+
+
 @app.callback()
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -114,7 +127,9 @@ def main(
 
         transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        handlers=[_ProgressAwareHandler()],
     )
     if not verbose and not sys.stderr.isatty():
         # Spinners and bars stay silent off a terminal: our own progress lines (model preparation,

@@ -738,21 +738,23 @@ def test_the_ladder_script_refuses_bad_options_with_one_line(monkeypatch, capsys
 def test_a_diverged_epoch_is_never_kept_and_a_first_epoch_divergence_is_refused(caplog):
     from s2t.training.objective import DIVERGENCE_FACTOR, diverged
 
-    assert not diverged(1, 1.2, 1.7, kept_any=False)
-    assert not diverged(1, DIVERGENCE_FACTOR * 1.7, 1.7, kept_any=False)
+    assert not diverged(1, False, end_loss=1.2, start_loss=1.7)
+    assert not diverged(1, False, end_loss=DIVERGENCE_FACTOR * 1.7, start_loss=1.7)
     with caplog.at_level("WARNING"):
-        assert diverged(3, float("nan"), 1.7, kept_any=True)
-        assert diverged(3, 1e21, 1.7, kept_any=True)
-    assert "keeping an earlier epoch" in caplog.text
+        assert diverged(3, True, end_loss=float("nan"), start_loss=1.7)
+        assert diverged(3, True, end_loss=1e21, start_loss=1.7)
+    assert "keeping an earlier state" in caplog.text
     with pytest.raises(ValueError, match="diverged in epoch 1 .*1.7 to inf.*lower --lr"):
-        diverged(1, float("inf"), 1.7, kept_any=False)
+        diverged(1, False, end_loss=float("inf"), start_loss=1.7)
     small, huge = torch.full((2, 2), 6e4), torch.tensor([1.0, -1e5])
-    assert not diverged(2, 1.2, 1.7, kept_any=True, weights=[small])
+    assert not diverged(2, True, end_loss=1.2, start_loss=1.7, weights=[small])
     with pytest.raises(ValueError, match="largest weight is 1e\\+05"):  # a bounded loss hid it
-        diverged(1, 1.2, 1.7, kept_any=False, weights=[small, huge])
+        diverged(1, False, end_loss=1.2, start_loss=1.7, weights=[small, huge])
+    with caplog.at_level("WARNING"):  # a step's weights alone (LoRA): a NaN one has diverged
+        assert diverged(1, True, weights=[torch.ones(2), torch.tensor([float("nan")])])
 
 
-@pytest.mark.parametrize("mode", ["features", "head"])
+@pytest.mark.parametrize("mode", ["features", "head", "lora"])
 def test_training_that_blows_up_its_weights_saves_nothing_and_says_lower_lr(
     tiny_collection, tmp_path, monkeypatch, slm, mode
 ):

@@ -206,7 +206,13 @@ def fit_feature_scorer(
                 else 0.0
             )
         history.append({"epoch": epoch + 1, "train_loss": total / len(x_fit), "val_agreement": val})
-        if diverged(epoch + 1, fit_loss(), start_loss, best_state is not None, scorer.parameters()):
+        if diverged(
+            epoch + 1,
+            best_state is not None,
+            end_loss=fit_loss(),
+            start_loss=start_loss,
+            weights=scorer.parameters(),
+        ):
             history[-1]["diverged"] = True
             break
         if best_state is None or val > best_val or not select.any():

@@ -42,7 +42,13 @@ from s2t.policies.learned_selector import ADAPTER_DIR, LocalSelector, adapter_di
 from s2t.policies.scoring import attention_mask_for
 from s2t.runs import terminate_as_interrupt, write_json_atomic
 from s2t.training.collect import collected_groups_at, collected_records, collection_config, collection_summary
-from s2t.training.objective import TrainConfig, grouped_selection_metrics, selector_loss, split_problems
+from s2t.training.objective import (
+    TrainConfig,
+    diverged,
+    grouped_selection_metrics,
+    selector_loss,
+    split_problems,
+)
 from s2t.training.packing import (
     PackedProblem,
     check_record,
@@ -479,6 +485,11 @@ class LoraTrainer:
                         stats = self._step(
                             batch[rank::world], sum(self.train_packed[i].n_groups for i in batch)
                         )
+                        # weights blown up (the same on every process after the reduced step): keep
+                        # the best validated point
+                        if diverged(epoch + 1, self.state.best is not None, weights=self.params):
+                            bar.close()
+                            return self.finish()
                         for key in running:
                             running[key] += stats[key]
                         self.state.position += len(batch)

@@ -115,29 +115,45 @@ DIVERGENCE_FACTOR = 100.0  # an end-of-epoch loss this many times the untrained 
 WEIGHT_LIMIT = torch.finfo(torch.float16).max  # a weight beyond float16's range has blown up
 
 
-def diverged(epoch: int, end_loss: float, start_loss: float, kept_any: bool, weights=()) -> bool:
-    """Whether the state after ``epoch`` diverged: its loss on the training groups (``end_loss``) is
-    not finite or above :data:`DIVERGENCE_FACTOR` times the untrained state's (``start_loss``), or one
-    of its ``weights`` (tensors) lies beyond float16's range (:data:`WEIGHT_LIMIT`; a bounded loss can
-    hide such weights, which overflow in half precision). Such a state (a too-high learning rate) is
-    never kept, and the trainer stops there, keeping its best earlier epoch.
+def diverged(
+    epoch: int,
+    kept_any: bool,
+    *,
+    end_loss: float | None = None,
+    start_loss: float | None = None,
+    weights=(),
+) -> bool:
+    """Whether the state after ``epoch`` (or a step of it) diverged: its loss on the training groups
+    (``end_loss``) is not finite or above :data:`DIVERGENCE_FACTOR` times the untrained state's
+    (``start_loss``), or one of its ``weights`` (tensors) is not finite or lies beyond float16's range
+    (:data:`WEIGHT_LIMIT`; a bounded loss can hide such weights, which overflow in half precision). Such
+    a state (a too-high learning rate) is never kept, and the trainer stops there, keeping its best
+    earlier one.
 
     Raises:
-        ValueError: it diverged and no earlier epoch can be kept (``kept_any`` False).
+        ValueError: it diverged and no earlier state can be kept (``kept_any`` False).
     """
-    largest = max((float(w.detach().abs().max()) for w in weights if w.numel()), default=0.0)
-    if (
+    peaks = [w.detach().abs().max().float().cpu() for w in weights if w.numel()]
+    largest = float(torch.stack(peaks).max()) if peaks else 0.0  # torch's max propagates a NaN
+    loss_ok = end_loss is None or (
         math.isfinite(end_loss)
-        and end_loss <= DIVERGENCE_FACTOR * max(start_loss, 1e-3)
-        and largest <= WEIGHT_LIMIT
-    ):
+        and (start_loss is None or end_loss <= DIVERGENCE_FACTOR * max(start_loss, 1e-3))
+    )
+    if loss_ok and largest <= WEIGHT_LIMIT:  # (a NaN weight fails this comparison)
         return False
-    what = f"its loss went from {start_loss:.4g} to {end_loss:.4g}, its largest weight is {largest:.3g}"
+    what = [f"its largest weight is {largest:.3g}"]
+    if end_loss is not None:
+        what.insert(
+            0,
+            f"its loss went from {start_loss:.4g} to {end_loss:.4g}"
+            if start_loss is not None
+            else f"its loss is {end_loss:.4g}",
+        )
     if not kept_any:
         raise ValueError(
-            f"training diverged in epoch {epoch} ({what}) and no earlier epoch can be kept: lower --lr"
+            f"training diverged in epoch {epoch} ({', '.join(what)}) and no earlier state can be kept: lower --lr"
         )
-    logger.warning("training diverged in epoch %d (%s): keeping an earlier epoch", epoch, what)
+    logger.warning("training diverged in epoch %d (%s): keeping an earlier state", epoch, ", ".join(what))
     return True
 
 

@@ -153,7 +153,9 @@ def train_head(cfg: TrainConfig, slm=None, progress: bool = True) -> LocalSelect
                 **{f"val_{k}": v for k, v in val.items()},
             }
         )
-        if diverged(epoch + 1, train_loss(), start_loss, best_val > float("-inf"), [bins]):
+        if diverged(
+            epoch + 1, best_val > float("-inf"), end_loss=train_loss(), start_loss=start_loss, weights=[bins]
+        ):
             history[-1]["diverged"] = True
             break
         score = val.get("agreement_with_llm", -total)

@@ -91,7 +91,11 @@ def evaluate_distributed(
         import_ray()  # fail before any model is loaded
     evaluator = Evaluator(config, out_dir, progress=progress, problems=problems)
     prepare_builtin_models(config)
-    thresholds = evaluator.prepare_methods()  # calibrates once, here; stored in calibration.json
+    try:
+        thresholds = evaluator.prepare_methods()  # calibrates once, here; stored in calibration.json
+    except BaseException:  # e.g. a --k above the vocabulary: the corrected command is not refused
+        evaluator.run.discard_if_unused()
+        raise
     for method in config.methods:
         if config.uses_selector(method):  # one trained selector per method name, as in a single process
             evaluator.check_same_selector(method)

@@ -237,3 +237,12 @@ def test_a_run_is_bound_to_its_data_files_content_not_to_how_the_path_is_spelled
     (tmp_path / "t.jsonl").write_text(json.dumps(PROBLEMS[1]) + "\n" + json.dumps(PROBLEMS[0]) + "\n")
     result = CliRunner().invoke(app, args)  # the first file, edited
     assert result.exit_code != 0 and "data_file_sha256" in result.output, result.output
+
+
+def test_an_edited_data_file_is_refused_saying_so(tiny_pair_dir, data_dir, tmp_path):
+    data = tmp_path / "t.jsonl"
+    data.write_text((data_dir / "gsm8k" / "test.jsonl").read_text())
+    assert CliRunner().invoke(app, eval_args(tiny_pair_dir, data, tmp_path / "run")).exit_code == 0
+    data.write_text(json.dumps(PROBLEMS[1]) + "\n")
+    result = CliRunner().invoke(app, eval_args(tiny_pair_dir, data, tmp_path / "run"))
+    assert result.exit_code != 0 and "data file's content is not the run's" in " ".join(result.output.split())

@@ -756,7 +756,7 @@ def test_a_diverged_epoch_is_never_kept_and_a_first_epoch_divergence_is_refused(
 
 @pytest.mark.parametrize("mode", ["features", "head", "lora"])
 def test_training_that_blows_up_its_weights_saves_nothing_and_says_lower_lr(
-    tiny_collection, tmp_path, monkeypatch, slm, mode
+    tiny_collection, tmp_path, monkeypatch, tiny_pair_dir, mode
 ):
     """A too-high --lr blows up the weights (huge but finite, or NaN); that training is refused, not
     saved as a selector that decodes garbage or greedy. (The head's loss stays bounded at any learning
@@ -765,8 +765,11 @@ def test_training_that_blows_up_its_weights_saves_nothing_and_says_lower_lr(
 
     import s2t.models
     from s2t.cli import app
+    from s2t.models import load_model
 
-    monkeypatch.setattr(s2t.models, "load_model", lambda *args, **kwargs: slm)  # the collection's SLM
+    # the collection's SLM (a private copy: LoRA training wraps the model it is given)
+    slm = load_model(tiny_pair_dir["slm"], device="cpu")
+    monkeypatch.setattr(s2t.models, "load_model", lambda *args, **kwargs: slm)
 
     out = tmp_path / "sel"
     args = ["train", "--mode", mode, "--groups", str(tiny_collection), "--out", str(out), "--k", "4"]
@@ -807,3 +810,20 @@ def test_an_overwrite_killed_by_sigterm_or_sigkill_loses_no_earlier_training(tmp
         with replacing_output(trained, overwrite=True):
             pass
     assert (trained / ".replaced" / OUTPUT_FILES[0]).read_text() == OUTPUT_FILES[0]
+
+
+def test_an_overwrite_interrupted_at_any_point_puts_back_exactly_the_earlier_training(tmp_path):
+    from s2t.training.train import OUTPUT_FILES, _put_back, restore_set_aside
+
+    out, aside = tmp_path / "sel", tmp_path / "sel" / ".replaced"
+    aside.mkdir(parents=True)
+    first, second, added = OUTPUT_FILES[0], OUTPUT_FILES[1], OUTPUT_FILES[2]
+    (aside / first).write_text("earlier")  # moved before the interrupt
+    (out / first).write_text("half-written")  # the new training's
+    (out / second).write_text("earlier too")  # not yet moved
+    (out / added).write_text("new")  # only the new training wrote it
+    _put_back(out, aside, [first, second])
+    assert {p.name: p.read_text() for p in out.iterdir()} == {first: "earlier", second: "earlier too"}
+    aside.mkdir()  # a SIGTERM between making .replaced and moving anything: empty, simply removed
+    restore_set_aside(out)
+    assert not aside.exists() and (out / first).read_text() == "earlier"

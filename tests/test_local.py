@@ -153,8 +153,8 @@ def test_a_run_that_fails_before_any_work_gives_its_directory_back_and_no_other(
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "notes.txt").write_text("mine")
     other = RunDirectory(tmp_path / "kept", {"k": 8})
-    other.discard_if_unused()  # a directory holding other files is left as it is
-    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["config.json", "notes.txt"]
+    other.discard_if_unused()  # a user's own files stay; the config.json it made goes
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"]
     late = RunDirectory(tmp_path / "late", {"k": 8})
     (tmp_path / "late" / "calibration.json").write_text("{}")  # work done since
     late.discard_if_unused()

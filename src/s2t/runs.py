@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -137,6 +138,8 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         config_file = self.path / "config.json"
         self.wrote_config = not config_file.is_file()  # and its config.json
+        # what the directory held before (a user's own files): discard_if_unused keeps exactly that
+        self._held_before = self._files() if self.wrote_config else set()
         if config_file.is_file():
             try:
                 existing = json.loads(config_file.read_text())
@@ -152,6 +155,8 @@ class RunDirectory:
                     if existing.get(k) is None and k in self.config
                 ]
                 hint = f" (it was made by an older version; {', '.join(older)} resumes it)" if older else ""
+                if any(k.split(":")[0] in self.content_keys.values() for k in diff):
+                    hint += " (its data file's content is not the run's: another file, or the file edited)"
                 raise ConfigMismatchError(
                     f"{self.path} already holds results for a different configuration ({'; '.join(diff)}). "
                     f"Use a new --out directory, or the same arguments to resume{hint}."
@@ -159,20 +164,21 @@ class RunDirectory:
         write_json_atomic(config_file, self.config)
 
     def discard_if_unused(self) -> None:
-        """Undo what this invocation made if nothing else was written since: its ``config.json``, and
-        the directory if it made that too (a run that failed before its first result or calibration,
-        e.g. on a K above the vocabulary), so that the corrected command starts afresh. A directory
-        holding anything else (another invocation's results, a calibration) is left as it is."""
-        if not self.wrote_config:
-            return
-        others = [p for p in self.path.rglob("*") if p.name != "config.json"]
-        if any(p.is_file() for p in others):
+        """Undo what this invocation made if no file was written since: its ``config.json``, and the
+        directory if it made that too (a run that failed before its first result or calibration, e.g.
+        on a K above the vocabulary), so that the corrected command starts afresh. Files that were
+        there before stay; a directory that gained any other file (another invocation's results, a
+        calibration) is left as it is."""
+        if not self.wrote_config or self._files() - {Path("config.json")} != self._held_before:
             return
         (self.path / "config.json").unlink(missing_ok=True)
         if self.created:
-            for d in sorted(others, key=lambda p: len(p.parts), reverse=True):
-                d.rmdir()
-            self.path.rmdir()
+            shutil.rmtree(self.path)  # it made the directory and holds no file: only empty folders
+        logger.info("nothing was written to %s: removed the config.json this run made", self.path)
+
+    def _files(self) -> set[Path]:
+        """The files under the directory, relative to it."""
+        return {p.relative_to(self.path) for p in self.path.rglob("*") if p.is_file()}
 
     def _differences(self, old: dict, new: dict) -> list[str]:
         old = old | {k: v for k, v in self.legacy.items() if old.get(k) is None and k in new}

@@ -306,6 +306,9 @@ def train_command(
         except KeyboardInterrupt:
             fail(
                 f"interrupted; what was trained is in {out}/checkpoint: continue with the same command and --resume"
+                if mode == "lora" and (Path(out) / "checkpoint").is_dir()
+                else "interrupted: nothing was saved"
+                + (" (the earlier training is back in place)" if overwrite else "")
             )
         except (ValueError, RuntimeError, FileNotFoundError, SelectorCheckpointError) as e:
             fail(str(e))

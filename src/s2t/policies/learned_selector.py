@@ -275,8 +275,15 @@ def selector_kind(directory: str | Path) -> str:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
+        aside = Path(directory) / ".replaced"
+        hint = (
+            f"; an interrupted `s2t train --overwrite` left the earlier training in {aside}: move its "
+            "files back, or run `s2t train` on this --out again, which puts them back"
+            if aside.is_dir()
+            else ""
+        )
         raise SelectorCheckpointError(
-            f"{directory} is not a selector checkpoint (no {CONFIG_NAME})"
+            f"{directory} is not a selector checkpoint (no {CONFIG_NAME}){hint}"
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SelectorCheckpointError(f"{path} is not readable JSON: {e}") from e

@@ -215,6 +215,7 @@ OUTPUT_FILES = (
     "training_history.json",
 )
 OUTPUT_DIRS = ("adapter", "checkpoint", "prepared")  # lora mode's
+OUTPUT_NAMES = (*OUTPUT_FILES, *OUTPUT_DIRS)
 
 
 def check_output_dir(out: str | Path, overwrite: bool = False, resume: bool = False) -> None:
@@ -251,33 +252,51 @@ def check_output_dir(out: str | Path, overwrite: bool = False, resume: bool = Fa
 def replacing_output(out: str | Path, overwrite: bool):
     """With ``overwrite``, set aside what an earlier training saved in ``out`` (:func:`clear_output_dir`'s
     files, moved to ``out/.replaced``) for the block: dropped when it ends normally, put back when it
-    raises (a bad option found late, a model that does not load, an interrupt), so no failed training
-    costs the earlier one. Without ``overwrite``, nothing is done."""
+    raises (a bad option found late, a model that does not load, an interrupt or SIGTERM, from before
+    the first file moves), so no failed training costs the earlier one. Without ``overwrite``, nothing
+    is done."""
     out = Path(out)
     if not overwrite or not out.is_dir():
         yield
         return
     aside = out / ".replaced"
-    restore_set_aside(out)
-    aside.mkdir()
-    moved = [name for name in (*OUTPUT_FILES, *OUTPUT_DIRS) if (out / name).exists()]
-    for name in moved:
-        (out / name).rename(aside / name)
-    try:
-        with terminate_as_interrupt():  # a killed training (SIGTERM) puts the earlier one back too
+    with terminate_as_interrupt():  # a killed training (SIGTERM) puts the earlier one back too
+        restore_set_aside(out)
+        originals = [name for name in OUTPUT_NAMES if (out / name).exists()]
+        try:
+            aside.mkdir()
+            for name in originals:
+                (out / name).rename(aside / name)
             yield
-    except BaseException:
-        clear_output_dir(out)
-        for name in moved:
-            (aside / name).rename(out / name)
-        shutil.rmtree(aside)
-        raise
+        except BaseException:
+            _put_back(out, aside, originals)
+            raise
     shutil.rmtree(aside)
+
+
+def _put_back(out: Path, aside: Path, originals: list[str]) -> None:
+    """Undo :func:`replacing_output` at any point: what was set aside goes back in place of what the
+    failed training wrote, an original not yet moved stays, and what the training added goes."""
+    for name in OUTPUT_NAMES:
+        if (aside / name).exists():
+            _remove(out / name)
+            (aside / name).rename(out / name)
+        elif name not in originals:
+            _remove(out / name)
+    if aside.exists():
+        shutil.rmtree(aside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def restore_set_aside(out: str | Path) -> None:
     """Put back an earlier training that a killed ``--overwrite`` run left in ``out/.replaced``
-    (SIGKILL, a power cut), if ``out`` holds no training of its own.
+    (SIGKILL, a power cut), if ``out`` holds no training of its own; an empty one is removed.
 
     Raises:
         ValueError: ``out`` holds both a training and a set-aside one: which to keep is the user's call.
@@ -285,14 +304,20 @@ def restore_set_aside(out: str | Path) -> None:
     out, aside = Path(out), Path(out) / ".replaced"
     if not aside.is_dir():
         return
-    if any((out / name).exists() for name in (*OUTPUT_FILES, *OUTPUT_DIRS)):
+    held = [name for name in OUTPUT_NAMES if (aside / name).exists()]
+    if not held:
+        shutil.rmtree(aside)
+        return
+    mine = [name for name in OUTPUT_NAMES if (out / name).exists()]
+    if mine:
         raise ValueError(
-            f"{aside} holds an earlier training that an interrupted --overwrite set aside, and {out} a "
-            f"newer one: delete the one you do not want (the directory, or its files in {out}), then retry"
+            f"{aside} holds an earlier training ({', '.join(held)}) that an interrupted --overwrite set "
+            f"aside, and {out} another ({', '.join(mine)}; possibly cut off while saving): delete the one "
+            "you do not want, then retry"
         )
-    for item in aside.iterdir():
-        item.rename(out / item.name)
-    aside.rmdir()
+    for name in held:
+        (aside / name).rename(out / name)
+    shutil.rmtree(aside)
     logger.warning("put back the earlier training an interrupted --overwrite had set aside in %s", aside)
 
 
@@ -300,12 +325,8 @@ def clear_output_dir(out: str | Path) -> None:
     """Remove what a training saved in ``out``: only the files and directories training writes
     (:data:`OUTPUT_FILES`, :data:`OUTPUT_DIRS`), so that a stale learned trigger never stays beside a
     new selector."""
-    out = Path(out)
-    for name in OUTPUT_FILES:
-        (out / name).unlink(missing_ok=True)
-    for name in OUTPUT_DIRS:
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
+    for name in OUTPUT_NAMES:
+        _remove(Path(out) / name)
 
 
 def train(cfg: TrainConfig, progress: bool = True, resume: bool = False, **kwargs) -> LocalSelector:

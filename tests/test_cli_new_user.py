@@ -246,3 +246,21 @@ def test_an_edited_data_file_is_refused_saying_so(tiny_pair_dir, data_dir, tmp_p
     data.write_text(json.dumps(PROBLEMS[1]) + "\n")
     result = CliRunner().invoke(app, eval_args(tiny_pair_dir, data, tmp_path / "run"))
     assert result.exit_code != 0 and "data file's content is not the run's" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--limit", "0"], "--limit must be >= 1"),
+        (["--offset", "5"], "no problems to evaluate: tiny test holds none from --offset 5"),
+    ],
+)
+def test_eval_with_no_problem_to_run_is_refused_and_leaves_no_run(
+    tiny_pair_dir, data_dir, tmp_path, options, message
+):
+    out = tmp_path / "run"
+    args = eval_args(tiny_pair_dir, data_dir / "gsm8k" / "test.jsonl", out)
+    args = [a for i, a in enumerate(args) if a != "--limit" and (i == 0 or args[i - 1] != "--limit")]
+    result = CliRunner().invoke(app, [*args, *options])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not out.exists()

@@ -113,6 +113,10 @@ class EvalConfig:
             self.calibration_dataset = CalibrationSource.for_dataset(self.dataset).dataset
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1 (or none, for every problem); got {self.limit}")
+        if self.offset < 0:
+            raise ValueError(f"--offset must be >= 0; got {self.offset}")
         # a method the backend cannot run is refused before its selector checkpoint is read
         self.backend = resolve_backend(
             self.backend, [self.slm, self.llm], self.methods, self.trigger, selector=self.selector
@@ -292,6 +296,10 @@ class Evaluator:
         self.config = config
         # Problems first: a dataset that cannot be loaded must not leave a run directory behind.
         self.problems = list(problems) if problems is not None else self._load_problems()
+        if not self.problems and out_dir is not None:  # (a distributed worker is handed its problems later)
+            raise ValueError(
+                f"no problems to evaluate: {config.dataset} {config.split} holds none from --offset {config.offset}"
+            )
         if any(map(config.uses_selector, config.methods)):
             self._check_selector_leakage()  # nor a selector or learned trigger trained on the evaluated problems
         resumable = RESUMABLE_KEYS | {SELECTOR_KEY}  # guarded per method by the records' digests

@@ -827,3 +827,14 @@ def test_an_overwrite_interrupted_at_any_point_puts_back_exactly_the_earlier_tra
     aside.mkdir()  # a SIGTERM between making .replaced and moving anything: empty, simply removed
     restore_set_aside(out)
     assert not aside.exists() and (out / first).read_text() == "earlier"
+
+
+def test_a_ladder_without_validation_groups_or_without_training_groups_is_refused(tiny_collection):
+    from s2t.training.collect import collected_records
+    from s2t.training.ladder import selector_ladder
+
+    ids = [r["problem_id"] for r in collected_records(tiny_collection, need_features=False)]
+    with pytest.raises(ValueError, match="no validation problem holds a group"):
+        selector_ladder(tiny_collection, [], k=4)
+    with pytest.raises(ValueError, match="nothing is left to fit the shallow model on"):
+        selector_ladder(tiny_collection, ids, k=4)

@@ -160,6 +160,11 @@ def selector_ladder(
             f"{groups_dir} holds no groups for {len(missing)} validation problems (e.g. {min(missing)})"
         )
     in_val = torch.tensor([data.problem_ids[p] in held_out for p in data.problem.tolist()], dtype=torch.bool)
+    if not in_val.any():
+        raise ValueError(
+            f"no validation problem holds a group of {groups_dir}: nothing to score the ladder on "
+            "(hold out more problems: --val-fraction, --hold-out-first)"
+        )
     if in_val.all():
         raise ValueError(
             f"every group of {groups_dir} lies in the validation problems: nothing is left to fit the "

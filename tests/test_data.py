@@ -202,3 +202,8 @@ def test_unreachable_hub_fails_fast_with_advice(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("S2T_DATA_DIR", raising=False)
     with pytest.raises(DatasetUnavailableError, match="not reachable.*S2T_DATA_DIR"):
         load_problems("gsm8k", "test", data_dir=None)
+
+
+def test_a_data_file_that_is_a_directory_is_refused_as_such(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is a directory: give a JSONL file"):
+        load_problems("tiny", "test", data_file=tmp_path)

@@ -197,6 +197,8 @@ def load_problems(
 
     spec = DATASETS.get(dataset)
     if data_file is not None:
+        if Path(data_file).is_dir():
+            raise ValueError(f"--data-file {data_file} is a directory: give a JSONL file")
         records = _read_jsonl(Path(data_file))
         if not records:
             raise ValueError(f"no problems in {data_file}")

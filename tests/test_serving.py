@@ -316,6 +316,23 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
         (httpx.post(url, json={**good, "max_tokens": CONTEXT}), 400, "max_tokens", "context_length_exceeded"),
         (httpx.post(url, json={"model": MODEL}), 400, "messages", None),
         (httpx.post(f"{server}/v1/nothing", json=good), 404, None, None),
+        # a seed torch cannot take killed the engine thread, after which nothing was answered
+        (httpx.post(url, json={**good, "seed": 10**23, "temperature": 1}), 400, "seed", None),
+        (httpx.post(url, json={**good, "seed": 2**64, "stream": True}), 400, "seed", None),
+        # strings and bools are not coerced: a client's type bug is not answered as if meant
+        (httpx.post(url, json={**good, "stream": "yes"}), 400, "stream", None),
+        (httpx.post(url, json={**good, "max_tokens": "5"}), 400, "max_tokens", None),
+        (
+            httpx.post(
+                url,
+                content=b'{"model": "%s", "messages": [{"role": "user", "content": "\\ud800 hi"}]}'
+                % MODEL.encode(),
+                headers={"content-type": "application/json"},
+            ),
+            400,
+            "messages",
+            None,
+        ),
     ]
     for response, status, param, code in cases:
         assert response.status_code == status, response.text
@@ -327,6 +344,18 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=-1)
     assert httpx.post(url, json=good).status_code == 200
+    assert httpx.post(url, json={**good, "seed": -(2**63), "temperature": 1}).status_code == 200
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_health_answers_503_once_the_engine_thread_has_stopped(generator, method):
+    scheduler = generator.scheduler(method, max_batch_size=2)
+    app = create_app(scheduler, generator.tokenizer, model_name=MODEL, context_length=CONTEXT)
+    with running_server(app) as url:
+        assert httpx.get(f"{url}/health").status_code == 200
+        app.state.worker.stop()
+        response = httpx.get(f"{url}/health")
+        assert response.status_code == 503 and response.json()["status"] == "error", response.text
 
 
 def test_a_client_disconnecting_mid_stream_frees_its_batch_slot(generator, tokenizer):

@@ -32,7 +32,13 @@ from transformers import PreTrainedTokenizerBase
 
 from s2t.engine import Generation, Request, Scheduler, StepOutput, prompt_logprobs
 from s2t.prompts import build_chat_prompt
-from s2t.serving.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, SamplingRequest
+from s2t.serving.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIError,
+    SamplingRequest,
+    check_unicode,
+)
 from s2t.serving.worker import EngineWorker, Ticket
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
@@ -153,8 +159,11 @@ def create_app(
         return await openai_error(request, OpenAIError(error.status_code, str(error.detail)))
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": model_name, "method": method.name, **worker.load()}
+    async def health():
+        status = {"status": "ok", "model": model_name, "method": method.name, **worker.load()}
+        if not worker.alive():  # the engine thread is gone: no request would be answered
+            return JSONResponse(status | {"status": "error", "error": "the decoding thread has stopped"}, 503)
+        return status
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -400,7 +409,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, connection: HTTPRequest):
-        prompt = tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(check_unicode(body.prompt, "prompt"), add_special_tokens=False)["input_ids"]
         request = prepare(body, prompt, "prompt", body.max_tokens, body.logprobs)
         if body.echo and body.logprobs is not None and not scores_prompts:
             raise OpenAIError(
@@ -413,7 +422,10 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, connection: HTTPRequest):
-        messages = [{"role": ROLE_ALIASES.get(m.role, m.role), "content": m.text()} for m in body.messages]
+        messages = [
+            {"role": ROLE_ALIASES.get(m.role, m.role), "content": check_unicode(m.text(), "messages")}
+            for m in body.messages
+        ]
         prompt = build_chat_prompt(tokenizer, messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 
 class OpenAIError(Exception):
@@ -25,10 +25,22 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def check_unicode(text: str, param: str) -> str:
+    """``text`` if it is valid Unicode; a 400 naming ``param`` if it holds a lone surrogate (JSON's
+    ``"\\ud800"``), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise OpenAIError(
+            400, f"{param} is not valid Unicode (a lone surrogate at character {error.start})", param=param
+        ) from None
+    return text
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingRequest(BaseModel):
@@ -42,12 +54,12 @@ class SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(None, ge=0)  # 0 only with ``echo`` (completions): score the prompt
+    max_tokens: StrictInt | None = Field(None, ge=0)  # 0 only with ``echo`` (completions): score the prompt
     temperature: float = Field(0.0, ge=0.0, le=2.0)  # 0: the method's own (greedy) decoding
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    stream: bool = False
-    seed: int | None = None
+    stream: StrictBool = False
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a 64-bit seed, as torch takes
     n: int = Field(1, ge=1, le=1)  # one choice per request
     stream_options: StreamOptions | None = None
     # Refused unless at their no-op values (see check_supported).
@@ -79,7 +91,7 @@ class SamplingRequest(BaseModel):
 
 class CompletionRequest(SamplingRequest):
     prompt: str
-    echo: bool = False
+    echo: StrictBool = False
     logprobs: int | None = Field(None, ge=0, le=20)  # log-probabilities of the top-N tokens per position
     best_of: int | None = None
     suffix: str | None = None
@@ -117,8 +129,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
-    logprobs: bool = False
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)  # the newer name of max_tokens
+    logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list | None = None
     tool_choice: str | dict | None = None

@@ -71,6 +71,10 @@ class EngineWorker:
         self._commands.put(("call", (function, future)))
         return await future
 
+    def alive(self) -> bool:
+        """Whether the engine thread is running (``/health`` answers 503 once it is not)."""
+        return self._thread.is_alive()
+
     def load(self) -> dict:
         """Running, waiting and prefilling sequences, and how many requests ended each way."""
         return {
@@ -97,7 +101,13 @@ class EngineWorker:
             except RuntimeError:  # the loop has closed
                 pass
         elif kind == "add":
-            ticket.request_id = self.scheduler.add(ticket.request)
+            try:
+                ticket.request_id = self.scheduler.add(ticket.request)
+            except Exception as error:  # a request the engine cannot take fails alone
+                logger.exception("a request could not be added to the batch")
+                self.counts["failed"] += 1
+                ticket.deliver(error)
+                return
             self._tickets[ticket.request_id] = ticket
         elif ticket.request_id in self._tickets:
             if kind == "stop":
@@ -112,6 +122,8 @@ class EngineWorker:
                     self._apply(self._commands.get_nowait())
             except queue.Empty:
                 pass
+            except Exception:  # a command that failed in a way not handled above: the thread goes on
+                logger.exception("a server command failed")
             if self._stop.is_set() or not self.scheduler.has_work():
                 continue
             try:

@@ -264,3 +264,8 @@ def test_eval_with_no_problem_to_run_is_refused_and_leaves_no_run(
     result = CliRunner().invoke(app, [*args, *options])
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
     assert not out.exists()
+
+
+def test_generate_refuses_an_empty_question(tiny_pair_dir):
+    result = CliRunner().invoke(app, ["generate", "  ", "--method", "greedy", "--slm", tiny_pair_dir["slm"]])
+    assert result.exit_code == 2 and "the question is empty" in result.output, result.output

@@ -93,6 +93,8 @@ def generate(
     try:
         if (question is None) == (problem is None):
             raise ValueError("give either a QUESTION or --problem ID")
+        if question is not None and not question.strip():
+            raise ValueError("the question is empty")
         options = dict(
             trigger=trigger,
             threshold=threshold,

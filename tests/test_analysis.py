@@ -225,6 +225,10 @@ def test_cli_runs_end_to_end_on_a_jsonl_file(tiny_pair_dir, tmp_path):
     bad = CliRunner().invoke(app, args[:-2] + ["--out", str(tmp_path / "bad"), "--trajectory", "beam"])
     assert bad.exit_code == 2
     assert "trajectory must be one of" in bad.output
+    past = [*args[:-2], "--out", str(tmp_path / "past")]
+    past[past.index("--offset") + 1] = "50"
+    result = CliRunner().invoke(app, past)
+    assert result.exit_code == 2 and f"no problems selected from {data}" in " ".join(result.output.split())
 
 
 def test_default_run_directory_names_the_pair_the_data_and_the_mode():

@@ -100,7 +100,8 @@ def analyze(
             dataset, split, limit=limit, offset=offset, data_file=data_file, data_dir=data_dir
         )
         if not problems:
-            raise ValueError(f"no problems selected from {dataset}/{split} (offset {offset}, limit {limit})")
+            source = data_file or f"{dataset}/{split}"
+            raise ValueError(f"no problems selected from {source} (offset {offset}, limit {limit})")
         slm_spec = ModelSpec(slm, dtype)
         llm_spec = ModelSpec(llm, llm_dtype or dtype, llm_device_map)
         if workers <= 1:

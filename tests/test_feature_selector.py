@@ -661,7 +661,6 @@ def test_train_refuses_an_out_it_would_overwrite_and_overwrite_clears_only_its_o
         OUTPUT_DIRS,
         OUTPUT_FILES,
         check_output_dir,
-        clear_output_dir,
         replacing_output,
     )
 
@@ -707,10 +706,14 @@ def test_train_refuses_an_out_it_would_overwrite_and_overwrite_clears_only_its_o
     assert inside.exit_code == 2 and "lies in" in inside.output and "a collection directory" in inside.output
     with pytest.raises(ValueError, match="give one"):
         check_output_dir(trained, overwrite=True, resume=True)
-    (trained / "trigger_config.json").write_text("{}")
-    (trained / OUTPUT_DIRS[0]).mkdir()
-    clear_output_dir(trained)
-    assert sorted(p.name for p in trained.iterdir()) == ["notes.txt"]
+    # a training that fails after writing puts back exactly the earlier one: what it added goes
+    with pytest.raises(KeyboardInterrupt), replacing_output(trained, overwrite=True):
+        (trained / "selector_config.json").write_text('{"newer": 1}')
+        (trained / "trigger_config.json").write_text("{}")
+        (trained / OUTPUT_DIRS[0]).mkdir()
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in trained.iterdir()) == ["notes.txt", "selector_config.json"]
+    assert (trained / "selector_config.json").read_text() == '{"new": 1}'
 
 
 @pytest.mark.parametrize(

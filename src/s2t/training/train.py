@@ -219,7 +219,7 @@ OUTPUT_NAMES = (*OUTPUT_FILES, *OUTPUT_DIRS)
 
 
 def check_output_dir(out: str | Path, overwrite: bool = False, resume: bool = False) -> None:
-    """Check ``out`` before any training: where a new selector may go (see :func:`clear_output_dir`).
+    """Check ``out`` before any training: where a new selector may go (see :func:`replacing_output`).
 
     Raises:
         ValueError: ``out`` is a file, lies under one, is a collection directory, or holds a trained
@@ -250,10 +250,11 @@ def check_output_dir(out: str | Path, overwrite: bool = False, resume: bool = Fa
 
 @contextmanager
 def replacing_output(out: str | Path, overwrite: bool):
-    """With ``overwrite``, set aside what an earlier training saved in ``out`` (:func:`clear_output_dir`'s
-    files, moved to ``out/.replaced``) for the block: dropped when it ends normally, put back when it
-    raises (a bad option found late, a model that does not load, an interrupt or SIGTERM, from before
-    the first file moves), so no failed training costs the earlier one. Without ``overwrite``, nothing
+    """With ``overwrite``, set aside what an earlier training saved in ``out`` (:data:`OUTPUT_NAMES`,
+    moved to ``out/.replaced``, so that no stale learned trigger stays beside a new selector) for the
+    block: dropped when it ends normally, put back when it raises (a bad option found late, a model that
+    does not load, an interrupt or SIGTERM, from before the first file moves), so no failed training
+    costs the earlier one. Without ``overwrite``, nothing
     is done."""
     out = Path(out)
     if not overwrite or not out.is_dir():
@@ -321,14 +322,6 @@ def restore_set_aside(out: str | Path) -> None:
     logger.warning("put back the earlier training an interrupted --overwrite had set aside in %s", aside)
 
 
-def clear_output_dir(out: str | Path) -> None:
-    """Remove what a training saved in ``out``: only the files and directories training writes
-    (:data:`OUTPUT_FILES`, :data:`OUTPUT_DIRS`), so that a stale learned trigger never stays beside a
-    new selector."""
-    for name in OUTPUT_NAMES:
-        _remove(Path(out) / name)
-
-
 def train(cfg: TrainConfig, progress: bool = True, resume: bool = False, **kwargs) -> LocalSelector:
     """Train a selector in ``cfg.mode``; ``resume`` continues a LoRA run from its checkpoint."""
     if cfg.mode == "head":
@@ -344,7 +337,6 @@ __all__ = [
     "GroupTensors",
     "TrainConfig",
     "check_output_dir",
-    "clear_output_dir",
     "load_groups",
     "replacing_output",
     "train",

@@ -83,6 +83,7 @@ def eval_command(
     from s2t.runs import ConfigMismatchError
 
     out = out or _default_out(dataset, split, limit, offset)
+    announced = False  # whether "run directory: ..." was printed, so a failure says if it was kept
     try:
         config = EvalConfig(
             slm=slm,
@@ -110,6 +111,7 @@ def eval_command(
             backend=backend,
         )
         console.print(f"run directory: {out}")
+        announced = True
         if workers > 1:
             from s2t.evaluate_distributed import evaluate_distributed
 
@@ -124,7 +126,8 @@ def eval_command(
         ConfigMismatchError,
         DatasetUnavailableError,
     ) as e:
-        fail(str(e))
+        gone = announced and not Path(out).exists()  # a run that failed before its first result
+        fail(str(e) + (f" (nothing was written: {out} was removed)" if gone else ""))
     except OSError as e:  # e.g. an unwritable --out: one line naming the path, not a traceback
         fail(f"cannot write {e.filename or out}: {e.strerror or e}")
     console.print(markdown_table(payload["methods"]), markup=False, highlight=False, soft_wrap=True)

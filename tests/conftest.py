@@ -169,9 +169,12 @@ def data_file(tmp_path) -> str:
 
 @pytest.fixture()
 def calibration_data(tmp_path, data_file, monkeypatch):
-    """GSM8K 'train' problems to calibrate triggers on (the tiny questions again, as another split),
-    and a private cache directory, so that no threshold cached by another test is reused."""
+    """GSM8K 'train' problems to calibrate triggers on (the tiny questions reworded, as another split:
+    the same questions would be refused as evaluated ones), and a private cache directory, so that no
+    threshold cached by another test is reused."""
     (tmp_path / "data" / "gsm8k").mkdir(parents=True)
-    (tmp_path / "data" / "gsm8k" / "train.jsonl").write_text(Path(data_file).read_text())
+    (tmp_path / "data" / "gsm8k" / "train.jsonl").write_text(
+        "\n".join(json.dumps({"question": f"Practice: {q}", "answer": f"#### {a}"}) for q, a in QUESTIONS)
+    )
     monkeypatch.setenv("S2T_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("S2T_CACHE_DIR", str(tmp_path / "cache"))

@@ -269,3 +269,177 @@ def test_eval_with_no_problem_to_run_is_refused_and_leaves_no_run(
 def test_generate_refuses_an_empty_question(tiny_pair_dir):
     result = CliRunner().invoke(app, ["generate", "  ", "--method", "greedy", "--slm", tiny_pair_dir["slm"]])
     assert result.exit_code == 2 and "the question is empty" in result.output, result.output
+
+
+# --- issue 26's new-user round: runs bound to their problems, options checked before anything is written
+
+
+def analyze_args(tiny_pair_dir, data_file, out, limit=2):
+    return [
+        "analyze",
+        "--slm",
+        tiny_pair_dir["slm"],
+        "--llm",
+        tiny_pair_dir["llm"],
+        "--data-file",
+        str(data_file),
+        "--max-new-tokens",
+        "4",
+        "--limit",
+        str(limit),
+        "--ks",
+        "1,2",
+        "--out",
+        str(out),
+    ]
+
+
+def test_a_run_never_mixes_problems_of_two_sources_under_one_id(tiny_pair_dir, data_dir, tmp_path):
+    """``s2t analyze`` recorded no data file: another file into the same --out added its problems to the
+    hit@K result. Every run now binds each problem id to its content (eval, analyze, collect)."""
+    first = data_dir / "gsm8k" / "test.jsonl"
+    other = tmp_path / "other.jsonl"
+    other.write_text(
+        "".join(json.dumps({**p, "question": "Other: " + p["question"]}) + "\n" for p in PROBLEMS)
+    )
+    out = tmp_path / "an"
+    assert CliRunner().invoke(app, analyze_args(tiny_pair_dir, first, out, limit=1)).exit_code == 0
+    before = (out / "problems.jsonl").read_text()
+    result = CliRunner().invoke(app, analyze_args(tiny_pair_dir, other, out, limit=2))
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "holds problem 'gsm8k/test/0' with other content" in message, message
+    assert (out / "problems.jsonl").read_text() == before
+    # the same file, extended: resumes
+    assert CliRunner().invoke(app, analyze_args(tiny_pair_dir, first, out, limit=2)).exit_code == 0
+    assert len((out / "problems.jsonl").read_text().splitlines()) == 2
+    # eval likewise, also where no --data-file names the source (the data directory changed)
+    run = tmp_path / "run"
+    args = ["eval", "--slm", tiny_pair_dir["slm"], "--methods", "greedy", "--max-new-tokens", "4"]
+    args += ["--limit", "1", "--out", str(run)]
+    assert CliRunner().invoke(app, [*args, "--data-file", str(first)]).exit_code == 0
+    (run / "config.json").write_text(  # as a run recorded before the data file's digest
+        json.dumps(json.loads((run / "config.json").read_text()) | {"data_file_sha256": None})
+    )
+    other.rename(first)  # the same path, other content
+    result = CliRunner().invoke(app, [*args, "--data-file", str(first)])
+    assert result.exit_code == 2 and "with other content" in " ".join(result.output.split()), result.output
+
+
+def test_report_refuses_a_directory_another_command_made_and_writes_nothing(
+    tiny_pair_dir, data_dir, tmp_path
+):
+    out = tmp_path / "an"
+    assert (
+        CliRunner()
+        .invoke(app, analyze_args(tiny_pair_dir, data_dir / "gsm8k" / "test.jsonl", out, 1))
+        .exit_code
+        == 0
+    )
+    summary = (out / "summary.json").read_text()
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 2 and "it was made by s2t analyze" in result.output, result.output
+    assert (out / "summary.json").read_text() == summary and not (out / "report.md").exists()
+    # nor does eval take it for an older eval run
+    result = CliRunner().invoke(app, eval_args(tiny_pair_dir, data_dir / "gsm8k" / "test.jsonl", out))
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "holds a run made by s2t analyze, not by s2t eval" in message, message
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--methods", "s2t", "--llm", "/nonexistent/llm"], "model path '/nonexistent/llm' does not exist"),
+        (["--methods", "greedy", "--llm", "/nonexistent/llm"], "does not exist"),  # unused, but recorded
+        (["--methods", "greedy", "--llm-dtype", "int8"], "dtype must be one of"),
+        (["--methods", "greedy", "--llm-device-map", "bogus"], "--llm-device-map 'bogus' is neither"),
+        (["--methods", "greedy", "--trigger", "bogus"], "unknown trigger 'bogus'"),
+        (["--methods", "greedy", "--trigger", "margin", "--threshold", "5"], "threshold"),
+        (["--methods", "greedy", "--selector", "/nonexistent"], "is not a selector checkpoint"),
+        (
+            ["--methods", "s2t", "--trigger", "always", "--threshold", "0.5"],
+            "'always' trigger takes no threshold",
+        ),
+        (["--methods", "maj@1000000"], "maj@K takes 1 <= K <= 256"),
+    ],
+)
+def test_eval_checks_every_option_before_anything_is_written(
+    tiny_pair_dir, data_dir, tmp_path, options, message
+):
+    """A failed LLM load used to leave config.json and calibration.json behind, and the corrected
+    command was refused; options no listed method reads went unchecked into config.json."""
+    out = tmp_path / "run"
+    args = eval_args(tiny_pair_dir, data_dir / "gsm8k" / "test.jsonl", out)
+    args = args[: args.index("--methods")] + args[args.index("--methods") + 2 :]
+    result = CliRunner().invoke(app, [*args, "--calibration-problems", "1", *options])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not out.exists()
+
+
+def test_same_setting_is_refused_across_invocations_of_one_run(tiny_pair_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = eval_args(tiny_pair_dir, data_dir / "gsm8k" / "test.jsonl", out)
+    i = args.index("greedy")
+    args[i] = "random-select/random=0.5"
+    assert CliRunner().invoke(app, args).exit_code == 0, "the first setting runs"
+    args[i] = "random-select/random=0.5/k8"  # the run's --k is 8: the same setting, spelled otherwise
+    result = CliRunner().invoke(app, args)
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "one setting under this run's options (the run holds it)" in message, (
+        message
+    )
+    args[i] = "random-select/random=0.5/k4"  # another setting joins
+    assert CliRunner().invoke(app, args).exit_code == 0
+
+
+def test_out_that_is_a_file_is_one_line_before_any_model_loads(
+    tiny_pair_dir, data_dir, tmp_path, monkeypatch
+):
+    import s2t.models
+
+    monkeypatch.setattr(s2t.models.ModelSpec, "load", lambda self: pytest.fail("a model loaded"))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for out, message in ((a_file, "is a file"), (a_file / "sub", f"lies under {a_file}, which is a file")):
+        result = CliRunner().invoke(app, analyze_args(tiny_pair_dir, data_dir / "gsm8k" / "test.jsonl", out))
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output
+    train = tmp_path / "train.jsonl"
+    train.write_text((data_dir / "gsm8k" / "test.jsonl").read_text())
+    result = CliRunner().invoke(
+        app,
+        ["collect", "--slm", tiny_pair_dir["slm"], "--llm", tiny_pair_dir["llm"], "--data-file", str(train)]
+        + ["--limit", "1", "--out", str(a_file)],
+    )
+    assert result.exit_code == 2 and "is a file" in result.output, result.output
+
+
+def test_limit_all_and_interrupts_and_bad_data_lines(tiny_pair_dir, data_dir, tmp_path, monkeypatch):
+    import s2t.evaluate
+
+    out = tmp_path / "run"
+    args = eval_args(tiny_pair_dir, data_dir / "gsm8k" / "test.jsonl", out)
+    args[args.index("--limit") + 1] = "all"
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(PROBLEMS)
+    args[args.index("--limit") + 1] = "some"
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "give a number of problems, or 'all'" in " ".join(result.output.split())
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(s2t.evaluate.Evaluator, "run_all", interrupted)
+    args[args.index("--limit") + 1] = "1"
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and f"what finished is in {out}; run the same command again" in " ".join(
+        result.output.split()
+    )
+    for line, message in (
+        ({"question": "Q?", "answer": None}, "field 'answer' is null"),
+        ({"question": "  ", "answer": "#### 4"}, "field 'question' is empty"),
+        ({"question": "Q?", "answer": "####"}, "field 'answer' holds no gold answer"),
+    ):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps(PROBLEMS[0]) + "\n" + json.dumps(line) + "\n")
+        with pytest.raises(ValueError, match=f"bad.jsonl:2: {message}"):
+            load_problems("gsm8k", "test", data_file=bad)

@@ -207,9 +207,13 @@ def test_a_changed_config_for_the_same_run_directory_is_refused(tmp_path, data_f
 
 
 def test_calibration_uses_training_problems_and_refuses_overlap(tmp_path, data_file, generator, monkeypatch):
+    """The overlap is judged by the questions, not by the ids: training problems relabelled as a test
+    split are refused, other problems that happen to carry the training ids are not."""
     data_dir = tmp_path / "data"
     (data_dir / "gsm8k").mkdir(parents=True)
-    (data_dir / "gsm8k" / "train.jsonl").write_text(open(data_file).read())
+    train = [json.loads(line) for line in open(data_file) if line.strip()]
+    train = [{**r, "question": "Training: " + r["question"]} for r in train]
+    (data_dir / "gsm8k" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
     monkeypatch.setenv("S2T_DATA_DIR", str(data_dir))
     cfg = config(
         data_file, methods=["s2t"], trigger="entropy", threshold=None, quantile=0.8, calibration_problems=3
@@ -227,8 +231,24 @@ def test_calibration_uses_training_problems_and_refuses_overlap(tmp_path, data_f
         calibration_problems=3,
         limit=2,
     )
-    with pytest.raises(ValueError, match="overlap"):
+    with pytest.raises(ValueError, match="calibration problems are among the evaluated problems"):
         evaluate(cfg, tmp_path / "run2", progress=False, generator=generator)
+    relabelled = tmp_path / "relabelled.jsonl"  # the training file, evaluated as a "test" split
+    relabelled.write_text((data_dir / "gsm8k" / "train.jsonl").read_text())
+    cfg = config(str(relabelled), methods=["s2t"], trigger="entropy", threshold=None, calibration_problems=3)
+    with pytest.raises(ValueError, match="e.g. gsm8k/train/0"):
+        evaluate(cfg, tmp_path / "run3", progress=False, generator=generator)
+    # other problems under the training split's ids: no overlap
+    cfg = config(
+        data_file,
+        dataset="gsm8k",
+        split="train",
+        methods=["s2t"],
+        trigger="entropy",
+        threshold=None,
+        calibration_problems=3,
+    )
+    evaluate(cfg, tmp_path / "run4", progress=False, generator=generator)
 
 
 def test_a_dataset_that_cannot_be_loaded_leaves_no_run_directory(tmp_path, generator, monkeypatch):
@@ -241,7 +261,13 @@ def test_a_dataset_that_cannot_be_loaded_leaves_no_run_directory(tmp_path, gener
 
 def test_unknown_method_is_refused(data_file):
     with pytest.raises(ValueError, match="unknown method"):
-        config(data_file, methods=["greedy", "maj@0"])
+        config(data_file, methods=["greedy", "maj@x"])
+    for k in ("0", "257", "1000000"):  # maj@K decodes K samples per problem in one batch: K is bounded
+        with pytest.raises(ValueError, match=r"maj@K takes 1 <= K <= 256"):
+            config(data_file, methods=["greedy", f"maj@{k}"])
+    assert config(data_file, methods=["maj@02"]).methods == ["maj@2"]  # one spelling, one setting
+    with pytest.raises(ValueError, match="one setting"):
+        config(data_file, methods=["maj@2", "maj@02"])
 
 
 def test_summary_statistics_match_hand_computed_values():

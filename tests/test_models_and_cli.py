@@ -142,6 +142,38 @@ def test_uncalibrated_trigger_without_calibration_questions_is_refused(slm, tiny
         gen.generate(["q"], "s2t", trigger="entropy", max_new_tokens=5)
 
 
+def test_a_single_string_is_one_question_in_every_entry_point(slm, monkeypatch):
+    """A str was iterated: "What is 2+2?" gave 12 outputs, one per character."""
+    gen = S2TGenerator(slm)
+    question = "What is 2+2?"
+    [out] = gen.generate(question, "greedy", max_new_tokens=4)
+    assert out.token_ids == gen.generate([question], "greedy", max_new_tokens=4)[0].token_ids
+    assert [i for i, _ in gen.generate_stream(question, "greedy", max_new_tokens=4)] == [0]
+    assert gen.encode(question) == gen.encode([question])
+    seen = []
+    monkeypatch.setattr(gen.calibrator, "threshold", lambda spec: seen.append(spec.calibration) or 1.0)
+    gen.resolve("random-select", trigger="entropy", calibration_questions=question, k=2)
+    assert seen[0].questions == (question,)  # calibrated on the one question, not on its characters
+
+
+def test_a_question_that_is_not_a_string_is_refused_naming_it(slm):
+    with pytest.raises(TypeError, match=r"questions\[1\] is int"):
+        S2TGenerator(slm).generate(["fine", 7], "greedy", max_new_tokens=2)
+
+
+def test_a_method_name_calibrates_only_on_a_source_it_is_given(slm, llm, monkeypatch):
+    """The docstring promised GSM8K train by default; a name without calibration= is refused."""
+    from s2t.methods import CalibrationSource
+
+    gen = S2TGenerator(slm, llm=llm)
+    with pytest.raises(ValueError, match="pass threshold="):
+        gen.generate(["hi"], method="s2t", max_new_tokens=2)
+    seen = []
+    monkeypatch.setattr(gen.calibrator, "threshold", lambda spec: seen.append(spec.calibration) or 1.0)
+    gen.generate(["hi"], "s2t", calibration=CalibrationSource("gsm8k", "train", problems=2), max_new_tokens=2)
+    assert seen == [CalibrationSource("gsm8k", "train", problems=2)]
+
+
 def test_llm_alone_reports_its_cost_as_llm_cost(slm, llm):
     gen = S2TGenerator(slm, llm=llm)
     out = gen.generate(["How many eggs?"], "llm", max_new_tokens=6)[0]

@@ -80,3 +80,28 @@ def test_json_files_are_strict_json_with_non_finite_numbers_as_null(tmp_path):
     text = (tmp_path / "a.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"auroc": None, "losses": [1.5, None], "n": [1, 2]}
+
+
+def test_a_run_binds_problem_ids_to_their_content(tmp_path):
+    from s2t.runs import PROBLEM_DIGESTS, ConfigMismatchError, RunDirectory
+
+    run = RunDirectory(tmp_path / "run", {"a": 1})
+    run.bind_problems([("p/0", "x"), ("p/1", "y")])
+    run.bind_problems([("p/1", "y"), ("p/2", "z")])  # a longer run resumes and adds its problems
+    assert json.loads((run.path / PROBLEM_DIGESTS).read_text()) == {"p/0": "x", "p/1": "y", "p/2": "z"}
+    with pytest.raises(ConfigMismatchError, match=r"holds problem 'p/1' with other content \(1 of the 2"):
+        run.bind_problems([("p/0", "x"), ("p/1", "other")])
+    (run.path / PROBLEM_DIGESTS).write_text("[1, 2")
+    with pytest.raises(ConfigMismatchError, match="is unreadable"):
+        run.bind_problems([("p/0", "x")])
+    # a run that failed before its first result gives back what it made, the binding included
+    fresh = RunDirectory(tmp_path / "fresh", {"a": 1})
+    fresh.bind_problems([("p/0", "x")])
+    fresh.discard_if_unused()
+    assert not fresh.path.exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    held = RunDirectory(tmp_path / "mine", {"a": 1})
+    held.bind_problems([("p/0", "x")])
+    held.discard_if_unused()
+    assert sorted(p.name for p in held.path.iterdir()) == ["notes.txt"]

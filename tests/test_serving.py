@@ -484,3 +484,79 @@ def test_cli_serve_refuses_bad_methods_with_a_message(tiny_pair_dir, extra, mess
 
     result = CliRunner().invoke(cli, ["serve", "--slm", tiny_pair_dir["slm"], *extra])
     assert result.exit_code == 2 and message in result.output
+
+
+@pytest.mark.parametrize(
+    "extra, option",
+    [
+        (["--port", "70000"], "--port"),
+        (["--port", "-1"], "--port"),
+        (["--port", "0"], "--port"),
+        (["--prefill-chunk", "-1"], "--prefill-chunk"),
+        (["--max-batch-size", "0"], "--max-batch-size"),
+    ],
+)
+def test_cli_serve_refuses_out_of_range_options_before_loading_models(
+    tiny_pair_dir, monkeypatch, extra, option
+):
+    """--port 70000 used to load the models and then print a long OverflowError from bind."""
+    from typer.testing import CliRunner
+
+    import s2t.backends
+    from s2t.cli import app as cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models were loaded for a command refused at option parsing")
+
+    monkeypatch.setattr(s2t.backends, "make_generator", no_loading)
+    wide = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}  # one line per message, whatever the terminal
+    args = ["serve", "--slm", tiny_pair_dir["slm"], *extra]
+    result = CliRunner().invoke(cli, args, terminal_width=400, env=wide)
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in message
+    assert "Traceback" not in result.output
+
+
+def test_cli_serve_takes_prefill_chunk_0_as_off(tiny_pair_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from s2t.cli import app as cli
+    from s2t.serving import server
+
+    served = {}
+    monkeypatch.setattr(server, "serve", lambda app, host, port: served.update(app=app, port=port))
+    args = ["serve", "--slm", tiny_pair_dir["slm"], "--prefill-chunk", "0", "--port", "65535"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert served["port"] == 65535 and served["app"].state.worker.scheduler.prefill_chunk is None
+
+
+def test_cli_serve_serves_the_llm_alone_with_its_cost_in_the_llm_columns(
+    tiny_pair_dir, slm, llm, monkeypatch
+):
+    """README: the baseline `llm` is accepted alike by generate, serve and eval; it decodes as
+    `s2t generate --method llm` does (greedy with the LLM), and its passes are the LLM's."""
+    from typer.testing import CliRunner
+
+    from s2t.cli import app as cli
+    from s2t.serving import server
+
+    served = {}
+    monkeypatch.setattr(server, "serve", lambda app, host, port: served.update(app=app))
+    args = ["serve", "--slm", tiny_pair_dir["slm"], "--llm", tiny_pair_dir["llm"], "--method", "llm"]
+    result = CliRunner().invoke(cli, [*args, "--max-tokens", "6", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert "with llm (LLM loaded)" in result.output
+    question = "Natalia sold clips to 48 of her friends."
+    expected = S2TGenerator(slm, llm=llm).generate(question, "llm", max_new_tokens=6, system_prompt=None)[0]
+    with running_server(served["app"]) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        [card] = client.models.list().data
+        response = client.chat.completions.create(model=card.id, messages=chat(question), max_tokens=6)
+    assert card.id == tiny_pair_dir["llm"]  # the model served is the LLM
+    assert card.model_extra["s2t_method"] == {"name": "llm", "decoder": "the LLM alone"}
+    assert response.choices[0].message.content == expected.text
+    cost = response.model_extra["s2t_cost"]
+    assert cost["method"] == "llm" and cost["slm_forward_calls"] == 0
+    assert cost["llm_forward_calls"] == expected.cost.llm_forward_calls > 0

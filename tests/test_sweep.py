@@ -247,6 +247,57 @@ def test_the_frontier_reports_gap_recovered_tests_and_the_cheapest_setting(tmp_p
     assert (tmp_path / "frontier.png").stat().st_size > 0
 
 
+def _write_run(tmp_path, recs):
+    (tmp_path / "config.json").write_text(json.dumps({"trigger": "entropy", "quantile": 0.95, "seed": 0}))
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+
+
+@pytest.mark.parametrize("llm_correct", [3, 4], ids=["llm-below-greedy", "llm-equals-greedy"])
+def test_the_frontier_gives_no_gap_figures_or_cheapest_setting_without_a_positive_gap(tmp_path, llm_correct):
+    """The new user's run: the LLM alone at or below greedy made a random-select control at 0% read
+    as "200% gap recovered" and the cheapest setting recovering half the gap."""
+    from s2t.reporting.eval_report import write_report
+
+    n = 10
+    recs = [_record("greedy", i, i < 4) for i in range(n)]
+    recs += [_record("llm", i, i < llm_correct, llm_calls=100) for i in range(n)]
+    recs += [_record("random-select/random=0.3", i, False, 30) for i in range(n)]
+    recs += [_record("s2t/entropy@0.8", i, i < 5, 20) for i in range(n)]
+    _write_run(tmp_path, recs)
+
+    payload = write_report(tmp_path)
+    assert payload["frontier"]["greedy_to_llm_gap"] == pytest.approx((llm_correct - 4) / n)
+    assert payload["frontier"]["cheapest"] == []
+    assert all("gap_recovered" not in r for r in payload["frontier"]["rows"])
+    report = (tmp_path / "report.md").read_text()
+    assert "gap is not positive" in report
+    assert "Cheapest setting" not in report and "random=0.3" in report  # the row stays, its conclusion goes
+    assert "%" not in report.split("| random-select/random=0.3 |")[1].split("|")[4]  # gap column: "–"
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+
+
+def test_controls_are_never_the_cheapest_setting(tmp_path):
+    """Takeover and random-select are controls (README): cheaper and past the target, they still
+    leave the conclusion to the cheapest S2T setting."""
+    from s2t.reporting.eval_report import write_report
+
+    n = 10
+    recs = [_record("greedy", i, i < 2) for i in range(n)] + [_record("llm", i, i < 6, 100) for i in range(n)]
+    recs += [_record("takeover/entropy@0.9", i, i < 6, 5) for i in range(n)]  # 100% of the gap, cheapest
+    recs += [_record("random-select:x/random=0.1", i, i < 6, 8) for i in range(n)]
+    recs += [_record("s2t/entropy@0.6", i, i < 6, 40) for i in range(n)]
+    _write_run(tmp_path, recs)
+
+    payload = write_report(tmp_path)
+    rows = payload["frontier"]["rows"]
+    assert [r["method"] for r in rows][:2] == ["takeover/entropy@0.9", "random-select:x/random=0.1"]
+    assert rows[0]["gap_recovered"] == pytest.approx(1.0)  # still measured, only not concluded on
+    cheapest = {c["target"]: c for c in payload["frontier"]["cheapest"]}
+    assert cheapest[0.5]["by_estimate"] == cheapest[0.8]["by_estimate"] == "s2t/entropy@0.6"
+    report = (tmp_path / "report.md").read_text()
+    assert "≥ 50% of the gap: s2t/entropy@0.6" in report
+
+
 def test_a_sweep_decodes_the_calibration_questions_once_per_trigger(
     tmp_path, data_file, calibration_data, generator, monkeypatch
 ):

@@ -348,6 +348,8 @@ def analyze(
         "batch_size": batch_size,
     }
     run = RunDirectory(out_dir, config, ignore_keys={"batch_size", "limit"}) if out_dir is not None else None
+    if run is not None:
+        run.bind_problems((p.id, p.digest) for p in problems)
     driver = RunDriver(run, PROBLEMS_FILE, key=lambda r: r["id"])
     records: dict[str, dict] = {r["id"]: r for r in driver.records()}
 

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +74,8 @@ class GenerationOutput:
 
 
 ModelArg = str | PreTrainedModel | LoadedModel
+# One question, or a sequence of them; a single string is one question, never its characters.
+QuestionsArg = str | Sequence[str]
 # A method name, its checked spec, a method built by hand, or one already resolved.
 MethodArg = str | MethodSpec | Method | ResolvedMethod
 
@@ -158,9 +160,10 @@ class S2TGenerator:
         return self._llm is not None
 
     def encode(
-        self, questions: Sequence[str], system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+        self, questions: QuestionsArg, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     ) -> list[list[int]]:
-        return [build_prompt(self.tokenizer, q, system_prompt) for q in questions]
+        """The chat prompt's token ids for each question (a single string is one question)."""
+        return [build_prompt(self.tokenizer, q, system_prompt) for q in _as_questions(questions)]
 
     def resolve(
         self, spec: MethodSpec | str, calibrator: Calibrator | None = None, **options
@@ -173,11 +176,18 @@ class S2TGenerator:
         trigger without a threshold is calibrated first (by ``calibrator``, default :attr:`calibrator`,
         whose store is the model cache's ``calibration.json``), so the method is
         built once, complete, and never changed afterwards. The LLM is loaded only if the method needs it.
+
+        A method name calibrates only on a source it is given: ``calibration_questions=`` (a list of
+        training questions) or ``calibration=`` (a :class:`~s2t.methods.CalibrationSource`); without
+        either, a trigger that needs calibration is refused with ``ValueError`` (pass ``threshold=``).
+        A ``MethodSpec`` keeps the source it was parsed with (GSM8K train unless told otherwise).
         """
         if isinstance(spec, str):
             questions = options.pop("calibration_questions", None)
             if "calibration" not in options:  # the Python API calibrates only on questions it is given
-                options["calibration"] = CalibrationSource.from_questions(questions) if questions else None
+                options["calibration"] = (
+                    CalibrationSource.from_questions(_as_questions(questions)) if questions else None
+                )
             spec = MethodSpec.parse(spec, **options)
         if spec.method != LLM_ALONE:  # before any calibration: a K the SLM cannot give fails at once
             TopK(spec.k).check_vocab(self.vocab_size)
@@ -274,14 +284,16 @@ class S2TGenerator:
         )
 
     def generate(
-        self, questions: Sequence[str], method: MethodArg = "greedy", **kwargs
+        self, questions: QuestionsArg, method: MethodArg = "greedy", **kwargs
     ) -> list[GenerationOutput]:
         """Answer each question with ``method``; returns texts, token ids and cost records in order.
 
-        ``method`` is a name (one of :data:`s2t.methods.METHODS`, ``llm`` being the LLM alone), a
-        :class:`~s2t.methods.MethodSpec`, a :class:`ResolvedMethod` or a built :class:`~s2t.engine.Method`. Other keyword arguments are those of
-        :meth:`generate_stream`.
+        ``questions`` is a list of questions, or one question as a string (then the list holds one
+        output). ``method`` is a name (one of :data:`s2t.methods.METHODS`, ``llm`` being the LLM
+        alone), a :class:`~s2t.methods.MethodSpec`, a :class:`ResolvedMethod` or a built
+        :class:`~s2t.engine.Method`. Other keyword arguments are those of :meth:`generate_stream`.
         """
+        questions = _as_questions(questions)
         outputs: list[GenerationOutput | None] = [None] * len(questions)
         for i, out in self.generate_stream(questions, method, **kwargs):
             outputs[i] = out
@@ -289,7 +301,7 @@ class S2TGenerator:
 
     def generate_stream(
         self,
-        questions: Sequence[str],
+        questions: QuestionsArg,
         method: MethodArg = "greedy",
         *,
         max_new_tokens: int = 512,
@@ -304,12 +316,17 @@ class S2TGenerator:
     ) -> Iterator[tuple[int, GenerationOutput]]:
         """Answer the questions in one continuous batch of ``batch_size`` sequences; yield
         ``(question index, output)`` as each finishes (a finished sequence's place goes to the next
-        question at once).
+        question at once). A single string is one question (index 0).
 
-        ``method`` is a name, a :class:`~s2t.methods.MethodSpec` or a built :class:`~s2t.engine.Method`.
-        Other keyword arguments (``trigger``, ``threshold``, ``quantile``, ``k``, ``ratio``,
-        ``min_step``, ``selector``, ``calibration``) are those of :meth:`MethodSpec.parse`; a
-        trigger without a threshold is calibrated on ``calibration`` (default: GSM8K train).
+        ``method`` is a name, a :class:`~s2t.methods.MethodSpec`, a :class:`ResolvedMethod` or a built
+        :class:`~s2t.engine.Method`. Other keyword arguments (``trigger``, ``threshold``,
+        ``quantile``, ``k``, ``ratio``, ``min_step``, ``selector``, ``calibration``) are those of
+        :meth:`MethodSpec.parse`, and ``calibration_questions``. With a method *name*, a trigger
+        without a threshold is calibrated only on what is given: ``calibration_questions=`` (training
+        questions) or ``calibration=`` (a :class:`~s2t.methods.CalibrationSource`, e.g.
+        ``CalibrationSource("gsm8k", "train")``); with neither it is refused (``ValueError``: pass
+        ``threshold=``). A :class:`~s2t.methods.MethodSpec` carries its own source
+        (``MethodSpec.parse`` defaults to GSM8K train). See :meth:`resolve`.
         """
         prompts = self.encode(questions, system_prompt)
         seeds = list(seeds) if seeds is not None else [seed * 1_000_003 + i for i in range(len(prompts))]
@@ -337,7 +354,7 @@ class S2TGenerator:
             **engine_kwargs(resolved.decoder, max_new_tokens),
         ):
             if resolved.llm_alone:
-                g.cost = _as_llm_cost(g.cost)
+                g.cost = llm_alone_cost(g.cost)
             text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
             bar.update(1)
             yield i, GenerationOutput(text, g.token_ids, g.finish_reason, g.cost, g.trigger_steps)
@@ -358,8 +375,22 @@ class S2TGenerator:
         return ResolvedMethod(self.slm, self.llm.model if method.needs_llm else None, method)
 
 
-def _as_llm_cost(cost: CostRecord) -> CostRecord:
-    """The LLM decoding alone: its forward passes belong in the LLM columns."""
+def _as_questions(questions: QuestionsArg) -> list[str]:
+    """A list of questions: a single string is one question (never its characters)."""
+    if isinstance(questions, str):
+        return [questions]
+    questions = list(questions)
+    for i, q in enumerate(questions):
+        if not isinstance(q, str):
+            raise TypeError(
+                f"questions must be a string or a sequence of strings; questions[{i}] is {type(q).__name__}"
+            )
+    return questions
+
+
+def llm_alone_cost(cost: CostRecord) -> CostRecord:
+    """The cost of the LLM decoding alone: the engine counts the decoding model's forward passes
+    as the SLM's, and here they belong in the LLM columns (used by ``generate`` and ``s2t serve``)."""
     return CostRecord(
         generated_tokens=cost.generated_tokens,
         llm_forward_calls=cost.slm_forward_calls,
@@ -399,6 +430,11 @@ class CalibrationStore:
         return stored[key]
 
 
+def _normalised(question: str) -> str:
+    """A question as the leakage checks compare it: whitespace runs as one space."""
+    return " ".join(question.split())
+
+
 class Calibrator:
     """The one place trigger thresholds are calibrated: the ``quantile`` of the trigger's statistic
     while the SLM greedily decodes the spec's :class:`~s2t.methods.CalibrationSource` (after
@@ -419,14 +455,16 @@ class Calibrator:
         scoped: bool = True,
         batch_size: int = 8,
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-        evaluated_ids: set[str] | None = None,
+        evaluated_questions: Iterable[str] | None = None,
     ):
         self.generator = generator
         self.store = store if store is not None else CalibrationStore(cache_root() / "calibration.json")
         self.scoped = scoped
         self.batch_size = batch_size
         self.system_prompt = system_prompt
-        self.evaluated_ids = set(evaluated_ids or ())
+        # compared by content, not id: a training file relabelled as a test split is still caught, and
+        # a file of other problems whose ids happen to match the calibration's is not refused
+        self.evaluated_questions = {_normalised(q) for q in evaluated_questions or ()}
         self._statistics: dict[str, torch.Tensor] = {}
 
     @staticmethod
@@ -475,11 +513,15 @@ class Calibrator:
                 return make_trigger("random").threshold_for_quantile(torch.empty(0), spec.quantile)
             raise ValueError(f"the {spec.trigger!r} trigger has no threshold and no calibration source")
         questions, ids = spec.calibration.load()
-        overlap = self.evaluated_ids & set(ids or ())
+        overlap = [
+            ids[i] if ids else repr(q[:40])
+            for i, q in enumerate(questions)
+            if _normalised(q) in self.evaluated_questions
+        ]
         if overlap:
             raise ValueError(
-                f"calibration problems overlap the evaluated problems ({sorted(overlap)[:3]}...): "
-                "thresholds must be chosen on training problems only"
+                f"{len(overlap)} calibration problems are among the evaluated problems (the same question; "
+                f"e.g. {overlap[0]}): thresholds must be chosen on training problems only"
             )
         trigger = make_trigger(spec.trigger)
         statistics = torch.empty(0) if spec.trigger == "random" else self._trigger_statistics(spec, questions)

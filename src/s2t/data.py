@@ -39,6 +39,12 @@ class Problem:
     split: str
     solution: str | None = None
 
+    @property
+    def digest(self) -> str:
+        """SHA-256 (hex) of the question and the gold answer: the content a run directory binds this
+        problem's id to (:meth:`s2t.runs.RunDirectory.bind_problems`)."""
+        return hashlib.sha256(json.dumps([self.question, self.answer]).encode()).hexdigest()
+
 
 class DatasetUnavailableError(RuntimeError):
     """The dataset is neither available locally nor loadable from the Hugging Face Hub."""
@@ -286,8 +292,8 @@ def _load_from_hub(spec: DatasetSpec, split: str, local_path: Path | None) -> li
     hub_split = spec.hub_split(split)
     looked = f"No local file at {local_path}. " if local_path is not None else ""
     advice = (
-        f"{looked}Point at local files with --data-file PATH.jsonl or by setting {DATA_DIR_ENV} to a "
-        f"directory containing {spec.name}/{split}.jsonl."
+        f"{looked}Point at a data directory containing {spec.name}/{split}.jsonl (--data-dir, or "
+        f"{DATA_DIR_ENV}), or at a JSONL file of problems (--data-file, in eval, analyze and collect)."
     )
     try:
         import datasets  # optional dependency (extra "hub"); imported lazily so offline hosts work
@@ -336,16 +342,23 @@ def _to_problems(
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
         for name in (q_field, a_field):
-            if record.get(name) is None:
+            if name not in record:
                 raise ValueError(f"{where}: missing field {name!r} (fields present: {sorted(record)})")
+            if record[name] is None:
+                raise ValueError(f"{where}: field {name!r} is null")
+        if not str(record[q_field]).strip():
+            raise ValueError(f"{where}: field {q_field!r} is empty: there is no question to answer")
         solution = record.get(solution_field) if solution_field else None
         if isinstance(solution, (list, tuple)):
             solution = "\n\n".join(str(part) for part in solution)
+        answer = extract(record[a_field])
+        if not answer:
+            raise ValueError(f"{where}: field {a_field!r} holds no gold answer ({record[a_field]!r:.60})")
         problems.append(
             Problem(
                 id=f"{dataset}/{split}/{index}",
                 question=str(record[q_field]),
-                answer=extract(record[a_field]),
+                answer=answer,
                 dataset=dataset,
                 split=split,
                 solution=None if solution is None else str(solution),

@@ -49,6 +49,8 @@ from s2t.models import (
     DEFAULT_SLM,
     LEGACY_DECODING,
     batch_invariant,
+    check_device_map,
+    check_model_name,
     parse_dtype,
     resolve_dtype,
 )
@@ -114,27 +116,15 @@ class EvalConfig:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"--limit must be >= 1 (or none, for every problem); got {self.limit}")
+            raise ValueError(f"--limit must be >= 1 (or all, for every problem); got {self.limit}")
         if self.offset < 0:
             raise ValueError(f"--offset must be >= 0; got {self.offset}")
         # a method the backend cannot run is refused before its selector checkpoint is read
         self.backend = resolve_backend(
             self.backend, [self.slm, self.llm], self.methods, self.trigger, selector=self.selector
         )
-        settings: dict[tuple, str] = {}
-        for name in self.methods:
-            spec = self.spec(name)  # raises ValueError naming the method or the option
-            if spec is None:
-                continue
-            # a plain name runs at the run's options: `s2t` under --trigger learned is `s2t/learned`
-            label = split_label(name.split("/", 1)[0])[1]
-            key = (spec.method, label, spec.trigger, spec.quantile, spec.threshold, spec.k, spec.ratio)
-            if key in settings:
-                raise ValueError(
-                    f"methods {settings[key]!r} and {name!r} are one setting under this run's options "
-                    f"(--trigger {self.trigger}): give each setting once"
-                )
-            settings[key] = name
+        self.check_distinct_settings(self.methods)  # raises ValueError naming the method or the option
+        self._check_unused_options()
         if self.backend == "llama.cpp":
             given = {self.dtype, self.llm_dtype} - {None, GGUF_DTYPE}
             for dtype in given:
@@ -147,10 +137,81 @@ class EvalConfig:
             self.dtype = self.llm_dtype = GGUF_DTYPE  # recorded: the torch dtype would misname the run
         else:
             self.dtype = resolve_dtype(self.dtype)  # recorded, so a run says which dtype made it
+            if self.llm_dtype is not None:
+                parse_dtype(self.llm_dtype)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         if self.calibration_problems < 1 and self.threshold is None:
             raise ValueError("calibration_problems must be >= 1 unless a threshold is given")
+
+    def setting(self, method: str) -> tuple | None:
+        """What ``method`` runs under this run's options (None for maj@K): a plain name runs at the
+        run's options, so `s2t` under --trigger learned is `s2t/learned`."""
+        spec = self.spec(method)
+        if spec is None:
+            return None
+        label = split_label(method.split("/", 1)[0])[1]
+        return spec.method, label, spec.trigger, spec.quantile, spec.threshold, spec.k, spec.ratio
+
+    def check_distinct_settings(self, methods: Sequence[str], earlier: Sequence[str] = ()) -> None:
+        """Refuse two names of one setting among ``methods``, or a method of ``methods`` that is one
+        setting with a method an earlier invocation of the run asked for (``earlier``, canonical
+        names; one that no longer parses under this invocation's options is passed over).
+
+        Raises:
+            ValueError: naming both methods, or the method whose options are wrong.
+        """
+        settings: dict[tuple, str] = {}
+        for name in earlier:
+            try:
+                settings.setdefault(self.setting(name), name)
+            except ValueError:  # e.g. an S2T-Local method, and no --selector given this time
+                continue
+        for name in methods:
+            key = self.setting(name)
+            if key is not None and settings.get(key, name) != name:
+                where = (
+                    "this run's options"
+                    if settings[key] in methods
+                    else "this run's options (the run holds it)"
+                )
+                raise ValueError(
+                    f"methods {settings[key]!r} and {name!r} are one setting under {where} "
+                    f"(--trigger {self.trigger}, --k {self.k}): give each setting once"
+                )
+            settings[key] = name
+
+    def _check_unused_options(self) -> None:
+        """Check the options that no listed method reads as well (the models' names, the run's trigger
+        options, ``--selector``, ``--llm-device-map``): the run records them, and a later invocation
+        that adds a method to this run directory reads them, so a typo must fail now, not then."""
+        check_model_name(self.slm)
+        check_model_name(self.llm)
+        check_device_map(self.llm_device_map)
+        # the run's trigger options as a plain `s2t` would read them (no model loads, nothing decodes)
+        MethodSpec.parse(
+            "s2t",
+            trigger=self.trigger,
+            threshold=self.threshold,
+            quantile=self.quantile,
+            k=self.k,
+            ratio=self.ratio,
+            min_step=self.min_step,
+            selector=self.selector,
+            calibration=self.calibration_source(),
+            slm=self.slm,
+        )
+        if self.selector is not None and not any(self.uses_selector(m) for m in self.methods):
+            from s2t.policies.learned_selector import CONFIG_NAME, check_selector_checkpoint
+            from s2t.policies.learned_trigger import CONFIG_NAME as TRIGGER_CONFIG
+            from s2t.policies.learned_trigger import LearnedTrigger
+
+            if (Path(self.selector) / CONFIG_NAME).is_file() or not (
+                Path(self.selector) / TRIGGER_CONFIG
+            ).is_file():
+                check_selector_checkpoint(self.selector, slm=self.slm)  # names what is missing
+            else:  # a directory may hold a learned trigger alone
+                LearnedTrigger.from_pretrained(self.selector)
 
     def calibration_source(self) -> CalibrationSource:
         """The training problems and token budget every trigger of this run is calibrated on."""
@@ -322,6 +383,8 @@ class Evaluator:
             if out_dir is not None
             else None
         )
+        if self.run is not None:
+            self.run.bind_problems((p.id, p.digest) for p in self.problems)
         self.driver = RunDriver(self.run, RESULTS_FILE, key=record_key)
         self.progress = progress
         self._generator = generator
@@ -345,7 +408,7 @@ class Evaluator:
                 self.store,
                 scoped=False,
                 batch_size=self.config.batch_size,
-                evaluated_ids={p.id for p in self.problems},
+                evaluated_questions=[p.question for p in self.problems],
             )
         return self._calibrator
 
@@ -592,6 +655,7 @@ def _recorded_config(out_dir: str | Path, config: EvalConfig) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # none yet (RunDirectory names a bad one)
         return recorded
     methods = list(earlier.get("methods") or [])
+    config.check_distinct_settings(config.methods, earlier=methods)  # not one setting twice over invocations
     recorded["methods"] = methods + [m for m in config.methods if m not in methods]
     if not any(map(config.uses_selector, config.methods)) and earlier.get(SELECTOR_KEY) is not None:
         recorded[SELECTOR_KEY] = earlier[SELECTOR_KEY]

@@ -280,10 +280,13 @@ def method_needs_llm(name: str, trigger: str = "entropy") -> bool:
     return trigger in TRIGGERS and TRIGGERS[trigger].needs_llm
 
 
+MAX_MAJORITY_SAMPLES = 256  # maj@K decodes K samples of each problem in one batch
+
+
 def majority_samples(name: str) -> int | None:
     """K for ``maj@K`` (K samples, majority vote; an evaluation baseline), else None."""
     match = _MAJORITY_PATTERN.match(name)
-    return int(match["k"]) if match and int(match["k"]) >= 1 else None
+    return int(match["k"]) if match and 1 <= int(match["k"]) <= MAX_MAJORITY_SAMPLES else None
 
 
 def canonical_method_name(name: str, majority: bool = False) -> str:
@@ -295,7 +298,12 @@ def canonical_method_name(name: str, majority: bool = False) -> str:
     trigger on S2T-Local.
     """
     base, setting = split_method_name(name)
+    majority_k = _MAJORITY_PATTERN.match(base)
+    if majority and majority_k and not 1 <= int(majority_k["k"]) <= MAX_MAJORITY_SAMPLES:
+        raise ValueError(f"method {name!r}: maj@K takes 1 <= K <= {MAX_MAJORITY_SAMPLES} samples per problem")
     known_majority = majority and majority_samples(base) is not None
+    if known_majority and setting is None:
+        return f"maj@{majority_samples(base)}"  # maj@02 is maj@2
     if not (base in METHODS or split_label(base)[1] is not None or known_majority):
         raise ValueError(
             f"unknown method {name!r}; choose from {', '.join(METHODS)} (or {LABEL_SYNTAX}: "
@@ -455,6 +463,8 @@ class MethodSpec:
             needs = "the s2t-local method" if method == LOCAL_METHOD else "the learned trigger"
             raise ValueError(f"{needs} needs a trained selector: pass --selector DIR (see `s2t train`)")
         make_candidates(k, ratio)  # validates K and the ratio
+        if threshold is not None and trigger in ("always", "never"):
+            raise ValueError(f"the {trigger!r} trigger takes no threshold; got {threshold}")
         if threshold is not None:
             quantile = None
             if trigger in TRIGGERS:

@@ -12,6 +12,7 @@ import inspect
 import logging
 import os
 import platform
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,24 +79,65 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> LoadedTokenize
     return LoadedTokenizer(name, tokenizer)
 
 
-def resolve_model_path(name: str) -> str:
-    """Turn a model argument into something ``from_pretrained`` accepts (a directory or a Hub id)."""
+def check_model_name(name: str) -> None:
+    """Refuse a model argument that cannot name a model, without loading or preparing anything: a
+    path that does not exist, a directory without ``config.json``, a file that is not ``.gguf``.
+    Built-in names and Hub ids pass (whether the Hub has the id is known only when it loads), so a
+    command checks its models before it writes anything.
+
+    Raises:
+        ModelLoadError: naming the argument and what is wrong with it.
+    """
     if name in BUILTIN_MODELS:
-        return str(prepare_builtin(name))
+        return
     path = Path(os.path.expanduser(name))
     if path.suffix == ".gguf":
-        return str(prepare_gguf_file(path))
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {name}")
+        return
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{name!r} is a directory but has no config.json: not a Hugging Face model")
-        return str(path)
+        return
     if path.exists():
         raise ModelLoadError(
             f"{name!r} is a file but not a .gguf file; pass a model directory, a .gguf or a Hub id"
         )
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"model path {name!r} does not exist")
-    return name
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn a model argument into something ``from_pretrained`` accepts (a directory or a Hub id).
+
+    Raises:
+        ModelLoadError: see :func:`check_model_name`.
+    """
+    check_model_name(name)
+    if name in BUILTIN_MODELS:
+        return str(prepare_builtin(name))
+    path = Path(os.path.expanduser(name))
+    if path.suffix == ".gguf":
+        return str(prepare_gguf_file(path))
+    return str(path) if path.is_dir() else name
+
+
+# transformers' ``device_map`` strategies and device names (a dict map is the Python API's alone)
+DEVICE_MAP = re.compile(r"^(auto|balanced|balanced_low_0|sequential|cpu|mps|disk|(cuda|xpu|npu)(:\d+)?|\d+)$")
+
+
+def check_device_map(device_map: str | None) -> None:
+    """Refuse a ``--llm-device-map`` that transformers would reject only once the LLM loads.
+
+    Raises:
+        ValueError: not a strategy (auto, balanced, balanced_low_0, sequential) or a device (cpu,
+            cuda, cuda:N, N, mps, xpu:N, ...).
+    """
+    if device_map is not None and not DEVICE_MAP.match(device_map):
+        raise ValueError(
+            f"--llm-device-map {device_map!r} is neither a strategy (auto, balanced, balanced_low_0, "
+            "sequential) nor a device (cpu, cuda, cuda:N, N, mps)"
+        )
 
 
 @functools.cache

@@ -97,6 +97,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
 
 
 DATA_FILE_KEYS = {"data_file": "data_file_sha256"}  # see RunDirectory's content_keys
+PROBLEM_DIGESTS = "problem_digests.json"  # problem id -> its content's digest (RunDirectory.bind_problems)
 
 
 def _same_file(a: Any, b: Any) -> bool:
@@ -105,6 +106,32 @@ def _same_file(a: Any, b: Any) -> bool:
         return isinstance(a, str) and isinstance(b, str) and os.path.samefile(a, b)
     except OSError:  # either is missing
         return False
+
+
+def run_kind(config: dict) -> str:
+    """Which command made a run directory, from its ``config.json``: ``s2t collect``, ``s2t analyze``,
+    ``s2t eval``, or ``another command``."""
+    if config.get("kind") == "s2t-local-groups":
+        return "s2t collect"
+    if "trajectory" in config and "divergence" in config:
+        return "s2t analyze"
+    if "methods" in config:
+        return "s2t eval"
+    return "another command"
+
+
+def check_run_path(path: str | os.PathLike) -> None:
+    """Refuse, before any model loads, a run directory path that cannot become a directory: a file,
+    or a path under a file.
+
+    Raises:
+        ValueError: naming the file in the way.
+    """
+    path = Path(path)
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        where = "is a file" if blocking == path else f"lies under {blocking}, which is a file"
+        raise ValueError(f"--out {path} {where}: give a directory for the run")
 
 
 class RunDirectory:
@@ -147,6 +174,12 @@ class RunDirectory:
                 raise ConfigMismatchError(
                     f"{config_file} is unreadable ({e}): use a new --out directory, or repair the file"
                 ) from e
+            if not isinstance(existing, dict) or run_kind(existing) != run_kind(self.config):
+                made_by = run_kind(existing) if isinstance(existing, dict) else "another command"
+                raise ConfigMismatchError(
+                    f"{self.path} holds a run made by {made_by}, not by {run_kind(self.config)}: "
+                    "use a new --out directory"
+                )
             diff = self._differences(existing, self.config)
             if diff:
                 older = [
@@ -158,10 +191,43 @@ class RunDirectory:
                 if any(k.split(":")[0] in self.content_keys.values() for k in diff):
                     hint += " (its data file's content is not the run's: another file, or the file edited)"
                 raise ConfigMismatchError(
-                    f"{self.path} already holds results for a different configuration ({'; '.join(diff)}). "
+                    f"{self.path} already holds a run of a different configuration ({'; '.join(diff)}). "
                     f"Use a new --out directory, or the same arguments to resume{hint}."
                 )
         write_json_atomic(config_file, self.config)
+
+    def bind_problems(self, problems: Iterable[tuple[str, str]]) -> None:
+        """Bind each problem id of this invocation to its content (``(id, digest)`` pairs, e.g.
+        :attr:`s2t.data.Problem.digest`) in ``problem_digests.json``, and refuse an id the run already
+        bound to other content: another data file, an edited one, or another ``$S2T_DATA_DIR`` would
+        otherwise mix problems of two sources under one id. Runs made before this file bind from their
+        next invocation on. Several processes may bind at once (the file is locked).
+
+        Raises:
+            ConfigMismatchError: an id bound to other content (named, with how many), or an
+                unreadable ``problem_digests.json``.
+        """
+        path = self.path / PROBLEM_DIGESTS
+        with locked(self.path / f".{PROBLEM_DIGESTS}.lock"):
+            try:
+                bound = json.loads(path.read_text()) if path.is_file() else {}
+                if not isinstance(bound, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise ConfigMismatchError(
+                    f"{path} is unreadable ({e}): use a new --out directory, or delete the file to bind "
+                    "the run to the problems given now"
+                ) from e
+            given = dict(problems)
+            changed = [pid for pid, digest in given.items() if bound.get(pid, digest) != digest]
+            if changed:
+                raise ConfigMismatchError(
+                    f"{self.path} holds problem {changed[0]!r} with other content "
+                    f"({len(changed)} of the {len(given)} problems given differ): the data is not the run's "
+                    "(another --data-file or data directory, or the file edited); use a new --out"
+                )
+            if given.keys() - bound.keys():
+                write_json_atomic(path, bound | given)
 
     def discard_if_unused(self) -> None:
         """Undo what this invocation made if no file was written since: its ``config.json``, and the
@@ -169,9 +235,11 @@ class RunDirectory:
         on a K above the vocabulary), so that the corrected command starts afresh. Files that were
         there before stay; a directory that gained any other file (another invocation's results, a
         calibration) is left as it is."""
-        if not self.wrote_config or self._files() - {Path("config.json")} != self._held_before:
+        made = {Path("config.json"), Path(PROBLEM_DIGESTS), Path(f".{PROBLEM_DIGESTS}.lock")}
+        if not self.wrote_config or self._files() - made != self._held_before - made:
             return
-        (self.path / "config.json").unlink(missing_ok=True)
+        for name in made - self._held_before:
+            (self.path / name).unlink(missing_ok=True)
         if self.created:
             shutil.rmtree(self.path)  # it made the directory and holds no file: only empty folders
         logger.info("nothing was written to %s: removed the config.json this run made", self.path)

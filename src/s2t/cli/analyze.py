@@ -19,6 +19,9 @@ from s2t.cli.app import (
     app,
     console,
     fail,
+    fail_interrupted,
+    fail_to_write,
+    limit_option,
 )
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM
 
@@ -54,7 +57,7 @@ def analyze(
     ] = DEFAULT_LLM,
     dataset: Annotated[str, typer.Option(help="Dataset name (gsm8k, math500, ...).")] = "gsm8k",
     split: Annotated[str, typer.Option(help="Dataset split.")] = "test",
-    limit: Annotated[int | None, typer.Option(help="Analyse at most this many problems.")] = 50,
+    limit: Annotated[int | None, limit_option("Analyse at most this many problems")] = 50,
     offset: Annotated[int, typer.Option(help="Skip this many problems first.")] = 0,
     trajectory: Annotated[
         str, typer.Option(help="Text to teacher-force: slm or llm (greedy answers) or reference (solutions).")
@@ -89,6 +92,7 @@ def analyze(
     from s2t.data import load_problems
     from s2t.models import ModelSpec
     from s2t.reporting.hitk import hitk_table
+    from s2t.runs import check_run_path
 
     try:
         k_values = [int(k) for k in ks.split(",") if k.strip()]
@@ -102,6 +106,7 @@ def analyze(
         if not problems:
             source = data_file or f"{dataset}/{split}"
             raise ValueError(f"no problems selected from {source} (offset {offset}, limit {limit})")
+        check_run_path(out_dir)  # before the models load
         slm_spec = ModelSpec(slm, dtype)
         llm_spec = ModelSpec(llm, llm_dtype or dtype, llm_device_map)
         if workers <= 1:
@@ -124,6 +129,10 @@ def analyze(
         )
     except (ValueError, RuntimeError, KeyError, FileNotFoundError) as e:
         fail(str(e))
+    except OSError as e:  # e.g. an --out that is a file
+        fail_to_write(e, out_dir)
+    except KeyboardInterrupt:
+        fail_interrupted(out_dir)
 
     console.print(hitk_table(summary))
     console.print(

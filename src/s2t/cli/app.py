@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -84,6 +85,37 @@ def fail(message: str) -> None:
     # soft_wrap: one line however narrow the terminal, so paths in it stay whole
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(2)
+
+
+def parse_limit(value: str | int | None) -> int | None:
+    """``--limit``: a number of problems, or ``all`` (None: every problem)."""
+    if value is None or isinstance(value, int):
+        return value
+    if value.strip().lower() == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"give a number of problems, or 'all'; got {value!r}") from None
+
+
+def limit_option(help: str) -> typer.models.OptionInfo:
+    """The ``--limit`` option of the commands that read a dataset (``N`` or ``all``)."""
+    return typer.Option(parser=parse_limit, metavar="N|all", help=f"{help} ('all': every problem).")
+
+
+def fail_interrupted(out) -> None:
+    """:func:`fail` for Ctrl-C (or SIGTERM) during a resumable run: where the finished work is, and
+    how to resume it."""
+    if out is not None and Path(out).exists():
+        fail(f"interrupted: what finished is in {out}; run the same command again to resume")
+    fail("interrupted before anything finished: nothing was kept")
+
+
+def fail_to_write(error: OSError, out) -> None:
+    """:func:`fail` for an ``--out`` that cannot be written (a file, under a file, not writable): one
+    line naming the path, not a traceback."""
+    fail(f"cannot write {error.filename or out}: {error.strerror or error}")
 
 
 class _ProgressAwareHandler(logging.StreamHandler):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +26,9 @@ from s2t.cli.app import (
     app,
     console,
     fail,
+    fail_interrupted,
+    fail_to_write,
+    limit_option,
 )
 from s2t.method_names import METHODS
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM
@@ -49,7 +53,7 @@ def eval_command(
         str, typer.Option(help="Registered dataset (gsm8k, math500, aime25, olympiadbench).")
     ] = "gsm8k",
     split: Annotated[str, typer.Option(help="Dataset split to evaluate.")] = "test",
-    limit: Annotated[int | None, typer.Option(help="Evaluate the first N problems (after --offset).")] = 100,
+    limit: Annotated[int | None, limit_option("Evaluate the first N problems (after --offset)")] = 100,
     offset: Annotated[int, typer.Option(help="Skip this many problems first.")] = 0,
     data_file: Annotated[str | None, typer.Option(help="A local JSONL with question/answer fields.")] = None,
     out: Annotated[str | None, typer.Option(help="Run directory (resumed if it exists).")] = None,
@@ -129,17 +133,29 @@ def eval_command(
         gone = announced and not Path(out).exists()  # a run that failed before its first result
         fail(str(e) + (f" (nothing was written: {out} was removed)" if gone else ""))
     except OSError as e:  # e.g. an unwritable --out: one line naming the path, not a traceback
-        fail(f"cannot write {e.filename or out}: {e.strerror or e}")
+        fail_to_write(e, out)
+    except KeyboardInterrupt:
+        fail_interrupted(out)
     console.print(markdown_table(payload["methods"]), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"wrote {out}/summary.json, {out}/report.md, {out}/accuracy_vs_cost.png")
+    written = ["summary.json", "report.md", "accuracy_vs_cost.png", "frontier.png"]
+    console.print("wrote " + ", ".join(f"{out}/{name}" for name in written if (Path(out) / name).is_file()))
 
 
 @app.command()
 def report(run_dir: Annotated[str, typer.Argument(help="An eval run directory.")]) -> None:
     """Recompute an eval run's summary, table and plot from its results (also while it runs)."""
     from s2t.reporting.eval_report import markdown_table, write_report
+    from s2t.runs import run_kind
 
-    if not (Path(run_dir) / "config.json").is_file():
+    config_file = Path(run_dir) / "config.json"
+    if not config_file.is_file():
         fail(f"{run_dir} is not an eval run directory (no config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"{config_file} is unreadable: {e}")
+    made_by = run_kind(config) if isinstance(config, dict) else "another command"
+    if made_by != "s2t eval":  # nothing is written over another command's run
+        fail(f"{run_dir} is not an eval run directory: it was made by {made_by}")
     payload = write_report(run_dir)
     console.print(markdown_table(payload["methods"]), markup=False, highlight=False, soft_wrap=True)

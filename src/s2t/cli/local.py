@@ -20,6 +20,9 @@ from s2t.cli.app import (
     app,
     console,
     fail,
+    fail_interrupted,
+    fail_to_write,
+    limit_option,
 )
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM
 
@@ -30,9 +33,7 @@ def collect(
         str, typer.Option(help="Training dataset (gsm8k, or any name with --data-file).")
     ] = "gsm8k",
     split: Annotated[str, typer.Option(help="A training split; evaluation splits are refused.")] = "train",
-    limit: Annotated[
-        int | None, typer.Option(help="Collect on the first N problems (after --offset).")
-    ] = 300,
+    limit: Annotated[int | None, limit_option("Collect on the first N problems (after --offset)")] = 300,
     offset: Annotated[int, typer.Option(help="Skip this many problems first.")] = 0,
     data_file: Annotated[str | None, typer.Option(help="A local JSONL with question/answer fields.")] = None,
     mode: Annotated[
@@ -104,6 +105,10 @@ def collect(
         )
     except (ValueError, RuntimeError, FileNotFoundError, DatasetUnavailableError) as e:
         fail(str(e))
+    except OSError as e:  # e.g. an --out that is a file
+        fail_to_write(e, out)
+    except KeyboardInterrupt:
+        fail_interrupted(out)
     console.print(f"done: {out}/problems.jsonl and {out}/features/")
 
 

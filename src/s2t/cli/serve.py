@@ -26,10 +26,12 @@ from s2t.cli.app import (
     console,
     fail,
 )
-from s2t.method_names import LLM_ALONE, METHODS
+from s2t.method_names import METHODS
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM
 
-SERVED_METHODS = tuple(m for m in METHODS if m != LLM_ALONE)  # the LLM alone is served by any LLM server
+# Every named method, the baseline ``llm`` included: it is greedy decoding with the LLM as the
+# decoding model (as in ``s2t generate``), and its cost is reported in the LLM columns.
+SERVED_METHODS = METHODS
 
 
 @app.command()
@@ -55,13 +57,14 @@ def serve(
     llm_dtype: LLMDtypeOpt = None,
     llm_device_map: LLMDeviceMapOpt = None,
     host: Annotated[str, typer.Option(help="Address to bind (default: this machine only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    max_batch_size: Annotated[int, typer.Option(help="Sequences decoded together; others wait.")] = 8,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on (1–65535).")] = 8000,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Sequences decoded together; others wait.")] = 8,
     max_tokens: Annotated[int, typer.Option(help="New tokens for requests that give no max_tokens.")] = 512,
     prefill_chunk: Annotated[
         int,
         typer.Option(
-            help="Read long prompts this many tokens per step, between decoding steps (0: at once)."
+            min=0,
+            help="Read long prompts this many tokens per step, between decoding steps (0: off, read at once).",
         ),
     ] = 512,
     context_length: Annotated[
@@ -114,9 +117,14 @@ def serve(
         model = resolved.decoder.model
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         limit = context_length or getattr(model, "n_ctx", None) or positions or 4096
-        name = model_name or gen.slm.name
+        name = model_name or (gen.llm.name if resolved.llm_alone else gen.slm.name)
         server_app = create_app(
-            scheduler, gen.tokenizer, model_name=name, context_length=limit, default_max_tokens=max_tokens
+            scheduler,
+            gen.tokenizer,
+            model_name=name,
+            context_length=limit,
+            default_max_tokens=max_tokens,
+            llm_alone=resolved.llm_alone,
         )
     except (ValueError, RuntimeError, KeyError, FileNotFoundError) as e:
         fail(str(e))

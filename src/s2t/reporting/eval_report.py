@@ -19,6 +19,7 @@ from s2t.reporting.frontier import (
     cheapest_reaching,
     frontier_markdown,
     frontier_rows,
+    greedy_to_llm_gap,
     plot_frontier,
 )
 from s2t.runs import read_jsonl, write_json_atomic
@@ -236,11 +237,17 @@ def write_report(run_dir: str | Path) -> dict:
     calibration = run_dir / "calibration.json"
     calibrated = json.loads(calibration.read_text()) if calibration.is_file() else None
     frontier = frontier_rows(records, summary, config, calibrated, seed=config.get("seed", 0))
+    gap = greedy_to_llm_gap(summary)
     payload = {
         "config": config,
         "calibration": calibrated,
         "methods": summary,
-        "frontier": {"rows": frontier, "cheapest": [cheapest_reaching(frontier, t) for t in GAP_TARGETS]}
+        # no cheapest setting when the LLM alone does not beat greedy: there is no gap to recover
+        "frontier": {
+            "rows": frontier,
+            "greedy_to_llm_gap": gap,
+            "cheapest": [cheapest_reaching(frontier, t) for t in GAP_TARGETS] if gap and gap > 0 else [],
+        }
         if frontier
         else None,
     }

@@ -6,6 +6,11 @@ LLM alone and maj@k are the reference points. Per setting: the trigger rate, acc
 CI, McNemar p-values against greedy and against the LLM, and the share of the greedy→LLM gap it
 recovers with a paired bootstrap CI. Everything is computed from the run's records, so it can be
 redrawn at any time (also while a sweep is still running).
+
+Gap recovered is defined only when the LLM alone beats greedy on the problems both finished; with a
+gap of zero or less the rows carry no gap figures and no setting is named the cheapest. Controls
+(``takeover``, ``random-select``) are points on the plot and rows in the table, never the cheapest
+setting: they measure what the LLM's choice among the candidates is worth, not a way to deploy.
 """
 
 from __future__ import annotations
@@ -24,6 +29,19 @@ from s2t.stats import gap_recovered_ci, mcnemar_exact
 
 REFERENCE_METHODS = ("greedy", "llm")
 GAP_TARGETS = (0.5, 0.8)
+# Selectors that are controls (README: "The method in one screen"), not candidates for deployment.
+CONTROL_SELECTORS = ("takeover", "random-select")
+
+
+def greedy_to_llm_gap(summary: dict) -> float | None:
+    """The LLM alone's accuracy minus greedy's, on the problems both finished (None without both)."""
+    paired = summary.get("llm", {}).get("vs_greedy")
+    return paired["accuracy_diff"] if paired else None
+
+
+def is_control(selector: str) -> bool:
+    """Whether a frontier row's selector family (``takeover``, ``takeover:L``, ...) is a control."""
+    return split_label(selector)[0] in CONTROL_SELECTORS
 
 
 def _setting_label(method: str, config: dict) -> tuple[str, str] | None:
@@ -56,7 +74,9 @@ def frontier_rows(
     whose records predate per-record settings.
 
     Needs greedy and the LLM alone in the run; without them there is no gap to measure and the
-    result is empty. Paired statistics use the problems all of (method, greedy, LLM) finished.
+    result is empty. Paired statistics use the problems all of (method, greedy, LLM) finished. Gap
+    recovered is given only when the LLM alone beats greedy (:func:`greedy_to_llm_gap` > 0) overall
+    and on the row's own paired problems.
     """
     by_method: dict[str, dict[str, bool]] = {}
     thresholds: dict[str, float] = {}
@@ -66,6 +86,7 @@ def frontier_rows(
             thresholds[r["method"]] = r["setting"]["threshold"]
     if not all(m in by_method for m in REFERENCE_METHODS):
         return []
+    gap_positive = (greedy_to_llm_gap(summary) or 0.0) > 0
     rows = []
     for method, entry in summary.items():
         label = _setting_label(method, config)
@@ -94,7 +115,7 @@ def frontier_rows(
             "p_vs_greedy": mcnemar_exact(this, greedy).p_value,
             "p_vs_llm": mcnemar_exact(this, llm).p_value,
         }
-        if sum(llm) != sum(greedy):
+        if gap_positive and sum(llm) > sum(greedy):
             gap = gap_recovered_ci(this, greedy, llm, seed=seed)
             row |= {"gap_recovered": gap.estimate, "gap_ci_low": gap.low, "gap_ci_high": gap.high}
         rows.append(row)
@@ -135,8 +156,12 @@ def _pair_selectors(rows: list[dict], by_method: dict[str, dict[str, bool]]) -> 
 
 def cheapest_reaching(rows: list[dict], target: float) -> dict:
     """The cheapest complete setting whose gap recovered reaches ``target``: by its point estimate,
-    and (stricter) by its CI's lower bound. Only settings on every paired problem count."""
-    full = [r for r in rows if "gap_recovered" in r and r["n_paired"] == max(x["n_paired"] for x in rows)]
+    and (stricter) by its CI's lower bound. Only settings on every paired problem count, and never a
+    control (:data:`CONTROL_SELECTORS`); rows without gap figures (no positive gap) never count."""
+    most = max((x["n_paired"] for x in rows), default=0)
+    full = [
+        r for r in rows if "gap_recovered" in r and r["n_paired"] == most and not is_control(r["selector"])
+    ]
     estimate = next((r["method"] for r in full if r["gap_recovered"] >= target), None)
     lower_bound = next((r["method"] for r in full if r["gap_ci_low"] >= target), None)
     return {"target": target, "by_estimate": estimate, "by_ci_low": lower_bound}
@@ -147,12 +172,21 @@ def frontier_markdown(rows: list[dict], summary: dict) -> str:
     if not rows:
         return ""
     g, llm = summary["greedy"], summary["llm"]
+    gap = greedy_to_llm_gap(summary)
+    positive = gap is not None and gap > 0
+    if positive:
+        definition = "Gap recovered: (accuracy − greedy) / (LLM − greedy), with a paired bootstrap 95% CI over problems."
+    else:
+        paired = f" ({100 * gap:+.1f} points on the problems both finished)" if gap is not None else ""
+        definition = (
+            f"The greedy→LLM gap is not positive{paired}: the LLM alone does not beat greedy here, so no "
+            "gap recovered is given and no setting is named the cheapest."
+        )
     lines = [
         "## Accuracy–cost frontier",
         "",
         f"Reference points: greedy {g['accuracy']:.1%}, LLM alone {llm['accuracy']:.1%} "
-        f"({llm['mean_llm_forward_tokens']:.0f} LLM tokens read per problem). Gap recovered: "
-        "(accuracy − greedy) / (LLM − greedy), with a paired bootstrap 95% CI over problems.",
+        f"({llm['mean_llm_forward_tokens']:.0f} LLM tokens read per problem). {definition}",
         "",
         "| method | trigger setting (threshold) | trigger rate | accuracy (95% CI) | n | gap recovered (95% CI) "
         "| p vs greedy | p vs LLM | LLM tokens / problem | LLM calls | time / problem (s) | S2T vs Takeover |",
@@ -173,13 +207,14 @@ def frontier_markdown(rows: list[dict], summary: dict) -> str:
             f" | {r['mean_llm_forward_calls']:.1f} | {r['mean_wall_time_s']:.1f} | {versus} |"
         )
     lines.append("")
-    for target in GAP_TARGETS:
+    for target in GAP_TARGETS if positive else ():
         found = cheapest_reaching(rows, target)
         estimate = found["by_estimate"] or "none"
         strict = found["by_ci_low"] or "none"
         lines.append(
             f"- Cheapest setting recovering ≥ {target:.0%} of the gap: {estimate} (point estimate); "
-            f"{strict} (whole 95% CI at or above {target:.0%})."
+            f"{strict} (whole 95% CI at or above {target:.0%}); controls ({', '.join(CONTROL_SELECTORS)}) "
+            "are not candidates."
         )
     lines.append(
         "- S2T vs Takeover: problems only S2T / only Takeover solved at the same setting, exact McNemar p."

@@ -4,8 +4,9 @@
 The method, trigger, K and selector are the scheduler's, fixed at start-up; each request brings
 its own ``max_tokens``, ``temperature``, ``top_p``, ``stop`` and ``seed``, and may ask for
 log-probabilities (``logprobs``/``echo`` on completions, ``logprobs``/``top_logprobs`` on chat),
-which come from the SLM's next-token distribution (the prompt's, for ``echo``, on the torch engine
-only: the llama.cpp backend answers that with a 400). Every answer carries OpenAI's ``usage`` block
+which come from the decoding model's next-token distribution (the SLM's; the LLM's when it is
+served alone, as the ``llm`` baseline; the prompt's, for ``echo``, on the torch engine only: the
+llama.cpp backend answers that with a 400). Every answer carries OpenAI's ``usage`` block
 and our cost record (``s2t_cost``: LLM calls and tokens, triggers, trigger rate, ...) for its
 sequence, as if it had been decoded alone; a stream carries them in a last chunk with no choices,
 only when ``stream_options.include_usage`` asks. Parameters OpenAI defines that we do not implement
@@ -30,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from transformers import PreTrainedTokenizerBase
 
+from s2t.api import llm_alone_cost
 from s2t.engine import Generation, Request, Scheduler, StepOutput, prompt_logprobs
 from s2t.prompts import build_chat_prompt
 from s2t.serving.protocol import (
@@ -119,11 +121,13 @@ def create_app(
     model_name: str,
     context_length: int,
     default_max_tokens: int = 512,
+    llm_alone: bool = False,
 ) -> FastAPI:
     """The application serving ``scheduler``'s method under the name ``model_name``.
 
     ``context_length`` bounds prompt + ``max_tokens``; ``default_max_tokens`` applies when a request
-    gives none (cut to what the context leaves).
+    gives none (cut to what the context leaves). ``llm_alone``: the scheduler decodes greedily with
+    the LLM (the ``llm`` baseline), so its forward passes are reported as LLM cost.
     """
     worker = EngineWorker(scheduler)
     method = scheduler.method
@@ -168,7 +172,9 @@ def create_app(
     @app.get("/v1/models")
     async def models() -> dict:
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "select-to-think"}
-        return {"object": "list", "data": [{**card, "s2t_method": method.describe()}]}
+        # the LLM alone decodes greedily with no trigger: its greedy Method's parts would mislead
+        described = {"name": method.name, "decoder": "the LLM alone"} if llm_alone else method.describe()
+        return {"object": "list", "data": [{**card, "s2t_method": described}]}
 
     def prepare(
         body: SamplingRequest,
@@ -280,7 +286,8 @@ def create_app(
             "completion_tokens": completion,
             "total_tokens": len(prompt) + completion,
         }
-        return finish, {"usage": usage, "s2t_cost": {**generation.cost.to_dict(), "method": method.name}}
+        cost = llm_alone_cost(generation.cost) if llm_alone else generation.cost
+        return finish, {"usage": usage, "s2t_cost": {**cost.to_dict(), "method": method.name}}
 
     async def collect(ticket: Ticket, text: TextStream, connection: HTTPRequest) -> list | None:
         """The whole answer, or None if the client went away meanwhile (its batch slot is freed)."""

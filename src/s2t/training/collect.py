@@ -60,7 +60,7 @@ from s2t.policies.features import logit_statistics, rank_of
 from s2t.policies.triggers import make_trigger
 from s2t.prompts import build_prompt
 from s2t.run_driver import RunDriver
-from s2t.runs import RunDirectory, read_jsonl
+from s2t.runs import RunDirectory, check_run_path, read_jsonl
 from s2t.teacher_forcing import trajectory_forward
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ class CollectConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"--limit must be >= 1 (or none, for every problem); got {self.limit}")
+            raise ValueError(f"--limit must be >= 1 (or all, for every problem); got {self.limit}")
         if self.offset < 0 or self.min_step < 0:
             raise ValueError(f"--offset and min_step must be >= 0; got {self.offset}, {self.min_step}")
         group_settings(self.groups_at)  # validates the settings before any model loads
@@ -405,6 +405,7 @@ class Collector:
                     "with workers > 1 each worker loads its own models: pass names in the config"
                 )
             import_ray()  # fail before anything is written
+        check_run_path(out_dir)  # before the models load
         # the models load (and K is checked against their vocabulary) before config.json is written
         self._worker = None if workers > 1 else CollectWorker(config, slm, llm)
         self.run = RunDirectory(
@@ -417,6 +418,7 @@ class Collector:
             ignore_keys={"limit", "batch_size", "llm_device_map"},
             legacy=LEGACY_CONFIG,
         )
+        self.run.bind_problems((p.id, p.digest) for p in problems)
         # features first: a recorded problem never points to a missing file
         self.driver = RunDriver(
             self.run,

@@ -6,6 +6,7 @@
 #   bash bench/s2t_local_verdict.sh s2t-local   # collect 1,000 train problems, train, learning curve, S2T-Local rows
 #   bash bench/s2t_local_verdict.sh learned-trigger  # S2T at the hidden-state learned trigger, 100 test problems
 #   bash bench/s2t_local_verdict.sh status      # how far each lane has got
+#   bash bench/s2t_local_verdict.sh verdict     # the table and the goal's verdict (each lane ends with it)
 #
 # Run each lane under nohup (`nohup bash bench/s2t_local_verdict.sh baselines > logs/baselines.log 2>&1 &`).
 # Both lanes append to one run directory (appends are locked), so the table pairs every method on the
@@ -26,6 +27,7 @@ EVAL=(--threads 1 eval --backend llama.cpp --dataset gsm8k --split test --limit 
 
 baselines() {
     "$S2T" "${EVAL[@]}" --methods greedy,s2t/entropy@0.8,llm,maj@8
+    verdict
 }
 
 s2t_local() {
@@ -50,6 +52,15 @@ s2t_local() {
         --out results/bench/selector_learning_curve-1000-e08.json
     # 4. S2T-Local joins the verdict run: at entropy@0.8 and at its learned trigger, no LLM loaded
     "$S2T" "${EVAL[@]}" --selector "$FEATURES" --methods s2t-local/entropy@0.8,s2t-local/learned
+    verdict
+}
+
+verdict() {
+    # the table and the goal's verdict with its failing link (README's outcome); it says "no verdict
+    # yet" until every compared row has finished the 300 problems (each lane ends by running it)
+    "$PYTHON" bench/s2t_local_verdict.py --run "$RUN" --ladder results/bench/selector_ladder-1000-e08.json \
+        --trigger "$FEATURES" --cost results/s2t-local-cost-gsm8k-train-8-llamacpp-b1 \
+        --out results/bench/s2t_local_verdict-300.json
 }
 
 learned_trigger() {
@@ -112,5 +123,6 @@ case "${1:-}" in
     s2t-local) s2t_local ;;
     learned-trigger) learned_trigger ;;
     status) status ;;
-    *) echo "usage: bash bench/s2t_local_verdict.sh {baselines|s2t-local|learned-trigger|status}" >&2; exit 2 ;;
+    verdict) verdict ;;
+    *) echo "usage: bash bench/s2t_local_verdict.sh {baselines|s2t-local|learned-trigger|status|verdict}" >&2; exit 2 ;;
 esac

@@ -91,12 +91,15 @@ def load_script(path: str):
 
 
 def tiny_eval_config(tmp_path: Path, questions, **options):
-    """An :class:`~s2t.evaluate.EvalConfig` over ``questions`` (each answered "4"), written as a tiny
-    test set in ``tmp_path``, for the tiny models with short decoding; ``options`` override any field."""
+    """An :class:`~s2t.evaluate.EvalConfig` over ``questions`` (each answered "4"; prefixed "Test: ", so
+    that a selector collected on the same tiny questions is not refused as trained on them), written as a
+    tiny test set in ``tmp_path``, for the tiny models with short decoding; ``options`` override any field."""
     from s2t.evaluate import EvalConfig
 
     test_file = tmp_path / "test.jsonl"
-    test_file.write_text("".join(json.dumps({"question": q, "answer": "#### 4"}) + "\n" for q in questions))
+    test_file.write_text(
+        "".join(json.dumps({"question": f"Test: {q}", "answer": "#### 4"}) + "\n" for q in questions)
+    )
     defaults = dict(
         slm="tiny",
         llm="none",

@@ -220,35 +220,24 @@ def test_calibration_uses_training_problems_and_refuses_overlap(tmp_path, data_f
     )
     payload = evaluate(cfg, tmp_path / "run", progress=False, generator=generator)
     assert payload["calibration"]["entropy@0.8"]["problems"] == [f"gsm8k/train/{i}" for i in range(3)]
-    # evaluating on the very problems used for calibration is refused
-    cfg = config(
-        None,
-        dataset="gsm8k",
-        split="train",
-        methods=["s2t"],
-        trigger="entropy",
-        threshold=None,
-        calibration_problems=3,
-        limit=2,
-    )
-    with pytest.raises(ValueError, match="calibration problems are among the evaluated problems"):
-        evaluate(cfg, tmp_path / "run2", progress=False, generator=generator)
     relabelled = tmp_path / "relabelled.jsonl"  # the training file, evaluated as a "test" split
     relabelled.write_text((data_dir / "gsm8k" / "train.jsonl").read_text())
-    cfg = config(str(relabelled), methods=["s2t"], trigger="entropy", threshold=None, calibration_problems=3)
-    with pytest.raises(ValueError, match="e.g. gsm8k/train/0"):
-        evaluate(cfg, tmp_path / "run3", progress=False, generator=generator)
-    # other problems under the training split's ids: no overlap
-    cfg = config(
-        data_file,
-        dataset="gsm8k",
-        split="train",
-        methods=["s2t"],
-        trigger="entropy",
-        threshold=None,
-        calibration_problems=3,
-    )
-    evaluate(cfg, tmp_path / "run4", progress=False, generator=generator)
+    calibrated = dict(methods=["s2t"], trigger="entropy", threshold=None, calibration_problems=3)
+    for n, (source, options) in enumerate(
+        (
+            (None, dict(dataset="gsm8k", split="train", limit=2)),  # the very calibration problems
+            (str(relabelled), {}),
+            (data_file, dict(dataset="gsm8k", split="train")),  # other problems under the training ids
+        )
+    ):
+        run = tmp_path / f"run{n + 2}"
+        if n < 2:
+            with pytest.raises(
+                ValueError, match="calibration problems are among the evaluated.*gsm8k/train/0"
+            ):
+                evaluate(config(source, **calibrated, **options), run, progress=False, generator=generator)
+        else:
+            evaluate(config(source, **calibrated, **options), run, progress=False, generator=generator)
 
 
 def test_a_dataset_that_cannot_be_loaded_leaves_no_run_directory(tmp_path, generator, monkeypatch):

@@ -841,3 +841,45 @@ def test_a_ladder_without_validation_groups_or_without_training_groups_is_refuse
         selector_ladder(tiny_collection, [], k=4)
     with pytest.raises(ValueError, match="nothing is left to fit the shallow model on"):
         selector_ladder(tiny_collection, ids, k=4)
+
+
+def test_the_verdict_script_names_the_failing_link_and_waits_for_complete_rows():
+    from tests.conftest import load_script
+
+    script = load_script("bench/s2t_local_verdict.py")
+
+    summary = {
+        "greedy": {"accuracy": 0.28, "n": 300},
+        "maj@8": {"accuracy": 0.37, "n": 300},
+        "s2t/entropy@0.8": {"accuracy": 0.50, "n": 300},
+        "s2t-local/entropy@0.8": {"accuracy": 0.29, "n": 300},
+    }
+    ladder = {
+        "rows": [
+            {"name": "SLM top-1", "agreement": {"value": 0.67, "low": 0.64, "high": 0.70}},
+            {"name": "shallow (boosted trees)", "agreement": {"value": 0.68, "low": 0.65, "high": 0.71}},
+            {"name": "features (sel)", "agreement": {"value": 0.675, "low": 0.645, "high": 0.705}},
+        ]
+    }
+    trigger = {"learned": {"auroc": 0.917}, "entropy": {"auroc": 0.917}}
+    quiet = {"greedy": 1.0, "s2t-local": 1.04}
+    result = script.verdict(summary, 300, ladder, trigger, quiet)
+    assert result["goal_met"] is False and result["cost_met"] and not result["accuracy_met"]
+    assert result["failing_link"].startswith(
+        "the selector's agreement at the trigger's points: features (sel) 67.5%"
+    )
+    assert any(link.startswith("the learned trigger's AUROC") for link in result["all_failing_links"])
+    # the ceiling comes first: no selector closes a gap the LLM's own choice does not
+    low_ceiling = summary | {"s2t/entropy@0.8": {"accuracy": 0.36, "n": 300}}
+    assert script.verdict(low_ceiling, 300, ladder, trigger, quiet)["failing_link"].startswith("the ceiling")
+    # a selector above the top-1 and accurate enough meets the goal, if the quiet cost allows
+    good = summary | {"s2t-local/entropy@0.8": {"accuracy": 0.40, "n": 300}}
+    assert script.verdict(good, 300, ladder, trigger, quiet)["goal_met"] is True
+    assert script.verdict(good, 300, ladder, trigger, {"s2t-local": 1.3})["failing_link"].startswith(
+        "the cost"
+    )
+    # no verdict before every compared row has finished the same problems
+    partial = summary | {"maj@8": {"accuracy": 0.37, "n": 140}}
+    result = script.verdict(partial, 300, ladder, trigger, quiet)
+    assert result["goal_met"] is None and "maj@8 (140/300)" in result["sentence"]
+    assert "an s2t-local row" in script.verdict({"greedy": summary["greedy"]}, 300)["sentence"]

@@ -12,7 +12,7 @@ from s2t.analysis import score_trajectories
 from s2t.data import Problem
 from s2t.engine import Method, ModelStream, decode, left_pad
 from s2t.policies import EntropyTrigger, TopK
-from s2t.policies.learned_selector import LocalSelector, SelectorCheckpointError
+from s2t.policies.learned_selector import LocalSelector, SelectorCheckpointError, load_selector
 from s2t.policies.scoring import candidate_hidden_states
 from s2t.prompts import build_prompt
 from s2t.training.collect import CollectConfig, Collector, LeakageError
@@ -349,6 +349,14 @@ def test_s2t_local_evaluation_needs_no_llm_and_refuses_leaky_problems(collected,
     )
     with pytest.raises(ValueError, match="refusing a leaky evaluation"):
         evaluate(leaky, tmp_path / "run2", progress=False, generator=gen)
+    # ... also relabelled: the training problems in a file evaluated as another dataset's test split
+    # (the selector records its collection's problem digests)
+    assert len(load_selector(tmp_path / "sel").config.training["collection"]["problem_digests"]) == 4
+    relabelled = EvalConfig(
+        **{**cfg.__dict__, "dataset": "renamed", "data_file": str(train_file), "methods": ["s2t-local"]}
+    )
+    with pytest.raises(ValueError, match=r"trained on 4 of the evaluated problems \(e.g. renamed/test/0\)"):
+        evaluate(relabelled, tmp_path / "run3", progress=False, generator=gen)
 
 
 def test_a_run_gains_s2t_local_later_but_never_mixes_two_selectors(collected, slm, tmp_path):

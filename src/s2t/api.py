@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from s2t.builtin_models import cache_root
+from s2t.data import question_digest
 from s2t.engine import CostRecord, Method, Scheduler, decode_stream
 from s2t.methods import (
     LLM_ALONE,
@@ -430,11 +431,6 @@ class CalibrationStore:
         return stored[key]
 
 
-def _normalised(question: str) -> str:
-    """A question as the leakage checks compare it: whitespace runs as one space."""
-    return " ".join(question.split())
-
-
 class Calibrator:
     """The one place trigger thresholds are calibrated: the ``quantile`` of the trigger's statistic
     while the SLM greedily decodes the spec's :class:`~s2t.methods.CalibrationSource` (after
@@ -464,7 +460,7 @@ class Calibrator:
         self.system_prompt = system_prompt
         # compared by content, not id: a training file relabelled as a test split is still caught, and
         # a file of other problems whose ids happen to match the calibration's is not refused
-        self.evaluated_questions = {_normalised(q) for q in evaluated_questions or ()}
+        self.evaluated_questions = {question_digest(q) for q in evaluated_questions or ()}
         self._statistics: dict[str, torch.Tensor] = {}
 
     @staticmethod
@@ -516,7 +512,7 @@ class Calibrator:
         overlap = [
             ids[i] if ids else repr(q[:40])
             for i, q in enumerate(questions)
-            if _normalised(q) in self.evaluated_questions
+            if question_digest(q) in self.evaluated_questions
         ]
         if overlap:
             raise ValueError(

@@ -24,6 +24,9 @@ from typing import Any
 DATA_DIR_ENV = "S2T_DATA_DIR"
 
 
+PROBLEM_DIGEST_CHARS = 16  # of Problem.digest: what a selector or learned trigger records per problem
+
+
 @dataclass(frozen=True)
 class Problem:
     """One benchmark problem.
@@ -41,9 +44,16 @@ class Problem:
 
     @property
     def digest(self) -> str:
-        """SHA-256 (hex) of the question and the gold answer: the content a run directory binds this
-        problem's id to (:meth:`s2t.runs.RunDirectory.bind_problems`)."""
-        return hashlib.sha256(json.dumps([self.question, self.answer]).encode()).hexdigest()
+        """:func:`question_digest` of the question: what a run directory binds this problem's id to
+        (:meth:`s2t.runs.RunDirectory.bind_problems`), and what the leakage checks compare."""
+        return question_digest(self.question)
+
+
+def question_digest(question: str) -> str:
+    """SHA-256 (hex) of a question with its whitespace runs as one space: two problems are one problem
+    for the leakage checks and the run binding when their questions are, whatever their ids (a gold
+    answer edited under the same ``--data-file`` is caught by the file's own digest)."""
+    return hashlib.sha256(" ".join(question.split()).encode()).hexdigest()
 
 
 class DatasetUnavailableError(RuntimeError):

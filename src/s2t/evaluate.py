@@ -31,7 +31,7 @@ from pathlib import Path
 
 from s2t.api import CalibrationStore, Calibrator, ResolvedMethod, S2TGenerator
 from s2t.backends import make_generator, resolve_backend
-from s2t.data import Problem, data_file_digest, load_problems
+from s2t.data import PROBLEM_DIGEST_CHARS, Problem, data_file_digest, load_problems
 from s2t.engine import CostRecord, Method
 from s2t.grading import grade, majority_vote
 from s2t.method_names import LLM_ALONE
@@ -188,19 +188,7 @@ class EvalConfig:
         check_model_name(self.slm)
         check_model_name(self.llm)
         check_device_map(self.llm_device_map)
-        # the run's trigger options as a plain `s2t` would read them (no model loads, nothing decodes)
-        MethodSpec.parse(
-            "s2t",
-            trigger=self.trigger,
-            threshold=self.threshold,
-            quantile=self.quantile,
-            k=self.k,
-            ratio=self.ratio,
-            min_step=self.min_step,
-            selector=self.selector,
-            calibration=self.calibration_source(),
-            slm=self.slm,
-        )
+        self.spec("s2t")  # the run's trigger options as a plain `s2t` reads them (nothing loads)
         if self.selector is not None and not any(self.uses_selector(m) for m in self.methods):
             from s2t.policies.learned_selector import CONFIG_NAME, check_selector_checkpoint
             from s2t.policies.learned_trigger import CONFIG_NAME as TRIGGER_CONFIG
@@ -584,21 +572,28 @@ class Evaluator:
 
         specs = [s for s in map(self.config.spec, self.config.methods) if s is not None and s.selector]
         evaluated = {p.id for p in self.problems}
+        # by content too: training problems relabelled (a training file evaluated as a test split)
+        by_content = {p.digest[:PROBLEM_DIGEST_CHARS]: p.id for p in self.problems}
+
+        def leaked(ids, digests) -> set[str]:
+            return (set(ids) & evaluated) | {by_content[d] for d in digests if d in by_content}
+
         if any(is_local_method(s.name) for s in specs):
             training = load_selector(self.config.selector).config.training
             seen = set(training.get("train_problem_ids", [])) | set(
                 training.get("validation_problem_ids", [])
             )
-            _refuse_leak("the selector", seen & evaluated)
+            digests = (training.get("collection") or {}).get("problem_digests") or []
+            _refuse_leak("the selector", leaked(seen, digests))
         if any(s.trigger == "learned" for s in specs):
-            fitted_on = LearnedTrigger.from_pretrained(self.config.selector).config.problem_ids
-            if not fitted_on:
+            config = LearnedTrigger.from_pretrained(self.config.selector).config
+            if not config.problem_ids:
                 logger.warning(
                     "the learned trigger in %s records no problems (saved before they were recorded): "
                     "it cannot be checked for leakage; retrain it with `s2t train` to have it checked",
                     self.config.selector,
                 )
-            _refuse_leak("the learned trigger", set(fitted_on) & evaluated)
+            _refuse_leak("the learned trigger", leaked(config.problem_ids, config.problem_digests))
 
 
 def _refuse_leak(what: str, leaked: set[str]) -> None:

@@ -489,7 +489,7 @@ class MethodSpec:
             if calibration is None:
                 raise ValueError(
                     f"the {trigger!r} trigger has no threshold: pass threshold=, or calibration_questions= "
-                    "(training problems) to calibrate it as a quantile"
+                    "(training problems) or calibration=CalibrationSource(...) to calibrate it as a quantile"
                 )
             calibration.check()
         if uses_selector:

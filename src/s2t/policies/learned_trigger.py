@@ -44,6 +44,8 @@ class LearnedTriggerConfig:
     # the collection problems it was fitted and validated on (empty: saved before they were recorded),
     # so that an evaluation on any of them is refused as leaky
     problem_ids: list[str] = field(default_factory=list)
+    # and their content's digests (s2t.training.collect.collection_problem_digests; empty: saved before)
+    problem_digests: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         check_range("threshold", self.threshold, 0, 1)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save
 
-from s2t.data import Problem, data_file_digest, load_problems
+from s2t.data import PROBLEM_DIGEST_CHARS, Problem, data_file_digest, load_problems
 from s2t.engine import Method, decode
 from s2t.models import (
     DEFAULT_LLM,
@@ -60,7 +60,7 @@ from s2t.policies.features import logit_statistics, rank_of
 from s2t.policies.triggers import make_trigger
 from s2t.prompts import build_prompt
 from s2t.run_driver import RunDriver
-from s2t.runs import RunDirectory, check_run_path, read_jsonl
+from s2t.runs import PROBLEM_DIGESTS, RunDirectory, check_run_path, read_jsonl
 from s2t.teacher_forcing import trajectory_forward
 
 if TYPE_CHECKING:
@@ -275,7 +275,36 @@ def collection_summary(groups_dir: str | Path, groups_at: str | None = None) -> 
     summary = {k: config.get(k) for k in ("dataset", "split", "mode", "k", "slm", "llm", "groups_at")}
     if groups_at:
         summary["trained_at_thresholds"] = stored_group_thresholds(groups_dir, groups_at)
+    summary["problem_digests"] = collection_problem_digests(groups_dir)
     return summary
+
+
+def collection_problem_digests(groups_dir: str | Path) -> list[str]:
+    """The content digests (:attr:`s2t.data.Problem.digest`, first 16 hex characters, sorted) of the
+    problems a collection recorded, so that a selector or a learned trigger trained on it is refused on
+    them however they are labelled later (a training file evaluated as a test split). Read from the
+    run's ``problem_digests.json``; a collection made before that file is re-read from the data its
+    ``config.json`` names, and [] (with a warning: the check then goes by problem id only) where that
+    data is not on this machine."""
+    groups_dir = Path(groups_dir)
+    ids = {r["problem_id"] for r in read_jsonl(groups_dir / "problems.jsonl")}
+    bound = groups_dir / PROBLEM_DIGESTS
+    if bound.is_file():
+        digests = json.loads(bound.read_text())
+    else:
+        c = collection_config(groups_dir)
+        try:
+            problems = load_problems(c["dataset"], c["split"], None, 0, c.get("data_file"))
+        except (ValueError, OSError, RuntimeError) as e:
+            logger.warning(
+                "%s records no problem digests and its data cannot be read (%s): the selector's leakage "
+                "check will go by problem id only",
+                groups_dir,
+                e,
+            )
+            return []
+        digests = {p.id: p.digest for p in problems}
+    return sorted(digests[i][:PROBLEM_DIGEST_CHARS] for i in ids if i in digests)
 
 
 def fires_at(setting, threshold: float | None, statistics: dict[str, torch.Tensor]) -> torch.Tensor:

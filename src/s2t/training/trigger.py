@@ -27,7 +27,13 @@ from tqdm.auto import tqdm
 from s2t.policies.features import LOGIT_FEATURES, step_features, without_hidden
 from s2t.policies.learned_selector import model_fingerprint
 from s2t.policies.learned_trigger import LearnedTrigger, LearnedTriggerConfig
-from s2t.training.collect import check_rebuildable, collected_records, read_features, rebuild_position_tensors
+from s2t.training.collect import (
+    check_rebuildable,
+    collected_records,
+    collection_problem_digests,
+    read_features,
+    rebuild_position_tensors,
+)
 from s2t.training.objective import split_problems
 
 log = logging.getLogger(__name__)
@@ -324,5 +330,6 @@ def train_trigger(
         target_rate,
         metrics,
         problem_ids=[r["problem_id"] for r in collected_records(groups_dir, need_features=False)],
+        problem_digests=collection_problem_digests(groups_dir),
     )
     return LearnedTrigger(w, b, mean, std, config)

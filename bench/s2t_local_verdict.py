@@ -1,0 +1,219 @@
+"""Issue 26's verdict on S2T-Local, from the committed artefacts, in one table and one sentence.
+
+    python bench/s2t_local_verdict.py \\
+        --run results/eval-gsm8k-test-300-llamacpp \\
+        --ladder results/bench/selector_ladder-1000-e08.json \\
+        --trigger results/selector-features-gsm8k-train-1000-e08 \\
+        --cost results/s2t-local-cost-gsm8k-train-8-llamacpp-b1 \\
+        --out results/bench/s2t_local_verdict.json
+
+The goal: S2T-Local at least as accurate as maj@8 (point estimates, on the same problems) at no more
+than 1.15x greedy's time per generated token, measured on a quiet machine (``--cost``: the verdict run
+itself shares its machine with other lanes, so its times are contended), with no LLM loaded. Where it
+is missed, the failing link is named in this order:
+
+1. the ceiling: S2T at the same trigger, where the LLM chooses, is below maj@8: no selector can close it;
+2. the selector: on the held-out training groups at the trigger's points (``--ladder``), no learned
+   selector beats the SLM's top-1 (its agreement's 95% CI reaches the top-1's point estimate);
+3. the trigger: the learned trigger's validation AUROC is not above entropy's (``--trigger``).
+
+Rows that have not finished every problem are shown with their count, and no verdict is given until
+greedy, maj@8, S2T at the trigger and an S2T-Local row have all finished the same problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from s2t.reporting.eval_report import summarize
+from s2t.runs import read_jsonl, write_json_atomic
+
+TIME_GOAL = 1.15  # S2T-Local's time per generated token, relative to greedy's (quiet benchmark)
+MAJORITY = "maj@8"
+CEILING = "s2t/entropy@0.8"
+LOCAL_PREFIX = "s2t-local"
+
+
+def per_token_time_ratios(summary: dict) -> dict[str, float]:
+    """Each method's mean wall time per generated token over greedy's (methods of one run)."""
+    greedy = summary.get("greedy")
+    if not greedy or not greedy["mean_generated_tokens"]:
+        return {}
+    base = greedy["mean_wall_time_s"] / greedy["mean_generated_tokens"]
+    return {
+        m: (e["mean_wall_time_s"] / e["mean_generated_tokens"]) / base
+        for m, e in summary.items()
+        if e["mean_generated_tokens"]
+    }
+
+
+def best_learned_selector(ladder: dict) -> tuple[dict, dict] | None:
+    """The ladder's SLM top-1 row and its best trained selector's row (by agreement), or None."""
+    rows = {r["name"]: r for r in ladder.get("rows", [])}
+    top1 = rows.get("SLM top-1")
+    learned = [r for name, r in rows.items() if name != "SLM top-1" and not name.startswith("shallow")]
+    if top1 is None or not learned:
+        return None
+    return top1, max(learned, key=lambda r: r["agreement"]["value"])
+
+
+def verdict(
+    summary: dict,
+    n_problems: int,
+    ladder: dict | None = None,
+    trigger_metrics: dict | None = None,
+    cost_ratios: dict | None = None,
+) -> dict:
+    """The goal's two halves and, where it is missed, the failing link (see the module docstring).
+
+    Args:
+        summary: :func:`s2t.reporting.eval_report.summarize` of the verdict run.
+        n_problems: how many problems every compared row must have finished.
+        ladder: the selector ladder at the trigger's points (``selector_agreement.py``'s JSON).
+        trigger_metrics: a learned trigger's ``metrics`` (``trigger_config.json``): AUROC per rung.
+        cost_ratios: :func:`per_token_time_ratios` of the quiet cost benchmark.
+
+    Returns:
+        ``{"complete", "rows", "goal_met", "failing_link", "sentence"}``; ``goal_met`` and
+        ``failing_link`` are None while the run is incomplete.
+    """
+    local = sorted(m for m in summary if m.split(":")[0].split("/")[0] == LOCAL_PREFIX)
+    needed = ["greedy", MAJORITY, CEILING, *local]
+    complete = bool(local) and all(summary.get(m, {}).get("n") == n_problems for m in needed)
+    result: dict = {"complete": complete, "n_problems": n_problems, "goal_met": None, "failing_link": None}
+    if not complete:
+        missing = [f"{m} ({summary.get(m, {}).get('n', 0)}/{n_problems})" for m in needed if m in summary]
+        missing += [m for m in needed if m not in summary] + ([] if local else ["an s2t-local row"])
+        result["sentence"] = "No verdict yet: not every row has finished: " + ", ".join(missing) + "."
+        return result
+    maj = summary[MAJORITY]["accuracy"]
+    best = max(local, key=lambda m: summary[m]["accuracy"])
+    ratios = cost_ratios or {}
+    quiet = {m: ratios[m] for m in ratios if m.startswith(LOCAL_PREFIX)}
+    accuracy_met = summary[best]["accuracy"] >= maj
+    cost_met = bool(quiet) and max(quiet.values()) <= TIME_GOAL
+    result |= {
+        "best_s2t_local": best,
+        "accuracy_met": accuracy_met,
+        "cost_met": cost_met,
+        "quiet_time_per_token_vs_greedy": quiet,
+    }
+    result["goal_met"] = accuracy_met and cost_met
+    if result["goal_met"]:
+        result["sentence"] = (
+            f"Goal met: {best} gets {summary[best]['accuracy']:.1%} against maj@8's {maj:.1%}, at "
+            f"{max(quiet.values()):.2f}x greedy's time per token, with no LLM loaded."
+        )
+        return result
+    links = []  # the accuracy's links, where it is missed, then the cost's
+    if not accuracy_met and summary[CEILING]["accuracy"] < maj:
+        links.append(
+            f"the ceiling: S2T at the same trigger gets {summary[CEILING]['accuracy']:.1%}, below maj@8's {maj:.1%}"
+        )
+    pair = None if accuracy_met else best_learned_selector(ladder or {})
+    if pair is not None:
+        top1, learned = pair
+        if learned["agreement"]["low"] <= top1["agreement"]["value"]:
+            links.append(
+                f"the selector's agreement at the trigger's points: {learned['name']} "
+                f"{learned['agreement']['value']:.1%} ({learned['agreement']['low']:.1%}–"
+                f"{learned['agreement']['high']:.1%}) against the SLM top-1's {top1['agreement']['value']:.1%}"
+            )
+    auroc = {name: (trigger_metrics or {}).get(name, {}).get("auroc") for name in ("learned", "entropy")}
+    if not accuracy_met and None not in auroc.values() and auroc["learned"] <= auroc["entropy"]:
+        links.append(
+            f"the learned trigger's AUROC: {auroc['learned']:.3f}, not above entropy's {auroc['entropy']:.3f}"
+        )
+    if not cost_met:
+        links.append(
+            "the cost: "
+            + (
+                f"{max(quiet.values()):.2f}x greedy's time per token (goal {TIME_GOAL}x)"
+                if quiet
+                else "no quiet cost benchmark given"
+            )
+        )
+    result["failing_link"] = (
+        links[0] if links else "none of the measured links (the selector beats the top-1)"
+    )
+    result["all_failing_links"] = links
+    result["sentence"] = (
+        f"Goal missed: the best S2T-Local row, {best}, gets {summary[best]['accuracy']:.1%} against maj@8's "
+        f"{maj:.1%}; the failing link is {result['failing_link']}."
+    )
+    return result
+
+
+def markdown(summary: dict, result: dict, cost_ratios: dict) -> str:
+    """The verdict run's rows (times from the run itself are contended; the quiet ones follow), then
+    the verdict's sentence."""
+    lines = [
+        "| method | accuracy (95% CI) | n | p vs greedy | p vs maj@8 | trigger rate | time / token vs greedy (this run) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ratios = per_token_time_ratios(summary)
+    for m, e in summary.items():
+        p_greedy = f"{e['vs_greedy']['p_value']:.2g}" if "vs_greedy" in e else "–"
+        p_maj = f"{e['vs_maj']['p_value']:.2g}" if "vs_maj" in e else "–"
+        ratio = f"{ratios[m]:.2f}×" if m in ratios else "–"
+        lines.append(
+            f"| {m} | {e['accuracy']:.1%} ({e['ci_low']:.1%}–{e['ci_high']:.1%}) | {e['n']} | {p_greedy} | {p_maj}"
+            f" | {e['trigger_rate']:.1%} | {ratio} |"
+        )
+    quiet = ", ".join(f"{m} {r:.2f}×" for m, r in cost_ratios.items() if m != "greedy")
+    if quiet:
+        lines += ["", f"Quiet benchmark, time per generated token against greedy's: {quiet}."]
+    return "\n".join(lines) + "\n\n" + result["sentence"]
+
+
+def _optional_json(path: Path | None, option: str):
+    if not path:
+        return None
+    if not path.is_file():
+        print(f"note: {option}: {path} does not exist yet; the verdict goes without it", file=sys.stderr)
+        return None
+    return json.loads(path.read_text())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", required=True, help="the verdict's eval run directory")
+    parser.add_argument("--problems", type=int, default=300, help="problems every compared row must finish")
+    parser.add_argument("--ladder", help="the selector ladder JSON at the trigger's points")
+    parser.add_argument(
+        "--trigger", help="a selector directory holding the learned trigger (trigger_config.json)"
+    )
+    parser.add_argument("--cost", help="the quiet cost benchmark's eval run directory")
+    parser.add_argument("--out", help="write the verdict as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        records = list(read_jsonl(Path(args.run) / "results.jsonl"))
+        if not records:
+            raise ValueError(f"{args.run} holds no results (no results.jsonl records)")
+        summary = summarize(records)
+        # the ladder and the trigger come from the other lane: not there yet is said, not fatal
+        ladder = _optional_json(args.ladder and Path(args.ladder), "--ladder")
+        trigger = _optional_json(args.trigger and Path(args.trigger) / "trigger_config.json", "--trigger")
+        trigger = trigger["metrics"] if trigger else None
+        cost = (
+            per_token_time_ratios(summarize(list(read_jsonl(Path(args.cost) / "results.jsonl"))))
+            if args.cost
+            else {}
+        )
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = verdict(summary, args.problems, ladder, trigger, cost)
+    print(markdown(summary, result, cost))
+    if args.out:
+        write_json_atomic(args.out, result | {"methods": summary, "inputs": vars(args)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -443,3 +443,23 @@ def test_limit_all_and_interrupts_and_bad_data_lines(tiny_pair_dir, data_dir, tm
         bad.write_text(json.dumps(PROBLEMS[0]) + "\n" + json.dumps(line) + "\n")
         with pytest.raises(ValueError, match=f"bad.jsonl:2: {message}"):
             load_problems("gsm8k", "test", data_file=bad)
+
+
+def test_eval_refuses_a_method_another_invocation_is_decoding_into_the_same_run(
+    tiny_pair_dir, data_dir, tmp_path
+):
+    from s2t.runs import RunDirectory
+
+    out = tmp_path / "run"
+    args = eval_args(tiny_pair_dir, data_dir / "gsm8k" / "test.jsonl", out)
+    assert CliRunner().invoke(app, args).exit_code == 0  # greedy on problem 0
+    args[args.index("--limit") + 1] = "2"
+    config = json.loads((out / "config.json").read_text())
+    with RunDirectory(out, config).claim(["greedy"]):  # as if another lane were decoding greedy now
+        result = CliRunner().invoke(app, args)
+        message = " ".join(result.output.split())
+        assert result.exit_code == 2 and "greedy is being run in" in message, message
+        args[args.index("greedy")] = "random-select/random=0.5"  # another method joins meanwhile
+        assert CliRunner().invoke(app, args).exit_code == 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["method"] for line in lines] == ["greedy", *["random-select/random=0.5"] * 2]

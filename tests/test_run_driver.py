@@ -105,3 +105,27 @@ def test_a_run_binds_problem_ids_to_their_content(tmp_path):
     held.bind_problems([("p/0", "x")])
     held.discard_if_unused()
     assert sorted(p.name for p in held.path.iterdir()) == ["notes.txt"]
+
+
+def test_a_claim_keeps_two_invocations_from_decoding_the_same_work(tmp_path):
+    """Lanes may add different methods to one run side by side; the same method twice is refused."""
+    from s2t.runs import RunBusyError, RunDirectory
+
+    run = RunDirectory(tmp_path / "run", {"a": 1})
+    other = RunDirectory(tmp_path / "run", {"a": 1})  # a second invocation on the same directory
+    with run.claim(["greedy", "s2t/entropy@0.8"]):
+        with pytest.raises(RunBusyError, match=r"s2t/entropy@0.8 is being run in .* \(process \d+\)"):
+            with other.claim(["maj@8", "s2t/entropy@0.8"]):
+                pass
+        with other.claim(["maj@8"]):  # another method runs beside it
+            pass
+        with other.claim(["maj@8"]):  # and its claim ended with its block
+            pass
+    with other.claim(["greedy", "s2t/entropy@0.8"]):  # released with the first invocation's block
+        pass
+    # a claim is no work: a run that failed before its first result still gives its directory back
+    fresh = RunDirectory(tmp_path / "fresh", {"a": 1})
+    with fresh.claim(["greedy"]):
+        pass
+    fresh.discard_if_unused()
+    assert not fresh.path.exists()

@@ -21,6 +21,7 @@ resumed run gives the same summary as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -351,23 +352,25 @@ def analyze(
     if run is not None:
         run.bind_problems((p.id, p.digest) for p in problems)
     driver = RunDriver(run, PROBLEMS_FILE, key=lambda r: r["id"])
-    records: dict[str, dict] = {r["id"]: r for r in driver.records()}
+    records: dict[str, dict] = {}
 
     def keep(record: dict) -> None:
         records[record["id"]] = record
 
-    driver.drive(
-        problems,
-        lambda p: p.id,
-        partial(AnalyzeShardWorker, slm, llm, trajectory, divergence, max_new_tokens, system_prompt),
-        done=set(records),
-        shard_size=batch_size,
-        on_record=keep,
-        desc=f"local sufficiency ({trajectory} trajectories)",
-        progress=progress,
-        workers=workers,
-        ray_address=ray_address,
-    )
+    with run.claim(["analyze"]) if run is not None else contextlib.nullcontext():  # one analysis at a time
+        records.update((r["id"], r) for r in driver.records())
+        driver.drive(
+            problems,
+            lambda p: p.id,
+            partial(AnalyzeShardWorker, slm, llm, trajectory, divergence, max_new_tokens, system_prompt),
+            done=set(records),
+            shard_size=batch_size,
+            on_record=keep,
+            desc=f"local sufficiency ({trajectory} trajectories)",
+            progress=progress,
+            workers=workers,
+            ray_address=ray_address,
+        )
 
     selected = [records[p.id] for p in problems]
     statistics = summarize(

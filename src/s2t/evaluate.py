@@ -18,6 +18,7 @@ can gain settings later without re-running what finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -447,6 +448,11 @@ class Evaluator:
         ]
         if any(m != LLM_ALONE for m in pending):  # the SLM decodes: --k must fit its vocabulary
             TopK(self.config.k).check_vocab(self.generator.vocab_size)
+        with self.run.claim(pending) if self.run is not None else contextlib.nullcontext():
+            self._drive_all(self.finished(), on_record)  # what finished until the claim
+        return self.driver.records()
+
+    def _drive_all(self, done: set, on_record: Callable[[dict], None] | None) -> None:
         for method in self.config.methods:
             problem_key = partial(unit_key, method)
             if self.config.uses_selector(method) and self.driver.pending(self.problems, problem_key, done):
@@ -462,7 +468,6 @@ class Evaluator:
                 desc=method,
                 progress=self.progress,
             )
-        return self.driver.records()
 
     def run_shard(self, shard: EvalShard) -> Iterator[dict]:
         """The graded records of each (method, problems) pair of ``shard``, in order, as each finishes,

@@ -110,21 +110,23 @@ def evaluate_distributed(
         logger.info("%d shards of up to %d problems on %d workers", len(built), shard_size, workers)
         return built
 
-    driver.drive(
-        [(method, p) for p in problems for method in config.methods],
-        lambda unit: unit_key(*unit),
-        partial(worker_factory, config, thresholds=thresholds),
-        done=done,
-        shards=shards,
-        unit="result",
-        desc=f"{len(config.methods)} methods on {workers} workers",
-        progress=progress,
-        workers=workers,
-        ray_address=ray_address,
-        max_retries=max_retries,
-        cpus_per_worker=cpus_per_worker,
-        gpus_per_worker=gpus_per_worker,
-    )
+    pending = [m for m in config.methods if any((m, p.id) not in done for p in problems)]
+    with driver.run.claim(pending):  # no other invocation decodes these methods into this run meanwhile
+        driver.drive(
+            [(method, p) for p in problems for method in config.methods],
+            lambda unit: unit_key(*unit),
+            partial(worker_factory, config, thresholds=thresholds),
+            done=done,
+            shards=shards,
+            unit="result",
+            desc=f"{len(config.methods)} methods on {workers} workers",
+            progress=progress,
+            workers=workers,
+            ray_address=ray_address,
+            max_retries=max_retries,
+            cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker,
+        )
     return write_report(driver.run.path)
 
 

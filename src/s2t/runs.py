@@ -10,10 +10,12 @@ refused rather than mixed in.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -44,6 +46,10 @@ def locked(path: Path):
 
 class ConfigMismatchError(ValueError):
     """A run directory already holds results made with a different configuration."""
+
+
+class RunBusyError(ValueError):
+    """Another invocation is running the same work in this run directory (:meth:`RunDirectory.claim`)."""
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -229,6 +235,48 @@ class RunDirectory:
             if given.keys() - bound.keys():
                 write_json_atomic(path, bound | given)
 
+    @contextlib.contextmanager
+    def claim(self, names: Iterable[str]):
+        """Hold, for the block, this run's pieces of work ``names`` (the methods an eval invocation
+        decodes; ``collect`` or ``analyze`` for a whole collection or analysis): two invocations may
+        add different methods to one run side by side, but one that would decode what another is
+        decoding is refused instead of doing it twice. A claim is an advisory lock (``.claim-*.lock``,
+        holding the holder's process id) that ends with the block or the process (POSIX; elsewhere
+        nothing is held).
+
+        Raises:
+            RunBusyError: a piece is held by another invocation (named, with its process id).
+        """
+        held = []
+        try:
+            for name in names:
+                tag = hashlib.sha256(name.encode()).hexdigest()[:8]
+                path = self.path / f".claim-{re.sub(r'[^A-Za-z0-9.@=-]+', '_', name)}-{tag}.lock"
+                handle = open(path, "a+")
+                if fcntl is None:
+                    handle.close()
+                    continue
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    handle.close()
+                    raise RunBusyError(
+                        f"{name} is being run in {self.path} by another invocation ({holder}): wait for it "
+                        "to finish, or give this one other methods"
+                    ) from None
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"process {os.getpid()}")
+                handle.flush()
+                held.append(handle)
+            yield
+        finally:
+            for handle in held:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+                handle.close()
+
     def discard_if_unused(self) -> None:
         """Undo what this invocation made if no file was written since: its ``config.json``, and the
         directory if it made that too (a run that failed before its first result or calibration, e.g.
@@ -245,8 +293,12 @@ class RunDirectory:
         logger.info("nothing was written to %s: removed the config.json this run made", self.path)
 
     def _files(self) -> set[Path]:
-        """The files under the directory, relative to it."""
-        return {p.relative_to(self.path) for p in self.path.rglob("*") if p.is_file()}
+        """The files under the directory, relative to it (claims aside: they hold no work)."""
+        return {
+            p.relative_to(self.path)
+            for p in self.path.rglob("*")
+            if p.is_file() and not p.name.startswith(".claim-")
+        }
 
     def _differences(self, old: dict, new: dict) -> list[str]:
         old = old | {k: v for k, v in self.legacy.items() if old.get(k) is None and k in new}

@@ -491,7 +491,15 @@ class Collector:
         return {r["problem_id"] for r in records if self._has_features(r)}
 
     def run_all(self) -> int:
-        """Collect every problem not yet recorded; returns how many were collected now."""
+        """Collect every problem not yet recorded; returns how many were collected now.
+
+        Raises:
+            RunBusyError: another collector is running on this directory (it would redo its problems).
+        """
+        with self.run.claim(["collect"]):
+            return self._run_all()
+
+    def _run_all(self) -> int:
         records = self.driver.records()
         done = self.done_ids(records)
         todo = self.driver.pending(self.problems, lambda p: p.id, done)

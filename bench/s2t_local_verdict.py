@@ -30,6 +30,7 @@ from pathlib import Path
 
 from s2t.reporting.eval_report import summarize
 from s2t.runs import read_jsonl, write_json_atomic
+from s2t.stats import mcnemar_exact
 
 TIME_GOAL = 1.15  # S2T-Local's time per generated token, relative to greedy's (quiet benchmark)
 MAJORITY = "maj@8"
@@ -82,12 +83,21 @@ def verdict(
     """
     local = sorted(m for m in summary if m.split(":")[0].split("/")[0] == LOCAL_PREFIX)
     needed = ["greedy", MAJORITY, CEILING, *local]
-    complete = bool(local) and all(summary.get(m, {}).get("n") == n_problems for m in needed)
+    unfinished = [
+        f"{m} ({summary[m]['n']}/{n_problems})"
+        for m in needed
+        if summary.get(m, {"n": 0})["n"] < n_problems and m in summary
+    ]
+    absent = [m for m in needed if m not in summary] + ([] if local else ["any s2t-local row"])
+    complete = not unfinished and not absent
     result: dict = {"complete": complete, "n_problems": n_problems, "goal_met": None, "failing_link": None}
     if not complete:
-        missing = [f"{m} ({summary.get(m, {}).get('n', 0)}/{n_problems})" for m in needed if m in summary]
-        missing += [m for m in needed if m not in summary] + ([] if local else ["an s2t-local row"])
-        result["sentence"] = "No verdict yet: not every row has finished: " + ", ".join(missing) + "."
+        parts = ([f"unfinished: {', '.join(unfinished)}"] if unfinished else []) + (
+            [f"absent from the run: {', '.join(absent)}"] if absent else []
+        )
+        result["sentence"] = (
+            f"No verdict yet (every compared row needs {n_problems} problems): " + "; ".join(parts) + "."
+        )
         return result
     maj = summary[MAJORITY]["accuracy"]
     best = max(local, key=lambda m: summary[m]["accuracy"])
@@ -147,7 +157,22 @@ def verdict(
     return result
 
 
-def markdown(summary: dict, result: dict, cost_ratios: dict) -> str:
+def p_values_vs(records: list[dict], other: str) -> dict[str, float]:
+    """Each method's exact McNemar p against ``other`` on the problems both finished (the run's
+    summary pairs with its *first* maj@k, which need not be maj@8)."""
+    by_method: dict[str, dict[str, bool]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], {})[r["problem_id"]] = bool(r["correct"])
+    theirs = by_method.get(other, {})
+    p_values = {}
+    for method, mine in by_method.items():
+        common = sorted(set(mine) & set(theirs))
+        if method != other and common:
+            p_values[method] = mcnemar_exact([mine[i] for i in common], [theirs[i] for i in common]).p_value
+    return p_values
+
+
+def markdown(summary: dict, result: dict, cost_ratios: dict, p_vs_majority: dict[str, float]) -> str:
     """The verdict run's rows (times from the run itself are contended; the quiet ones follow), then
     the verdict's sentence."""
     lines = [
@@ -157,7 +182,7 @@ def markdown(summary: dict, result: dict, cost_ratios: dict) -> str:
     ratios = per_token_time_ratios(summary)
     for m, e in summary.items():
         p_greedy = f"{e['vs_greedy']['p_value']:.2g}" if "vs_greedy" in e else "–"
-        p_maj = f"{e['vs_maj']['p_value']:.2g}" if "vs_maj" in e else "–"
+        p_maj = f"{p_vs_majority[m]:.2g}" if m in p_vs_majority else "–"
         ratio = f"{ratios[m]:.2f}×" if m in ratios else "–"
         lines.append(
             f"| {m} | {e['accuracy']:.1%} ({e['ci_low']:.1%}–{e['ci_high']:.1%}) | {e['n']} | {p_greedy} | {p_maj}"
@@ -169,13 +194,18 @@ def markdown(summary: dict, result: dict, cost_ratios: dict) -> str:
     return "\n".join(lines) + "\n\n" + result["sentence"]
 
 
-def _optional_json(path: Path | None, option: str):
+def _optional_json(path: Path | None, option: str, key: str):
+    """A JSON input another lane writes: not there yet is said (the verdict goes without it); a file
+    without ``key`` is the wrong kind of file (ValueError)."""
     if not path:
         return None
     if not path.is_file():
         print(f"note: {option}: {path} does not exist yet; the verdict goes without it", file=sys.stderr)
         return None
-    return json.loads(path.read_text())
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or key not in data:
+        raise ValueError(f"{option}: {path} holds no {key!r}: not the file this option takes")
+    return data
 
 
 def main(argv=None) -> int:
@@ -197,19 +227,24 @@ def main(argv=None) -> int:
             raise ValueError(f"{args.run} holds no results (no results.jsonl records)")
         summary = summarize(records)
         # the ladder and the trigger come from the other lane: not there yet is said, not fatal
-        ladder = _optional_json(args.ladder and Path(args.ladder), "--ladder")
-        trigger = _optional_json(args.trigger and Path(args.trigger) / "trigger_config.json", "--trigger")
-        trigger = trigger["metrics"] if trigger else None
-        cost = (
-            per_token_time_ratios(summarize(list(read_jsonl(Path(args.cost) / "results.jsonl"))))
-            if args.cost
-            else {}
+        if args.problems < 1:
+            raise ValueError(f"--problems must be >= 1; got {args.problems}")
+        ladder = _optional_json(args.ladder and Path(args.ladder), "--ladder", "rows")
+        trigger = _optional_json(
+            args.trigger and Path(args.trigger) / "trigger_config.json", "--trigger", "metrics"
         )
+        trigger = trigger["metrics"] if trigger else None
+        cost = {}
+        if args.cost:
+            cost_records = list(read_jsonl(Path(args.cost) / "results.jsonl"))
+            if not cost_records:
+                raise ValueError(f"--cost {args.cost} holds no results (no results.jsonl records)")
+            cost = per_token_time_ratios(summarize(cost_records))
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = verdict(summary, args.problems, ladder, trigger, cost)
-    print(markdown(summary, result, cost))
+    print(markdown(summary, result, cost, p_values_vs(records, MAJORITY)))
     if args.out:
         write_json_atomic(args.out, result | {"methods": summary, "inputs": vars(args)})
     return 0

@@ -360,6 +360,10 @@ def test_report_refuses_a_directory_another_command_made_and_writes_nothing(
             "'always' trigger takes no threshold",
         ),
         (["--methods", "maj@1000000"], "maj@K takes 1 <= K <= 256"),
+        (["--methods", "greedy", "--seed", "-5"], "greater than or equal to 0"),
+        (["--methods", ","], "no methods given"),
+        (["--methods", "greedy", "--llm-device-map", "cuda"], "this machine has 0 cuda device(s)"),
+        (["--methods", "greedy", "--llm-device-map", "0"], "is neither a strategy"),
     ],
 )
 def test_eval_checks_every_option_before_anything_is_written(
@@ -463,3 +467,33 @@ def test_eval_refuses_a_method_another_invocation_is_decoding_into_the_same_run(
         assert CliRunner().invoke(app, args).exit_code == 0
     lines = (out / "results.jsonl").read_text().splitlines()
     assert [json.loads(line)["method"] for line in lines] == ["greedy", *["random-select/random=0.5"] * 2]
+
+
+def test_generate_and_eval_refuse_what_eval_refuses_and_a_selector_directory_as_a_run(
+    tiny_pair_dir, data_dir, tmp_path
+):
+    base = [
+        "generate",
+        "2 + 2?",
+        "--slm",
+        tiny_pair_dir["slm"],
+        "--method",
+        "greedy",
+        "--max-new-tokens",
+        "2",
+    ]
+    for options, message in (
+        (["--trigger", "bogus"], "unknown trigger 'bogus'"),
+        (["--selector", str(tmp_path / "none")], "is not a selector checkpoint"),
+        (["--llm", "/nonexistent/llm"], "does not exist"),
+        (["--llm-dtype", "float64"], "dtype must be one of"),
+    ):
+        result = CliRunner().invoke(app, [*base, *options])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), (options, result.output)
+    selector = tmp_path / "sel"
+    selector.mkdir()
+    (selector / "selector_config.json").write_text("{}")
+    result = CliRunner().invoke(app, eval_args(tiny_pair_dir, data_dir / "gsm8k" / "test.jsonl", selector))
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "holds a trained selector (selector_config.json)" in message, message
+    assert sorted(p.name for p in selector.iterdir()) == ["selector_config.json"]

@@ -881,5 +881,8 @@ def test_the_verdict_script_names_the_failing_link_and_waits_for_complete_rows()
     # no verdict before every compared row has finished the same problems
     partial = summary | {"maj@8": {"accuracy": 0.37, "n": 140}}
     result = script.verdict(partial, 300, ladder, trigger, quiet)
-    assert result["goal_met"] is None and "maj@8 (140/300)" in result["sentence"]
-    assert "an s2t-local row" in script.verdict({"greedy": summary["greedy"]}, 300)["sentence"]
+    assert result["goal_met"] is None and "unfinished: maj@8 (140/300)" in result["sentence"]
+    assert (
+        "absent from the run: maj@8, s2t/entropy@0.8, any s2t-local row"
+        in script.verdict({"greedy": summary["greedy"]}, 300)["sentence"]
+    )

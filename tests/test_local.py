@@ -357,6 +357,11 @@ def test_s2t_local_evaluation_needs_no_llm_and_refuses_leaky_problems(collected,
     )
     with pytest.raises(ValueError, match=r"trained on 4 of the evaluated problems \(e.g. renamed/test/0\)"):
         evaluate(relabelled, tmp_path / "run3", progress=False, generator=gen)
+    # ... while other problems under the training problems' ids are not refused: an id is a label
+    same_ids = EvalConfig(**{**cfg.__dict__, "dataset": "tiny", "split": "train", "methods": ["s2t-local"]})
+    assert (
+        evaluate(same_ids, tmp_path / "run4", progress=False, generator=gen)["methods"]["s2t-local"]["n"] == 2
+    )
 
 
 def test_a_run_gains_s2t_local_later_but_never_mixes_two_selectors(collected, slm, tmp_path):
@@ -718,13 +723,16 @@ def test_cli_generate_decodes_with_a_trained_selector_and_never_loads_the_llm(
         slm=slm,
         progress=False,
     )
+    never_loaded = tmp_path / "llm"  # a model directory in name only: loading it would fail
+    never_loaded.mkdir()
+    (never_loaded / "config.json").write_text("{}")
     args = [
         "generate",
         QUESTIONS[0],
         "--slm",
         tiny_pair_dir["slm"],
         "--llm",
-        "/nonexistent/never/loaded",
+        str(never_loaded),
         "--method",
         "greedy,s2t-local",
         "--threshold",

@@ -434,7 +434,7 @@ def test_short_request_behind_a_chunked_long_prompt_gets_its_own_answer(generato
     assert result["short"]["text"] == generator.tokenizer.decode(expected.token_ids, skip_special_tokens=True)
 
 
-def test_cli_serve_builds_the_app_and_loads_no_llm_for_greedy(tiny_pair_dir, monkeypatch):
+def test_cli_serve_builds_the_app_and_loads_no_llm_for_greedy(tiny_pair_dir, monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
     from s2t.cli import app as cli
@@ -442,12 +442,14 @@ def test_cli_serve_builds_the_app_and_loads_no_llm_for_greedy(tiny_pair_dir, mon
 
     served = {}
     monkeypatch.setattr(server, "serve", lambda app, host, port: served.update(app=app, host=host, port=port))
+    (tmp_path / "llm").mkdir()  # a model directory in name only: loading it would fail
+    (tmp_path / "llm" / "config.json").write_text("{}")
     args = [
         "serve",
         "--slm",
         tiny_pair_dir["slm"],
         "--llm",
-        "/nonexistent",
+        str(tmp_path / "llm"),
         "--method",
         "greedy",
         "--port",

@@ -380,6 +380,8 @@ def _as_questions(questions: QuestionsArg) -> list[str]:
     """A list of questions: a single string is one question (never its characters)."""
     if isinstance(questions, str):
         return [questions]
+    if isinstance(questions, (bytes, bytearray)):
+        raise TypeError("questions must be a string or a sequence of strings; got bytes (decode it first)")
     questions = list(questions)
     for i, q in enumerate(questions):
         if not isinstance(q, str):

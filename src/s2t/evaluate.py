@@ -40,6 +40,7 @@ from s2t.methods import (
     CalibrationSource,
     MethodSpec,
     build_method,
+    check_unread_options,
     is_local_method,
     majority_samples,
     split_label,
@@ -50,8 +51,7 @@ from s2t.models import (
     DEFAULT_SLM,
     LEGACY_DECODING,
     batch_invariant,
-    check_device_map,
-    check_model_name,
+    check_model_options,
     parse_dtype,
     resolve_dtype,
 )
@@ -114,6 +114,10 @@ class EvalConfig:
         self.methods = list(canonical)
         if self.calibration_dataset is None:
             self.calibration_dataset = CalibrationSource.for_dataset(self.dataset).dataset
+        if not self.methods:
+            raise ValueError("no methods given: --methods takes a comma-separated list, e.g. greedy,s2t")
+        if self.seed < 0:  # numpy's generators (the bootstrap) take none
+            raise ValueError(f"--seed must be >= 0; got {self.seed}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
         if self.limit is not None and self.limit < 1:
@@ -138,8 +142,6 @@ class EvalConfig:
             self.dtype = self.llm_dtype = GGUF_DTYPE  # recorded: the torch dtype would misname the run
         else:
             self.dtype = resolve_dtype(self.dtype)  # recorded, so a run says which dtype made it
-            if self.llm_dtype is not None:
-                parse_dtype(self.llm_dtype)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         if self.calibration_problems < 1 and self.threshold is None:
@@ -186,21 +188,10 @@ class EvalConfig:
         """Check the options that no listed method reads as well (the models' names, the run's trigger
         options, ``--selector``, ``--llm-device-map``): the run records them, and a later invocation
         that adds a method to this run directory reads them, so a typo must fail now, not then."""
-        check_model_name(self.slm)
-        check_model_name(self.llm)
-        check_device_map(self.llm_device_map)
-        self.spec("s2t")  # the run's trigger options as a plain `s2t` reads them (nothing loads)
-        if self.selector is not None and not any(self.uses_selector(m) for m in self.methods):
-            from s2t.policies.learned_selector import CONFIG_NAME, check_selector_checkpoint
-            from s2t.policies.learned_trigger import CONFIG_NAME as TRIGGER_CONFIG
-            from s2t.policies.learned_trigger import LearnedTrigger
-
-            if (Path(self.selector) / CONFIG_NAME).is_file() or not (
-                Path(self.selector) / TRIGGER_CONFIG
-            ).is_file():
-                check_selector_checkpoint(self.selector, slm=self.slm)  # names what is missing
-            else:  # a directory may hold a learned trigger alone
-                LearnedTrigger.from_pretrained(self.selector)
+        check_model_options(self.slm, self.llm, self.llm_dtype, self.llm_device_map)
+        check_unread_options(
+            list(map(self.spec, self.methods)), self.method_options(), self.calibration_source()
+        )
 
     def calibration_source(self) -> CalibrationSource:
         """The training problems and token budget every trigger of this run is calibrated on."""
@@ -212,8 +203,11 @@ class EvalConfig:
         """The checked :class:`~s2t.methods.MethodSpec` of ``method`` under this run's options (None for maj@K)."""
         if majority_samples(method) is not None:
             return None
-        return MethodSpec.parse(
-            method,
+        return MethodSpec.parse(method, **self.method_options(), calibration=self.calibration_source())
+
+    def method_options(self) -> dict:
+        """This run's options as :meth:`~s2t.methods.MethodSpec.parse` takes them (calibration aside)."""
+        return dict(
             trigger=self.trigger,
             threshold=self.threshold,
             quantile=self.quantile,
@@ -221,7 +215,6 @@ class EvalConfig:
             ratio=self.ratio,
             min_step=self.min_step,
             selector=self.selector,
-            calibration=self.calibration_source(),
             slm=self.slm,
         )
 
@@ -581,7 +574,9 @@ class Evaluator:
         by_content = {p.digest[:PROBLEM_DIGEST_CHARS]: p.id for p in self.problems}
 
         def leaked(ids, digests) -> set[str]:
-            return (set(ids) & evaluated) | {by_content[d] for d in digests if d in by_content}
+            """By question where the checkpoint records its problems' digests (an id is only a label:
+            another file's ``gsm8k/train/0`` may be another problem), else by id."""
+            return {by_content[d] for d in digests if d in by_content} if digests else set(ids) & evaluated
 
         if any(is_local_method(s.name) for s in specs):
             training = load_selector(self.config.selector).config.training

@@ -25,6 +25,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
@@ -319,6 +320,28 @@ def canonical_method_name(name: str, majority: bool = False) -> str:
         )
     _check_local_trigger(name, setting.trigger)
     return f"{base}/{setting.label}"
+
+
+def check_unread_options(specs: Sequence[MethodSpec | None], options: dict, calibration) -> None:
+    """Check the options that none of ``specs`` reads, as a plain ``s2t`` would read them (the
+    trigger, its threshold or quantile, K, the ratio; ``options`` are :meth:`MethodSpec.parse`'s), and
+    a ``selector`` that no spec reads, so that a typo fails rather than being ignored. Nothing loads.
+
+    Raises:
+        ValueError: naming the option (``SelectorCheckpointError`` for a selector that is not one).
+    """
+    MethodSpec.parse("s2t", **options, calibration=calibration)
+    selector = options.get("selector")
+    if selector is None or any(s is not None and s.selector for s in specs):
+        return
+    from s2t.policies.learned_selector import CONFIG_NAME, check_selector_checkpoint
+    from s2t.policies.learned_trigger import CONFIG_NAME as TRIGGER_CONFIG
+    from s2t.policies.learned_trigger import LearnedTrigger
+
+    if (Path(selector) / TRIGGER_CONFIG).is_file() and not (Path(selector) / CONFIG_NAME).is_file():
+        LearnedTrigger.from_pretrained(selector)  # a directory may hold a learned trigger alone
+    else:
+        check_selector_checkpoint(selector, slm=options.get("slm"))  # names what is missing
 
 
 def _check_local_trigger(name: str, trigger: str) -> None:

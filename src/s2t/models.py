@@ -123,21 +123,49 @@ def resolve_model_path(name: str) -> str:
 
 
 # transformers' ``device_map`` strategies and device names (a dict map is the Python API's alone)
-DEVICE_MAP = re.compile(r"^(auto|balanced|balanced_low_0|sequential|cpu|mps|disk|(cuda|xpu|npu)(:\d+)?|\d+)$")
+DEVICE_MAP = re.compile(r"^(auto|balanced|balanced_low_0|sequential|cpu|mps|(cuda|xpu)(:\d+)?)$")
 
 
 def check_device_map(device_map: str | None) -> None:
-    """Refuse a ``--llm-device-map`` that transformers would reject only once the LLM loads.
+    """Refuse a ``--llm-device-map`` that transformers would reject only once the LLM loads: an
+    unknown strategy or device, or a device this machine lacks.
 
     Raises:
         ValueError: not a strategy (auto, balanced, balanced_low_0, sequential) or a device (cpu,
-            cuda, cuda:N, N, mps, xpu:N, ...).
+            cuda, cuda:N, mps, xpu:N), or a device torch cannot see here.
     """
-    if device_map is not None and not DEVICE_MAP.match(device_map):
+    if device_map is None:
+        return
+    if not DEVICE_MAP.match(device_map):
         raise ValueError(
             f"--llm-device-map {device_map!r} is neither a strategy (auto, balanced, balanced_low_0, "
-            "sequential) nor a device (cpu, cuda, cuda:N, N, mps)"
+            "sequential) nor a device (cpu, cuda, cuda:N, mps, xpu:N)"
         )
+    kind, _, index = device_map.partition(":")
+    backends = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None)}
+    if kind in backends:
+        backend = backends[kind]
+        count = backend.device_count() if backend is not None and backend.is_available() else 0
+        if count <= int(index or 0):
+            raise ValueError(f"--llm-device-map {device_map}: this machine has {count} {kind} device(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--llm-device-map mps: this machine has no MPS device")
+
+
+def check_model_options(
+    slm: str, llm: str, llm_dtype: str | None = None, llm_device_map: str | None = None
+) -> None:
+    """Check the model options of a command before anything loads, whether or not its methods use
+    the LLM: :func:`check_model_name` of both, the LLM's dtype and :func:`check_device_map`.
+
+    Raises:
+        ModelLoadError, ValueError: naming the option.
+    """
+    check_model_name(slm)
+    check_model_name(llm)
+    if llm_dtype is not None and llm_dtype != "gguf":  # what a llama.cpp run records
+        parse_dtype(llm_dtype)
+    check_device_map(llm_device_map)
 
 
 @functools.cache

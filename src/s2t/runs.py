@@ -127,8 +127,8 @@ def run_kind(config: dict) -> str:
 
 
 def check_run_path(path: str | os.PathLike) -> None:
-    """Refuse, before any model loads, a run directory path that cannot become a directory: a file,
-    or a path under a file.
+    """Refuse, before any model loads, a run directory path that cannot become a directory (a file,
+    or a path under a file) or that holds a trained selector (``s2t train``'s ``--out``).
 
     Raises:
         ValueError: naming the file in the way.
@@ -138,6 +138,11 @@ def check_run_path(path: str | os.PathLike) -> None:
     if blocking is not None:
         where = "is a file" if blocking == path else f"lies under {blocking}, which is a file"
         raise ValueError(f"--out {path} {where}: give a directory for the run")
+    held = next((n for n in ("selector_config.json", "trigger_config.json") if (path / n).is_file()), None)
+    if held is not None:
+        raise ValueError(
+            f"--out {path} holds a trained selector ({held}): give the run a directory of its own"
+        )
 
 
 class RunDirectory:
@@ -167,6 +172,7 @@ class RunDirectory:
         self.ignore_keys = set(ignore_keys)
         self.content_keys = dict(DATA_FILE_KEYS if content_keys is None else content_keys)
         self.legacy = dict(legacy or {})  # key -> what a stored null meant (an older default)
+        check_run_path(self.path)
         self.created = not self.path.exists()  # this invocation made the directory
         self.path.mkdir(parents=True, exist_ok=True)
         config_file = self.path / "config.json"
@@ -221,8 +227,8 @@ class RunDirectory:
                     raise ValueError("not a JSON object")
             except (OSError, UnicodeDecodeError, ValueError) as e:
                 raise ConfigMismatchError(
-                    f"{path} is unreadable ({e}): use a new --out directory, or delete the file to bind "
-                    "the run to the problems given now"
+                    f"{path} is unreadable ({e}): use a new --out directory (the run's problems can no "
+                    "longer be told from others)"
                 ) from e
             given = dict(problems)
             changed = [pid for pid, digest in given.items() if bound.get(pid, digest) != digest]
@@ -262,9 +268,10 @@ class RunDirectory:
                     handle.seek(0)
                     holder = handle.read().strip() or "another process"
                     handle.close()
+                    other = "" if name in ("collect", "analyze") else ", or give this one other methods"
                     raise RunBusyError(
                         f"{name} is being run in {self.path} by another invocation ({holder}): wait for it "
-                        "to finish, or give this one other methods"
+                        f"to finish{other}"
                     ) from None
                 handle.seek(0)
                 handle.truncate()

@@ -72,7 +72,7 @@ def analyze(
     ks: Annotated[str, typer.Option(help="Comma-separated K values of hit@K.")] = "1,2,4,8,16,32,64",
     max_new_tokens: Annotated[int, typer.Option(help="Stop trajectories after this many new tokens.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Problems per batch.")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the bootstrap.")] = 0,
     out: Annotated[
         Path | None, typer.Option(help="Run directory (default: derived under runs/); re-run to resume.")
     ] = None,

@@ -68,7 +68,7 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 512,
     calibration_problems: CalibrationProblemsOpt = 8,
     batch_size: Annotated[int, typer.Option(help="Problems decoded together.")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed for sampling (maj@k) and random controls.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for sampling (maj@k) and random controls.")] = 0,
     dtype: DecodeDtypeOpt = None,
     selector: Annotated[
         str | None, typer.Option(help="Trained S2T-Local selector directory (s2t-local).")

@@ -30,7 +30,7 @@ from s2t.cli.app import (
     fail,
 )
 from s2t.method_names import LLM_ALONE, METHODS
-from s2t.models import DEFAULT_LLM, DEFAULT_SLM
+from s2t.models import DEFAULT_LLM, DEFAULT_SLM, check_model_options
 
 
 @app.command()
@@ -107,6 +107,7 @@ def generate(
         )
         dataset = problem.split("/")[0] if problem else None
         specs = method_specs(method, options, calibration_problems, max_new_tokens, data_dir, dataset)
+        check_model_options(slm, llm, llm_dtype, llm_device_map)  # also where no method loads the LLM
         if problem is not None:
             found = _problem_by_id(problem, data_dir)
             question, gold = found.question, found.answer
@@ -168,7 +169,7 @@ def method_specs(
     """The checked :class:`~s2t.methods.MethodSpec` of each comma-separated method (before any model
     loads); triggers without a threshold calibrate on the training split of ``dataset`` (else GSM8K
     train) with the run's token budget."""
-    from s2t.methods import CalibrationSource, MethodSpec
+    from s2t.methods import CalibrationSource, MethodSpec, check_unread_options
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if not names:
@@ -176,7 +177,9 @@ def method_specs(
     calibration = CalibrationSource.for_dataset(
         dataset, problems=calibration_problems, max_new_tokens=max_new_tokens, data_dir=data_dir
     )
-    return [MethodSpec.parse(name, **options, calibration=calibration) for name in names]
+    specs = [MethodSpec.parse(name, **options, calibration=calibration) for name in names]
+    check_unread_options(specs, options, calibration)  # a typo in an option no method reads fails too
+    return specs
 
 
 def resolve_with_status(gen, spec):

@@ -141,7 +141,7 @@ def train_command(
     val_fraction: Annotated[
         float, typer.Option(help="Share of training problems held out for validation.")
     ] = 0.1,
-    seed: Annotated[int, typer.Option(help="Seed for the split and initialisation.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for the split and initialisation.")] = 0,
     lora_r: Annotated[int, typer.Option(help="lora: LoRA rank.")] = 16,
     lora_alpha: Annotated[int, typer.Option(help="lora: LoRA alpha (scale alpha/r).")] = 32,
     bins_lr: Annotated[

@@ -27,7 +27,7 @@ from s2t.cli.app import (
     fail,
 )
 from s2t.method_names import METHODS
-from s2t.models import DEFAULT_LLM, DEFAULT_SLM
+from s2t.models import DEFAULT_LLM, DEFAULT_SLM, check_model_options
 
 # Every named method, the baseline ``llm`` included: it is greedy decoding with the LLM as the
 # decoding model (as in ``s2t generate``), and its cost is reported in the LLM columns.
@@ -106,6 +106,7 @@ def serve(
             slm=slm,
         )
         (spec,) = method_specs(method, options, calibration_problems, max_tokens, data_dir)
+        check_model_options(slm, llm, llm_dtype, llm_device_map)  # also where no method loads the LLM
         chosen = resolve_backend(backend, [slm, llm], [spec])
         gen = make_generator(
             chosen, slm, llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map

@@ -163,7 +163,7 @@ def selector_ladder(
     if not in_val.any():
         raise ValueError(
             f"no validation problem holds a group of {groups_dir}: nothing to score the ladder on "
-            "(hold out more problems: --val-fraction, --hold-out-first)"
+            "(hold out more problems: --val-fraction; bench/selector_agreement.py also takes --hold-out-first)"
         )
     if in_val.all():
         raise ValueError(

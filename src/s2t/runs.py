@@ -52,13 +52,25 @@ class RunBusyError(ValueError):
     """Another invocation is running the same work in this run directory (:meth:`RunDirectory.claim`)."""
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()  # read once, at import: os.umask can only be read by setting it
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file so that readers never see it half-written (a temporary file, then a rename)."""
+    """Write a file so that readers never see it half-written (a temporary file, then a rename), with
+    the permissions a plain ``open`` would give it (``mkstemp``'s own are owner-only, which would make
+    a run directory on a shared server unreadable to the rest of a team)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
 
 

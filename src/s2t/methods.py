@@ -299,12 +299,12 @@ def canonical_method_name(name: str, majority: bool = False) -> str:
     trigger on S2T-Local.
     """
     base, setting = split_method_name(name)
-    majority_k = _MAJORITY_PATTERN.match(base)
-    if majority and majority_k and not 1 <= int(majority_k["k"]) <= MAX_MAJORITY_SAMPLES:
+    majority_k = _MAJORITY_PATTERN.match(base) if majority else None
+    if majority_k and not 1 <= int(majority_k["k"]) <= MAX_MAJORITY_SAMPLES:
         raise ValueError(f"method {name!r}: maj@K takes 1 <= K <= {MAX_MAJORITY_SAMPLES} samples per problem")
-    known_majority = majority and majority_samples(base) is not None
+    known_majority = majority_k is not None
     if known_majority and setting is None:
-        return f"maj@{majority_samples(base)}"  # maj@02 is maj@2
+        return f"maj@{int(majority_k['k'])}"  # maj@02 is maj@2
     if not (base in METHODS or split_label(base)[1] is not None or known_majority):
         raise ValueError(
             f"unknown method {name!r}; choose from {', '.join(METHODS)} (or {LABEL_SYNTAX}: "

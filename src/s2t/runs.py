@@ -138,6 +138,12 @@ def run_kind(config: dict) -> str:
     return "another command"
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The file that keeps ``path`` from being a directory: ``path`` itself or one of its parents
+    (None where there is none)."""
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+
+
 def check_run_path(path: str | os.PathLike) -> None:
     """Refuse, before any model loads, a run directory path that cannot become a directory (a file,
     or a path under a file) or that holds a trained selector (``s2t train``'s ``--out``).
@@ -146,7 +152,7 @@ def check_run_path(path: str | os.PathLike) -> None:
         ValueError: naming the file in the way.
     """
     path = Path(path)
-    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(path)
     if blocking is not None:
         where = "is a file" if blocking == path else f"lies under {blocking}, which is a file"
         raise ValueError(f"--out {path} {where}: give a directory for the run")

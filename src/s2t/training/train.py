@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from s2t.policies.learned_selector import LocalSelector
-from s2t.runs import terminate_as_interrupt, write_json_atomic
+from s2t.runs import file_in_the_way, terminate_as_interrupt, write_json_atomic
 from s2t.training.collect import (
     collected_groups_at,
     collected_records,
@@ -229,11 +229,11 @@ def check_output_dir(out: str | Path, overwrite: bool = False, resume: bool = Fa
     out = Path(out)
     if overwrite and resume:
         raise ValueError("--overwrite starts the training again and --resume continues it: give one")
-    if out.exists() and not out.is_dir():
+    blocking = file_in_the_way(out)
+    if blocking == out:
         raise ValueError(f"--out {out} is a file: give a directory for the selector")
-    file_above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if file_above is not None:
-        raise ValueError(f"--out {out} lies under {file_above}, which is a file")
+    if blocking is not None:
+        raise ValueError(f"--out {out} lies under {blocking}, which is a file")
     collection = next((p for p in (out, *out.parents) if (p / "problems.jsonl").is_file()), None)
     if collection is not None:
         where = "is" if collection == out else f"lies in {collection}, which is"

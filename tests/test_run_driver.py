@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -122,7 +123,17 @@ def test_a_claim_keeps_two_invocations_from_decoding_the_same_work(tmp_path):
         with other.claim(["maj@8"]):  # and its claim ended with its block
             pass
     with other.claim(["greedy", "s2t/entropy@0.8"]):  # released with the first invocation's block
-        pass
+        assert len(list(run.path.glob(".claim-*.lock"))) == 2
+    assert not list(run.path.glob(".claim-*.lock"))  # a released claim leaves no file behind
+    # a file left by a killed holder holds no lock: it is taken over (and removed after)
+    stale = run.path / ".claim-greedy-stale.lock"
+    with run.claim(["greedy"]):
+        (held,) = run.path.glob(".claim-*.lock")
+        held.rename(stale)  # as if the holder had been killed: the file stays, its lock is gone with it
+    stale.rename(held)
+    with other.claim(["greedy"]):
+        assert held.read_text() == f"process {os.getpid()}"
+    assert not held.exists()
     # a claim is no work: a run that failed before its first result still gives its directory back
     fresh = RunDirectory(tmp_path / "fresh", {"a": 1})
     with fresh.claim(["greedy"]):

@@ -266,7 +266,8 @@ class RunDirectory:
         add different methods to one run side by side, but one that would decode what another is
         decoding is refused instead of doing it twice. A claim is an advisory lock (``.claim-*.lock``,
         holding the holder's process id) that ends with the block or the process (POSIX; elsewhere
-        nothing is held).
+        nothing is held); the file is removed when the block ends (one left by a killed process holds
+        no lock and is reused).
 
         Raises:
             RunBusyError: a piece is held by another invocation (named, with its process id).
@@ -276,31 +277,45 @@ class RunDirectory:
             for name in names:
                 tag = hashlib.sha256(name.encode()).hexdigest()[:8]
                 path = self.path / f".claim-{re.sub(r'[^A-Za-z0-9.@=-]+', '_', name)}-{tag}.lock"
-                handle = open(path, "a+")
                 if fcntl is None:
-                    handle.close()
                     continue
-                try:
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    handle.seek(0)
-                    holder = handle.read().strip() or "another process"
-                    handle.close()
-                    other = "" if name in ("collect", "analyze") else ", or give this one other methods"
-                    raise RunBusyError(
-                        f"{name} is being run in {self.path} by another invocation ({holder}): wait for it "
-                        f"to finish{other}"
-                    ) from None
+                handle = self._lock_claim_file(path, name)
                 handle.seek(0)
                 handle.truncate()
                 handle.write(f"process {os.getpid()}")
                 handle.flush()
-                held.append(handle)
+                held.append((path, handle))
             yield
         finally:
-            for handle in held:
+            for path, handle in held:
+                # removed while still locked, so that no one can lock this file and then see it vanish
+                # (whoever opened it before is sent back by the inode check in _lock_claim_file)
+                path.unlink(missing_ok=True)
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
                 handle.close()
+
+    def _lock_claim_file(self, path: Path, name: str):
+        """Open and lock the claim file ``path``, retrying when its holder removed it meanwhile."""
+        while True:
+            handle = open(path, "a+")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                other = "" if name in ("collect", "analyze") else ", or give this one other methods"
+                raise RunBusyError(
+                    f"{name} is being run in {self.path} by another invocation ({holder}): wait for it "
+                    f"to finish{other}"
+                ) from None
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(handle.fileno()).st_ino:
+                return handle
+            handle.close()  # the holder released and removed it after we opened it: take a fresh one
 
     def discard_if_unused(self) -> None:
         """Undo what this invocation made if no file was written since: its ``config.json``, and the

@@ -126,6 +126,16 @@ def test_a_batch_dependent_run_resumes_only_with_its_batch_size(tmp_path, data_f
         )
     assert (run / "config.json").read_text() == written
     Evaluator(config(data_file, methods=["greedy"], dtype="bfloat16", batch_size=2), run, generator=generator)
+    # a float32 run resumed in bfloat16 is refused for its dtype, not sent to another batch size
+    Evaluator(
+        config(data_file, methods=["greedy"], dtype="float32", batch_size=3),
+        tmp_path / "g",
+        generator=generator,
+    )
+    with pytest.raises(ConfigMismatchError, match=r"dtype: 'float32' -> 'bfloat16'"):
+        Evaluator(
+            config(data_file, methods=["greedy"], dtype="bfloat16"), tmp_path / "g", generator=generator
+        )
     Evaluator(config(data_file, methods=["greedy"], dtype="float32"), tmp_path / "f", generator=generator)
     Evaluator(
         config(data_file, methods=["greedy"], dtype="float32", batch_size=3),

@@ -15,7 +15,7 @@ from s2t.policies.feature_selector import FeatureSelector
 from s2t.policies.learned_selector import SelectorCheckpointError, load_selector, selector_kind
 from s2t.prompts import build_prompt
 from s2t.training.feature_training import FeatureTrainConfig, load_group_arrays, train_feature_selector
-from tests.conftest import make_model, tiny_eval_config
+from tests.conftest import make_model, make_tokenizer, tiny_eval_config
 
 K = 8
 MARGIN_CUTOFF = 0.15
@@ -886,3 +886,23 @@ def test_the_verdict_script_names_the_failing_link_and_waits_for_complete_rows()
         "absent from the run: maj@8, s2t/entropy@0.8, any s2t-local row"
         in script.verdict({"greedy": summary["greedy"]}, 300)["sentence"]
     )
+
+
+def test_a_selector_of_another_slm_is_refused_before_any_method_decodes(trained, tmp_path):
+    """A selector's SLM can only be checked once a model has loaded; it used to be checked when its
+    method's turn came, after greedy had been decoded into the run, so the corrected command (the right
+    --slm) was refused as another configuration."""
+    from s2t.api import S2TGenerator
+    from s2t.evaluate import evaluate
+    from s2t.models import LoadedModel
+
+    _, out = trained
+    tokenizer = make_tokenizer()
+    other = LoadedModel("other", make_model(tokenizer, seed=7), tokenizer)
+    gen = S2TGenerator(other, llm="/nonexistent/llm/never/loaded")
+    cfg = tiny_eval_config(
+        tmp_path, ["What is 2 + 2?"], methods=["greedy", "s2t-local"], threshold=0.0, k=K, selector=str(out)
+    )
+    with pytest.raises(SelectorCheckpointError, match="Use the same SLM"):
+        evaluate(cfg, tmp_path / "run", progress=False, generator=gen)
+    assert not (tmp_path / "run").exists()  # nothing decoded, nothing left to refuse the corrected command

@@ -441,6 +441,10 @@ class Evaluator:
         ]
         if any(m != LLM_ALONE for m in pending):  # the SLM decodes: --k must fit its vocabulary
             TopK(self.config.k).check_vocab(self.generator.vocab_size)
+        for method in filter(self.config.uses_selector, pending):
+            # its selector or learned trigger is loaded and checked against the SLM (which only a loaded
+            # model allows) before any method decodes: a refused one must leave nothing to resume
+            self._method(method)
         with self.run.claim(pending) if self.run is not None else contextlib.nullcontext():
             self._drive_all(self.finished(), on_record)  # what finished until the claim
         return self.driver.records()
@@ -657,12 +661,23 @@ def _recorded_config(out_dir: str | Path, config: EvalConfig) -> dict:
     return recorded
 
 
+def precision_keys(config: EvalConfig) -> dict[str, str]:
+    """The recorded settings that decide a run's precision (on llama.cpp, the GGUF files do: the torch
+    dtypes are not compared there)."""
+    if config.backend == "llama.cpp":
+        return {"backend": config.backend}
+    return {"backend": config.backend, "dtype": config.dtype, "llm_dtype": config.llm_dtype}
+
+
 def _check_same_batch_size(out_dir: Path, config: EvalConfig) -> None:
     """Refuse to resume a batch-dependent run (:func:`s2t.models.batch_invariant`) with another batch size."""
     stored = out_dir / "config.json"
     if not stored.is_file():
         return
-    earlier = json.loads(stored.read_text()).get("batch_size")
+    recorded = json.loads(stored.read_text())
+    if any(recorded.get(key, value) != value for key, value in precision_keys(config).items()):
+        return  # another precision or backend: refused as another configuration, which says so
+    earlier = recorded.get("batch_size")
     if earlier is not None and earlier != config.batch_size:
         raise ConfigMismatchError(
             f"{out_dir} was decoded with --batch-size {earlier} in {config.dtype} on {config.backend}, "

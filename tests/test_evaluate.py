@@ -299,6 +299,14 @@ def test_summary_statistics_match_hand_computed_values():
     assert summary["s2t"]["vs_greedy"]["p_value"] == pytest.approx(2 * 0.5**4)
     assert summary["s2t"]["time_ratio_vs_greedy"] == pytest.approx(2.0)
     assert summary["s2t"]["trigger_rate"] == pytest.approx(0.1)
+    # a method part-way through the run is timed against greedy on the problems both finished
+    slow = [r | {"cost": r["cost"] | {"wall_time_s": 1.0 + i}} for i, r in enumerate(records[:6])]
+    partial = summarize(slow + records[6:8], ["greedy", "s2t"])
+    assert partial["s2t"]["time_ratio_vs_greedy"] == pytest.approx(4.0 / 3.0)  # 2 + 2 against 1 + 2
+    assert partial["s2t"]["n_timed_vs_greedy"] == 2
+    table = markdown_table(partial)
+    assert "Not every method has finished the same problems** (greedy 6, s2t 2)" in table
+    assert "not every method" not in markdown_table(summary).lower()
     # the share of generations cut at the token budget: maj@k counts each of its samples
     cut = summarize(
         [rec("greedy", 0, True, "length"), rec("greedy", 1, True)]

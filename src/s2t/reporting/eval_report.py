@@ -59,7 +59,7 @@ def summarize(records: list[dict], methods: list[str] | None = None, seed: int =
         by_method.setdefault(r["method"], {})[r["problem_id"]] = r
     order = sorted(by_method, key=method_rank)
     maj = next((m for m in order if MAJ.match(m)), None)
-    greedy_time = _mean(r["cost"]["wall_time_s"] for r in by_method.get("greedy", {}).values())
+    greedy = by_method.get("greedy", {})
 
     summary = {}
     for m in order:
@@ -87,7 +87,12 @@ def summarize(records: list[dict], methods: list[str] | None = None, seed: int =
             "invocations": len({r.get("invocation") for r in recs.values()}),
             "batch_sizes": sorted({r["batch_size"] for r in recs.values() if "batch_size" in r}),
         }
-        entry["time_ratio_vs_greedy"] = entry["mean_wall_time_s"] / greedy_time if greedy_time else None
+        # on the problems both finished: a method part-way through a run is timed on its own problems
+        timed = set(recs) & set(greedy)
+        greedy_time = sum(greedy[i]["cost"]["wall_time_s"] for i in timed)
+        own_time = sum(recs[i]["cost"]["wall_time_s"] for i in timed)
+        entry["time_ratio_vs_greedy"] = own_time / greedy_time if greedy_time else None
+        entry["n_timed_vs_greedy"] = len(timed)
         if MAJ.match(m):
             passed = [bool(r["pass_at_k"]) for r in recs.values()]
             p_ci = bootstrap_ci(passed, seed=seed)
@@ -151,8 +156,17 @@ def markdown_table(summary: dict) -> str:
         "decoded alone; maj@k costs add up its k samples. LLM tokens: tokens the LLM had to read. "
         "Trigger rate and overrides: shares of generated tokens where the trigger fired, and where the "
         "selector then chose another token than the SLM's top-1. Cut off: generations (maj@k: samples) "
-        "that reached the token budget; their answers are graded on what they hold.",
+        "that reached the token budget; their answers are graded on what they hold. Time vs greedy: "
+        "wall time summed over the problems both finished, against greedy's.",
     ]
+    finished = {m: e["n"] for m, e in summary.items()}
+    if len(set(finished.values())) > 1:
+        notes.append(
+            "\n**Not every method has finished the same problems** ("
+            + ", ".join(f"{m} {n}" for m, n in finished.items())
+            + "): each accuracy is over its method's own problems, so rows with fewer are not yet "
+            "comparable; p-values and time vs greedy pair the problems both finished."
+        )
     return "\n".join(lines + ([""] + extra if extra else []) + notes) + "\n"
 
 

@@ -1012,3 +1012,28 @@ def test_a_config_edited_to_another_valid_size_is_refused_naming_the_field(slm, 
         SelectorCheckpointError, match=f"does not fit selector_config.json \\(.*{field}={value}"
     ):
         load_selector(tmp_path)
+
+
+def test_a_collection_grown_by_a_larger_limit_keeps_the_calibration_of_its_full_size(tmp_path, slm, llm):
+    """Quantile settings are calibrated on the split's first N problems whatever --limit is: a
+    collection started with --limit 2 and grown to 4 holds what one collected at 4 at once holds (it
+    used to calibrate on its first 2, and keep them)."""
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": p.question, "answer": "#### 4"}) + "\n" for p in _problems())
+    )
+
+    def collect(out, limit):
+        cfg = CollectConfig(
+            slm="tiny-slm", llm="tiny-llm", dataset="tiny", split="train", data_file=str(data), limit=limit,
+            k=4, max_new_tokens=8, batch_size=2, groups_at="entropy@0.7", calibration_problems=3,
+        )  # fmt: skip
+        Collector(cfg, out, slm=slm, llm=llm, progress=False).run_all()
+        return json.loads((out / "calibration.json").read_text())["entropy@0.7"]
+
+    grown = collect(tmp_path / "grown", 2)
+    assert grown["problems"] == ["tiny/train/0", "tiny/train/1", "tiny/train/2"]
+    assert collect(tmp_path / "grown", 4) == grown == collect(tmp_path / "whole", 4)
+    assert (tmp_path / "grown" / "problems.jsonl").read_text() == (
+        tmp_path / "whole" / "problems.jsonl"
+    ).read_text()

@@ -413,6 +413,7 @@ class Collector:
         ``slm``/``llm`` must be None); otherwise the pair is loaded here (or the given one used).
         ``recompute_features`` also redoes recorded problems whose ``features/`` file is missing."""
         self.config = config
+        self._problems_given = problems is not None
         if problems is None:
             problems = load_problems(
                 config.dataset, config.split, config.limit, config.offset, config.data_file
@@ -534,12 +535,17 @@ class Collector:
     def group_thresholds(self) -> dict[str, float | None]:
         """Each ``groups_at`` setting's threshold: given, or calibrated once per run and stored in
         ``calibration.json`` (the quantile of the statistic over the greedy trajectories of the
-        collection's first ``calibration_problems`` problems, after ``min_step``)."""
+        split's first ``calibration_problems`` problems from ``offset``, also where ``limit`` is
+        smaller, after ``min_step``)."""
         c = self.config
         stored = read_group_calibration(self.run.path)
         missing = [s for s in group_settings(c.groups_at) if s.quantile is not None and s.label not in stored]
         if missing:
             problems = self.problems[: c.calibration_problems]
+            if len(problems) < c.calibration_problems and not self._problems_given:
+                # the first N problems of the split whatever --limit is, so that a collection grown
+                # later (a larger --limit) holds what one collected at its full size holds
+                problems = load_problems(c.dataset, c.split, c.calibration_problems, c.offset, c.data_file)
             logger.info("calibrating %s on %d training problems", c.groups_at, len(problems))
             # with Ray workers the driver calibrates on a pair of its own (once per run)
             stats = (self._worker or CollectWorker(c)).position_statistics(problems)

@@ -233,6 +233,8 @@ def _corrupt_selector(directory: Path, slm, tokenizer, what: str) -> Path:
     [
         (["--methods", "greedy,s2t", "--quantile", "1.5"], "quantile must lie strictly between 0 and 1"),
         (["--methods", "greedy,s2t", "--k", "0"], "K must be an integer >= 1"),
+        (["--methods", "greedy,s2t", "--k", "1"], "K must be >= 2, since s2t selects"),
+        (["--methods", "greedy,random-select/always/k1"], "K must be >= 2, since random-select selects"),
         (["--methods", "greedy,s2t", "--threshold", "-1"], "threshold for the 'entropy' trigger"),
         (["--methods", "greedy,s2t", "--ratio", "2"], "candidate ratio"),
         (["--methods", "greedy,s2t", "--trigger", "sometimes"], "unknown trigger 'sometimes'"),

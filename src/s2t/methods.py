@@ -63,6 +63,8 @@ DEFAULT_MAX_NEW_TOKENS = 512
 
 # Triggers a method-name setting may use: the built-in ones and the learned one stored with a selector.
 SETTING_TRIGGERS = TRIGGER_NAMES
+# the methods whose selector chooses among the SLM's top-K (takeover's LLM reads its whole vocabulary)
+SELECTING_METHODS = ("s2t", "random-select", LOCAL_METHOD)
 _TRIGGER_PART = re.compile(r"^(?P<trigger>[a-z]+)(?:(?P<op>[@=])(?P<value>.+))?$")
 _K_PART = re.compile(r"^k(?P<k>[0-9]+)$")
 SETTING_SYNTAX = "METHOD/TRIGGER[@QUANTILE|=THRESHOLD][/kK], e.g. s2t/entropy@0.8, s2t/margin=0.3, s2t/always"
@@ -323,14 +325,15 @@ def canonical_method_name(name: str, majority: bool = False) -> str:
 
 
 def check_unread_options(specs: Sequence[MethodSpec | None], options: dict, calibration) -> None:
-    """Check the options that none of ``specs`` reads, as a plain ``s2t`` would read them (the
+    """Check the options that none of ``specs`` reads, as a plain ``takeover`` would read them (the
     trigger, its threshold or quantile, K, the ratio; ``options`` are :meth:`MethodSpec.parse`'s), and
     a ``selector`` that no spec reads, so that a typo fails rather than being ignored. Nothing loads.
 
     Raises:
         ValueError: naming the option (``SelectorCheckpointError`` for a selector that is not one).
     """
-    MethodSpec.parse("s2t", **options, calibration=calibration)
+    # as takeover reads them: the same options, without the K >= 2 that selecting methods add
+    MethodSpec.parse("takeover", **options, calibration=calibration)
     selector = options.get("selector")
     if selector is None or any(s is not None and s.selector for s in specs):
         return
@@ -457,7 +460,8 @@ class MethodSpec:
 
         Raises:
             ValueError: an unknown method or trigger, a quantile outside (0, 1), a threshold outside
-                the trigger's range, K < 1, a ratio outside (0, 1], a negative ``min_step``, an LLM
+                the trigger's range, K < 1 (K < 2 for a method that selects among the top-K: s2t,
+                random-select, s2t-local), a ratio outside (0, 1], a negative ``min_step``, an LLM
                 trigger on s2t-local, or a missing, truncated or corrupted ``selector`` where the
                 method or the learned trigger needs one (:class:`SelectorCheckpointError`).
         """
@@ -486,6 +490,11 @@ class MethodSpec:
             needs = "the s2t-local method" if method == LOCAL_METHOD else "the learned trigger"
             raise ValueError(f"{needs} needs a trained selector: pass --selector DIR (see `s2t train`)")
         make_candidates(k, ratio)  # validates K and the ratio
+        if k < 2 and method in SELECTING_METHODS:
+            raise ValueError(
+                f"method {name!r}: K must be >= 2, since {method} selects among the SLM's top-K candidates "
+                f"(at K = 1 it decodes greedy's tokens); got K = {k}"
+            )
         if threshold is not None and trigger in ("always", "never"):
             raise ValueError(f"the {trigger!r} trigger takes no threshold; got {threshold}")
         if threshold is not None:

@@ -497,3 +497,44 @@ def test_generate_and_eval_refuse_what_eval_refuses_and_a_selector_directory_as_
     message = " ".join(result.output.split())
     assert result.exit_code == 2 and "holds a trained selector (selector_config.json)" in message, message
     assert sorted(p.name for p in selector.iterdir()) == ["selector_config.json"]
+
+
+def test_sigterm_stops_an_eval_as_ctrl_c_does_keeping_its_work_and_releasing_its_claims(
+    tiny_pair_dir, tmp_path
+):
+    """`timeout` or a scheduler sends SIGTERM: the run says where its work is and how to resume, like
+    Ctrl-C, and leaves no claim behind (it used to die silently with its claim files in place)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "many.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"question": f"What is {i} + 2?", "answer": f"#### {i + 2}"}) + "\n"
+            for i in range(400)
+        )
+    )
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "s2t.cli", "eval", "--data-file", str(data), "--dataset", "tiny"]
+    command += ["--methods", "greedy", "--slm", tiny_pair_dir["slm"], "--llm", tiny_pair_dir["llm"]]
+    command += ["--max-new-tokens", "48", "--batch-size", "1", "--dtype", "float32", "--out", str(out)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stderr=subprocess.STDOUT, stdout=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while (
+        not ((out / "results.jsonl").is_file() and (out / "results.jsonl").read_text())
+        and time.monotonic() < deadline
+    ):
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.1)
+    assert list(out.glob(".claim-*.lock"))  # decoding, under its claim
+    process.send_signal(signal.SIGTERM)
+    output = " ".join(process.communicate(timeout=60)[0].split())  # the console wraps long lines
+    assert process.returncode != 0
+    assert f"interrupted: what finished is in {out}; run the same command again to resume" in output
+    assert "Traceback" not in output
+    assert not list(out.glob(".claim-*.lock"))
+    finished = (out / "results.jsonl").read_text().splitlines()
+    assert 0 < len(finished) < 400 and all(json.loads(line)["method"] == "greedy" for line in finished)

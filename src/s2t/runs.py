@@ -397,17 +397,26 @@ class RunDirectory:
         return self.path / name
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_sigterm():
+    """From now on SIGTERM (e.g. ``timeout``, a job scheduler) interrupts like Ctrl-C, so that what a
+    run does on Ctrl-C (keep its finished work, release its claims, say how to resume) happens too.
+    Returns the previous handler, or None outside the main thread, where signals cannot be caught."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread
+        return None
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt():
-    """SIGTERM (e.g. a job scheduler) interrupts like Ctrl-C inside the block, so its cleanup (a
-    checkpoint, a restore) runs. Outside the main thread signals cannot be caught: nothing changes."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
+    """SIGTERM interrupts like Ctrl-C inside the block (:func:`interrupt_on_sigterm`), so its cleanup
+    (a checkpoint, a restore) runs. Outside the main thread nothing changes."""
+    previous = interrupt_on_sigterm()
+    if previous is None:
         yield
         return
     try:

@@ -144,6 +144,9 @@ def main(
     ] = None,
 ) -> None:
     console.stderr = False  # a command may send its human text to stderr (generate --json)
+    from s2t.runs import interrupt_on_sigterm
+
+    interrupt_on_sigterm()  # `timeout` or a scheduler stops a run as Ctrl-C does: work kept, claims released
     if threads is not None:
         import os
 

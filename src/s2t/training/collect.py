@@ -104,7 +104,8 @@ class CollectConfig:
         if self.split.lower() in EVALUATION_SPLITS:
             raise LeakageError(
                 f"refusing to collect training data on the {self.dataset!r} {self.split!r} split: "
-                "it is an evaluation split (collect on train problems; see design.md §2.1)"
+                "it is an evaluation split: a selector trained on it could not be evaluated there "
+                "(collect on train problems: --split train)"
             )
         if self.k < 2:
             raise ValueError(

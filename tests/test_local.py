@@ -401,11 +401,19 @@ def test_a_run_gains_s2t_local_later_but_never_mixes_two_selectors(collected, sl
     evaluate(replace(base, limit=1), tmp_path / "run1", progress=False, generator=gen)
     stored = json.loads((tmp_path / "run1" / "config.json").read_text())
     assert stored["selector"] == str(tmp_path / "sel") and stored["methods"] == ["greedy", "s2t-local"]
+    assert stored["selectors"] == {"s2t-local": str(tmp_path / "sel")}
     report = (tmp_path / "run1" / "report.md").read_text()
-    assert (
-        f"Selector digests (S2T-Local weights; trigger: the learned trigger's) ({tmp_path / 'sel'}): s2t-local: "
-        in report
+    assert "Selector digests (S2T-Local weights; trigger: the learned trigger's): s2t-local: " in report
+    assert f"({tmp_path / 'sel'})." in report
+    # a --selector that no method of the invocation reads is not recorded as the run's
+    evaluate(
+        replace(base, limit=1, selector=str(tmp_path / "other")),
+        tmp_path / "run3",
+        progress=False,
+        generator=gen,
     )
+    stored = json.loads((tmp_path / "run3" / "config.json").read_text())
+    assert stored["selector"] is None and stored["selectors"] == {}
     from s2t.evaluate_distributed import evaluate_distributed
 
     by_path = replace(with_local, slm=str(slm.model.name_or_path), limit=1)
@@ -425,6 +433,13 @@ def test_a_run_gains_s2t_local_later_but_never_mixes_two_selectors(collected, sl
     records = [json.loads(line) for line in (tmp_path / "run1" / "results.jsonl").read_text().splitlines()]
     by_method = {r["method"]: r["selector"] for r in records if r["method"].startswith("s2t-local")}
     assert by_method["s2t-local"] != by_method["s2t-local:other"]
+    stored = json.loads((tmp_path / "run1" / "config.json").read_text())  # each method with its directory
+    assert stored["selectors"] == {
+        "s2t-local": str(tmp_path / "sel"),
+        "s2t-local:other": str(tmp_path / "other"),
+    }
+    report = (tmp_path / "run1" / "report.md").read_text()
+    assert f"s2t-local:other: {by_method['s2t-local:other']} ({tmp_path / 'other'})" in report
     # a label names one selector for every setting: another setting of a label is no way around it
     for method, selector in (("s2t-local/entropy@0.4", "other"), ("s2t-local:other/entropy@0.4", "sel")):
         with pytest.raises(

@@ -264,6 +264,9 @@ RESUMABLE_KEYS = {"limit", "batch_size", "methods", "llm_device_map"}
 # it): a run may gain s2t-local later; each s2t-local record names its selector's weights digest
 # and a different selector for the same run directory is refused.
 SELECTOR_KEY = "selector"
+# Which selector directory each selector-reading method was run with ({method: directory}), over every
+# invocation of the run; ``selector`` is the latest invocation's that read one.
+SELECTORS_KEY = "selectors"
 # Runs made before the dtype (and backend) were resolved and recorded stored null, which meant these.
 LEGACY_CONFIG = LEGACY_DECODING
 
@@ -345,7 +348,10 @@ class Evaluator:
             )
         if any(map(config.uses_selector, config.methods)):
             self._check_selector_leakage()  # nor a selector or learned trigger trained on the evaluated problems
-        resumable = RESUMABLE_KEYS | {SELECTOR_KEY}  # guarded per method by the records' digests
+        resumable = RESUMABLE_KEYS | {
+            SELECTOR_KEY,
+            SELECTORS_KEY,
+        }  # guarded per method by the records' digests
         if config.backend == "llama.cpp":
             # the GGUF files fix the precision there; the torch dtype (a CPU-dependent default) does not
             # apply, so a run started on a CPU without native bfloat16 resumes on one with it
@@ -647,7 +653,13 @@ def _recorded_config(out_dir: str | Path, config: EvalConfig) -> dict:
     or a selector, over several invocations (or lanes running side by side): every method any
     invocation asked for, in first-asked order, and the selector behind the run's selector-using
     results (S2T-Local, learned triggers), which only an invocation that runs such a method sets."""
-    recorded = asdict(config) | {"data_file_sha256": data_file_digest(config.data_file)}
+    read = {m: config.selector for m in config.methods if config.uses_selector(m)}
+    recorded = asdict(config) | {
+        "data_file_sha256": data_file_digest(config.data_file),
+        SELECTORS_KEY: read,
+    }
+    if not read:  # a --selector no method of this invocation reads is not the run's
+        recorded[SELECTOR_KEY] = None
     stored = Path(out_dir) / "config.json"
     try:
         earlier = json.loads(stored.read_text())
@@ -656,8 +668,9 @@ def _recorded_config(out_dir: str | Path, config: EvalConfig) -> dict:
     methods = list(earlier.get("methods") or [])
     config.check_distinct_settings(config.methods, earlier=methods)  # not one setting twice over invocations
     recorded["methods"] = methods + [m for m in config.methods if m not in methods]
-    if not any(map(config.uses_selector, config.methods)) and earlier.get(SELECTOR_KEY) is not None:
-        recorded[SELECTOR_KEY] = earlier[SELECTOR_KEY]
+    recorded[SELECTORS_KEY] = dict(earlier.get(SELECTORS_KEY) or {}) | read
+    if not read:
+        recorded[SELECTOR_KEY] = earlier.get(SELECTOR_KEY)
     return recorded
 
 

@@ -236,9 +236,15 @@ def selector_note(records: list[dict], config: dict) -> str | None:
             digests.setdefault(r["method"], set()).add(r["selector"])
     if not digests:
         return None
-    rows = "; ".join(f"{m}: {', '.join(sorted(d))}" for m, d in sorted(digests.items()))
+    directories = config.get("selectors") or {}  # per method (runs before it name one, the latest)
+
+    def row(method: str, found: set) -> str:
+        where = f" ({directories[method]})" if method in directories else ""
+        return f"{method}: {', '.join(sorted(found))}{where}"
+
+    rows = "; ".join(row(m, d) for m, d in sorted(digests.items()))
     one = len(set().union(*digests.values())) == 1
-    where = f" ({config.get('selector')})" if one and config.get("selector") else ""
+    where = f" ({config.get('selector')})" if one and config.get("selector") and not directories else ""
     return f"Selector digests (S2T-Local weights; trigger: the learned trigger's){where}: {rows}."
 
 

@@ -768,6 +768,25 @@ def test_cli_generate_decodes_with_a_trained_selector_and_never_loads_the_llm(
     unloadable = [a if a != tiny_pair_dir["slm"] else "/nonexistent/slm" for a in args]
     early = CliRunner().invoke(app, unloadable)  # the missing selector is reported before the SLM loads
     assert early.exit_code == 2 and "needs a trained selector" in early.stderr
+    # a problem the selector was trained on is answered and graded, with a note that says so
+    data = tmp_path / "data" / "tiny"
+    data.mkdir(parents=True)
+    for split, prefix in (("train", ""), ("test", "Test: ")):
+        (data / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"question": prefix + q, "answer": "#### 4"}) + "\n" for q in QUESTIONS)
+        )
+    by_problem = [a for a in args if a != QUESTIONS[0] and a != "--json"] + [
+        "--selector",
+        str(tmp_path / "sel"),
+    ]
+    by_problem += ["--data-dir", str(tmp_path / "data"), "--problem"]
+    seen = CliRunner().invoke(app, [*by_problem, "tiny/train/0"])
+    assert seen.exit_code == 0, seen.output
+    assert f"note: the selector in {tmp_path / 'sel'} was trained on tiny/train/0" in " ".join(
+        seen.output.split()
+    )
+    unseen = CliRunner().invoke(app, [*by_problem, "tiny/test/0"])
+    assert unseen.exit_code == 0 and "note:" not in unseen.output, unseen.output
 
 
 def test_a_collection_without_its_features_says_how_to_recompute_them_and_resumes(

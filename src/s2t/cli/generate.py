@@ -112,6 +112,7 @@ def generate(
             found = _problem_by_id(problem, data_dir)
             question, gold = found.question, found.answer
             console.print(f"[bold]{found.id}:[/] {question}\n[dim]gold answer: {gold}[/]")
+            _warn_if_trained_on(found, specs, selector)
         chosen = resolve_backend(backend, [slm, llm], specs)
         gen = make_generator(
             chosen, slm, llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map
@@ -156,6 +157,23 @@ def generate(
             f"[bold]answer:[/] {extract_answer(out.text)}{verdict}   [dim]finish: {out.finish_reason}[/]"
         )
     console.print(cost_table({name: out.cost for name, (out, _) in results.items()}))
+
+
+def _warn_if_trained_on(problem, specs, selector: str | None) -> None:
+    """Say so when the graded problem is one the selector (or its learned trigger) was trained on:
+    ``s2t eval`` refuses such problems; here one answer is shown, and its grade is no evidence."""
+    if selector is None or not any(s.selector for s in specs):
+        return
+    from s2t.evaluate import selector_training_overlap
+
+    for what, seen in selector_training_overlap(
+        selector, [s for s in specs if s.selector], [problem]
+    ).items():
+        if seen:
+            console.print(
+                f"[yellow]note:[/] {what} in {selector} was trained on {problem.id}: its grade here says "
+                "nothing about held-out accuracy (`s2t eval` refuses such problems)"
+            )
 
 
 def method_specs(

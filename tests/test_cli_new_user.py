@@ -354,7 +354,10 @@ def test_report_refuses_a_directory_another_command_made_and_writes_nothing(
         (["--methods", "greedy", "--llm-device-map", "bogus"], "--llm-device-map 'bogus' is neither"),
         (["--methods", "greedy", "--trigger", "bogus"], "unknown trigger 'bogus'"),
         (["--methods", "greedy", "--trigger", "margin", "--threshold", "5"], "threshold"),
-        (["--methods", "greedy", "--selector", "/nonexistent"], "is not a selector checkpoint"),
+        (
+            ["--methods", "greedy", "--selector", "/nonexistent"],
+            "no selector at /nonexistent: the directory does not exist",
+        ),
         (
             ["--methods", "s2t", "--trigger", "always", "--threshold", "0.5"],
             "'always' trigger takes no threshold",
@@ -484,7 +487,8 @@ def test_generate_and_eval_refuse_what_eval_refuses_and_a_selector_directory_as_
     ]
     for options, message in (
         (["--trigger", "bogus"], "unknown trigger 'bogus'"),
-        (["--selector", str(tmp_path / "none")], "is not a selector checkpoint"),
+        (["--selector", str(tmp_path / "none")], "the directory does not exist"),
+        (["--selector", str(tmp_path)], "is not a selector checkpoint"),
         (["--llm", "/nonexistent/llm"], "does not exist"),
         (["--llm-dtype", "float64"], "dtype must be one of"),
     ):
@@ -538,3 +542,15 @@ def test_sigterm_stops_an_eval_as_ctrl_c_does_keeping_its_work_and_releasing_its
     assert not list(out.glob(".claim-*.lock"))
     finished = (out / "results.jsonl").read_text().splitlines()
     assert 0 < len(finished) < 400 and all(json.loads(line)["method"] == "greedy" for line in finished)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["eval"], ["analyze"], ["collect"], ["train", "--groups", "somewhere"], ["train", "--out", "x"]],
+)
+def test_an_empty_path_option_is_refused_not_replaced_by_a_default(command):
+    """`--out ''` used to write to the default run directory (analyze: to the current directory)."""
+    option = "--groups" if command[-2:] == ["--out", "x"] else "--out"
+    result = CliRunner().invoke(app, [*command, option, ""])
+    assert result.exit_code == 2
+    assert f"Invalid value for '{option}': is empty: give a directory" in " ".join(result.output.split())

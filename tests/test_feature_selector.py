@@ -725,7 +725,7 @@ def test_train_refuses_an_out_it_would_overwrite_and_overwrite_clears_only_its_o
         (["--k", "1"], "--k must be >= 2"),
         (["--hold-out-first", "4", "--validation-from", "x"], "give one"),
         ([], "/nonexistent is not a collection directory"),
-        (["--validation-from", "/nonexistent"], "/nonexistent is not a selector checkpoint"),
+        (["--validation-from", "/nonexistent"], "no selector at /nonexistent: the directory does not exist"),
     ],
 )
 def test_the_ladder_script_refuses_bad_options_with_one_line(monkeypatch, capsys, options, message):

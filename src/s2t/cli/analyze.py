@@ -22,6 +22,7 @@ from s2t.cli.app import (
     fail_interrupted,
     fail_to_write,
     limit_option,
+    nonempty_path,
 )
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM
 
@@ -74,7 +75,10 @@ def analyze(
     batch_size: Annotated[int, typer.Option(help="Problems per batch.")] = 8,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the bootstrap.")] = 0,
     out: Annotated[
-        Path | None, typer.Option(help="Run directory (default: derived under runs/); re-run to resume.")
+        str | None,
+        typer.Option(
+            callback=nonempty_path, help="Run directory (default: derived under runs/); re-run to resume."
+        ),
     ] = None,
     data_dir: DataDirOpt = None,
     data_file: Annotated[
@@ -98,7 +102,9 @@ def analyze(
         k_values = [int(k) for k in ks.split(",") if k.strip()]
     except ValueError:
         fail(f"--ks must be comma-separated integers, e.g. 1,2,4,8; got {ks!r}")
-    out_dir = out or default_out_dir(slm, llm, dataset, split, offset, limit, trajectory, divergence)
+    out_dir = (
+        Path(out) if out else default_out_dir(slm, llm, dataset, split, offset, limit, trajectory, divergence)
+    )
     try:
         problems = load_problems(
             dataset, split, limit=limit, offset=offset, data_file=data_file, data_dir=data_dir

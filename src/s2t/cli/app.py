@@ -99,6 +99,14 @@ def parse_limit(value: str | int | None) -> int | None:
         raise typer.BadParameter(f"give a number of problems, or 'all'; got {value!r}") from None
 
 
+def nonempty_path(value: str | None) -> str | None:
+    """An option's callback: a path given as an empty string is refused (it used to fall back to a
+    default directory, or to the current one)."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("is empty: give a directory")
+    return value
+
+
 def limit_option(help: str) -> typer.models.OptionInfo:
     """The ``--limit`` option of the commands that read a dataset (``N`` or ``all``)."""
     return typer.Option(parser=parse_limit, metavar="N|all", help=f"{help} ('all': every problem).")

@@ -29,6 +29,7 @@ from s2t.cli.app import (
     fail_interrupted,
     fail_to_write,
     limit_option,
+    nonempty_path,
 )
 from s2t.method_names import METHODS
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM
@@ -56,7 +57,9 @@ def eval_command(
     limit: Annotated[int | None, limit_option("Evaluate the first N problems (after --offset)")] = 100,
     offset: Annotated[int, typer.Option(help="Skip this many problems first.")] = 0,
     data_file: Annotated[str | None, typer.Option(help="A local JSONL with question/answer fields.")] = None,
-    out: Annotated[str | None, typer.Option(help="Run directory (resumed if it exists).")] = None,
+    out: Annotated[
+        str | None, typer.Option(callback=nonempty_path, help="Run directory (resumed if it exists).")
+    ] = None,
     slm: SLMOpt = DEFAULT_SLM,
     llm: LLMOpt = DEFAULT_LLM,
     trigger: TriggerOpt = "entropy",
@@ -131,7 +134,7 @@ def eval_command(
         DatasetUnavailableError,
     ) as e:
         gone = announced and not Path(out).exists()  # a run that failed before its first result
-        fail(str(e) + (f" (nothing was written: {out} was removed)" if gone else ""))
+        fail(str(e) + (f" (nothing was kept: no {out} is left)" if gone else ""))
     except OSError as e:  # e.g. an unwritable --out: one line naming the path, not a traceback
         fail_to_write(e, out)
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ from s2t.cli.app import (
     fail_interrupted,
     fail_to_write,
     limit_option,
+    nonempty_path,
 )
 from s2t.models import DEFAULT_LLM, DEFAULT_SLM
 
@@ -54,7 +55,9 @@ def collect(
     threshold: Annotated[float | None, typer.Option(help="on-policy: entropy trigger threshold.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Trajectory length limit.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Problems decoded together.")] = 8,
-    out: Annotated[str | None, typer.Option(help="Output directory (resumed if it exists).")] = None,
+    out: Annotated[
+        str | None, typer.Option(callback=nonempty_path, help="Output directory (resumed if it exists).")
+    ] = None,
     slm: SLMOpt = DEFAULT_SLM,
     llm: LLMOpt = DEFAULT_LLM,
     dtype: DecodeDtypeOpt = None,
@@ -114,8 +117,13 @@ def collect(
 
 @app.command("train")
 def train_command(
-    groups: Annotated[str, typer.Option(help="A collection directory made by `s2t collect`.")],
-    out: Annotated[str, typer.Option(help="Where to save the selector (safetensors + JSON config).")],
+    groups: Annotated[
+        str, typer.Option(callback=nonempty_path, help="A collection directory made by `s2t collect`.")
+    ],
+    out: Annotated[
+        str,
+        typer.Option(callback=nonempty_path, help="Where to save the selector (safetensors + JSON config)."),
+    ],
     mode: Annotated[
         str,
         typer.Option(

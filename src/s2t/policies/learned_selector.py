@@ -272,6 +272,8 @@ def selector_kind(directory: str | Path) -> str:
         SelectorCheckpointError: no readable config, or a kind this release does not know.
     """
     path = Path(directory) / CONFIG_NAME
+    if not Path(directory).exists():
+        raise SelectorCheckpointError(f"no selector at {directory}: the directory does not exist")
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:

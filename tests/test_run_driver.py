@@ -144,9 +144,14 @@ def test_a_claim_keeps_two_invocations_from_decoding_the_same_work(tmp_path):
 
 def test_atomic_writes_get_the_permissions_a_plain_open_gives(tmp_path):
     """``mkstemp`` makes owner-only files: a run directory on a shared server was unreadable to others."""
+    import torch
+
+    from s2t.policies.checkpoint import save_tensors
     from s2t.runs import write_json_atomic
 
     write_json_atomic(tmp_path / "config.json", {"a": 1})
+    save_tensors({"w": torch.zeros(2)}, tmp_path / "weights.safetensors")  # safetensors' own: owner-only
     (tmp_path / "plain.json").write_text("{}")
-    mode = {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("config.json", "plain.json")}
-    assert mode["config.json"] == mode["plain.json"], mode
+    names = ("config.json", "weights.safetensors", "plain.json")
+    mode = {name: (tmp_path / name).stat().st_mode & 0o777 for name in names}
+    assert len(set(mode.values())) == 1, mode

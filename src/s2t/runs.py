@@ -70,8 +70,14 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.chmod(tmp, 0o666 & ~_UMASK)
+    give_plain_mode(tmp)
     os.replace(tmp, path)
+
+
+def give_plain_mode(path: str | os.PathLike) -> None:
+    """Give a file the permissions a plain ``open`` would (the umask's): ``mkstemp``, and libraries
+    that write through it (safetensors' ``save_file``), make owner-only files."""
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def json_text(obj: Any) -> str:

@@ -12,11 +12,11 @@ from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from transformers import PreTrainedModel
 
 from s2t.builtin_models import gguf_reader
-from s2t.runs import json_text
+from s2t.runs import json_text, write_bytes_atomic
 
 WEIGHTS_NAME = "selector.safetensors"  # every selector kind's weights file
 CONFIG_NAME = "selector_config.json"  # ... and its JSON config
@@ -147,9 +147,15 @@ def save_checkpoint(directory: Path, weights_name: str, tensors: dict, config_na
             f"refusing to save {directory / weights_name}: its {bad!r} weights are not finite (training "
             "diverged: try a lower --lr, or check the collection's features)"
         )
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / weights_name))
+    save_tensors(tensors, directory / weights_name)
     config.weights_sha256 = _sha256(directory / weights_name)
     (directory / config_name).write_text(json_text(asdict(config)))
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write ``tensors`` as a safetensors file, atomically and with a plain file's permissions
+    (safetensors' ``save_file`` makes owner-only files: unreadable to a team on a shared server)."""
+    write_bytes_atomic(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 
 def check_weights(

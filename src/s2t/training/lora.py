@@ -35,12 +35,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from s2t.policies.checkpoint import save_tensors
 from s2t.policies.learned_selector import ADAPTER_DIR, LocalSelector, adapter_digest, model_fingerprint
 from s2t.policies.scoring import attention_mask_for
-from s2t.runs import terminate_as_interrupt, write_json_atomic
+from s2t.runs import give_plain_mode, terminate_as_interrupt, write_json_atomic
 from s2t.training.collect import collected_groups_at, collected_records, collection_config, collection_summary
 from s2t.training.objective import (
     TrainConfig,
@@ -237,12 +238,6 @@ def _config_key(cfg: TrainConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_FIELDS}
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
-
-
 def _crossed(seen: int, step: int, every: int) -> bool:
     """Whether going from ``seen - step`` to ``seen`` problems passed a multiple of ``every`` (0: never)."""
     return bool(every) and seen // every > (seen - step) // every
@@ -369,7 +364,7 @@ class LoraTrainer:
                 dynamic_ncols=True,
             ):
                 tensors = frozen_pass(self.lm, packed, self.vocab_size, self.cfg.frozen_top, self.start)
-                _atomic_save(tensors, self._prepared_file(index, part))
+                save_tensors(tensors, self._prepared_file(index, part))
         self.accelerator.wait_for_everyone()
 
     def _prepared(self, index: int, part: str) -> dict[str, torch.Tensor]:
@@ -381,7 +376,7 @@ class LoraTrainer:
             packed = (self.train_packed if part == "train" else self.val_packed)[index]
             with self.model.disable_adapter():  # read only once training runs, so the adapter exists
                 tensors = frozen_pass(self.lm, packed, self.vocab_size, self.cfg.frozen_top, self.start)
-            _atomic_save(tensors, path)
+            save_tensors(tensors, path)
             return tensors
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -426,7 +421,7 @@ class LoraTrainer:
             for name, value in slots.items():
                 tensors[f"optimizer.{i}.{name}"] = torch.as_tensor(value)
         tensors["rng.torch"] = torch.get_rng_state()
-        _atomic_save(tensors, checkpoint / "state.safetensors")
+        save_tensors(tensors, checkpoint / "state.safetensors")
         write_json_atomic(
             checkpoint / "trainer_state.json",
             {
@@ -580,7 +575,7 @@ class LoraTrainer:
                 self.state.best = {"where": where, "agreement_with_llm": score}
                 if self.accelerator.is_main_process:
                     (self.out / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-                    _atomic_save(self._trainable_state(), self.out / CHECKPOINT_DIR / "best.safetensors")
+                    save_tensors(self._trainable_state(), self.out / CHECKPOINT_DIR / "best.safetensors")
             if self.progress and self.accelerator.is_main_process:
                 a, d = metrics["all"], metrics["divergent"]
                 tqdm.write(
@@ -625,6 +620,8 @@ class LoraTrainer:
         }
         if self.accelerator.is_main_process:
             self.model.save_pretrained(self.out / ADAPTER_DIR)  # safetensors by default
+            for written in (self.out / ADAPTER_DIR).iterdir():  # peft's safetensors are owner-only
+                give_plain_mode(written)
             selector.config.adapter_sha256 = adapter_digest(self.out)  # then the config that records it
             selector.save_pretrained(self.out)
             write_json_atomic(self.out / "training_history.json", self.state.history)

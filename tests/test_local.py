@@ -1071,3 +1071,35 @@ def test_a_collection_grown_by_a_larger_limit_keeps_the_calibration_of_its_full_
     assert (tmp_path / "grown" / "problems.jsonl").read_text() == (
         tmp_path / "whole" / "problems.jsonl"
     ).read_text()
+
+
+def test_train_says_when_its_trigger_comparison_rests_on_too_few_validation_problems(
+    tiny_pair_dir, slm, llm, tmp_path
+):
+    """An AUROC from one held-out problem was printed like any other; the ladder already said so."""
+    from typer.testing import CliRunner
+
+    from s2t.cli import app
+    from s2t.training.ladder import MIN_VERDICT_PROBLEMS
+
+    groups = tmp_path / "groups"
+    cfg = CollectConfig(
+        slm=tiny_pair_dir["slm"],
+        llm=tiny_pair_dir["llm"],
+        dataset="tiny",
+        k=4,
+        max_new_tokens=12,
+        batch_size=2,
+    )
+    Collector(cfg, groups, slm=slm, llm=llm, problems=_problems(), progress=False).run_all()
+    args = ["train", "--mode", "features", "--groups", str(groups), "--out", str(tmp_path / "sel")]
+    result = CliRunner().invoke(
+        app, [*args, "--k", "4", "--epochs", "1", "--val-fraction", "0.25", "--trigger-rate", "0.2"]
+    )
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "learned validation AUROC" in output
+    assert (
+        f"(on 1 validation problem(s): too few to compare the triggers; hold out at least {MIN_VERDICT_PROBLEMS}"
+        in output
+    )

@@ -488,7 +488,9 @@ class MethodSpec:
             )
         if uses_selector and not selector:
             needs = "the s2t-local method" if method == LOCAL_METHOD else "the learned trigger"
-            raise ValueError(f"{needs} needs a trained selector: pass --selector DIR (see `s2t train`)")
+            raise ValueError(
+                f"{needs} needs a trained selector: pass --selector DIR (in Python, selector=DIR; see `s2t train`)"
+            )
         make_candidates(k, ratio)  # validates K and the ratio
         if k < 2 and method in SELECTING_METHODS:
             raise ValueError(

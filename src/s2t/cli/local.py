@@ -376,6 +376,8 @@ def _report(selector, trigger, trigger_rate: float, out: str, groups: str, k, gr
                     f"{v['agreement_with_llm']:.1%} of the time (the SLM's top-1: {v['slm_top1_agreement_with_llm']:.1%})"
                 )
     if trigger is not None:
+        from s2t.training.ladder import MIN_VERDICT_PROBLEMS
+
         m = trigger.config.metrics
         console.print(
             f"learned trigger: threshold {trigger.threshold:.4f} for a {trigger_rate:.0%} trigger rate"
@@ -387,6 +389,11 @@ def _report(selector, trigger, trigger_rate: float, out: str, groups: str, k, gr
                     f"  {name:8s} validation AUROC {m[name]['auroc']:.3f}, recall of {m.get('label', 'divergent')} "
                     f"steps {recall:.1%}"
                 )
+        if m.get("validation_problems", MIN_VERDICT_PROBLEMS) < MIN_VERDICT_PROBLEMS:
+            console.print(
+                f"  (on {m['validation_problems']} validation problem(s): too few to compare the triggers; "
+                f"hold out at least {MIN_VERDICT_PROBLEMS} with --val-fraction or a larger collection)"
+            )
     _ladder(selector, out, groups, k, groups_at, dtype)
     console.print(f"saved to {out}")
 

@@ -304,6 +304,7 @@ def train_trigger(
     metrics = {
         "train_positions": int(tr.sum()),
         "validation_positions": int(va.sum()),
+        "validation_problems": len(val_p),
         "label": label,
         "label_share": float(y.float().mean()),
         "kl_cutoff": kl_cutoff,

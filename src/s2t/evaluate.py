@@ -348,10 +348,8 @@ class Evaluator:
             )
         if any(map(config.uses_selector, config.methods)):
             self._check_selector_leakage()  # nor a selector or learned trigger trained on the evaluated problems
-        resumable = RESUMABLE_KEYS | {
-            SELECTOR_KEY,
-            SELECTORS_KEY,
-        }  # guarded per method by the records' digests
+        # the selectors are guarded per method by the records' digests
+        resumable = RESUMABLE_KEYS | {SELECTOR_KEY, SELECTORS_KEY}
         if config.backend == "llama.cpp":
             # the GGUF files fix the precision there; the torch dtype (a CPU-dependent default) does not
             # apply, so a run started on a CPU without native bfloat16 resumes on one with it
@@ -447,11 +445,11 @@ class Evaluator:
         ]
         if any(m != LLM_ALONE for m in pending):  # the SLM decodes: --k must fit its vocabulary
             TopK(self.config.k).check_vocab(self.generator.vocab_size)
-        for method in filter(self.config.uses_selector, pending):
-            # its selector or learned trigger is loaded and checked against the SLM (which only a loaded
-            # model allows) before any method decodes: a refused one must leave nothing to resume
-            self._method(method)
         with self.run.claim(pending) if self.run is not None else contextlib.nullcontext():
+            for method in filter(self.config.uses_selector, pending):
+                # its selector or learned trigger is loaded and checked against the SLM (which only a
+                # loaded model allows) before any method decodes: a refused one leaves nothing to resume
+                self._method(method)
             self._drive_all(self.finished(), on_record)  # what finished until the claim
         return self.driver.records()
 
@@ -661,8 +659,9 @@ def _check_same_selector(run_dir: Path, method: str, digest: str) -> None:
 def _recorded_config(out_dir: str | Path, config: EvalConfig) -> dict:
     """What ``config.json`` records for this invocation of a run that may be resumed, or gain methods
     or a selector, over several invocations (or lanes running side by side): every method any
-    invocation asked for, in first-asked order, and the selector behind the run's selector-using
-    results (S2T-Local, learned triggers), which only an invocation that runs such a method sets."""
+    invocation asked for, in first-asked order, and the selector directory behind each
+    selector-using method (S2T-Local, learned triggers): ``selectors`` per method, ``selector`` the
+    latest invocation's that ran such a method."""
     read = {m: config.selector for m in config.methods if config.uses_selector(m)}
     recorded = asdict(config) | {
         "data_file_sha256": data_file_digest(config.data_file),

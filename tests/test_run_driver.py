@@ -155,3 +155,27 @@ def test_atomic_writes_get_the_permissions_a_plain_open_gives(tmp_path):
     names = ("config.json", "weights.safetensors", "plain.json")
     mode = {name: (tmp_path / name).stat().st_mode & 0o777 for name in names}
     assert len(set(mode.values())) == 1, mode
+
+
+def test_a_waiter_on_a_lock_file_its_holder_removed_ends_up_holding_the_current_file(tmp_path):
+    """Lock files are removed on release; whoever was waiting on the removed one must not believe it
+    holds the lock (a third process could then lock a new file under the same name)."""
+    import threading
+    import time
+
+    from s2t.runs import lock_file, release_lock_file
+
+    path = tmp_path / ".results.jsonl.lock"
+    first = lock_file(path, blocking=True)
+    got = {}
+    waiter = threading.Thread(target=lambda: got.setdefault("handle", lock_file(path, blocking=True)))
+    waiter.start()
+    time.sleep(0.3)  # the waiter has opened the file and waits for its lock
+    assert "handle" not in got
+    release_lock_file(path, first)  # removes the file it waited on
+    waiter.join(timeout=10)
+    assert path.exists() and os.fstat(got["handle"].fileno()).st_ino == os.stat(path).st_ino
+    with pytest.raises(BlockingIOError):  # and it holds that file's lock
+        lock_file(path, blocking=False)
+    release_lock_file(path, got["handle"])
+    assert not path.exists()

@@ -33,15 +33,50 @@ logger = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def locked(path: Path):
-    """Hold an exclusive lock on ``path`` (a sidecar lock file) for the duration of the block."""
-    with open(path, "a") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    """Hold an exclusive lock on ``path`` (a sidecar lock file, removed when the block ends) for the
+    duration of the block, waiting for another holder to finish."""
+    if fcntl is None:
+        yield
+        return
+    handle = lock_file(path, blocking=True)
+    try:
+        yield
+    finally:
+        release_lock_file(path, handle)
+
+
+def lock_file(path: Path, blocking: bool):
+    """Open ``path`` and take an exclusive advisory lock on it; returns the open file (``a+``).
+
+    A lock file is removed by its holder when released (:func:`release_lock_file`), so whoever had
+    opened it meanwhile finds, once it has the lock, that ``path`` is no longer its file, and opens
+    the current one again: two holders never lock two different files under one name.
+
+    Raises:
+        BlockingIOError: ``blocking=False`` and another process holds the lock (the file is closed).
+    """
+    while True:
+        handle = open(path, "a+")
         try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BaseException:
+            handle.close()
+            raise
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(handle.fileno()).st_ino:
+            return handle
+        handle.close()  # its holder released and removed it after we opened it: take the current one
+
+
+def release_lock_file(path: Path, handle) -> None:
+    """Remove a lock file taken by :func:`lock_file` and release it (removed while still locked, so
+    that no one can lock it and then see it vanish)."""
+    path.unlink(missing_ok=True)
+    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    handle.close()
 
 
 class ConfigMismatchError(ValueError):
@@ -294,34 +329,22 @@ class RunDirectory:
             yield
         finally:
             for path, handle in held:
-                # removed while still locked, so that no one can lock this file and then see it vanish
-                # (whoever opened it before is sent back by the inode check in _lock_claim_file)
-                path.unlink(missing_ok=True)
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-                handle.close()
+                release_lock_file(path, handle)
 
     def _lock_claim_file(self, path: Path, name: str):
-        """Open and lock the claim file ``path``, retrying when its holder removed it meanwhile."""
-        while True:
-            handle = open(path, "a+")
+        """Lock the claim file ``path`` without waiting, or name its holder."""
+        try:
+            return lock_file(path, blocking=False)
+        except BlockingIOError:
             try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                handle.close()
-                other = "" if name in ("collect", "analyze") else ", or give this one other methods"
-                raise RunBusyError(
-                    f"{name} is being run in {self.path} by another invocation ({holder}): wait for it "
-                    f"to finish{other}"
-                ) from None
-            try:
-                current = os.stat(path).st_ino
-            except FileNotFoundError:
-                current = None
-            if current == os.fstat(handle.fileno()).st_ino:
-                return handle
-            handle.close()  # the holder released and removed it after we opened it: take a fresh one
+                holder = path.read_text().strip() or "another process"
+            except OSError:
+                holder = "another process"
+            other = "" if name in ("collect", "analyze") else ", or give this one other methods"
+            raise RunBusyError(
+                f"{name} is being run in {self.path} by another invocation ({holder}): wait for it "
+                f"to finish{other}"
+            ) from None
 
     def discard_if_unused(self) -> None:
         """Undo what this invocation made if no file was written since: its ``config.json``, and the
@@ -329,7 +352,7 @@ class RunDirectory:
         on a K above the vocabulary), so that the corrected command starts afresh. Files that were
         there before stay; a directory that gained any other file (another invocation's results, a
         calibration) is left as it is."""
-        made = {Path("config.json"), Path(PROBLEM_DIGESTS), Path(f".{PROBLEM_DIGESTS}.lock")}
+        made = {Path("config.json"), Path(PROBLEM_DIGESTS)}
         if not self.wrote_config or self._files() - made != self._held_before - made:
             return
         for name in made - self._held_before:
@@ -339,11 +362,11 @@ class RunDirectory:
         logger.info("nothing was written to %s: removed the config.json this run made", self.path)
 
     def _files(self) -> set[Path]:
-        """The files under the directory, relative to it (claims aside: they hold no work)."""
+        """The files under the directory, relative to it (lock files aside: they hold no work)."""
         return {
             p.relative_to(self.path)
             for p in self.path.rglob("*")
-            if p.is_file() and not p.name.startswith(".claim-")
+            if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".lock"))
         }
 
     def _differences(self, old: dict, new: dict) -> list[str]:

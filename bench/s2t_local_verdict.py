@@ -38,17 +38,21 @@ CEILING = "s2t/entropy@0.8"
 LOCAL_PREFIX = "s2t-local"
 
 
-def per_token_time_ratios(summary: dict) -> dict[str, float]:
-    """Each method's mean wall time per generated token over greedy's (methods of one run)."""
-    greedy = summary.get("greedy")
-    if not greedy or not greedy["mean_generated_tokens"]:
-        return {}
-    base = greedy["mean_wall_time_s"] / greedy["mean_generated_tokens"]
-    return {
-        m: (e["mean_wall_time_s"] / e["mean_generated_tokens"]) / base
-        for m, e in summary.items()
-        if e["mean_generated_tokens"]
-    }
+def per_token_time_ratios(records: list[dict]) -> dict[str, float]:
+    """Each method's wall time per generated token over greedy's, on the problems both finished
+    (methods of one run; a method part-way through it is timed on its own problems)."""
+    by_method: dict[str, dict[str, dict]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], {})[r["problem_id"]] = r["cost"]
+    greedy = by_method.get("greedy", {})
+    ratios = {}
+    for method, costs in by_method.items():
+        common = costs.keys() & greedy.keys()
+        mine = [sum(costs[i][key] for i in common) for key in ("wall_time_s", "generated_tokens")]
+        base = [sum(greedy[i][key] for i in common) for key in ("wall_time_s", "generated_tokens")]
+        if all(mine) and all(base):
+            ratios[method] = (mine[0] / mine[1]) / (base[0] / base[1])
+    return ratios
 
 
 def best_learned_selector(ladder: dict) -> tuple[dict, dict] | None:
@@ -172,14 +176,15 @@ def p_values_vs(records: list[dict], other: str) -> dict[str, float]:
     return p_values
 
 
-def markdown(summary: dict, result: dict, cost_ratios: dict, p_vs_majority: dict[str, float]) -> str:
+def markdown(
+    summary: dict, result: dict, cost_ratios: dict, p_vs_majority: dict[str, float], ratios: dict[str, float]
+) -> str:
     """The verdict run's rows (times from the run itself are contended; the quiet ones follow), then
     the verdict's sentence."""
     lines = [
         "| method | accuracy (95% CI) | n | p vs greedy | p vs maj@8 | trigger rate | time / token vs greedy (this run) |",
         "|---|---|---|---|---|---|---|",
     ]
-    ratios = per_token_time_ratios(summary)
     for m, e in summary.items():
         p_greedy = f"{e['vs_greedy']['p_value']:.2g}" if "vs_greedy" in e else "–"
         p_maj = f"{p_vs_majority[m]:.2g}" if m in p_vs_majority else "–"
@@ -239,12 +244,12 @@ def main(argv=None) -> int:
             cost_records = list(read_jsonl(Path(args.cost) / "results.jsonl"))
             if not cost_records:
                 raise ValueError(f"--cost {args.cost} holds no results (no results.jsonl records)")
-            cost = per_token_time_ratios(summarize(cost_records))
+            cost = per_token_time_ratios(cost_records)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = verdict(summary, args.problems, ladder, trigger, cost)
-    print(markdown(summary, result, cost, p_values_vs(records, MAJORITY)))
+    print(markdown(summary, result, cost, p_values_vs(records, MAJORITY), per_token_time_ratios(records)))
     if args.out:
         write_json_atomic(args.out, result | {"methods": summary, "inputs": vars(args)})
     return 0

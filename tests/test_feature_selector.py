@@ -887,6 +887,20 @@ def test_the_verdict_script_names_the_failing_link_and_waits_for_complete_rows()
         in script.verdict({"greedy": summary["greedy"]}, 300)["sentence"]
     )
 
+    # time per token against greedy's pairs the problems both finished (greedy's later problems ran slower)
+    def record(method, problem, seconds, tokens=10):
+        return {
+            "method": method,
+            "problem_id": problem,
+            "cost": {"wall_time_s": seconds, "generated_tokens": tokens},
+        }
+
+    records = [record("greedy", i, 1.0 + i) for i in range(4)] + [
+        record("maj@8", i, 8.0, 80) for i in range(2)
+    ]
+    ratios = script.per_token_time_ratios(records)
+    assert ratios["greedy"] == 1.0 and ratios["maj@8"] == pytest.approx((16 / 160) / (3 / 20))
+
 
 def test_a_selector_of_another_slm_is_refused_before_any_method_decodes(trained, tmp_path):
     """A selector's SLM can only be checked once a model has loaded; it used to be checked when its

@@ -562,3 +562,36 @@ def test_cli_serve_serves_the_llm_alone_with_its_cost_in_the_llm_columns(
     cost = response.model_extra["s2t_cost"]
     assert cost["method"] == "llm" and cost["slm_forward_calls"] == 0
     assert cost["llm_forward_calls"] == expected.cost.llm_forward_calls > 0
+
+
+def test_an_answer_ended_by_a_stop_string_counts_the_same_tokens_and_cost_every_time(
+    client, server, tokenizer
+):
+    """The stop string is found on the engine thread and ends the request before its next step: the
+    usage and cost used to include the steps decoded before a cancel from the event loop took effect."""
+    messages = chat("Double 21.")
+    full = (
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16)
+        .choices[0]
+        .message.content
+    )
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 16, "stop": [stop]}
+    answers = [httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60).json() for _ in range(4)]
+    counted = {
+        (
+            a["usage"]["completion_tokens"],
+            a["s2t_cost"]["generated_tokens"],
+            a["s2t_cost"]["slm_forward_calls"],
+        )
+        for a in answers
+    }
+    assert len(counted) == 1, counted
+    ((tokens, generated, _),) = counted
+    assert tokens == generated
+    # exactly the tokens up to the one that completes the stop string
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    first = next(
+        n for n in range(1, len(ids) + 1) if stop in tokenizer.decode(ids[:n], skip_special_tokens=True)
+    )
+    assert tokens == first

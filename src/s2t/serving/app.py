@@ -265,12 +265,8 @@ def create_app(
                         yield rest, pending
                     yield item
                     return
-                if text.stopped:
-                    continue  # tokens decoded after a stop string, before the cancel took effect
-                pending.append(item)
-                delta = text.add(item.token)
-                if text.stopped:
-                    worker.cancel(ticket, finished=True)
+                step, delta = item  # the engine thread detokenized it (and ended it at a stop string)
+                pending.append(step)
                 if delta:
                     yield delta, pending
                     pending = []
@@ -353,7 +349,7 @@ def create_app(
             }
 
         stream = TextStream(tokenizer, body.stop_strings())
-        ticket = await worker.submit(request)
+        ticket = await worker.submit(request, stream)
         if not body.stream:
             pieces = await collect(ticket, stream, connection)
             if pieces is None:  # nobody is left to read an answer

@@ -17,12 +17,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Ticket:
-    """A submitted request: the engine thread puts its :class:`~s2t.engine.StepOutput` per new
-    token, then its :class:`~s2t.engine.Generation` (or the exception that ended it), on ``events``,
-    an asyncio queue of the submitting loop."""
+    """A submitted request: the engine thread puts ``(step, text)`` per new token (its
+    :class:`~s2t.engine.StepOutput`, and the answer's text that may be sent with it), then its
+    :class:`~s2t.engine.Generation` (or the exception that ended it), on ``events``, an asyncio queue
+    of the submitting loop.
+
+    ``text`` detokenizes on the engine thread, which ends the request at its first stop string before
+    the next step: the tokens and cost of a stopped answer never depend on timing. (Without one, each
+    step's text is ``""``.)"""
 
     request: Request
     loop: asyncio.AbstractEventLoop
+    text: Any = None  # a serving.app.TextStream: add(token) -> str, and .stopped
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     request_id: int | None = None  # the scheduler's id, set by the engine thread
 
@@ -42,7 +48,7 @@ class EngineWorker:
         self.counts = {"finished": 0, "cancelled": 0, "failed": 0}
         self._commands: queue.Queue = queue.Queue()
         self._tickets: dict[int, Ticket] = {}
-        self._stopped: set[int] = set()  # requests the server ended at a stop string: finished
+        self._stopped: set[int] = set()  # requests ended at a stop string: counted finished
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="s2t-engine", daemon=True)
 
@@ -54,15 +60,16 @@ class EngineWorker:
         self._commands.put(None)  # wake the thread if it is waiting for work
         self._thread.join(timeout)
 
-    async def submit(self, request: Request) -> Ticket:
-        ticket = Ticket(request, asyncio.get_running_loop())
+    async def submit(self, request: Request, text=None) -> Ticket:
+        """Queue ``request``; ``text`` (a ``TextStream``) turns its tokens into the answer's text and
+        ends it at a stop string (see :class:`Ticket`)."""
+        ticket = Ticket(request, asyncio.get_running_loop(), text)
         self._commands.put(("add", ticket))
         return ticket
 
-    def cancel(self, ticket: Ticket, finished: bool = False) -> None:
-        """Free the request's batch slot: a client went away, or (``finished``) a stop string was
-        reached, which :meth:`load` counts as finished, not cancelled."""
-        self._commands.put(("stop" if finished else "cancel", ticket))
+    def cancel(self, ticket: Ticket) -> None:
+        """Free the request's batch slot: a client went away (or an error ended its answer)."""
+        self._commands.put(("cancel", ticket))
 
     async def call(self, function: Callable[[], Any]) -> Any:
         """Run ``function`` on the engine thread between decoding steps (the models are not shared
@@ -110,8 +117,6 @@ class EngineWorker:
                 return
             self._tickets[ticket.request_id] = ticket
         elif ticket.request_id in self._tickets:
-            if kind == "stop":
-                self._stopped.add(ticket.request_id)
             self.scheduler.cancel(ticket.request_id)
 
     def _run(self) -> None:
@@ -140,7 +145,13 @@ class EngineWorker:
                 if ticket is None:
                     continue
                 if out.token is not None:
-                    ticket.deliver(out)
+                    if ticket.text is None:
+                        ticket.deliver((out, ""))
+                    elif not ticket.text.stopped:
+                        ticket.deliver((out, ticket.text.add(out.token)))
+                        if ticket.text.stopped and out.generation is None:  # ends before the next step
+                            self._stopped.add(out.request_id)
+                            self.scheduler.cancel(out.request_id)
                 if out.generation is not None:
                     del self._tickets[out.request_id]
                     stopped = out.request_id in self._stopped

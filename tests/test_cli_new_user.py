@@ -554,3 +554,28 @@ def test_an_empty_path_option_is_refused_not_replaced_by_a_default(command):
     result = CliRunner().invoke(app, [*command, option, ""])
     assert result.exit_code == 2
     assert f"Invalid value for '{option}': is empty: give a directory" in " ".join(result.output.split())
+
+
+def test_report_names_a_record_it_cannot_read_and_a_directory_that_does_not_exist(
+    tiny_pair_dir, data_dir, tmp_path
+):
+    """A hand-edited results line used to end `s2t report` in a traceback (KeyError: 'correct')."""
+    out = tmp_path / "run"
+    assert (
+        CliRunner().invoke(app, eval_args(tiny_pair_dir, data_dir / "gsm8k" / "test.jsonl", out)).exit_code
+        == 0
+    )
+    with open(out / "results.jsonl", "a") as results:
+        results.write(json.dumps({"method": "greedy", "problem_id": "gsm8k/test/0"}) + "\n")
+    result = CliRunner().invoke(app, ["report", str(out)])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in message, message
+    finished = len((out / "results.jsonl").read_text().splitlines()) - 1
+    assert (
+        f"{out / 'results.jsonl'}: record {finished + 1} lacks correct, cost: not a record of `s2t eval`"
+        in message
+    )
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and f"{tmp_path / 'nowhere'} does not exist" in " ".join(
+        result.output.split()
+    )

@@ -151,6 +151,8 @@ def report(run_dir: Annotated[str, typer.Argument(help="An eval run directory.")
     from s2t.runs import run_kind
 
     config_file = Path(run_dir) / "config.json"
+    if not Path(run_dir).exists():
+        fail(f"{run_dir} does not exist")
     if not config_file.is_file():
         fail(f"{run_dir} is not an eval run directory (no config.json)")
     try:
@@ -160,5 +162,8 @@ def report(run_dir: Annotated[str, typer.Argument(help="An eval run directory.")
     made_by = run_kind(config) if isinstance(config, dict) else "another command"
     if made_by != "s2t eval":  # nothing is written over another command's run
         fail(f"{run_dir} is not an eval run directory: it was made by {made_by}")
-    payload = write_report(run_dir)
+    try:
+        payload = write_report(run_dir)
+    except ValueError as e:  # a malformed results line or record
+        fail(str(e))
     console.print(markdown_table(payload["methods"]), markup=False, highlight=False, soft_wrap=True)

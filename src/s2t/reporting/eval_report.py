@@ -142,7 +142,7 @@ def markdown_table(summary: dict) -> str:
             f"| {m} | {e['accuracy']:.1%} ({e['ci_low']:.1%}–{e['ci_high']:.1%}) | {e['n']} | {_fmt_p(e, 'vs_greedy')}"
             f" | {_fmt_p(e, 'vs_maj')} | {e['mean_generated_tokens']:.0f} | {e['mean_llm_forward_tokens']:.0f}"
             f" | {e['mean_llm_forward_calls']:.1f} | {e['trigger_rate']:.1%} | {e.get('override_rate', 0.0):.1%}"
-            f" | {e.get('cut_off_rate', 0.0):.0%} | {e['mean_wall_time_s']:.1f} | {ratio} |"
+            f" | {e.get('cut_off_rate', 0.0):.0%} | {e['mean_wall_time_s']:.3g} | {ratio} |"
         )
     extra = [
         f"- {m}: pass@k (any of k samples correct; *not* comparable to accuracy) = "
@@ -248,11 +248,38 @@ def selector_note(records: list[dict], config: dict) -> str | None:
     return f"Selector digests (S2T-Local weights; trigger: the learned trigger's){where}: {rows}."
 
 
+RECORD_KEYS = ("method", "problem_id", "correct", "cost")  # what every eval record holds
+
+
+def check_records(records: list, path: Path) -> None:
+    """Refuse records a report cannot read (a results file edited by hand, or another tool's).
+
+    Raises:
+        ValueError: naming the first such record (its place among the file's records) and what it lacks.
+    """
+    for number, record in enumerate(records, 1):
+        missing = (
+            [k for k in RECORD_KEYS if k not in record] if isinstance(record, dict) else list(RECORD_KEYS)
+        )
+        if not missing and not isinstance(record["cost"], dict):
+            missing = ["cost (an object)"]
+        if missing:
+            raise ValueError(
+                f"{path}: record {number} lacks {', '.join(missing)}: not a record of `s2t eval` "
+                "(edited by hand?); remove or repair it, then run `s2t report` again"
+            )
+
+
 def write_report(run_dir: str | Path) -> dict:
-    """Recompute ``summary.json``, ``report.md`` and ``accuracy_vs_cost.png`` from a run directory."""
+    """Recompute ``summary.json``, ``report.md`` and ``accuracy_vs_cost.png`` from a run directory.
+
+    Raises:
+        ValueError: a results record the report cannot read (:func:`check_records`).
+    """
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     records = list(read_jsonl(run_dir / "results.jsonl"))
+    check_records(records, run_dir / "results.jsonl")
     summary = summarize(records, config.get("methods"), seed=config.get("seed", 0))
     calibration = run_dir / "calibration.json"
     calibrated = json.loads(calibration.read_text()) if calibration.is_file() else None

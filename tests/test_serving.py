@@ -496,6 +496,8 @@ def test_cli_serve_refuses_bad_methods_with_a_message(tiny_pair_dir, extra, mess
         (["--port", "0"], "--port"),
         (["--prefill-chunk", "-1"], "--prefill-chunk"),
         (["--max-batch-size", "0"], "--max-batch-size"),
+        (["--max-tokens", "0"], "--max-tokens"),
+        (["--context-length", "0"], "--context-length"),
     ],
 )
 def test_cli_serve_refuses_out_of_range_options_before_loading_models(
@@ -518,6 +520,24 @@ def test_cli_serve_refuses_out_of_range_options_before_loading_models(
     assert result.exit_code == 2, result.output
     assert f"Invalid value for '{option}'" in message
     assert "Traceback" not in result.output
+
+
+def test_cli_serve_refuses_a_context_length_beyond_the_models_positions(tiny_pair_dir, slm, monkeypatch):
+    """A 2,400-token prompt used to be accepted past the model's trained positions."""
+    from typer.testing import CliRunner
+
+    from s2t.cli import app as cli
+    from s2t.serving import server
+
+    monkeypatch.setattr(
+        server, "serve", lambda app, host, port: pytest.fail("served with a bad --context-length")
+    )
+    most = slm.model.config.max_position_embeddings
+    args = ["serve", "--slm", tiny_pair_dir["slm"], "--method", "greedy", "--context-length", str(most + 1)]
+    result = CliRunner().invoke(cli, args)
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"--context-length {most + 1} exceeds" in message, message
+    assert f"{most} positions; give at most {most}" in message
 
 
 def test_cli_serve_takes_prefill_chunk_0_as_off(tiny_pair_dir, monkeypatch):

@@ -59,7 +59,9 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind (default: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on (1–65535).")] = 8000,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Sequences decoded together; others wait.")] = 8,
-    max_tokens: Annotated[int, typer.Option(help="New tokens for requests that give no max_tokens.")] = 512,
+    max_tokens: Annotated[
+        int, typer.Option(min=1, help="New tokens for requests that give no max_tokens.")
+    ] = 512,
     prefill_chunk: Annotated[
         int,
         typer.Option(
@@ -68,7 +70,11 @@ def serve(
         ),
     ] = 512,
     context_length: Annotated[
-        int | None, typer.Option(help="Prompt + max_tokens limit (default: the SLM's position limit).")
+        int | None,
+        typer.Option(
+            min=1,
+            help="Prompt + max_tokens limit (default, and at most: the decoding model's position limit).",
+        ),
     ] = None,
     model_name: Annotated[
         str | None, typer.Option(help="The name clients pass as `model` (default: the SLM's name).")
@@ -117,7 +123,13 @@ def serve(
         )
         model = resolved.decoder.model
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        limit = context_length or getattr(model, "n_ctx", None) or positions or 4096
+        most = getattr(model, "n_ctx", None) or positions  # what the model's positions (or KV cells) allow
+        if context_length is not None and most is not None and context_length > most:
+            raise ValueError(
+                f"--context-length {context_length} exceeds what {slm if not resolved.llm_alone else llm} "
+                f"can read: {most} positions; give at most {most}, or leave it out"
+            )
+        limit = context_length or most or 4096
         name = model_name or (gen.llm.name if resolved.llm_alone else gen.slm.name)
         server_app = create_app(
             scheduler,

@@ -615,3 +615,25 @@ def test_an_answer_ended_by_a_stop_string_counts_the_same_tokens_and_cost_every_
         n for n in range(1, len(ids) + 1) if stop in tokenizer.decode(ids[:n], skip_special_tokens=True)
     )
     assert tokens == first
+
+
+@pytest.mark.parametrize(
+    "messages, max_tokens, param, message",
+    [
+        ([{"role": "user"}], 2, "messages.0", "a user message needs its content"),
+        ([{"role": "user", "content": None}], 2, "messages.0", "a user message needs its content"),
+        ([{"role": "system", "content": None}, {"role": "user", "content": "hi"}], 2, "messages.0", "system"),
+        ([{"role": "user", "content": "hi"}], 0, "max_tokens", "greater than or equal to 1"),
+        ([{"role": "user", "content": "hi"}], -1, "max_tokens", "greater than or equal to 1"),
+    ],
+)
+def test_a_chat_message_without_content_or_max_tokens_below_one_gets_a_400(
+    server, messages, max_tokens, param, message
+):
+    """Both used to be answered (from an empty prompt), and -1 and 0 got contradicting messages."""
+    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens}
+    response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=30)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"].startswith(param) and message in error["message"], (
+        error
+    )

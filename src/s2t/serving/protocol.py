@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 
 class OpenAIError(Exception):
@@ -119,7 +119,13 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = None  # null only for an assistant's message (as OpenAI)
+
+    @model_validator(mode="after")
+    def _content_given(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs its content (a string or a list of text parts)")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -129,6 +135,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)  # no prompt scoring (max_tokens 0) in chat
     max_completion_tokens: StrictInt | None = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -140,8 +147,6 @@ class ChatCompletionRequest(SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.max_tokens == 0:
-            raise OpenAIError(400, "max_tokens must be at least 1", param="max_tokens")
         if self.top_logprobs is not None and not self.logprobs:
             raise OpenAIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         for name in ("tools", "functions", "function_call"):

@@ -73,6 +73,21 @@ def _problems(split="train"):
     return [Problem(f"tiny/{split}/{i}", q, "4", "tiny", split) for i, q in enumerate(QUESTIONS)]
 
 
+def _collect_by_path(tiny_pair_dir, slm, llm, out, max_new_tokens: int):
+    """A K=4 collection of the tiny problems whose config names the tiny models by path, so that a
+    command line (`s2t train`) can load them."""
+    cfg = CollectConfig(
+        slm=tiny_pair_dir["slm"],
+        llm=tiny_pair_dir["llm"],
+        dataset="tiny",
+        k=4,
+        max_new_tokens=max_new_tokens,
+        batch_size=2,
+    )
+    Collector(cfg, out, slm=slm, llm=llm, problems=_problems(), progress=False).run_all()
+    return out
+
+
 def test_collection_refuses_evaluation_splits(slm, llm):
     with pytest.raises(LeakageError, match="evaluation split"):
         CollectConfig(dataset="gsm8k", split="test")
@@ -655,16 +670,7 @@ def test_lora_training_under_accelerate_launch_on_two_processes_takes_the_single
     from s2t.cli import app
 
     pytest.importorskip("peft")
-    groups = tmp_path / "groups"
-    cfg = CollectConfig(
-        slm=tiny_pair_dir["slm"],
-        llm=tiny_pair_dir["llm"],
-        dataset="tiny",
-        k=4,
-        max_new_tokens=10,
-        batch_size=2,
-    )
-    Collector(cfg, groups, slm=slm, llm=llm, problems=_problems(), progress=False).run_all()
+    groups = _collect_by_path(tiny_pair_dir, slm, llm, tmp_path / "groups", max_new_tokens=10)
     args = [
         "train",
         "--mode",
@@ -1082,16 +1088,7 @@ def test_train_says_when_its_trigger_comparison_rests_on_too_few_validation_prob
     from s2t.cli import app
     from s2t.training.ladder import MIN_VERDICT_PROBLEMS
 
-    groups = tmp_path / "groups"
-    cfg = CollectConfig(
-        slm=tiny_pair_dir["slm"],
-        llm=tiny_pair_dir["llm"],
-        dataset="tiny",
-        k=4,
-        max_new_tokens=12,
-        batch_size=2,
-    )
-    Collector(cfg, groups, slm=slm, llm=llm, problems=_problems(), progress=False).run_all()
+    groups = _collect_by_path(tiny_pair_dir, slm, llm, tmp_path / "groups", max_new_tokens=12)
     args = ["train", "--mode", "features", "--groups", str(groups), "--out", str(tmp_path / "sel")]
     result = CliRunner().invoke(
         app, [*args, "--k", "4", "--epochs", "1", "--val-fraction", "0.25", "--trigger-rate", "0.2"]

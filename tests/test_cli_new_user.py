@@ -207,7 +207,7 @@ def test_eval_with_k_above_the_vocabulary_fails_before_any_method_and_leaves_no_
     assert result.exit_code != 0 and "K=100000 exceeds the tokenizer's vocabulary" in result.output, (
         result.output
     )
-    assert not out.exists() and "was removed" in " ".join(result.output.split()), result.output
+    assert not out.exists() and "nothing was kept" in " ".join(result.output.split()), result.output
     result = CliRunner().invoke(app, [*args, "--k", "4"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["k"] == 4

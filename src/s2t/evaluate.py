@@ -32,7 +32,7 @@ from pathlib import Path
 
 from s2t.api import CalibrationStore, Calibrator, ResolvedMethod, S2TGenerator
 from s2t.backends import make_generator, resolve_backend
-from s2t.data import PROBLEM_DIGEST_CHARS, Problem, data_file_digest, load_problems
+from s2t.data import Problem, data_file_digest, load_problems
 from s2t.engine import CostRecord, Method
 from s2t.grading import grade, majority_vote
 from s2t.method_names import LLM_ALONE
@@ -43,6 +43,7 @@ from s2t.methods import (
     check_unread_options,
     is_local_method,
     majority_samples,
+    selector_training_overlap,
     split_label,
 )
 from s2t.methods import canonical_method_name as _canonical_method_name
@@ -575,43 +576,6 @@ class Evaluator:
         specs = [s for s in map(self.config.spec, self.config.methods) if s is not None and s.selector]
         for what, leaked in selector_training_overlap(self.config.selector, specs, self.problems).items():
             _refuse_leak(what, leaked)
-
-
-def selector_training_overlap(
-    selector: str, specs: Sequence[MethodSpec], problems: Sequence[Problem]
-) -> dict[str, set[str]]:
-    """The ids of ``problems`` that the selector in ``selector`` (where a spec is S2T-Local) or its
-    learned trigger (where a spec uses it) was trained or validated on, keyed ``"the selector"`` /
-    ``"the learned trigger"``; read from their configs, no model loads. A trigger saved before it
-    recorded its problems cannot be checked (a warning says so)."""
-    from s2t.policies.learned_selector import load_selector
-    from s2t.policies.learned_trigger import LearnedTrigger
-
-    evaluated = {p.id for p in problems}
-    # by content too: training problems relabelled (a training file evaluated as a test split)
-    by_content = {p.digest[:PROBLEM_DIGEST_CHARS]: p.id for p in problems}
-
-    def leaked(ids, digests) -> set[str]:
-        """By question where the checkpoint records its problems' digests (an id is only a label:
-        another file's ``gsm8k/train/0`` may be another problem), else by id."""
-        return {by_content[d] for d in digests if d in by_content} if digests else set(ids) & evaluated
-
-    overlap = {}
-    if any(is_local_method(s.name) for s in specs):
-        training = load_selector(selector).config.training
-        seen = set(training.get("train_problem_ids", [])) | set(training.get("validation_problem_ids", []))
-        digests = (training.get("collection") or {}).get("problem_digests") or []
-        overlap["the selector"] = leaked(seen, digests)
-    if any(s.trigger == "learned" for s in specs):
-        config = LearnedTrigger.from_pretrained(selector).config
-        if not config.problem_ids:
-            logger.warning(
-                "the learned trigger in %s records no problems (saved before they were recorded): "
-                "it cannot be checked for leakage; retrain it with `s2t train` to have it checked",
-                selector,
-            )
-        overlap["the learned trigger"] = leaked(config.problem_ids, config.problem_digests)
-    return overlap
 
 
 def _refuse_leak(what: str, leaked: set[str]) -> None:

@@ -21,6 +21,7 @@ rates (:class:`TriggerSetting`)::
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from s2t.data import PROBLEM_DIGEST_CHARS, Problem
 from s2t.engine import Method
 from s2t.engine import decode_stream as engine_decode_stream
 from s2t.method_names import LLM_ALONE, LOCAL_METHOD, METHOD_SELECTORS, METHODS, TRIGGER_NAMES
@@ -43,6 +45,8 @@ from s2t.policies.triggers import (
     check_quantile,
     make_trigger,
 )
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_QUANTILE = 0.95
 # Triggers that take no quantile: always and never have no threshold, the learned one keeps its own.
@@ -557,3 +561,40 @@ class MethodSpec:
     @property
     def needs_calibration(self) -> bool:
         return self.quantile is not None
+
+
+def selector_training_overlap(
+    selector: str, specs: Sequence[MethodSpec], problems: Sequence[Problem]
+) -> dict[str, set[str]]:
+    """The ids of ``problems`` that the selector in ``selector`` (where a spec is S2T-Local) or its
+    learned trigger (where a spec uses it) was trained or validated on, keyed ``"the selector"`` /
+    ``"the learned trigger"``; read from their configs, no model loads. A trigger saved before it
+    recorded its problems cannot be checked (a warning says so)."""
+    from s2t.policies.learned_selector import load_selector
+    from s2t.policies.learned_trigger import LearnedTrigger
+
+    evaluated = {p.id for p in problems}
+    # by content too: training problems relabelled (a training file evaluated as a test split)
+    by_content = {p.digest[:PROBLEM_DIGEST_CHARS]: p.id for p in problems}
+
+    def leaked(ids, digests) -> set[str]:
+        """By question where the checkpoint records its problems' digests (an id is only a label:
+        another file's ``gsm8k/train/0`` may be another problem), else by id."""
+        return {by_content[d] for d in digests if d in by_content} if digests else set(ids) & evaluated
+
+    overlap = {}
+    if any(is_local_method(s.name) for s in specs):
+        training = load_selector(selector).config.training
+        seen = set(training.get("train_problem_ids", [])) | set(training.get("validation_problem_ids", []))
+        digests = (training.get("collection") or {}).get("problem_digests") or []
+        overlap["the selector"] = leaked(seen, digests)
+    if any(s.trigger == "learned" for s in specs):
+        config = LearnedTrigger.from_pretrained(selector).config
+        if not config.problem_ids:
+            logger.warning(
+                "the learned trigger in %s records no problems (saved before they were recorded): "
+                "it cannot be checked for leakage; retrain it with `s2t train` to have it checked",
+                selector,
+            )
+        overlap["the learned trigger"] = leaked(config.problem_ids, config.problem_digests)
+    return overlap

@@ -164,7 +164,7 @@ def _warn_if_trained_on(problem, specs, selector: str | None) -> None:
     ``s2t eval`` refuses such problems; here one answer is shown, and its grade is no evidence."""
     if selector is None or not any(s.selector for s in specs):
         return
-    from s2t.evaluate import selector_training_overlap
+    from s2t.methods import selector_training_overlap
 
     for what, seen in selector_training_overlap(
         selector, [s for s in specs if s.selector], [problem]

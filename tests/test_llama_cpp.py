@@ -531,3 +531,22 @@ def test_echo_with_logprobs_on_llama_cpp_gets_a_400_naming_the_torch_backend(lla
         url, json={"model": "tiny", "prompt": prompt, "echo": True, "max_tokens": 4}, timeout=60
     )
     assert echoed.status_code == 200 and echoed.json()["choices"][0]["text"].startswith(prompt)
+
+
+def test_a_stop_string_on_llama_cpp_ends_the_answer_at_the_same_token_every_time(llama_server):
+    """The engine thread ends a stopped answer before the next step on llama.cpp too."""
+    import httpx
+
+    messages = [{"role": "user", "content": "Natalia sold clips to 48 of her friends."}]
+    body = {"model": "tiny", "messages": messages, "max_tokens": 8}
+    full = httpx.post(f"{llama_server}/v1/chat/completions", json=body, timeout=60).json()
+    text = full["choices"][0]["message"]["content"]
+    stop = next(text[i : i + 2] for i in range(len(text) // 2, len(text)) if text[i : i + 2].strip())
+    answers = [
+        httpx.post(f"{llama_server}/v1/chat/completions", json=body | {"stop": [stop]}, timeout=60).json()
+        for _ in range(3)
+    ]
+    assert {a["choices"][0]["message"]["content"] for a in answers} == {text[: text.index(stop)]}
+    assert {a["choices"][0]["finish_reason"] for a in answers} == {"stop"}
+    counted = {(a["usage"]["completion_tokens"], a["s2t_cost"]["slm_forward_calls"]) for a in answers}
+    assert len(counted) == 1 and next(iter(counted))[0] <= full["usage"]["completion_tokens"], counted

@@ -579,3 +579,33 @@ def test_report_names_a_record_it_cannot_read_and_a_directory_that_does_not_exis
     assert result.exit_code == 2 and f"{tmp_path / 'nowhere'} does not exist" in " ".join(
         result.output.split()
     )
+
+
+def test_an_interrupt_inside_the_reports_plotting_import_is_an_interrupt(
+    tiny_pair_dir, data_dir, tmp_path, monkeypatch
+):
+    """SIGTERM while matplotlib's C extension was importing ended eval in an ImportError traceback."""
+    import s2t.reporting.eval_report
+
+    def interrupted_import(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt("signal 15")
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed")  # noqa: B904 - as the C extension raises it
+
+    monkeypatch.setattr(s2t.reporting.eval_report, "plot_accuracy_vs_cost", interrupted_import)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, eval_args(tiny_pair_dir, data_dir / "gsm8k" / "test.jsonl", out))
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in message, message
+    assert f"interrupted: what finished is in {out}; run the same command again to resume" in message
+    monkeypatch.undo()
+    with pytest.raises(ImportError):  # an ImportError of its own is not taken for an interrupt
+        monkeypatch.setattr(
+            s2t.reporting.eval_report,
+            "plot_accuracy_vs_cost",
+            lambda *a: (_ for _ in ()).throw(ImportError("no")),
+        )
+        CliRunner().invoke(
+            app, eval_args(tiny_pair_dir, data_dir / "gsm8k" / "test.jsonl", out), catch_exceptions=False
+        )

@@ -1100,3 +1100,41 @@ def test_train_says_when_its_trigger_comparison_rests_on_too_few_validation_prob
         f"(on 1 validation problem(s): too few to compare the triggers; hold out at least {MIN_VERDICT_PROBLEMS}"
         in output
     )
+
+
+def test_an_interrupt_while_train_reports_keeps_the_finished_training(
+    tiny_pair_dir, slm, llm, tmp_path, monkeypatch
+):
+    """SIGTERM during the ladder used to exit silently and, with --overwrite, put the earlier training
+    back in place of the one that had just finished."""
+    from typer.testing import CliRunner
+
+    import s2t.cli.local
+    from s2t.cli import app
+
+    groups = _collect_by_path(tiny_pair_dir, slm, llm, tmp_path / "groups", max_new_tokens=12)
+    args = [
+        "train",
+        "--mode",
+        "features",
+        "--groups",
+        str(groups),
+        "--out",
+        str(tmp_path / "sel"),
+        "--k",
+        "4",
+    ]
+    args += ["--epochs", "1", "--val-fraction", "0.25", "--trigger-rate", "0"]
+    assert CliRunner().invoke(app, [*args, "--seed", "1"]).exit_code == 0
+    earlier = (tmp_path / "sel" / "selector.safetensors").read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("signal 15")
+
+    monkeypatch.setattr(s2t.cli.local, "_report", interrupted)
+    result = CliRunner().invoke(app, [*args, "--seed", "2", "--overwrite"])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert f"interrupted while reporting: the trained selector is saved in {tmp_path / 'sel'}" in message
+    assert (tmp_path / "sel" / "selector.safetensors").read_bytes() != earlier  # the new training stays
+    assert not (tmp_path / "sel" / ".replaced").exists()

@@ -21,6 +21,7 @@ from s2t.cli.app import (
     fail,
     fail_interrupted,
     fail_to_write,
+    interrupted,
     limit_option,
     nonempty_path,
 )
@@ -138,6 +139,10 @@ def analyze(
     except OSError as e:  # e.g. an --out that is a file
         fail_to_write(e, out_dir)
     except KeyboardInterrupt:
+        fail_interrupted(out_dir)
+    except ImportError as e:  # an interrupt inside an import (the report's plotting library)
+        if not interrupted(e):
+            raise
         fail_interrupted(out_dir)
 
     console.print(hitk_table(summary))

@@ -120,6 +120,19 @@ def fail_interrupted(out) -> None:
     fail("interrupted before anything finished: nothing was kept")
 
 
+def interrupted(error: BaseException) -> bool:
+    """Whether ``error`` came of an interrupt: SIGTERM or Ctrl-C inside an import (matplotlib's C
+    extensions, when a report is drawn) surfaces as an ``ImportError`` with the ``KeyboardInterrupt``
+    as its context."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def fail_to_write(error: OSError, out) -> None:
     """:func:`fail` for an ``--out`` that cannot be written (a file, under a file, not writable): one
     line naming the path, not a traceback."""

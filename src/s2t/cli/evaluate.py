@@ -28,6 +28,7 @@ from s2t.cli.app import (
     fail,
     fail_interrupted,
     fail_to_write,
+    interrupted,
     limit_option,
     nonempty_path,
 )
@@ -138,6 +139,10 @@ def eval_command(
     except OSError as e:  # e.g. an unwritable --out: one line naming the path, not a traceback
         fail_to_write(e, out)
     except KeyboardInterrupt:
+        fail_interrupted(out)
+    except ImportError as e:  # an interrupt inside an import (the report's plotting library)
+        if not interrupted(e):
+            raise
         fail_interrupted(out)
     console.print(markdown_table(payload["methods"]), markup=False, highlight=False, soft_wrap=True)
     written = ["summary.json", "report.md", "accuracy_vs_cost.png", "frontier.png"]

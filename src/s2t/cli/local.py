@@ -254,20 +254,53 @@ def train_command(
     epochs = d_epochs if epochs is None else epochs
     lr = d_lr if lr is None else lr
     batch_size = d_bs if batch_size is None else batch_size
+    trigger_failure = None  # the selector is saved, the learned trigger failed: the selector stays
     with replacing_output(out, overwrite):  # an earlier training comes back unless this one succeeds
-        if mode == "features":
-            selector = _train_features(
-                groups,
-                out,
-                8 if k is None else k,
-                groups_at,
-                epochs,
-                lr,
-                batch_size,
-                val_fraction,
-                seed,
-                dtype,
-            )
+        try:
+            if mode == "features":
+                selector = _train_features(
+                    groups,
+                    out,
+                    8 if k is None else k,
+                    groups_at,
+                    epochs,
+                    lr,
+                    batch_size,
+                    val_fraction,
+                    seed,
+                    dtype,
+                )
+            else:
+                config = TrainConfig(
+                    groups=groups,
+                    out=out,
+                    mode=mode,
+                    groups_subset=groups_subset,
+                    groups_at=groups_at,
+                    epochs=epochs,
+                    lr=lr,
+                    batch_size=batch_size,
+                    val_fraction=val_fraction,
+                    seed=seed,
+                    dtype=dtype,
+                    lora_r=lora_r,
+                    lora_alpha=lora_alpha,
+                    lora_dropout=lora_dropout,
+                    lora_layers=lora_layers,
+                    k=k,
+                    bins_lr=bins_lr,
+                    prefix_kl_weight=prefix_kl_weight,
+                    checkpoint_every=checkpoint_every,
+                    eval_every=eval_every,
+                )
+                selector = train(config, resume=resume)
+                if mode == "lora":
+                    from accelerate import PartialState
+
+                    if (
+                        not PartialState().is_main_process
+                    ):  # under `accelerate launch`: the main process reports
+                        return
             try:
                 trigger = (
                     _train_trigger(
@@ -277,45 +310,12 @@ def train_command(
                     else None
                 )
             except (ValueError, FileNotFoundError) as e:
-                fail(f"the selector is saved in {out}; the learned trigger failed: {e}")
-            _report(selector, trigger, trigger_rate, out, groups, selector.config.k, groups_at, dtype)
-            return
-        try:
-            config = TrainConfig(
-                groups=groups,
-                out=out,
-                mode=mode,
-                groups_subset=groups_subset,
-                groups_at=groups_at,
-                epochs=epochs,
-                lr=lr,
-                batch_size=batch_size,
-                val_fraction=val_fraction,
-                seed=seed,
-                dtype=dtype,
-                lora_r=lora_r,
-                lora_alpha=lora_alpha,
-                lora_dropout=lora_dropout,
-                lora_layers=lora_layers,
-                k=k,
-                bins_lr=bins_lr,
-                prefix_kl_weight=prefix_kl_weight,
-                checkpoint_every=checkpoint_every,
-                eval_every=eval_every,
-            )
-            selector = train(config, resume=resume)
-            if mode == "lora":
-                from accelerate import PartialState
-
-                if not PartialState().is_main_process:  # under `accelerate launch`: the main process reports
-                    return
-            trigger = (
-                _train_trigger(
-                    groups, out, trigger_rate, val_fraction, seed, dtype, trigger_label, trigger_features
+                trigger, trigger_failure = (
+                    None,
+                    f"the selector is saved in {out}; the learned trigger failed: {e}",
                 )
-                if trigger_rate > 0
-                else None
-            )
+        except typer.Exit:  # a failure already reported (it is a RuntimeError to click)
+            raise
         except KeyboardInterrupt:
             fail(
                 f"interrupted; what was trained is in {out}/checkpoint: continue with the same command and --resume"
@@ -325,7 +325,17 @@ def train_command(
             )
         except (ValueError, RuntimeError, FileNotFoundError, SelectorCheckpointError) as e:
             fail(str(e))
-        _report(selector, trigger, trigger_rate, out, groups, k, groups_at, dtype)
+    # the training is in place (an earlier one is gone): what follows only reports on it
+    if trigger_failure:
+        fail(trigger_failure)
+    try:
+        report_k = selector.config.k if mode == "features" else k  # None: the collection's K
+        _report(selector, trigger, trigger_rate, out, groups, report_k, groups_at, dtype)
+    except KeyboardInterrupt:
+        saved = "selector and its learned trigger are" if trigger is not None else "selector is"
+        fail(
+            f"interrupted while reporting: the trained {saved} saved in {out} (its ladder.json was not written)"
+        )
 
 
 @cache

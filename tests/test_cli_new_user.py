@@ -599,6 +599,12 @@ def test_an_interrupt_inside_the_reports_plotting_import_is_an_interrupt(
     message = " ".join(result.output.split())
     assert result.exit_code == 2 and "Traceback" not in message, message
     assert f"interrupted: what finished is in {out}; run the same command again to resume" in message
+    # a method asked for that has no result yet is named in the report, not left out without a word
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | {"methods": [*config["methods"], "maj@2"]}))
+    result = CliRunner().invoke(app, ["report", str(out)])  # its plot is interrupted again
+    assert result.exit_code == 2 and "interrupted: the report in" in " ".join(result.output.split())
+    assert "Asked for, without a result yet: maj@2." in (out / "report.md").read_text()
     monkeypatch.undo()
     with pytest.raises(ImportError):  # an ImportError of its own is not taken for an interrupt
         monkeypatch.setattr(

@@ -171,4 +171,8 @@ def report(run_dir: Annotated[str, typer.Argument(help="An eval run directory.")
         payload = write_report(run_dir)
     except ValueError as e:  # a malformed results line or record
         fail(str(e))
+    except (KeyboardInterrupt, ImportError) as e:
+        if not interrupted(e):
+            raise
+        fail(f"interrupted: the report in {run_dir} may be incomplete; run `s2t report {run_dir}` again")
     console.print(markdown_table(payload["methods"]), markup=False, highlight=False, soft_wrap=True)

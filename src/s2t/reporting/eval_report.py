@@ -309,8 +309,11 @@ def write_report(run_dir: str | Path) -> dict:
     note = resumption_note(summary, config)
     payload["resumed"] = note
     payload["selector"] = selector_note(records, config)
+    payload["not_started"] = [m for m in config.get("methods") or [] if m not in summary]
+    started = "Asked for, without a result yet: " + ", ".join(payload["not_started"]) + "."
     write_json_atomic(run_dir / "summary.json", payload)
-    resumed_text = "".join(f"\n{line}\n" for line in (note, payload["selector"]) if line)
+    lines = (note, payload["selector"], started if payload["not_started"] else None)
+    resumed_text = "".join(f"\n{line}\n" for line in lines if line)
     (run_dir / "report.md").write_text(header + markdown_table(summary) + resumed_text + frontier_text)
     if summary:
         plot_accuracy_vs_cost(summary, run_dir / "accuracy_vs_cost.png")

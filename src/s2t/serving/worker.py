@@ -48,7 +48,6 @@ class EngineWorker:
         self.counts = {"finished": 0, "cancelled": 0, "failed": 0}
         self._commands: queue.Queue = queue.Queue()
         self._tickets: dict[int, Ticket] = {}
-        self._stopped: set[int] = set()  # requests ended at a stop string: counted finished
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="s2t-engine", daemon=True)
 
@@ -137,7 +136,6 @@ class EngineWorker:
                 logger.exception("decoding step failed; dropping the batch")
                 for request_id in self.scheduler.abort():
                     self.counts["failed"] += 1
-                    self._stopped.discard(request_id)
                     self._tickets.pop(request_id).deliver(error)
                 continue
             for out in outputs:
@@ -150,12 +148,10 @@ class EngineWorker:
                     elif not ticket.text.stopped:
                         ticket.deliver((out, ticket.text.add(out.token)))
                         if ticket.text.stopped and out.generation is None:  # ends before the next step
-                            self._stopped.add(out.request_id)
                             self.scheduler.cancel(out.request_id)
                 if out.generation is not None:
                     del self._tickets[out.request_id]
-                    stopped = out.request_id in self._stopped
-                    self._stopped.discard(out.request_id)
+                    stopped = ticket.text is not None and ticket.text.stopped  # counted finished
                     cancelled = out.generation.finish_reason == "cancelled" and not stopped
                     self.counts["cancelled" if cancelled else "finished"] += 1
                     ticket.deliver(out.generation)

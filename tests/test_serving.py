@@ -637,3 +637,130 @@ def test_a_chat_message_without_content_or_max_tokens_below_one_gets_a_400(
     assert response.status_code == 400 and error["param"].startswith(param) and message in error["message"], (
         error
     )
+
+
+def test_a_list_of_prompts_gets_one_choice_each_as_if_each_were_asked_alone(client, generator):
+    texts = ["Janet's ducks lay 16 eggs per day.", "2 + 2 =", "Natalia sold clips"]
+    alone = [client.completions.create(model=MODEL, prompt=t, max_tokens=6) for t in texts]
+    together = client.completions.create(model=MODEL, prompt=texts, max_tokens=6)
+    assert [c.index for c in together.choices] == [0, 1, 2]
+    assert [c.text for c in together.choices] == [a.choices[0].text for a in alone]
+    assert [c.finish_reason for c in together.choices] == [a.choices[0].finish_reason for a in alone]
+    for field in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        assert getattr(together.usage, field) == sum(getattr(a.usage, field) for a in alone)
+    cost = together.model_extra["s2t_cost"]
+    assert cost["generated_tokens"] == together.usage.completion_tokens
+    assert cost["llm_forward_calls"] == sum(a.model_extra["s2t_cost"]["llm_forward_calls"] for a in alone)
+    # token ids, as lm-evaluation-harness sends them, are the same prompts
+    ids = [generator.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, echo=True)
+    assert [c.text for c in by_ids.choices] == [t + a.choices[0].text for t, a in zip(texts, alone)]
+    one = client.completions.create(model=MODEL, prompt=ids[1], max_tokens=6)
+    assert one.choices[0].text == alone[1].choices[0].text
+    # streamed: the chunks interleave, each names its choice; each choice's text is the same
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=texts, max_tokens=6, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    streamed, finishes = ["", "", ""], [None, None, None]
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        streamed[choice.index] += choice.text
+        finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert streamed == [a.choices[0].text for a in alone]
+    assert finishes == [c.finish_reason for c in together.choices]
+    assert chunks[-1].choices == [] and chunks[-1].usage == together.usage
+
+
+def test_bad_completion_prompts_get_a_400_naming_the_prompt(server, generator):
+    url = f"{server}/v1/completions"
+    vocab = len(generator.tokenizer)
+    for prompt, says in [
+        ([], "empty"),
+        ([[1, 2], []], "empty"),
+        ([5, vocab], f"token id {vocab} is outside the vocabulary"),
+        ([[5, -1]], "token id -1"),
+        (["a", [1, 2]], None),  # a list mixing texts and token ids is no prompt shape
+        ([1, "2"], None),
+    ]:
+        response = httpx.post(url, json={"model": MODEL, "prompt": prompt, "max_tokens": 2})
+        assert response.status_code == 400, (prompt, response.text)
+        error = response.json()["error"]
+        assert error["param"].startswith("prompt"), error
+        assert says is None or says in error["message"], error
+    assert httpx.post(url, json={"model": MODEL, "prompt": [[5, 6]], "max_tokens": 2}).status_code == 200
+
+
+def test_vllms_tokenizer_endpoints_serve_lm_evals_remote_tokenizer(server, generator):
+    lm_eval_utils = pytest.importorskip("lm_eval.utils")
+    tokenizer = generator.tokenizer
+    text = "Janet's ducks lay 16 eggs per day."
+    base = f"{server}/v1/completions"
+    assert lm_eval_utils.check_remote_tokenizer_support(base)
+    remote = lm_eval_utils.RemoteTokenizer(base)
+    assert remote.encode(text) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert remote.decode(remote.encode(text)) == text
+    assert remote.eos_token == tokenizer.eos_token and remote.eos_token_id == tokenizer.eos_token_id
+    messages = chat("2 + 2?")
+    tokenized = httpx.post(f"{server}/tokenize", json={"model": MODEL, "messages": messages}).json()
+    assert tokenized["tokens"] == build_chat_prompt(tokenizer, messages)
+    assert tokenized["count"] == len(tokenized["tokens"]) and tokenized["max_model_len"] == CONTEXT
+    for path, body, param in [
+        ("/tokenize", {"prompt": "a", "model": "gpt-5"}, "model"),
+        ("/tokenize", {"prompt": "a", "messages": messages}, None),
+        ("/detokenize", {"tokens": [len(tokenizer)]}, "tokens"),
+        ("/detokenize", {"tokens": ["1"]}, "tokens.0"),
+    ]:
+        response = httpx.post(f"{server}{path}", json=body)
+        assert response.status_code in (400, 404) and response.json()["error"]["param"] == param, (
+            response.text
+        )
+
+
+def test_lm_evals_local_completions_model_scores_and_generates_through_the_server(server, client, generator):
+    """lm-evaluation-harness' own client (``--model local-completions``) against ``s2t serve``: its
+    batched token-id prompts, its loglikelihood (echo with logprobs) and its generate_until."""
+    pytest.importorskip("tenacity")  # lm_eval[api]
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(
+        base_url=f"{server}/v1/completions",
+        model=MODEL,
+        tokenizer_backend="remote",
+        batch_size=2,
+        max_retries=1,
+    )
+    tokenizer = generator.tokenizer
+    pairs = [
+        ("Question: 2 + 3?\nAnswer:", " 5"),
+        ("Question: 2 + 3?\nAnswer:", " 6 apples"),
+        ("Hi", " there"),
+    ]
+    scores = lm.loglikelihood(
+        [Instance("loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)],
+        disable_tqdm=True,
+    )
+    for (context, continuation), (score, _) in zip(pairs, scores):
+        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        reference = slm_logprobs(generator, context_ids, continuation_ids)
+        expected = sum(
+            float(reference[len(context_ids) - 1 + i, token]) for i, token in enumerate(continuation_ids)
+        )
+        assert score == pytest.approx(expected, abs=1e-3)
+    prompts = ["Question: 2 + 3?\nAnswer:", "Janet's ducks lay 16 eggs per day."]
+    until = ["\n\n", "Question:", "</s>", "<|im_end|>", "<|endoftext|>"]  # five: more than OpenAI's 4
+    answers = lm.generate_until(
+        [
+            Instance("generate_until", doc={}, arguments=(p, {"until": until, "max_gen_toks": 6}), idx=i)
+            for i, p in enumerate(prompts)
+        ],
+        disable_tqdm=True,
+    )
+    expected = [
+        client.completions.create(model=MODEL, prompt=p, max_tokens=6, stop=until).choices[0].text
+        for p in prompts
+    ]
+    assert answers == expected

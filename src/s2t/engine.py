@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -93,6 +93,15 @@ class CostRecord:
 
     def to_dict(self) -> dict:
         return dict(asdict(self), trigger_rate=self.trigger_rate)
+
+    @classmethod
+    def total(cls, costs: Iterable[CostRecord]) -> CostRecord:
+        """The field-wise sum of several sequences' costs (maj@K's samples, a request's choices)."""
+        total = cls()
+        for cost in costs:
+            for name, value in asdict(cost).items():
+                setattr(total, name, getattr(total, name) + value)
+        return total
 
 
 @dataclass

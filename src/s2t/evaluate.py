@@ -308,20 +308,7 @@ def _cost_dict(cost: CostRecord) -> dict:
 
 
 def _sum_costs(costs: Sequence[CostRecord]) -> dict:
-    total = CostRecord()
-    for c in costs:
-        for name in (
-            "generated_tokens",
-            "slm_forward_calls",
-            "slm_forward_tokens",
-            "llm_forward_calls",
-            "llm_forward_tokens",
-            "triggers",
-            "overrides",
-            "wall_time_s",
-        ):
-            setattr(total, name, getattr(total, name) + getattr(c, name))
-    return total.to_dict()
+    return CostRecord.total(costs).to_dict()
 
 
 class Evaluator:

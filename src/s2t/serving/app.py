@@ -1,14 +1,16 @@
 """The OpenAI-compatible FastAPI application: ``/v1/chat/completions``, ``/v1/completions``,
-``/v1/models`` and ``/health``.
+``/v1/models`` and ``/health``, with vLLM's ``/tokenize``, ``/detokenize`` and ``/tokenizer_info``.
 
 The method, trigger, K and selector are the scheduler's, fixed at start-up; each request brings
 its own ``max_tokens``, ``temperature``, ``top_p``, ``stop`` and ``seed``, and may ask for
 log-probabilities (``logprobs``/``echo`` on completions, ``logprobs``/``top_logprobs`` on chat),
 which come from the decoding model's next-token distribution (the SLM's; the LLM's when it is
 served alone, as the ``llm`` baseline; the prompt's, for ``echo``, on the torch engine only: the
-llama.cpp backend answers that with a 400). Every answer carries OpenAI's ``usage`` block
-and our cost record (``s2t_cost``: LLM calls and tokens, triggers, trigger rate, ...) for its
-sequence, as if it had been decoded alone; a stream carries them in a last chunk with no choices,
+llama.cpp backend answers that with a 400). A completions ``prompt`` may be a list of texts or of
+token-id lists, as OpenAI's API takes (lm-evaluation-harness' ``local-completions`` sends lists);
+each prompt is a choice, all decoded in the same continuous batch. Every answer carries OpenAI's
+``usage`` block and our cost record (``s2t_cost``: LLM calls and tokens, triggers, trigger rate,
+...), summed over its choices, each as if decoded alone; a stream carries them in a last chunk with no choices,
 only when ``stream_options.include_usage`` asks. Parameters OpenAI defines that we do not implement
 get a 400 naming them. Errors use OpenAI's shape; a client that disconnects (streaming or not)
 frees its batch slot at the next step.
@@ -22,7 +24,8 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -32,13 +35,15 @@ from starlette.exceptions import HTTPException
 from transformers import PreTrainedTokenizerBase
 
 from s2t.api import llm_alone_cost
-from s2t.engine import Generation, Request, Scheduler, StepOutput, prompt_logprobs
+from s2t.engine import CostRecord, Generation, Request, Scheduler, StepOutput, prompt_logprobs
 from s2t.prompts import build_chat_prompt
 from s2t.serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     OpenAIError,
     SamplingRequest,
+    TokenizeRequest,
     check_unicode,
 )
 from s2t.serving.worker import EngineWorker, Ticket
@@ -53,6 +58,77 @@ ROLE_ALIASES = {"developer": "system"}
 
 async def _gather(items: AsyncIterator) -> list:
     return [item async for item in items]
+
+
+async def _all_or_none(coroutines) -> list | None:
+    """The coroutines' results, run concurrently; None if any gives None. If one raises, the others
+    are cancelled (which frees their batch slots) and the error propagates."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        results = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return None if any(r is None for r in results) else results
+
+
+async def _interleave(iterators: list[AsyncIterator]) -> AsyncIterator:
+    """The items of several async iterators in the order they come; the first error propagates, and
+    closing this closes them all (each frees its batch slot)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    finished = object()
+
+    async def pump(iterator: AsyncIterator) -> None:
+        try:
+            async for item in iterator:
+                await queue.put(item)
+        except Exception as error:  # handed to the reader, who raises it
+            await queue.put(error)
+        finally:
+            queue.put_nowait(finished)
+
+    tasks = [asyncio.ensure_future(pump(iterator)) for iterator in iterators]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is finished:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class Usage:
+    """What one choice used: its prompt and completion tokens, and its decoding cost."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cost: CostRecord
+
+
+@dataclass
+class Choice:
+    """One prompt being answered: its token ids, the text ``echo`` returns for it, its decoding
+    request and detokenizer; the echoed log-probabilities, the next token's ``text_offset`` and the
+    engine's ticket are filled in as it runs."""
+
+    index: int
+    prompt: list[int]
+    prompt_text: str
+    request: Request
+    text: TextStream
+    echoed_text: str = ""
+    echoed: dict | None = None
+    offset: int = 0
+    ticket: Ticket | None = None
 
 
 def _byte_level_decoder(tokenizer: PreTrainedTokenizerBase) -> dict[str, int] | None:
@@ -176,6 +252,59 @@ def create_app(
         described = {"name": method.name, "decoder": "the LLM alone"} if llm_alone else method.describe()
         return {"object": "list", "data": [{**card, "s2t_method": described}]}
 
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise OpenAIError(
+                404,
+                f"The model `{name}` does not exist; this server serves `{model_name}`",
+                param="model",
+                code="model_not_found",
+            )
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        """The tokenizer's special tokens and chat template (vLLM's endpoint, which
+        lm-evaluation-harness' ``local-completions`` uses as its tokenizer when a server has it)."""
+        return {
+            "tokenizer_class": type(tokenizer).__name__,
+            "eos_token": tokenizer.eos_token,
+            "bos_token": tokenizer.bos_token,
+            "pad_token": tokenizer.pad_token,
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "model_max_length": context_length,
+        }
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        """Token ids of a text or of chat messages (vLLM's endpoint): ``{"tokens", "count",
+        "max_model_len"}``."""
+        check_model(body.model)
+        if body.messages is not None:
+            messages = [
+                {"role": ROLE_ALIASES.get(m.role, m.role), "content": check_unicode(m.text(), "messages")}
+                for m in body.messages
+            ]
+            tokens = build_chat_prompt(tokenizer, messages)
+        else:
+            text = check_unicode(body.prompt, "prompt")
+            tokens = tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"]
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        """The text of token ids (vLLM's endpoint): ``{"prompt"}``."""
+        check_model(body.model)
+        return {"prompt": tokenizer.decode(checked_tokens(body.tokens, "tokens"))}
+
+    def checked_tokens(tokens: list[int], param: str) -> list[int]:
+        if bad := [t for t in tokens if not 0 <= t < scheduler.vocab_size]:
+            raise OpenAIError(
+                400,
+                f"token id {bad[0]} is outside the vocabulary (0 to {scheduler.vocab_size - 1})",
+                param=param,
+            )
+        return list(tokens)
+
     def prepare(
         body: SamplingRequest,
         prompt: list[int],
@@ -183,13 +312,7 @@ def create_app(
         max_tokens: int | None,
         logprobs: int | None = None,
     ) -> Request:
-        if body.model != model_name:
-            raise OpenAIError(
-                404,
-                f"The model `{body.model}` does not exist; this server serves `{model_name}`",
-                param="model",
-                code="model_not_found",
-            )
+        check_model(body.model)
         body.check_supported()
         if not prompt:
             raise OpenAIError(400, "the prompt is empty", param=prompt_param)
@@ -246,21 +369,19 @@ def create_app(
         body = {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
         return body, offset
 
-    async def answer(
-        ticket: Ticket, text: TextStream
-    ) -> AsyncIterator[tuple[str, list[StepOutput]] | Generation]:
+    async def answer(choice: Choice) -> AsyncIterator[tuple[str, list[StepOutput]] | Generation]:
         """Text as it may be sent, each piece with the steps whose tokens it completes, then the
         finished :class:`Generation`; frees the slot if abandoned."""
         finished = False
         pending: list[StepOutput] = []  # steps whose text is held back (a possible stop string)
         try:
             while True:
-                item = await ticket.events.get()
+                item = await choice.ticket.events.get()
                 if isinstance(item, Exception):
                     raise OpenAIError(500, f"decoding failed: {item}", type="server_error")
                 if isinstance(item, Generation):
                     finished = True
-                    rest = text.finish()
+                    rest = choice.text.finish()
                     if rest or pending:
                         yield rest, pending
                     yield item
@@ -272,108 +393,92 @@ def create_app(
                     pending = []
         finally:
             if not finished:  # the client went away (or an error): free the batch slot
-                worker.cancel(ticket)
+                worker.cancel(choice.ticket)
 
-    def summary(prompt: list[int], text: TextStream, generation: Generation) -> tuple[str, dict]:
-        finish = "stop" if text.stopped else generation.finish_reason
-        completion = len(generation.token_ids)
-        usage = {
-            "prompt_tokens": len(prompt),
-            "completion_tokens": completion,
-            "total_tokens": len(prompt) + completion,
-        }
+    def summary(choice: Choice, generation: Generation | None) -> tuple[str, Usage]:
+        """The choice's finish reason, and its usage (prompt and completion tokens) and cost."""
+        if generation is None:  # echo with max_tokens 0: the prompt scored, nothing decoded
+            return "length", Usage(len(choice.prompt), 0, CostRecord())
+        finish = "stop" if choice.text.stopped else generation.finish_reason
         cost = llm_alone_cost(generation.cost) if llm_alone else generation.cost
-        return finish, {"usage": usage, "s2t_cost": {**cost.to_dict(), "method": method.name}}
+        return finish, Usage(len(choice.prompt), len(generation.token_ids), cost)
 
-    async def collect(ticket: Ticket, text: TextStream, connection: HTTPRequest) -> list | None:
-        """The whole answer, or None if the client went away meanwhile (its batch slot is freed)."""
-        task = asyncio.ensure_future(_gather(answer(ticket, text)))
-        while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
-            if await connection.is_disconnected():
-                task.cancel()  # closes answer(), which cancels the ticket
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
-                return None
-        return task.result()
+    def totals(usages: list[Usage]) -> dict:
+        """OpenAI's ``usage`` block and our ``s2t_cost``, summed over the request's choices."""
+        prompt, completion = sum(u.prompt_tokens for u in usages), sum(u.completion_tokens for u in usages)
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        cost = CostRecord.total([u.cost for u in usages])
+        return {"usage": usage, "s2t_cost": {**cost.to_dict(), "method": method.name}}
 
-    async def respond(
-        body: SamplingRequest, prompt: list[int], request: Request, chat: bool, connection: HTTPRequest
-    ):
-        echo = not chat and body.echo
-        want_logprobs = request.logprobs is not None
-        echoed_text, echoed = "", None  # completions' echo: the prompt's text and logprobs object
-        offset = 0  # completions' text_offset of the next token
+    async def start(choice: Choice, echo: bool, decodes: bool) -> None:
+        """Score the prompt for echo's log-probabilities, then submit the choice's decoding."""
         if echo:
-            echoed_text = body.prompt
-            if want_logprobs:
+            choice.echoed_text, choice.offset = choice.prompt_text, len(choice.prompt_text)
+            if choice.request.logprobs is not None:
                 scored = await worker.call(
-                    lambda: prompt_logprobs(scheduler.slm, prompt, scheduler.vocab_size, request.logprobs)
+                    lambda: prompt_logprobs(
+                        scheduler.slm, choice.prompt, scheduler.vocab_size, choice.request.logprobs
+                    )
                 )
-                echoed, _ = completion_logprobs(
-                    prompt, [None] + [lp for lp, _ in scored], [None] + [top for _, top in scored], 0
+                choice.echoed, _ = completion_logprobs(
+                    choice.prompt, [None] + [lp for lp, _ in scored], [None] + [top for _, top in scored], 0
                 )
-            offset = len(echoed_text)
-        prefix = "chatcmpl" if chat else "cmpl"
-        head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        if decodes:
+            choice.ticket = await worker.submit(choice.request, choice.text)
 
-        def logprobs_of(entries: list[StepOutput]) -> dict | None:
-            nonlocal offset
-            if not want_logprobs:
-                return None
-            if chat:
-                return chat_logprobs(entries)
-            part, offset = completion_logprobs(
-                [e.token for e in entries],
-                [e.logprob for e in entries],
-                [e.top_logprobs for e in entries],
-                offset,
-            )
-            return part
+    def logprobs_of(choice: Choice, entries: list[StepOutput], chat: bool) -> dict | None:
+        if choice.request.logprobs is None:
+            return None
+        if chat:
+            return chat_logprobs(entries)
+        part, choice.offset = completion_logprobs(
+            [e.token for e in entries],
+            [e.logprob for e in entries],
+            [e.top_logprobs for e in entries],
+            choice.offset,
+        )
+        return part
 
-        def merge(first: dict | None, second: dict | None) -> dict | None:
-            if first is None or second is None:
-                return first or second
-            return {key: first[key] + second[key] for key in first}
+    def merge(first: dict | None, second: dict | None) -> dict | None:
+        if first is None or second is None:
+            return first or second
+        return {key: first[key] + second[key] for key in first}
 
-        if not body.stream and echo and body.max_tokens == 0:  # score the prompt, decode nothing
-            usage = {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}
-            choice = {"index": 0, "text": echoed_text, "logprobs": echoed, "finish_reason": "length"}
-            return {
-                **head,
-                "object": "text_completion",
-                "choices": [choice],
-                "usage": usage,
-                "s2t_cost": {"method": method.name, "generated_tokens": 0},
-            }
+    async def complete(choice: Choice, chat: bool, connection: HTTPRequest) -> tuple[dict, Usage] | None:
+        """One choice's whole answer and usage, or None if the client went away meanwhile (its batch
+        slot is freed)."""
+        generation, content, entries = None, "", []
+        if choice.ticket is not None:
+            task = asyncio.ensure_future(_gather(answer(choice)))
+            while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+                if await connection.is_disconnected():
+                    task.cancel()  # closes answer(), which cancels the ticket
+                    try:
+                        await task
+                    except asyncio.CancelledError:
+                        pass
+                    return None
+            *pieces, generation = task.result()
+            content = "".join(delta for delta, _ in pieces)
+            entries = [e for _, steps in pieces for e in steps]
+        finish, usage = summary(choice, generation)
+        logprobs = logprobs_of(choice, entries, chat) if generation is not None else None
+        if chat:
+            message = {"role": "assistant", "content": content}
+            body = {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+        else:
+            text, logprobs = choice.echoed_text + content, merge(choice.echoed, logprobs)
+            body = {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return body, usage
 
-        stream = TextStream(tokenizer, body.stop_strings())
-        ticket = await worker.submit(request, stream)
-        if not body.stream:
-            pieces = await collect(ticket, stream, connection)
-            if pieces is None:  # nobody is left to read an answer
-                return JSONResponse(OpenAIError(400, "the client disconnected").body(), status_code=400)
-            finish, extra = summary(prompt, stream, pieces[-1])
-            content = "".join(delta for delta, _ in pieces[:-1])
-            logprobs = logprobs_of([e for _, entries in pieces[:-1] for e in entries])
-            if chat:
-                message = {"role": "assistant", "content": content}
-                choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
-            else:
-                text, logprobs = echoed_text + content, merge(echoed, logprobs)
-                choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-            return {
-                **head,
-                "object": "chat.completion" if chat else "text_completion",
-                "choices": [choice],
-                **extra,
-            }
+    async def chunks(choice: Choice, chat: bool) -> AsyncIterator[dict | Usage]:
+        """One choice's streamed ``choices`` entries as they come, then its :class:`Usage`."""
 
-        include_usage = body.include_usage()
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(delta: str | None, finish: str | None = None, first: bool = False, logprobs=None) -> str:
+        def entry(delta: str | None, finish: str | None = None, first: bool = False, logprobs=None) -> dict:
             if chat:
                 content = (
                     {"role": "assistant", "content": ""}
@@ -382,38 +487,102 @@ def create_app(
                     if delta is None
                     else {"content": delta}
                 )
-                choice = {"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": finish}
+                return {
+                    "index": choice.index,
+                    "delta": content,
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                }
+            return {"index": choice.index, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
+
+        if chat:
+            yield entry(None, first=True)
+        elif choice.echoed_text:
+            yield entry(choice.echoed_text, logprobs=choice.echoed)
+        async for item in answer(choice):
+            if isinstance(item, Generation):
+                finish, usage = summary(choice, item)
+                yield entry(None, finish)
+                yield usage
             else:
-                choice = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
-            # With include_usage every chunk has a usage field, null until the last one (OpenAI's spec).
-            usage = {"usage": None} if include_usage else {}
-            return f"data: {json.dumps({**head, 'object': kind, 'choices': [choice], **usage})}\n\n"
+                delta, steps = item
+                yield entry(delta, logprobs=logprobs_of(choice, steps, chat))
+
+    async def respond(
+        body: SamplingRequest,
+        prompts: list[tuple[list[int], str, Request]],
+        chat: bool,
+        connection: HTTPRequest,
+    ):
+        """Answer ``prompts`` (token ids, the text echo returns, and the decoding request of each), one
+        choice per prompt, decoded in the same continuous batch."""
+        echo = not chat and body.echo
+        decodes = body.stream or not (echo and body.max_tokens == 0)  # max_tokens 0: score the prompt only
+        stops = body.stop_strings()
+        choices = [
+            Choice(index, prompt, text, request, TextStream(tokenizer, stops))
+            for index, (prompt, text, request) in enumerate(prompts)
+        ]
+        for choice in choices:  # every decoding is submitted before any is awaited: they share a batch
+            await start(choice, echo, decodes)
+        prefix = "chatcmpl" if chat else "cmpl"
+        head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+
+        if not body.stream:
+            answers = await _all_or_none(complete(choice, chat, connection) for choice in choices)
+            if answers is None:  # nobody is left to read an answer
+                return JSONResponse(OpenAIError(400, "the client disconnected").body(), status_code=400)
+            return {
+                **head,
+                "object": "chat.completion" if chat else "text_completion",
+                "choices": [choice for choice, _ in answers],
+                **totals([usage for _, usage in answers]),
+            }
+
+        include_usage = body.include_usage()
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choices: list[dict], **extra) -> str:
+            return f"data: {json.dumps({**head, 'object': kind, 'choices': choices, **extra})}\n\n"
 
         async def events() -> AsyncIterator[str]:
-            if chat:
-                yield chunk(None, first=True)
-            elif echo:
-                yield chunk(echoed_text, logprobs=echoed)
+            usages = []
+            # With include_usage every chunk has a usage field, null until the last one (OpenAI's spec).
+            empty = {"usage": None} if include_usage else {}
             try:
-                async for item in answer(ticket, stream):
-                    if isinstance(item, Generation):
-                        finish, extra = summary(prompt, stream, item)
-                        yield chunk(None, finish)
-                        if include_usage:
-                            yield f"data: {json.dumps({**head, 'object': kind, 'choices': [], **extra})}\n\n"
-                    else:
-                        delta, entries = item
-                        yield chunk(delta, logprobs=logprobs_of(entries))
+                async with aclosing(_interleave([chunks(choice, chat) for choice in choices])) as items:
+                    async for item in items:
+                        if isinstance(item, Usage):
+                            usages.append(item)
+                        else:
+                            yield event([item], **empty)
+                if include_usage:
+                    yield event([], **totals(usages))
             except OpenAIError as error:
                 yield f"data: {json.dumps(error.body())}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    def tokens_of(prompt: str | list[int], param: str) -> tuple[list[int], str]:
+        """A prompt's token ids and its text: a text is tokenized (no special tokens added); token ids
+        must be the tokenizer's."""
+        if isinstance(prompt, str):
+            return tokenizer(check_unicode(prompt, param), add_special_tokens=False)["input_ids"], prompt
+        if bad := [t for t in prompt if not 0 <= t < scheduler.vocab_size]:
+            raise OpenAIError(
+                400,
+                f"token id {bad[0]} is outside the vocabulary (0 to {scheduler.vocab_size - 1})",
+                param=param,
+            )
+        return list(prompt), tokenizer.decode(prompt)
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, connection: HTTPRequest):
-        prompt = tokenizer(check_unicode(body.prompt, "prompt"), add_special_tokens=False)["input_ids"]
-        request = prepare(body, prompt, "prompt", body.max_tokens, body.logprobs)
+        prompts = []
+        for prompt in body.prompts():
+            tokens, text = tokens_of(prompt, "prompt")
+            prompts.append((tokens, text, prepare(body, tokens, "prompt", body.max_tokens, body.logprobs)))
         if body.echo and body.logprobs is not None and not scores_prompts:
             raise OpenAIError(
                 400,
@@ -421,7 +590,7 @@ def create_app(
                 "engine; serve with --backend torch for it (logprobs without echo work on every backend)",
                 param="echo",
             )
-        return await respond(body, prompt, request, False, connection)
+        return await respond(body, prompts, False, connection)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, connection: HTTPRequest):
@@ -433,6 +602,6 @@ def create_app(
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         request = prepare(body, prompt, "messages", max_tokens, logprobs)
-        return await respond(body, prompt, request, True, connection)
+        return await respond(body, [(prompt, "", request)], True, connection)
 
     return app

@@ -37,6 +37,9 @@ def check_unicode(text: str, param: str) -> str:
     return text
 
 
+MAX_STOP_STRINGS = 16
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -84,17 +87,30 @@ class SamplingRequest(BaseModel):
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise OpenAIError(400, "stop takes up to 4 non-empty strings", param="stop")
+        # OpenAI takes 4; lm-evaluation-harness tasks give more (their ``until`` and the EOS string)
+        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+            raise OpenAIError(400, f"stop takes up to {MAX_STOP_STRINGS} non-empty strings", param="stop")
         return stops
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str
+    """A completions request. ``prompt`` is one text, a list of texts, one token-id list or a list
+    of them, as OpenAI's API takes; each prompt gets its own choice, whose ``index`` is the prompt's."""
+
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     echo: StrictBool = False
     logprobs: int | None = Field(None, ge=0, le=20)  # log-probabilities of the top-N tokens per position
     best_of: int | None = None
     suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a text or a list of token ids; a 400 if there is none."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        if not prompt:
+            raise OpenAIError(400, "the prompt is empty (an empty list)", param="prompt")
+        return list(prompt)
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -164,3 +180,30 @@ class ChatCompletionRequest(SamplingRequest):
                 "response_format other than text is not supported by this server",
                 param="response_format",
             )
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize`` request: a ``prompt`` text, or chat ``messages`` rendered with the model's
+    template (lm-evaluation-harness' remote tokenizer uses it)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: StrictBool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``/detokenize`` request: token ids to turn back into text."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[StrictInt]

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from s2t.engine import Method, Request, Scheduler, decode
+from s2t.engine import CostRecord, Method, Request, Scheduler, decode
 from s2t.methods import build_method, calibrate
 from s2t.policies import EntropyTrigger, LLMSelector, SLMSelector, TopK
 from s2t.prompts import build_prompt
@@ -373,3 +373,14 @@ def test_the_first_candidate_is_greedys_token_when_logits_tie():
     assert torch.equal(cands.ids[:, 0], logits.argmax(-1))
     assert (cands.slm_probs[:, :-1] >= cands.slm_probs[:, 1:]).all()  # still best first
     assert (cands.ids.sort(-1).values.diff(dim=-1) > 0).all()  # K distinct tokens
+
+
+def test_cost_records_total_field_by_field():
+    a = CostRecord(generated_tokens=3, slm_forward_calls=3, llm_forward_tokens=7, triggers=1, wall_time_s=0.5)
+    b = CostRecord(
+        generated_tokens=5, slm_forward_tokens=9, llm_forward_calls=2, overrides=1, wall_time_s=0.25
+    )
+    total = CostRecord.total([a, b])
+    assert total == CostRecord(8, 3, 9, 2, 7, 1, 1, 0.75)
+    assert total.trigger_rate == 1 / 8
+    assert CostRecord.total([]) == CostRecord()

@@ -550,3 +550,39 @@ def test_a_stop_string_on_llama_cpp_ends_the_answer_at_the_same_token_every_time
     assert {a["choices"][0]["finish_reason"] for a in answers} == {"stop"}
     counted = {(a["usage"]["completion_tokens"], a["s2t_cost"]["slm_forward_calls"]) for a in answers}
     assert len(counted) == 1 and next(iter(counted))[0] <= full["usage"]["completion_tokens"], counted
+
+
+def test_the_context_is_at_most_the_positions_the_model_was_trained_on(
+    tmp_path, slm, llama_pair, monkeypatch
+):
+    """`s2t serve --backend llama.cpp` on a 1,024-position GGUF used to take 4,096-token prompts."""
+    import httpx
+    from typer.testing import CliRunner
+
+    from s2t.backends.llama_cpp import DEFAULT_CONTEXT, LlamaCppModel
+    from s2t.cli import app as cli
+    from s2t.serving import running_server, server
+
+    monkeypatch.setenv("S2T_CACHE_DIR", str(tmp_path / "cache"))  # the GGUF tokenizer is cached there
+    paths, (model, _) = llama_pair
+    trained = slm.model.config.max_position_embeddings
+    assert trained < DEFAULT_CONTEXT, "the tiny model should have fewer positions than the default"
+    assert (model.n_ctx_train, model.n_ctx) == (trained, trained)
+    assert LlamaCppModel(paths[0], n_ctx=16, kv_type="f32", n_threads=1, repack=False).n_ctx == 16
+
+    served = {}
+    monkeypatch.setattr(server, "serve", lambda app, host, port: served.update(app=app))
+    base = ["serve", "--backend", "llama.cpp", "--slm", str(paths[0]), "--method", "greedy"]
+    refused = CliRunner().invoke(cli, [*base, "--context-length", str(trained + 1)])
+    message = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and f"{trained} positions; give at most {trained}" in message, message
+    for extra, limit in (([], trained), (["--context-length", "64"], 64)):
+        result = CliRunner().invoke(cli, [*base, *extra])
+        assert result.exit_code == 0, result.output
+        with running_server(served["app"]) as url:
+            info = httpx.get(f"{url}/tokenizer_info").json()
+            assert info["model_max_length"] == limit
+            body = {"model": str(paths[0]), "prompt": [5] * limit, "max_tokens": 1}
+            too_long = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["error"]
+            assert too_long["code"] == "context_length_exceeded"
+        assert served["app"].state.worker.scheduler.n_ctx == limit

@@ -764,3 +764,81 @@ def test_lm_evals_local_completions_model_scores_and_generates_through_the_serve
         for p in prompts
     ]
     assert answers == expected
+
+
+def test_scoring_a_prompt_fills_the_context_and_is_counted_in_the_cost(server, generator):
+    url = f"{server}/v1/completions"
+    score = {"model": MODEL, "max_tokens": 0, "echo": True, "logprobs": 0}
+    full = httpx.post(url, json={**score, "prompt": [42] * CONTEXT})  # 256 + 0 fits a 256 context
+    assert full.status_code == 200, full.text
+    over = httpx.post(url, json={**score, "prompt": [42] * (CONTEXT + 1)}).json()["error"]
+    assert over["code"] == "context_length_exceeded" and "asks for 0" not in over["message"]
+    cost = full.json()["s2t_cost"]
+    assert (cost["slm_forward_calls"], cost["slm_forward_tokens"], cost["generated_tokens"]) == (
+        1,
+        CONTEXT,
+        0,
+    )
+    # echo with logprobs and decoding: the prompt's scoring pass is counted beside the decoding's
+    text = "Janet's ducks lay 16 eggs per day."
+    plain = httpx.post(url, json={"model": MODEL, "prompt": text, "max_tokens": 4}).json()["s2t_cost"]
+    echoed = httpx.post(
+        url, json={"model": MODEL, "prompt": text, "max_tokens": 4, "echo": True, "logprobs": 1}
+    )
+    cost = echoed.json()["s2t_cost"]
+    prompt = len(generator.tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert cost["slm_forward_calls"] == plain["slm_forward_calls"] + 1
+    assert cost["slm_forward_tokens"] == plain["slm_forward_tokens"] + prompt
+    # in a list, an error names which prompt
+    listed = httpx.post(url, json={**score, "prompt": [[5, 6], [42] * (CONTEXT + 1)]}).json()["error"]
+    assert "prompt 2 of 2 has 257 tokens" in listed["message"], listed
+    empty = httpx.post(url, json={"model": MODEL, "max_tokens": 2, "prompt": ["fine", ""]}).json()["error"]
+    assert empty["message"] == "prompt 2 of 2 is empty"
+
+
+def test_badly_typed_prompts_and_logprobs_get_a_message_naming_the_shapes_taken(server):
+    url = f"{server}/v1/completions"
+    for prompt in ([[[42]]], [True, False], [42.0], ["Hi", [42, 71]], [42, [71]], None, {"a": 1}):
+        response = httpx.post(url, json={"model": MODEL, "prompt": prompt, "max_tokens": 2})
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "prompt", (prompt, error)
+        assert error["message"] == (
+            "prompt: takes a string, a list of strings, a list of token ids or a list of token-id lists"
+        )
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    assert httpx.post(url, json={**body, "logprobs": False}).json()["choices"][0]["logprobs"] is None
+    refused = httpx.post(url, json={**body, "logprobs": True}).json()["error"]
+    assert refused["param"] == "logprobs" and "not true" in refused["message"]
+    content = [{"type": "image_url", "image_url": {"url": "x"}}]
+    chat_error = httpx.post(
+        f"{server}/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": content}]},
+    ).json()["error"]
+    assert chat_error["param"].startswith("messages.0.content") and ".str" not in chat_error["param"]
+
+
+def test_tokenize_renders_messages_as_asked_and_models_retrieve_names_the_model(server, client, generator):
+    tokenizer = generator.tokenizer
+    messages = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "It is"}]
+    url = f"{server}/tokenize"
+
+    def tokens(**options):
+        response = httpx.post(url, json={"messages": messages, **options})
+        assert response.status_code == 200, response.text
+        return response.json()["tokens"]
+
+    def template(**options):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **options)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    assert tokens() == template(add_generation_prompt=True)
+    assert tokens(add_generation_prompt=False) == template(add_generation_prompt=False)
+    ongoing = tokens(add_generation_prompt=False, continue_final_message=True)
+    assert ongoing == template(continue_final_message=True) and tokenizer.decode(ongoing).endswith("It is")
+    both = httpx.post(url, json={"messages": messages, "continue_final_message": True}).json()["error"]
+    assert both["param"] == "messages" and "cannot both" in both["message"]
+    strs = httpx.post(url, json={"prompt": "2 + 2", "return_token_strs": True}).json()
+    assert strs["token_strs"] == tokenizer.convert_ids_to_tokens(strs["tokens"])
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-5")

@@ -219,6 +219,8 @@ class LlamaCppModel:
     """A GGUF model in llama.cpp with one context: one KV sequence per running problem.
 
     :meth:`decode` runs one multi-sequence batch and returns each entry's next-token logits.
+    ``n_ctx`` is the KV cells per sequence (prompt + new tokens), at most ``n_ctx_train``, the
+    positions the model was trained on (the GGUF's ``context_length``).
     """
 
     def __init__(
@@ -251,7 +253,9 @@ class LlamaCppModel:
             )
         self.vocab = lib.llama_model_get_vocab(self._model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
-        self.n_ctx = n_ctx
+        # the positions the model was trained on (the GGUF's context_length) bound the context
+        self.n_ctx_train = lib.llama_model_n_ctx_train(self._model) or None
+        self.n_ctx = min(n_ctx, self.n_ctx_train or n_ctx)
         self.n_threads = n_threads or default_threads()
         self.kv_type = kv_type
         self.n_sequences = 0

@@ -73,7 +73,8 @@ def serve(
         int | None,
         typer.Option(
             min=1,
-            help="Prompt + max_tokens limit (default, and at most: the decoding model's position limit).",
+            help="Prompt + max_tokens limit (at most the decoding model's position limit; default: that "
+            "limit, or 4096 KV cells per sequence on llama.cpp).",
         ),
     ] = None,
     model_name: Annotated[
@@ -114,22 +115,26 @@ def serve(
         (spec,) = method_specs(method, options, calibration_problems, max_tokens, data_dir)
         check_model_options(slm, llm, llm_dtype, llm_device_map)  # also where no method loads the LLM
         chosen = resolve_backend(backend, [slm, llm], [spec])
+        # on llama.cpp the context length is also the KV cells each sequence gets (default 4,096)
+        cells = {"n_ctx": context_length} if chosen == "llama.cpp" and context_length else {}
         gen = make_generator(
-            chosen, slm, llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map
+            chosen, slm, llm, dtype=dtype, llm_dtype=llm_dtype, llm_device_map=llm_device_map, **cells
         )
         resolved = resolve_with_status(gen, spec)
         scheduler = gen.scheduler(
             resolved, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk or None
         )
         model = resolved.decoder.model
-        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        most = getattr(model, "n_ctx", None) or positions  # what the model's positions (or KV cells) allow
+        # what the model's positions allow (torch: its config; llama.cpp: the GGUF's training context)
+        most = getattr(model, "n_ctx_train", None) or getattr(
+            getattr(model, "config", None), "max_position_embeddings", None
+        )
         if context_length is not None and most is not None and context_length > most:
             raise ValueError(
                 f"--context-length {context_length} exceeds what {slm if not resolved.llm_alone else llm} "
                 f"can read: {most} positions; give at most {most}, or leave it out"
             )
-        limit = context_length or most or 4096
+        limit = context_length or getattr(model, "n_ctx", None) or most or 4096
         name = model_name or (gen.llm.name if resolved.llm_alone else gen.slm.name)
         server_app = create_app(
             scheduler,
@@ -142,5 +147,7 @@ def serve(
     except (ValueError, RuntimeError, KeyError, FileNotFoundError) as e:
         fail(str(e))
     llm_note = "LLM loaded" if gen.llm_loaded else "no LLM loaded"
-    console.print(f"serving [bold]{name}[/] with {method} ({llm_note}) on http://{host}:{port}/v1")
+    console.print(
+        f"serving [bold]{name}[/] with {method} ({llm_note}) on http://{host}:{port}/v1", soft_wrap=True
+    )
     run_server(server_app, host=host, port=port)

@@ -56,6 +56,11 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its cli
 ROLE_ALIASES = {"developer": "system"}
 
 
+def _union_member(part) -> bool:
+    """Whether a pydantic error location's part names a union's member type, not a field."""
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "list", "dict"})
+
+
 async def _gather(items: AsyncIterator) -> list:
     return [item async for item in items]
 
@@ -129,6 +134,7 @@ class Choice:
     echoed: dict | None = None
     offset: int = 0
     ticket: Ticket | None = None
+    scoring: CostRecord | None = None  # echo's pass over the prompt (its log-probabilities)
 
 
 def _byte_level_decoder(tokenizer: PreTrainedTokenizerBase) -> dict[str, int] | None:
@@ -230,8 +236,11 @@ def create_app(
         first = error.errors()[0]
         if first.get("type") == "json_invalid":
             return await openai_error(request, OpenAIError(400, "the request body is not valid JSON"))
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        # pydantic names the member of a union it tried (``prompt.str``): not a parameter of the request
+        loc = [str(p) for p in first.get("loc", ())[1:] if not _union_member(p)]
+        param = ".".join(loc) or None
+        reason = str(first.get("msg")).removeprefix("Value error, ")
+        message = f"{param}: {reason}" if param else reason
         return await openai_error(request, OpenAIError(400, message, param=param))
 
     @app.exception_handler(HTTPException)
@@ -245,12 +254,21 @@ def create_app(
             return JSONResponse(status | {"status": "error", "error": "the decoding thread has stopped"}, 503)
         return status
 
-    @app.get("/v1/models")
-    async def models() -> dict:
+    def model_card() -> dict:
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "select-to-think"}
         # the LLM alone decodes greedily with no trigger: its greedy Method's parts would mislead
         described = {"name": method.name, "decoder": "the LLM alone"} if llm_alone else method.describe()
-        return {"object": "list", "data": [{**card, "s2t_method": described}]}
+        return {**card, "s2t_method": described}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        """One model's card (OpenAI's ``client.models.retrieve``); a 404 for another name."""
+        check_model(model_id)
+        return model_card()
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
@@ -284,11 +302,22 @@ def create_app(
                 {"role": ROLE_ALIASES.get(m.role, m.role), "content": check_unicode(m.text(), "messages")}
                 for m in body.messages
             ]
-            tokens = build_chat_prompt(tokenizer, messages)
+            try:
+                tokens = build_chat_prompt(
+                    tokenizer,
+                    messages,
+                    add_generation_prompt=body.add_generation_prompt,
+                    continue_final_message=body.continue_final_message,
+                )
+            except ValueError as e:
+                raise OpenAIError(400, str(e), param="messages") from None
         else:
             text = check_unicode(body.prompt, "prompt")
             tokens = tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"]
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": context_length}
+        answer = {"tokens": tokens, "count": len(tokens), "max_model_len": context_length}
+        if body.return_token_strs:
+            answer["token_strs"] = tokenizer.convert_ids_to_tokens(tokens)
+        return answer
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
@@ -311,19 +340,24 @@ def create_app(
         prompt_param: str,
         max_tokens: int | None,
         logprobs: int | None = None,
+        label: str = "the prompt",
     ) -> Request:
+        """The engine's request for one prompt (``label`` names it in errors: "prompt 2 of 5" in a
+        list); a 4xx for another model, an unsupported parameter, an empty prompt or one that leaves
+        no room in the context (``max_tokens`` 0, echo's scoring only, needs none)."""
         check_model(body.model)
         body.check_supported()
         if not prompt:
-            raise OpenAIError(400, "the prompt is empty", param=prompt_param)
+            raise OpenAIError(400, f"{label} is empty", param=prompt_param)
         room = context_length - len(prompt)
-        if room < 1 or (max_tokens is not None and max_tokens > room):
-            asked = f" and {max_tokens} tokens to generate" if max_tokens is not None else ""
+        least = 0 if max_tokens == 0 else 1  # a token to generate, unless only scoring the prompt
+        if room < least or (max_tokens is not None and max_tokens > room):
+            asked = f" and asks for {max_tokens} tokens to generate" if max_tokens else ""
             raise OpenAIError(
                 400,
-                f"This model's maximum context length is {context_length} tokens; the prompt has "
+                f"This model's maximum context length is {context_length} tokens; {label} has "
                 f"{len(prompt)} tokens{asked}",
-                param=prompt_param if room < 1 else "max_tokens",
+                param=prompt_param if room < least else "max_tokens",
                 code="context_length_exceeded",
             )
         seed = body.seed if body.seed is not None else random.getrandbits(31)
@@ -396,11 +430,13 @@ def create_app(
                 worker.cancel(choice.ticket)
 
     def summary(choice: Choice, generation: Generation | None) -> tuple[str, Usage]:
-        """The choice's finish reason, and its usage (prompt and completion tokens) and cost."""
+        """The choice's finish reason, and its usage (prompt and completion tokens) and cost: the
+        decoding's, and echo's pass over the prompt if it asked for the prompt's log-probabilities."""
+        cost = CostRecord.total([c for c in (choice.scoring, generation and generation.cost) if c])
+        cost = llm_alone_cost(cost) if llm_alone else cost
         if generation is None:  # echo with max_tokens 0: the prompt scored, nothing decoded
-            return "length", Usage(len(choice.prompt), 0, CostRecord())
+            return "length", Usage(len(choice.prompt), 0, cost)
         finish = "stop" if choice.text.stopped else generation.finish_reason
-        cost = llm_alone_cost(generation.cost) if llm_alone else generation.cost
         return finish, Usage(len(choice.prompt), len(generation.token_ids), cost)
 
     def totals(usages: list[Usage]) -> dict:
@@ -419,10 +455,16 @@ def create_app(
         if echo:
             choice.echoed_text, choice.offset = choice.prompt_text, len(choice.prompt_text)
             if choice.request.logprobs is not None:
+                started = time.perf_counter()
                 scored = await worker.call(
                     lambda: prompt_logprobs(
                         scheduler.slm, choice.prompt, scheduler.vocab_size, choice.request.logprobs
                     )
+                )
+                choice.scoring = CostRecord(
+                    slm_forward_calls=1,
+                    slm_forward_tokens=len(choice.prompt),
+                    wall_time_s=time.perf_counter() - started,
                 )
                 choice.echoed, _ = completion_logprobs(
                     choice.prompt, [None] + [lp for lp, _ in scored], [None] + [top for _, top in scored], 0
@@ -579,10 +621,12 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, connection: HTTPRequest):
-        prompts = []
-        for prompt in body.prompts():
+        prompts, given = [], body.prompts()
+        for number, prompt in enumerate(given, 1):
+            label = f"prompt {number} of {len(given)}" if len(given) > 1 else "the prompt"
             tokens, text = tokens_of(prompt, "prompt")
-            prompts.append((tokens, text, prepare(body, tokens, "prompt", body.max_tokens, body.logprobs)))
+            request = prepare(body, tokens, "prompt", body.max_tokens, body.logprobs, label)
+            prompts.append((tokens, text, request))
         if body.echo and body.logprobs is not None and not scores_prompts:
             raise OpenAIError(
                 400,

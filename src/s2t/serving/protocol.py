@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 
 class OpenAIError(Exception):
@@ -99,9 +99,35 @@ class CompletionRequest(SamplingRequest):
 
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     echo: StrictBool = False
-    logprobs: int | None = Field(None, ge=0, le=20)  # log-probabilities of the top-N tokens per position
+    logprobs: StrictInt | None = Field(
+        None, ge=0, le=20
+    )  # log-probabilities of the top-N tokens per position
     best_of: int | None = None
     suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value):
+        def token_ids(v) -> bool:
+            return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+        if (
+            isinstance(value, str)
+            or token_ids(value)
+            or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+            or (isinstance(value, list) and all(token_ids(v) for v in value))
+        ):
+            return value
+        raise ValueError("takes a string, a list of strings, a list of token ids or a list of token-id lists")
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs_count(cls, value):
+        if value is False:  # no log-probabilities, as some clients say it
+            return None
+        if value is True:
+            raise ValueError("takes the number of top log-probabilities per token (0 to 20), not true")
+        return value
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, each a text or a list of token ids; a 400 if there is none."""
@@ -191,7 +217,10 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    add_special_tokens: StrictBool = True
+    add_special_tokens: StrictBool = True  # for a prompt: the tokenizer's own (none for Qwen's)
+    add_generation_prompt: StrictBool = True  # for messages: end where the assistant's answer begins
+    continue_final_message: StrictBool = False  # for messages: end inside the last (assistant's) one
+    return_token_strs: StrictBool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:

@@ -3,12 +3,16 @@
 # core each. Every step resumes, so re-running a lane after an interruption continues where it stopped.
 #
 #   bash bench/s2t_local_verdict.sh baselines   # greedy, S2T at entropy@0.8 (S2T-Local's ceiling), LLM, maj@8
-#   bash bench/s2t_local_verdict.sh s2t-local   # collect 1,000 train problems, train, learning curve, S2T-Local rows
+#   bash bench/s2t_local_verdict.sh s2t-local   # collect 1,000 train problems, train the feature selector, S2T-Local rows
+#   bash bench/s2t_local_verdict.sh ladder      # the head selector, the ladder and the learning curve (after the collection)
 #   bash bench/s2t_local_verdict.sh learned-trigger  # S2T at the hidden-state learned trigger, 100 test problems
 #   bash bench/s2t_local_verdict.sh status      # how far each lane has got
 #   bash bench/s2t_local_verdict.sh verdict     # the table and the goal's verdict (each lane ends with it)
 #
-# Run each lane under nohup (`nohup bash bench/s2t_local_verdict.sh baselines > logs/baselines.log 2>&1 &`).
+# Run each lane under nohup (`nohup bash bench/s2t_local_verdict.sh baselines > logs/baselines.log 2>&1 &`);
+# `ladder` and `learned-trigger` need the whole collection, so they share a core after `baselines`.
+# A selector or trigger already trained on the whole collection, and a ladder or curve newer than its
+# selectors, is kept: a lane stopped by a session's end resumes where it stopped.
 # Both lanes append to one run directory (appends are locked), so the table pairs every method on the
 # same problems; `report.md` appears once every method has run through. The commands are the ones
 # results/README.md gives for each directory.
@@ -30,28 +34,56 @@ baselines() {
     verdict
 }
 
+trained_on_all() {
+    # whether the selector (or trigger) directory $1 was trained on the collection's 1,000 problems
+    "$PYTHON" -c 'import json, sys
+try:
+    training = json.load(open(sys.argv[1] + "/selector_config.json"))["training"]
+except (OSError, ValueError, KeyError):
+    sys.exit(1)
+sys.exit(0 if len(training["train_problem_ids"]) + len(training["validation_problem_ids"]) >= 1000 else 1)' "$1"
+}
+
+collection_complete() {
+    # the collect step of the s2t-local lane fills it; two collectors on one directory would redo each
+    # other's problems, so the other lanes only check
+    "$PYTHON" -c 'import json, sys; n = len({json.loads(l)["problem_id"] for l in open(sys.argv[1]) if l.strip()})
+sys.exit(0 if n >= 1000 else f"the collection holds {n} of 1000 problems: let the s2t-local lane finish it first")' \
+        "$COLLECTION/problems.jsonl"
+}
+
 s2t_local() {
     # 1. the groups: 1,000 train problems; --recompute-features also redoes feature files a new
     #    machine lacks (features/ is not in git) and records that predate the per-position KL
     "$S2T" --threads 1 collect --dataset gsm8k --split train --limit 1000 --batch-size 8 --dtype float32 \
         --recompute-features --out "$COLLECTION"
-    # 2. the selectors at entropy@0.8's points; the feature run also trains the learned trigger (kl@0.95),
+    # 2. the feature selector at entropy@0.8's points; the run also trains the learned trigger (kl@0.95),
     #    on the logit features, which the llama.cpp backend gives (it exposes no hidden states)
-    # (--overwrite: a rerun of the lane trains again, as on a longer collection)
-    "$S2T" --threads 1 train --groups "$COLLECTION" --out "$FEATURES" --mode features --overwrite \
-        --groups-at entropy@0.8 --k 8 --trigger-rate 0.05 --trigger-features logits
-    "$S2T" --threads 1 train --groups "$COLLECTION" --out "$HEAD" --mode head --overwrite \
-        --groups-at entropy@0.8 --k 8 --trigger-rate 0
-    # 3. the ladder on the feature selector's held-out problems, and the learning curve on the
-    #    collection's first 100 problems held out
-    "$PYTHON" bench/selector_agreement.py --groups "$COLLECTION" --selectors "$FEATURES,$HEAD" \
-        --validation-from "$FEATURES" --groups-at entropy@0.8 --threads 1 \
-        --out results/bench/selector_ladder-1000-e08.json
-    "$PYTHON" bench/selector_agreement.py --groups "$COLLECTION" --hold-out-first 100 \
-        --learning-curve 250,500,900 --groups-at entropy@0.8 --threads 1 \
-        --out results/bench/selector_learning_curve-1000-e08.json
-    # 4. S2T-Local joins the verdict run: at entropy@0.8 and at its learned trigger, no LLM loaded
+    trained_on_all "$FEATURES" || "$S2T" --threads 1 train --groups "$COLLECTION" --out "$FEATURES" \
+        --mode features --overwrite --groups-at entropy@0.8 --k 8 --trigger-rate 0.05 --trigger-features logits
+    # 3. S2T-Local joins the verdict run: at entropy@0.8 and at its learned trigger, no LLM loaded
     "$S2T" "${EVAL[@]}" --selector "$FEATURES" --methods s2t-local/entropy@0.8,s2t-local/learned
+    verdict
+}
+
+ladder() {
+    collection_complete
+    # (--overwrite: a selector trained on part of the collection is trained again)
+    trained_on_all "$HEAD" || "$S2T" --threads 1 train --groups "$COLLECTION" --out "$HEAD" --mode head \
+        --overwrite --groups-at entropy@0.8 --k 8 --trigger-rate 0
+    # the ladder on the feature selector's held-out problems (the s2t-local lane trains it), and the
+    # learning curve on the collection's first 100 problems held out
+    until trained_on_all "$FEATURES"; do sleep 60; done
+    local out=results/bench/selector_ladder-1000-e08.json
+    if [[ ! $out -nt $FEATURES/selector_config.json || ! $out -nt $HEAD/selector_config.json ]]; then
+        "$PYTHON" bench/selector_agreement.py --groups "$COLLECTION" --selectors "$FEATURES,$HEAD" \
+            --validation-from "$FEATURES" --groups-at entropy@0.8 --threads 1 --out "$out"
+    fi
+    out=results/bench/selector_learning_curve-1000-e08.json
+    if [[ ! -e $out ]]; then
+        "$PYTHON" bench/selector_agreement.py --groups "$COLLECTION" --hold-out-first 100 \
+            --learning-curve 250,500,900 --groups-at entropy@0.8 --threads 1 --out "$out"
+    fi
     verdict
 }
 
@@ -68,19 +100,16 @@ learned_trigger() {
     # (`auto` keeps it where it helps on an inner split of the training problems), so S2T runs on torch,
     # in the float32 table of the 100 test problems, labelled beside the committed s2t/learned row and
     # paired with s2t/kl@0.95 and s2t (entropy@0.95) there
-    # (the s2t-local lane collects; two collectors on one directory would redo each other's problems)
-    "$PYTHON" -c 'import json, sys; n = len({json.loads(l)["problem_id"] for l in open(sys.argv[1]) if l.strip()})
-sys.exit(0 if n >= 1000 else f"the collection holds {n} of 1000 problems: let the s2t-local lane finish it first")' \
-        "$COLLECTION/problems.jsonl"
-    "$S2T" --threads 1 train --groups "$COLLECTION" --out "$HIDDEN" --mode features --overwrite \
-        --groups-at entropy@0.8 --k 8 --trigger-rate 0.05 --trigger-features auto
+    collection_complete
+    trained_on_all "$HIDDEN" || "$S2T" --threads 1 train --groups "$COLLECTION" --out "$HIDDEN" \
+        --mode features --overwrite --groups-at entropy@0.8 --k 8 --trigger-rate 0.05 --trigger-features auto
     "$S2T" --threads 1 eval --backend torch --dtype float32 --dataset gsm8k --split test --limit 100 \
         --max-new-tokens 512 --batch-size 16 --selector "$HIDDEN" --methods s2t:hidden/learned \
         --out results/eval-gsm8k-test-100
 }
 
 status() {
-    "$PYTHON" - "$COLLECTION/problems.jsonl" "$RUN/results.jsonl" "$FEATURES" "$HEAD" <<'EOF'
+    "$PYTHON" - "$COLLECTION/problems.jsonl" "$RUN/results.jsonl" "$FEATURES" "$HEAD" "$HIDDEN" <<'EOF'
 import collections, json, os, sys
 
 def records(path):  # a torn last line of an interrupted run is skipped
@@ -116,13 +145,17 @@ print(f"verdict run {os.path.dirname(run)}, problems finished per method (of 300
 for method, finished in done.items():
     print(f"  {method}: {len(finished)}")
 EOF
+    local hidden=results/eval-gsm8k-test-100/results.jsonl
+    echo "learned-trigger lane: $(grep -c '"method": "s2t:hidden/learned"' "$hidden" 2>/dev/null || true) of 100" \
+        "test problems at s2t:hidden/learned in $(dirname "$hidden")"
 }
 
 case "${1:-}" in
     baselines) baselines ;;
     s2t-local) s2t_local ;;
+    ladder) ladder ;;
     learned-trigger) learned_trigger ;;
     status) status ;;
     verdict) verdict ;;
-    *) echo "usage: bash bench/s2t_local_verdict.sh {baselines|s2t-local|learned-trigger|status|verdict}" >&2; exit 2 ;;
+    *) echo "usage: bash bench/s2t_local_verdict.sh {baselines|s2t-local|ladder|learned-trigger|status|verdict}" >&2; exit 2 ;;
 esac

@@ -842,3 +842,45 @@ def test_tokenize_renders_messages_as_asked_and_models_retrieve_names_the_model(
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-5")
+
+
+def test_n_samples_per_prompt_follow_the_seed_and_count_the_prompt_once(client):
+    messages = chat("Natalia sold clips to 48 of her friends.")
+    sampled = {"max_tokens": 8, "temperature": 1.0, "seed": 7}
+    many = client.chat.completions.create(model=MODEL, messages=messages, n=3, **sampled)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    alone = [
+        client.chat.completions.create(model=MODEL, messages=messages, **{**sampled, "seed": 7 + j})
+        for j in range(3)
+    ]
+    assert [c.message.content for c in many.choices] == [a.choices[0].message.content for a in alone]
+    assert len({c.message.content for c in many.choices}) > 1, "three seeds should give different samples"
+    assert many.usage.prompt_tokens == alone[0].usage.prompt_tokens  # the prompt counts once, as OpenAI's
+    assert many.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    cost = many.model_extra["s2t_cost"]  # the cost counts each sample's own pass over the prompt
+    assert cost["slm_forward_tokens"] == sum(a.model_extra["s2t_cost"]["slm_forward_tokens"] for a in alone)
+    # completions: prompt i's samples are choices i * n ... i * n + n - 1
+    texts = ["2 + 2 =", "Janet's ducks"]
+    listed = client.completions.create(model=MODEL, prompt=texts, n=2, max_tokens=6, temperature=1.0, seed=3)
+    expected = [
+        client.completions.create(model=MODEL, prompt=t, max_tokens=6, temperature=1.0, seed=3 + j)
+        .choices[0]
+        .text
+        for t in texts
+        for j in range(2)
+    ]
+    assert [c.index for c in listed.choices] == [0, 1, 2, 3]
+    assert [c.text for c in listed.choices] == expected
+    streamed = ["", "", "", ""]
+    for chunk in client.completions.create(
+        model=MODEL, prompt=texts, n=2, max_tokens=6, temperature=1.0, seed=3, stream=True
+    ):
+        streamed[chunk.choices[0].index] += chunk.choices[0].text
+    assert streamed == expected
+    # a seed at the top of the 64-bit range wraps for the next samples instead of failing
+    top = client.completions.create(
+        model=MODEL, prompt="hi", n=2, max_tokens=2, temperature=1.0, seed=2**63 - 1
+    )
+    assert len(top.choices) == 2
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="hi", n=129, max_tokens=2)

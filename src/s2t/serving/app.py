@@ -8,9 +8,10 @@ which come from the decoding model's next-token distribution (the SLM's; the LLM
 served alone, as the ``llm`` baseline; the prompt's, for ``echo``, on the torch engine only: the
 llama.cpp backend answers that with a 400). A completions ``prompt`` may be a list of texts or of
 token-id lists, as OpenAI's API takes (lm-evaluation-harness' ``local-completions`` sends lists);
-each prompt is a choice, all decoded in the same continuous batch. Every answer carries OpenAI's
-``usage`` block and our cost record (``s2t_cost``: LLM calls and tokens, triggers, trigger rate,
-...), summed over its choices, each as if decoded alone; a stream carries them in a last chunk with no choices,
+each prompt gets ``n`` choices (samples, their seeds ``seed``, ``seed + 1``, ...), all decoded in
+the same continuous batch. Every answer carries OpenAI's ``usage`` block and our cost record
+(``s2t_cost``: LLM calls and tokens, triggers, trigger rate, ...), summed over its choices, each as
+if decoded alone; a stream carries them in a last chunk with no choices,
 only when ``stream_options.include_usage`` asks. Parameters OpenAI defines that we do not implement
 get a 400 naming them. Errors use OpenAI's shape; a client that disconnects (streaming or not)
 frees its batch slot at the next step.
@@ -130,6 +131,7 @@ class Choice:
     prompt_text: str
     request: Request
     text: TextStream
+    sample: int = 0  # which of the prompt's n samples
     echoed_text: str = ""
     echoed: dict | None = None
     offset: int = 0
@@ -341,9 +343,10 @@ def create_app(
         max_tokens: int | None,
         logprobs: int | None = None,
         label: str = "the prompt",
+        sample: int = 0,
     ) -> Request:
-        """The engine's request for one prompt (``label`` names it in errors: "prompt 2 of 5" in a
-        list); a 4xx for another model, an unsupported parameter, an empty prompt or one that leaves
+        """The engine's request for one prompt's ``sample``-th choice (``label`` names the prompt in
+        errors: "prompt 2 of 5" in a list); a 4xx for another model, an unsupported parameter, an empty prompt or one that leaves
         no room in the context (``max_tokens`` 0, echo's scoring only, needs none)."""
         check_model(body.model)
         body.check_supported()
@@ -360,7 +363,8 @@ def create_app(
                 param=prompt_param if room < least else "max_tokens",
                 code="context_length_exceeded",
             )
-        seed = body.seed if body.seed is not None else random.getrandbits(31)
+        # the n samples of a prompt: seed, seed + 1, ... (wrapped to a signed 64-bit seed, as torch takes)
+        seed = random.getrandbits(31) if body.seed is None else (body.seed + sample + 2**63) % 2**64 - 2**63
         max_new_tokens = max_tokens if max_tokens is not None else min(default_max_tokens, room)
         # max_tokens 0 (echo only) is answered without decoding; Request needs at least one token.
         return Request(prompt, max(1, max_new_tokens), body.temperature, body.top_p, seed, logprobs)
@@ -434,13 +438,16 @@ def create_app(
         decoding's, and echo's pass over the prompt if it asked for the prompt's log-probabilities."""
         cost = CostRecord.total([c for c in (choice.scoring, generation and generation.cost) if c])
         cost = llm_alone_cost(cost) if llm_alone else cost
+        prompt = len(choice.prompt) if choice.sample == 0 else 0  # a prompt's tokens count once (totals)
         if generation is None:  # echo with max_tokens 0: the prompt scored, nothing decoded
-            return "length", Usage(len(choice.prompt), 0, cost)
+            return "length", Usage(prompt, 0, cost)
         finish = "stop" if choice.text.stopped else generation.finish_reason
-        return finish, Usage(len(choice.prompt), len(generation.token_ids), cost)
+        return finish, Usage(prompt, len(generation.token_ids), cost)
 
     def totals(usages: list[Usage]) -> dict:
-        """OpenAI's ``usage`` block and our ``s2t_cost``, summed over the request's choices."""
+        """OpenAI's ``usage`` block and our ``s2t_cost``, summed over the request's choices (as
+        OpenAI counts them, a prompt's tokens once however many samples ``n`` asks of it; the cost
+        counts each sample's own pass over the prompt)."""
         prompt, completion = sum(u.prompt_tokens for u in usages), sum(u.completion_tokens for u in usages)
         usage = {
             "prompt_tokens": prompt,
@@ -556,13 +563,13 @@ def create_app(
         chat: bool,
         connection: HTTPRequest,
     ):
-        """Answer ``prompts`` (token ids, the text echo returns, and the decoding request of each), one
-        choice per prompt, decoded in the same continuous batch."""
+        """Answer ``prompts`` (token ids, the text echo returns, and the decoding request of each; a
+        prompt appears ``n`` times in a row), one choice each, decoded in the same continuous batch."""
         echo = not chat and body.echo
         decodes = body.stream or not (echo and body.max_tokens == 0)  # max_tokens 0: score the prompt only
         stops = body.stop_strings()
         choices = [
-            Choice(index, prompt, text, request, TextStream(tokenizer, stops))
+            Choice(index, prompt, text, request, TextStream(tokenizer, stops), sample=index % body.n)
             for index, (prompt, text, request) in enumerate(prompts)
         ]
         for choice in choices:  # every decoding is submitted before any is awaited: they share a batch
@@ -625,8 +632,9 @@ def create_app(
         for number, prompt in enumerate(given, 1):
             label = f"prompt {number} of {len(given)}" if len(given) > 1 else "the prompt"
             tokens, text = tokens_of(prompt, "prompt")
-            request = prepare(body, tokens, "prompt", body.max_tokens, body.logprobs, label)
-            prompts.append((tokens, text, request))
+            for sample in range(body.n):
+                request = prepare(body, tokens, "prompt", body.max_tokens, body.logprobs, label, sample)
+                prompts.append((tokens, text, request))
         if body.echo and body.logprobs is not None and not scores_prompts:
             raise OpenAIError(
                 400,
@@ -645,7 +653,9 @@ def create_app(
         prompt = build_chat_prompt(tokenizer, messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        request = prepare(body, prompt, "messages", max_tokens, logprobs)
-        return await respond(body, [(prompt, "", request)], True, connection)
+        requests = [
+            prepare(body, prompt, "messages", max_tokens, logprobs, sample=sample) for sample in range(body.n)
+        ]
+        return await respond(body, [(prompt, "", request) for request in requests], True, connection)
 
     return app

@@ -63,7 +63,7 @@ class SamplingRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: StrictBool = False
     seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a 64-bit seed, as torch takes
-    n: int = Field(1, ge=1, le=1)  # one choice per request
+    n: StrictInt = Field(1, ge=1, le=128)  # choices per prompt (samples; their seeds follow seed)
     stream_options: StreamOptions | None = None
     # Refused unless at their no-op values (see check_supported).
     presence_penalty: float = 0.0
@@ -95,7 +95,8 @@ class SamplingRequest(BaseModel):
 
 class CompletionRequest(SamplingRequest):
     """A completions request. ``prompt`` is one text, a list of texts, one token-id list or a list
-    of them, as OpenAI's API takes; each prompt gets its own choice, whose ``index`` is the prompt's."""
+    of them, as OpenAI's API takes; each prompt gets ``n`` choices, prompt ``i``'s at indices
+    ``i * n`` to ``i * n + n - 1``."""
 
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     echo: StrictBool = False
@@ -142,7 +143,9 @@ class CompletionRequest(SamplingRequest):
         super().check_supported()
         if self.best_of not in (None, 1):
             raise OpenAIError(
-                400, "best_of is not supported by this server (one choice per request)", param="best_of"
+                400,
+                "best_of is not supported by this server (n samples are returned, none chosen)",
+                param="best_of",
             )
         if self.suffix:
             raise OpenAIError(400, "suffix is not supported by this server", param="suffix")

@@ -517,20 +517,60 @@ def test_served_logprobs_on_llama_cpp_are_the_slms(slm, llama_server):
     assert all(1 <= len(top) <= 2 for top in logprobs["top_logprobs"])
 
 
-def test_echo_with_logprobs_on_llama_cpp_gets_a_400_naming_the_torch_backend(llama_server):
+def test_echo_with_logprobs_on_llama_cpp_scores_the_prompt_like_torch(slm, llama_server):
+    """The prompt's log-probabilities (lm-eval's loglikelihood) on llama.cpp: used to be a 400."""
     import httpx
 
-    url, prompt = f"{llama_server}/v1/completions", "2+2="
+    text = "Janet's ducks lay 16 eggs per day. " * 4
+    prompt = slm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = slm.model(input_ids=torch.tensor([prompt])).logits[0, :-1, : len(slm.tokenizer)]
+    reference = torch.log_softmax(logits, -1)
+    url = f"{llama_server}/v1/completions"
     for extra in ({"max_tokens": 0}, {"max_tokens": 4}, {"max_tokens": 4, "stream": True}):
-        body = {"model": "tiny", "prompt": prompt, "echo": True, "logprobs": 1, **extra}
+        body = {"model": "tiny", "prompt": prompt, "echo": True, "logprobs": 2, **extra}
         response = httpx.post(url, json=body, timeout=60)
-        assert response.status_code == 400, response.text
-        error = response.json()["error"]
-        assert error["param"] == "echo" and "--backend torch" in error["message"]
-    echoed = httpx.post(
-        url, json={"model": "tiny", "prompt": prompt, "echo": True, "max_tokens": 4}, timeout=60
-    )
-    assert echoed.status_code == 200 and echoed.json()["choices"][0]["text"].startswith(prompt)
+        assert response.status_code == 200, response.text
+        if extra.get("stream"):
+            continue  # the streamed echo is the same object (tests/test_serving.py)
+        logprobs = response.json()["choices"][0]["logprobs"]
+        got = logprobs["token_logprobs"][1 : len(prompt)]
+        expected = [float(reference[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
+        assert got == pytest.approx(expected, abs=2e-2)  # llama.cpp's float32 against torch's
+        tops = [max(top.values()) for top in logprobs["top_logprobs"][1 : len(prompt)]]
+        assert tops == pytest.approx(reference.max(-1).values.tolist(), abs=2e-2)
+        assert response.json()["s2t_cost"]["slm_forward_tokens"] >= len(prompt)
+    # the running batch's cache is untouched: an answer is the same before and after a scoring pass
+    plain = {"model": "tiny", "prompt": "2+2=", "max_tokens": 6}
+    before = httpx.post(url, json=plain, timeout=60).json()["choices"][0]["text"]
+    httpx.post(url, json={**plain, "echo": True, "logprobs": 1}, timeout=60)
+    assert httpx.post(url, json=plain, timeout=60).json()["choices"][0]["text"] == before
+
+
+def test_prompt_logits_span_several_llama_cpp_batches_and_refuse_what_the_context_cannot_hold(
+    slm, llama_pair
+):
+    """Scoring a prompt in one pass gives, after each token, the logits the decoding path gives after
+    reading the prompt up to it, across llama.cpp's 512-token batches. (llama.cpp picks its matrix
+    kernels by batch size, so a prefix of under ~32 tokens read alone differs in the third decimal;
+    and its float32 differs from torch's by a few hundredths on this random model.)"""
+    from s2t.backends.llama_cpp import BATCH_TOKENS
+
+    _, (model, _) = llama_pair
+    vocab = len(slm.tokenizer)
+    prompt = [(7 * i) % 250 + 3 for i in range(BATCH_TOKENS + 40)]  # two llama.cpp batches
+    got = model.prompt_logits(prompt)
+    for cut in (100, BATCH_TOKENS - 1, BATCH_TOKENS, BATCH_TOKENS + 1, len(prompt)):
+        model.ensure_sequences(1)  # (clears the cache)
+        prefix = model.decode([(0, prompt[:cut], 0)])[0]
+        torch.testing.assert_close(got[cut - 1], prefix, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        expected = torch.log_softmax(slm.model(input_ids=torch.tensor([prompt])).logits[0, :, :vocab], -1)
+    # the same weights: a wrong position or a row off by one would be off by about 1
+    torch.testing.assert_close(torch.log_softmax(got[:, :vocab], -1), expected, atol=0.15, rtol=0)
+    for bad in ([], [5] * (model.n_ctx + 1)):
+        with pytest.raises(ValueError, match="a prompt to score needs"):
+            model.prompt_logits(bad)
 
 
 def test_a_stop_string_on_llama_cpp_ends_the_answer_at_the_same_token_every_time(llama_server):

@@ -217,6 +217,17 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, l
     return float(logprobs[token]), [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
+def logprobs_of_prompt(
+    logits: torch.Tensor, prompt: Sequence[int], top: int
+) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Each prompt token's log-probability from the second token on, with the ``top`` most likely
+    tokens at its position, given ``logits`` (len(prompt) - 1, vocab), row ``i`` read after token ``i``."""
+    return [
+        token_logprobs(logits[position], int(prompt[position + 1]), top)
+        for position in range(len(prompt) - 1)
+    ]
+
+
 @torch.inference_mode()
 def prompt_logprobs(
     model: PreTrainedModel, prompt: Sequence[int], vocab_size: int, top: int
@@ -225,10 +236,7 @@ def prompt_logprobs(
     with the ``top`` most likely tokens at that position: what OpenAI's ``echo`` reports."""
     ids = torch.as_tensor([list(prompt)], dtype=torch.long, device=model.device)
     logits = to_host(model(input_ids=ids, use_cache=False).logits[0, :-1, :vocab_size])
-    return [
-        token_logprobs(logits[position], int(prompt[position + 1]), top)
-        for position in range(len(prompt) - 1)
-    ]
+    return logprobs_of_prompt(logits, prompt, top)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -416,6 +424,11 @@ class Scheduler(RequestQueue):
 
     def _slm_stream(self) -> ModelStream:
         return ModelStream(self.slm, self.vocab_size, keep_hidden=self.method.trigger.needs_hidden)
+
+    def score_prompt(self, prompt: Sequence[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+        """The decoding model's log-probability of each prompt token after the first, with its ``top``
+        alternatives (:func:`prompt_logprobs`; OpenAI's ``echo``). Call it between steps."""
+        return prompt_logprobs(self.slm, prompt, self.vocab_size, top)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.prefilling)

@@ -54,6 +54,7 @@ from s2t.engine import (
     _Sequence,
     cancelled_output,
     choose_tokens,
+    logprobs_of_prompt,
     token_logprobs,
 )
 from s2t.engine import decode as engine_decode
@@ -259,7 +260,7 @@ class LlamaCppModel:
         self.n_threads = n_threads or default_threads()
         self.kv_type = kv_type
         self.n_sequences = 0
-        self._ctx = None
+        self._ctx = self._scoring = None  # the running batch's context; prompt_logits' own
         self._batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)
         self.ensure_sequences(1)
 
@@ -271,19 +272,49 @@ class LlamaCppModel:
             return
         if self._ctx:
             lib.llama_free(self._ctx)
+        self._ctx = self._new_context(n)
+        self._memory = lib.llama_get_memory(self._ctx)
+        self.n_sequences = n
+
+    def _new_context(self, n: int):
+        """A llama.cpp context of ``n`` sequences sharing one pool of n × n_ctx KV cells (a long
+        sequence may use a short one's room)."""
+        lib = self.lib
         params = lib.llama_context_default_params()
         params.n_ctx = self.n_ctx * n
         params.n_seq_max = n
         params.n_batch = params.n_ubatch = BATCH_TOKENS
         params.n_threads = params.n_threads_batch = self.n_threads
         params.type_k = params.type_v = KV_TYPES[self.kv_type]
-        params.kv_unified = True  # one pool of n × n_ctx cells: a long sequence may use a short one's room
+        params.kv_unified = True
         params.no_perf = True
-        self._ctx = lib.llama_init_from_model(self._model, params)
-        if not self._ctx:
+        ctx = lib.llama_init_from_model(self._model, params)
+        if not ctx:
             raise RuntimeError(f"llama.cpp could not create a context of {n} × {self.n_ctx} tokens")
-        self._memory = lib.llama_get_memory(self._ctx)
-        self.n_sequences = n
+        return ctx
+
+    def prompt_logits(self, tokens: Sequence[int]) -> torch.Tensor:
+        """The logits after each of ``tokens``, read as one new sequence: (len(tokens), n_vocab)
+        float32, row ``i`` scoring token ``i + 1``. A context of its own (n_ctx cells, made at the
+        first call) holds it, so the running batch's KV cache is untouched.
+
+        Raises:
+            ValueError: more tokens than the context holds (``n_ctx``), or none.
+        """
+        if not 0 < len(tokens) <= self.n_ctx:
+            raise ValueError(f"a prompt to score needs 1 to {self.n_ctx} tokens; got {len(tokens)}")
+        if self._scoring is None:
+            self._scoring = self._new_context(1)
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self._scoring), True)
+        out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
+        batch = self._batch
+        for start in range(0, len(tokens), BATCH_TOKENS):
+            chunk = tokens[start : start + BATCH_TOKENS]
+            for j, token in enumerate(chunk):
+                batch.token[j], batch.pos[j], batch.n_seq_id[j], batch.logits[j] = token, start + j, 1, True
+                batch.seq_id[j][0] = 0
+            self._run(len(chunk), [(start + j, j) for j in range(len(chunk))], out, self._scoring)
+        return torch.from_numpy(out)
 
     def clear(self) -> None:
         self.lib.llama_memory_clear(self._memory, True)
@@ -315,20 +346,24 @@ class LlamaCppModel:
             self._run(filled, outputs, out)
         return torch.from_numpy(out)
 
-    def _run(self, filled: int, outputs: list[tuple[int, int]], out: np.ndarray) -> None:
+    def _run(self, filled: int, outputs: list[tuple[int, int]], out: np.ndarray, ctx=None) -> None:
+        """Decode the batch's first ``filled`` entries in ``ctx`` (default: the running batch's) and
+        copy the logits of each ``(row of out, batch index)`` in ``outputs``."""
+        ctx = ctx or self._ctx
         self._batch.n_tokens = filled
-        code = self.lib.llama_decode(self._ctx, self._batch)
+        code = self.lib.llama_decode(ctx, self._batch)
         if code != 0:
             raise RuntimeError(f"llama_decode failed on {self.path.name} (code {code})")
         for row, index in outputs:
-            pointer = self.lib.llama_get_logits_ith(self._ctx, index)
+            pointer = self.lib.llama_get_logits_ith(ctx, index)
             out[row] = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
     def close(self) -> None:
         lib = self.lib
-        if getattr(self, "_ctx", None):
-            lib.llama_free(self._ctx)
-            self._ctx = None
+        for name in ("_ctx", "_scoring"):
+            if getattr(self, name, None):
+                lib.llama_free(getattr(self, name))
+                setattr(self, name, None)
         if getattr(self, "_model", None) and hasattr(self, "_batch"):
             lib.llama_batch_free(self._batch)
             lib.llama_model_free(self._model)
@@ -406,6 +441,12 @@ class LlamaCppScheduler(RequestQueue):
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def score_prompt(self, prompt: Sequence[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+        """The decoding model's log-probability of each prompt token after the first, with its ``top``
+        alternatives (OpenAI's ``echo``), read in a context of its own
+        (:meth:`LlamaCppModel.prompt_logits`). Call it between steps."""
+        return logprobs_of_prompt(self.slm.prompt_logits(prompt)[:-1, : self.vocab_size], prompt, top)
 
     def _abort_started(self) -> list[int]:
         dropped = [s.id for s in self.running]

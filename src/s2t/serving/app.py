@@ -5,8 +5,7 @@ The method, trigger, K and selector are the scheduler's, fixed at start-up; each
 its own ``max_tokens``, ``temperature``, ``top_p``, ``stop`` and ``seed``, and may ask for
 log-probabilities (``logprobs``/``echo`` on completions, ``logprobs``/``top_logprobs`` on chat),
 which come from the decoding model's next-token distribution (the SLM's; the LLM's when it is
-served alone, as the ``llm`` baseline; the prompt's, for ``echo``, on the torch engine only: the
-llama.cpp backend answers that with a 400). A completions ``prompt`` may be a list of texts or of
+served alone, as the ``llm`` baseline; for ``echo``, the prompt's, from one pass over it). A completions ``prompt`` may be a list of texts or of
 token-id lists, as OpenAI's API takes (lm-evaluation-harness' ``local-completions`` sends lists);
 each prompt gets ``n`` choices (samples, their seeds ``seed``, ``seed + 1``, ...), all decoded in
 the same continuous batch. Every answer carries OpenAI's ``usage`` block and our cost record
@@ -36,7 +35,7 @@ from starlette.exceptions import HTTPException
 from transformers import PreTrainedTokenizerBase
 
 from s2t.api import llm_alone_cost
-from s2t.engine import CostRecord, Generation, Request, Scheduler, StepOutput, prompt_logprobs
+from s2t.engine import CostRecord, Generation, Request, Scheduler, StepOutput
 from s2t.prompts import build_chat_prompt
 from s2t.serving.protocol import (
     ChatCompletionRequest,
@@ -215,9 +214,6 @@ def create_app(
     """
     worker = EngineWorker(scheduler)
     method = scheduler.method
-    # echo's prompt log-probabilities come from one forward pass of the torch SLM over the prompt
-    # (prompt_logprobs); the llama.cpp backend keeps only each sequence's next-token logits.
-    scores_prompts = isinstance(scheduler, Scheduler)
     byte_decoder = getattr(tokenizer, "byte_decoder", None) or _byte_level_decoder(tokenizer)
 
     @asynccontextmanager
@@ -463,10 +459,9 @@ def create_app(
             choice.echoed_text, choice.offset = choice.prompt_text, len(choice.prompt_text)
             if choice.request.logprobs is not None:
                 started = time.perf_counter()
+                # one pass of the decoding model over the prompt, on the engine thread between steps
                 scored = await worker.call(
-                    lambda: prompt_logprobs(
-                        scheduler.slm, choice.prompt, scheduler.vocab_size, choice.request.logprobs
-                    )
+                    lambda: scheduler.score_prompt(choice.prompt, choice.request.logprobs)
                 )
                 choice.scoring = CostRecord(
                     slm_forward_calls=1,
@@ -635,13 +630,6 @@ def create_app(
             for sample in range(body.n):
                 request = prepare(body, tokens, "prompt", body.max_tokens, body.logprobs, label, sample)
                 prompts.append((tokens, text, request))
-        if body.echo and body.logprobs is not None and not scores_prompts:
-            raise OpenAIError(
-                400,
-                "echo with logprobs (the prompt's log-probabilities) is computed only by the torch "
-                "engine; serve with --backend torch for it (logprobs without echo work on every backend)",
-                param="echo",
-            )
         return await respond(body, prompts, False, connection)
 
     @app.post("/v1/chat/completions")

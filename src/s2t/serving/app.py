@@ -5,15 +5,15 @@ The method, trigger, K and selector are the scheduler's, fixed at start-up; each
 its own ``max_tokens``, ``temperature``, ``top_p``, ``stop`` and ``seed``, and may ask for
 log-probabilities (``logprobs``/``echo`` on completions, ``logprobs``/``top_logprobs`` on chat),
 which come from the decoding model's next-token distribution (the SLM's; the LLM's when it is
-served alone, as the ``llm`` baseline; for ``echo``, the prompt's, from one pass over it). A completions ``prompt`` may be a list of texts or of
-token-id lists, as OpenAI's API takes (lm-evaluation-harness' ``local-completions`` sends lists);
-each prompt gets ``n`` choices (samples, their seeds ``seed``, ``seed + 1``, ...), all decoded in
-the same continuous batch. Every answer carries OpenAI's ``usage`` block and our cost record
-(``s2t_cost``: LLM calls and tokens, triggers, trigger rate, ...), summed over its choices, each as
-if decoded alone; a stream carries them in a last chunk with no choices,
-only when ``stream_options.include_usage`` asks. Parameters OpenAI defines that we do not implement
-get a 400 naming them. Errors use OpenAI's shape; a client that disconnects (streaming or not)
-frees its batch slot at the next step.
+served alone, as the ``llm`` baseline; for ``echo``, the prompt's, from one pass over it). A
+completions ``prompt`` may be a list of texts or of token-id lists, as OpenAI's API takes
+(lm-evaluation-harness' ``local-completions`` sends lists); each prompt gets ``n`` choices (samples,
+their seeds ``seed``, ``seed + 1``, ...), all decoded in the same continuous batch. Every answer
+carries OpenAI's ``usage`` block and our cost record (``s2t_cost``: LLM calls and tokens, triggers,
+trigger rate, ...), summed over its choices, each as if decoded alone; a stream carries them in a
+last chunk with no choices, only when ``stream_options.include_usage`` asks. Parameters OpenAI
+defines that we do not implement get a 400 naming them. Errors use OpenAI's shape; a client that
+disconnects (streaming or not) frees its batch slot at the next step.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from s2t.engine import CostRecord, Generation, Request, Scheduler, StepOutput
 from s2t.prompts import build_chat_prompt
 from s2t.serving.protocol import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     OpenAIError,
@@ -54,6 +55,15 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its cli
 # Chat roles the tokenizer's template may not know, and the role they play (OpenAI maps
 # ``developer`` to the system message for models that have no developer role).
 ROLE_ALIASES = {"developer": "system"}
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Request messages as the chat template takes them (``developer`` as ``system``); a 400 for text
+    no tokenizer can encode."""
+    return [
+        {"role": ROLE_ALIASES.get(m.role, m.role), "content": check_unicode(m.text(), "messages")}
+        for m in messages
+    ]
 
 
 def _union_member(part) -> bool:
@@ -296,10 +306,7 @@ def create_app(
         "max_model_len"}``."""
         check_model(body.model)
         if body.messages is not None:
-            messages = [
-                {"role": ROLE_ALIASES.get(m.role, m.role), "content": check_unicode(m.text(), "messages")}
-                for m in body.messages
-            ]
+            messages = chat_messages(body.messages)
             try:
                 tokens = build_chat_prompt(
                     tokenizer,
@@ -634,10 +641,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, connection: HTTPRequest):
-        messages = [
-            {"role": ROLE_ALIASES.get(m.role, m.role), "content": check_unicode(m.text(), "messages")}
-            for m in body.messages
-        ]
+        messages = chat_messages(body.messages)
         prompt = build_chat_prompt(tokenizer, messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None

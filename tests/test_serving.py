@@ -877,10 +877,26 @@ def test_n_samples_per_prompt_follow_the_seed_and_count_the_prompt_once(client):
     ):
         streamed[chunk.choices[0].index] += chunk.choices[0].text
     assert streamed == expected
-    # a seed at the top of the 64-bit range wraps for the next samples instead of failing
-    top = client.completions.create(
-        model=MODEL, prompt="hi", n=2, max_tokens=2, temperature=1.0, seed=2**63 - 1
-    )
-    assert len(top.choices) == 2
+    # the samples' seeds must fit in 64 bits: distinct seeds never wrap onto each other
+    top = client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=1.0, seed=2**63 - 1)
+    assert len(top.choices) == 1
+    with pytest.raises(openai.BadRequestError, match="seed"):
+        client.completions.create(
+            model=MODEL, prompt="hi", n=2, max_tokens=2, temperature=1.0, seed=2**63 - 1
+        )
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="hi", n=129, max_tokens=2)
+
+
+def test_null_parameters_take_their_defaults_and_an_empty_body_says_so(server):
+    url = f"{server}/v1/completions"
+    body = {"model": MODEL, "prompt": "2 + 2 =", "max_tokens": 4}
+    plain = httpx.post(url, json=body).json()["choices"]
+    nulls = dict.fromkeys(("n", "temperature", "top_p", "stream", "echo", "logprobs", "seed", "stop"))
+    assert httpx.post(url, json={**body, **nulls}).json()["choices"] == plain
+    chat_body = {"model": MODEL, "messages": chat("hi"), "max_tokens": 2, "logprobs": None, "n": None}
+    assert httpx.post(f"{server}/v1/chat/completions", json=chat_body).status_code == 200
+    empty = httpx.post(url, headers={"content-type": "application/json"})
+    assert empty.status_code == 400 and empty.json()["error"]["message"] == "the request has no JSON body"
+    missing = httpx.post(url, json={"model": MODEL, "prompt": None}).json()["error"]
+    assert missing["param"] == "prompt", missing  # a required field given as null is still refused

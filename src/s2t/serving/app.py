@@ -248,6 +248,8 @@ def create_app(
         loc = [str(p) for p in first.get("loc", ())[1:] if not _union_member(p)]
         param = ".".join(loc) or None
         reason = str(first.get("msg")).removeprefix("Value error, ")
+        if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+            reason = "the request has no JSON body"
         message = f"{param}: {reason}" if param else reason
         return await openai_error(request, OpenAIError(400, message, param=param))
 
@@ -358,7 +360,9 @@ def create_app(
         room = context_length - len(prompt)
         least = 0 if max_tokens == 0 else 1  # a token to generate, unless only scoring the prompt
         if room < least or (max_tokens is not None and max_tokens > room):
-            asked = f" and asks for {max_tokens} tokens to generate" if max_tokens else ""
+            asked = (
+                f" and asks for {max_tokens} token{'s' * (max_tokens > 1)} to generate" if max_tokens else ""
+            )
             raise OpenAIError(
                 400,
                 f"This model's maximum context length is {context_length} tokens; {label} has "
@@ -366,8 +370,8 @@ def create_app(
                 param=prompt_param if room < least else "max_tokens",
                 code="context_length_exceeded",
             )
-        # the n samples of a prompt: seed, seed + 1, ... (wrapped to a signed 64-bit seed, as torch takes)
-        seed = random.getrandbits(31) if body.seed is None else (body.seed + sample + 2**63) % 2**64 - 2**63
+        # the n samples of a prompt: seed, seed + 1, ... (check_supported keeps them below 2**63)
+        seed = random.getrandbits(31) if body.seed is None else body.seed + sample
         max_new_tokens = max_tokens if max_tokens is not None else min(default_max_tokens, room)
         # max_tokens 0 (echo only) is answered without decoding; Request needs at least one token.
         return Request(prompt, max(1, max_new_tokens), body.temperature, body.top_p, seed, logprobs)

@@ -56,6 +56,15 @@ class SamplingRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        """An optional parameter sent as ``null`` takes its default (OpenAI's clients may send them)."""
+        if isinstance(data, dict):
+            optional = {name for name, field in cls.model_fields.items() if not field.is_required()}
+            data = {key: value for key, value in data.items() if value is not None or key not in optional}
+        return data
+
     model: str
     max_tokens: StrictInt | None = Field(None, ge=0)  # 0 only with ``echo`` (completions): score the prompt
     temperature: float = Field(0.0, ge=0.0, le=2.0)  # 0: the method's own (greedy) decoding
@@ -77,6 +86,12 @@ class SamplingRequest(BaseModel):
                 raise OpenAIError(400, f"{name} is not supported by this server", param=name)
         if self.logit_bias:
             raise OpenAIError(400, "logit_bias is not supported by this server", param="logit_bias")
+        if self.seed is not None and self.seed + self.n - 1 > 2**63 - 1:
+            raise OpenAIError(
+                400,
+                f"the {self.n} samples take seeds seed to seed + {self.n - 1}, which must stay below 2**63",
+                param="seed",
+            )
         if self.stream_options is not None and not self.stream:
             raise OpenAIError(
                 400, "stream_options is only allowed when stream is true", param="stream_options"

@@ -8,7 +8,8 @@
 #
 # Extra words after a method are `s2t serve` options. Backend: `auto` (llama.cpp for the built-in GGUF
 # files where llama-cpp-python is installed); SERVE_OPTIONS adds options to every server, LM_EVAL_ARGS to
-# every lm_eval run.
+# every lm_eval run. A batch of 8 answers can take minutes on a CPU: lm-eval's requests wait TIMEOUT
+# seconds (default 3600; lm-eval's own default of 300 is too short for S2T on one core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export S2T_DATA_DIR="${S2T_DATA_DIR:-../shared/data}" HF_DATASETS_OFFLINE=1
@@ -19,7 +20,8 @@ LIMIT="${1:?usage: bash bench/lm_eval_serve.sh LIMIT METHOD [METHOD ...]}"
 shift
 OUT="results/lm-eval-serve-gsm8k-test-$LIMIT"
 TASKS="$(mktemp -d)"
-trap 'rm -rf "$TASKS"' EXIT
+server=""
+trap 'rm -rf "$TASKS"; [[ -z $server ]] || kill "$server" 2> /dev/null || true' EXIT
 data="$(cd "$S2T_DATA_DIR" && pwd)"
 sed "s#DATA_DIR#$data#g" bench/lm_eval_tasks/gsm8k_local.yaml > "$TASKS/gsm8k_local.yaml"
 for spec in "$@"; do
@@ -40,11 +42,12 @@ for spec in "$@"; do
     # shellcheck disable=SC2086
     "$LM_EVAL" --model local-completions --tasks gsm8k_local --include_path "$TASKS" --limit "$LIMIT" \
         --batch_size 8 --seed 0 --log_samples --output_path "$OUT/$method" ${LM_EVAL_ARGS:-} \
-        --model_args "model=$name,base_url=http://127.0.0.1:$port/v1/completions,num_concurrent=1,max_retries=1" \
+        --model_args "model=$name,base_url=http://127.0.0.1:$port/v1/completions,num_concurrent=1,max_retries=1,timeout=${TIMEOUT:-3600}" \
         | tee "$OUT/$method/lm_eval.txt"
     echo "wall time: $(( $(date +%s) - start )) s; server: s2t serve --method $spec ${SERVE_OPTIONS:-}" \
         | tee -a "$OUT/$method/lm_eval.txt"
     curl -s "http://127.0.0.1:$port/health" > "$OUT/$method/health.json"
     kill "$server"
     wait "$server" || true
+    server=""
 done

@@ -877,6 +877,11 @@ def test_n_samples_per_prompt_follow_the_seed_and_count_the_prompt_once(client):
     ):
         streamed[chunk.choices[0].index] += chunk.choices[0].text
     assert streamed == expected
+    # echo's pass over a prompt is made once for its n samples, and counted once
+    one = client.completions.create(model=MODEL, prompt="2 + 2 =", max_tokens=0, echo=True, logprobs=1)
+    two = client.completions.create(model=MODEL, prompt="2 + 2 =", max_tokens=0, echo=True, logprobs=1, n=2)
+    assert [c.logprobs.token_logprobs for c in two.choices] == [one.choices[0].logprobs.token_logprobs] * 2
+    assert two.model_extra["s2t_cost"]["slm_forward_calls"] == 1
     # the samples' seeds must fit in 64 bits: distinct seeds never wrap onto each other
     top = client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=1.0, seed=2**63 - 1)
     assert len(top.choices) == 1

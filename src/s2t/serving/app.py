@@ -464,11 +464,14 @@ def create_app(
         cost = CostRecord.total([u.cost for u in usages])
         return {"usage": usage, "s2t_cost": {**cost.to_dict(), "method": method.name}}
 
-    async def start(choice: Choice, echo: bool, decodes: bool) -> None:
-        """Score the prompt for echo's log-probabilities, then submit the choice's decoding."""
+    async def start(choice: Choice, echo: bool, decodes: bool, first: Choice | None = None) -> None:
+        """Score the prompt for echo's log-probabilities, then submit the choice's decoding. ``first``:
+        the prompt's first sample, already started, whose scoring the others reuse (and count once)."""
         if echo:
             choice.echoed_text, choice.offset = choice.prompt_text, len(choice.prompt_text)
-            if choice.request.logprobs is not None:
+            if choice.request.logprobs is not None and first is not None:
+                choice.echoed = first.echoed
+            elif choice.request.logprobs is not None:
                 started = time.perf_counter()
                 # one pass of the decoding model over the prompt, on the engine thread between steps
                 scored = await worker.call(
@@ -579,7 +582,9 @@ def create_app(
             for index, (prompt, text, request) in enumerate(prompts)
         ]
         for choice in choices:  # every decoding is submitted before any is awaited: they share a batch
-            await start(choice, echo, decodes)
+            await start(
+                choice, echo, decodes, choices[choice.index - choice.sample] if choice.sample else None
+            )
         prefix = "chatcmpl" if chat else "cmpl"
         head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 

@@ -307,12 +307,10 @@ class LlamaCppModel:
             self._scoring = self._new_context(1)
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self._scoring), True)
         out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
-        batch = self._batch
         for start in range(0, len(tokens), BATCH_TOKENS):
             chunk = tokens[start : start + BATCH_TOKENS]
             for j, token in enumerate(chunk):
-                batch.token[j], batch.pos[j], batch.n_seq_id[j], batch.logits[j] = token, start + j, 1, True
-                batch.seq_id[j][0] = 0
+                self._put(j, token, start + j, 0, True)
             self._run(len(chunk), [(start + j, j) for j in range(len(chunk))], out, self._scoring)
         return torch.from_numpy(out)
 
@@ -327,24 +325,29 @@ class LlamaCppModel:
         """Feed each entry's tokens ``(sequence, tokens, first position)``; return the logits after
         each entry's last token, (entries, n_vocab) float32. One llama_decode per 512 tokens."""
         out = np.empty((len(entries), self.n_vocab), dtype=np.float32)
-        batch, filled, outputs = self._batch, 0, []
+        filled, outputs = 0, []
         for row, (sequence, tokens, position) in enumerate(entries):
             for j, token in enumerate(tokens):
                 if filled == BATCH_TOKENS:
                     self._run(filled, outputs, out)
                     filled, outputs = 0, []
-                batch.token[filled] = token
-                batch.pos[filled] = position + j
-                batch.n_seq_id[filled] = 1
-                batch.seq_id[filled][0] = sequence
                 last = j == len(tokens) - 1
-                batch.logits[filled] = last
+                self._put(filled, token, position + j, sequence, last)
                 if last:
                     outputs.append((row, filled))
                 filled += 1
         if filled:
             self._run(filled, outputs, out)
         return torch.from_numpy(out)
+
+    def _put(self, index: int, token: int, position: int, sequence: int, logits: bool) -> None:
+        """Entry ``index`` of the batch: ``token`` at ``position`` of ``sequence``, its logits kept or not."""
+        batch = self._batch
+        batch.token[index] = token
+        batch.pos[index] = position
+        batch.n_seq_id[index] = 1
+        batch.seq_id[index][0] = sequence
+        batch.logits[index] = logits
 
     def _run(self, filled: int, outputs: list[tuple[int, int]], out: np.ndarray, ctx=None) -> None:
         """Decode the batch's first ``filled`` entries in ``ctx`` (default: the running batch's) and

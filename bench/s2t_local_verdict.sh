@@ -4,6 +4,7 @@
 #
 #   bash bench/s2t_local_verdict.sh baselines   # greedy, S2T at entropy@0.8 (S2T-Local's ceiling), LLM, maj@8
 #   bash bench/s2t_local_verdict.sh s2t-local   # collect 1,000 train problems, train the feature selector, S2T-Local rows
+#   bash bench/s2t_local_verdict.sh s2t-local s2t-local/learned  # one S2T-Local row (two lanes run both at once)
 #   bash bench/s2t_local_verdict.sh ladder      # the head selector, the ladder and the learning curve (after the collection)
 #   bash bench/s2t_local_verdict.sh learned-trigger  # S2T at the hidden-state learned trigger, 100 test problems
 #   bash bench/s2t_local_verdict.sh status      # how far each lane has got
@@ -53,16 +54,22 @@ sys.exit(0 if n >= 1000 else f"the collection holds {n} of 1000 problems: let th
 }
 
 s2t_local() {
+    # $1, optional: one of the two rows, so that each can run on its own core
+    local methods="${1:-s2t-local/entropy@0.8,s2t-local/learned}"
     # 1. the groups: 1,000 train problems; --recompute-features also redoes feature files a new
-    #    machine lacks (features/ is not in git) and records that predate the per-position KL
-    "$S2T" --threads 1 collect --dataset gsm8k --split train --limit 1000 --batch-size 8 --dtype float32 \
-        --recompute-features --out "$COLLECTION"
-    # 2. the feature selector at entropy@0.8's points; the run also trains the learned trigger (kl@0.95),
-    #    on the logit features, which the llama.cpp backend gives (it exposes no hidden states)
-    trained_on_all "$FEATURES" || "$S2T" --threads 1 train --groups "$COLLECTION" --out "$FEATURES" \
-        --mode features --overwrite --groups-at entropy@0.8 --k 8 --trigger-rate 0.05 --trigger-features logits
+    #    machine lacks (features/ is not in git) and records that predate the per-position KL. Once
+    #    the feature selector is trained on the whole collection, the rows need only its checkpoint,
+    #    so a new machine does not spend hours recomputing features nothing will read.
+    if ! (collection_complete 2>/dev/null && trained_on_all "$FEATURES"); then
+        "$S2T" --threads 1 collect --dataset gsm8k --split train --limit 1000 --batch-size 8 --dtype float32 \
+            --recompute-features --out "$COLLECTION"
+        # 2. the feature selector at entropy@0.8's points; the run also trains the learned trigger
+        #    (kl@0.95), on the logit features, which the llama.cpp backend gives (no hidden states there)
+        trained_on_all "$FEATURES" || "$S2T" --threads 1 train --groups "$COLLECTION" --out "$FEATURES" \
+            --mode features --overwrite --groups-at entropy@0.8 --k 8 --trigger-rate 0.05 --trigger-features logits
+    fi
     # 3. S2T-Local joins the verdict run: at entropy@0.8 and at its learned trigger, no LLM loaded
-    "$S2T" "${EVAL[@]}" --selector "$FEATURES" --methods s2t-local/entropy@0.8,s2t-local/learned
+    "$S2T" "${EVAL[@]}" --selector "$FEATURES" --methods "$methods"
     verdict
 }
 
@@ -152,10 +159,10 @@ EOF
 
 case "${1:-}" in
     baselines) baselines ;;
-    s2t-local) s2t_local ;;
+    s2t-local) s2t_local "${2:-}" ;;
     ladder) ladder ;;
     learned-trigger) learned_trigger ;;
     status) status ;;
     verdict) verdict ;;
-    *) echo "usage: bash bench/s2t_local_verdict.sh {baselines|s2t-local|ladder|learned-trigger|status|verdict}" >&2; exit 2 ;;
+    *) echo "usage: bash bench/s2t_local_verdict.sh {baselines|s2t-local [METHOD]|ladder|learned-trigger|status|verdict}" >&2; exit 2 ;;
 esac

@@ -893,6 +893,23 @@ def test_n_samples_per_prompt_follow_the_seed_and_count_the_prompt_once(client):
         client.completions.create(model=MODEL, prompt="hi", n=129, max_tokens=2)
 
 
+def test_unknown_fields_are_ignored_and_logged(server, caplog):
+    url = f"{server}/v1/completions"
+    body = {"model": MODEL, "prompt": "2 + 2 =", "max_tokens": 4}
+    plain = httpx.post(url, json=body).json()["choices"]
+    with caplog.at_level("WARNING", logger="s2t.serving.app"):
+        typo = httpx.post(url, json={**body, "max_token": 64, "vendor_option": {"a": 1}}).json()["choices"]
+    assert typo == plain  # nothing changes, as vLLM does
+    warnings = [r.getMessage() for r in caplog.records if r.name == "s2t.serving.app"]
+    assert warnings == ["request fields ignored (unknown to this server): max_token, vendor_option"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="s2t.serving.app"):
+        httpx.post(url, json={**body, "user": "u-1"})  # OpenAI's metadata is known, and ignored quietly
+        chat_body = {"model": MODEL, "messages": chat("hi"), "max_tokens": 2, "store": False, "metadata": {}}
+        assert httpx.post(f"{server}/v1/chat/completions", json=chat_body).status_code == 200
+    assert not [r for r in caplog.records if r.name == "s2t.serving.app"]
+
+
 def test_null_parameters_take_their_defaults_and_an_empty_body_says_so(server):
     url = f"{server}/v1/completions"
     body = {"model": MODEL, "prompt": "2 + 2 =", "max_tokens": 4}

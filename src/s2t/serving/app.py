@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import time
 import uuid
@@ -48,6 +49,8 @@ from s2t.serving.protocol import (
     check_unicode,
 )
 from s2t.serving.worker import EngineWorker, Ticket
+
+logger = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
@@ -574,6 +577,8 @@ def create_app(
     ):
         """Answer ``prompts`` (token ids, the text echo returns, and the decoding request of each; a
         prompt appears ``n`` times in a row), one choice each, decoded in the same continuous batch."""
+        if ignored := body.ignored_fields():
+            logger.warning("request fields ignored (unknown to this server): %s", ", ".join(ignored))
         echo = not chat and body.echo
         decodes = body.stream or not (echo and body.max_tokens == 0)  # max_tokens 0: score the prompt only
         stops = body.stop_strings()

@@ -51,10 +51,11 @@ class SamplingRequest(BaseModel):
 
     Parameters OpenAI defines that change the answer but that we do not implement are declared
     here so that :meth:`check_supported` can refuse them by name (a silent 200 would mislead);
-    metadata such as ``user`` is accepted and ignored.
+    metadata such as ``user``, and any field this server does not know, is accepted and ignored,
+    as vLLM does; :meth:`ignored_fields` names them, so that a misspelt parameter is logged.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     @model_validator(mode="before")
     @classmethod
@@ -74,6 +75,7 @@ class SamplingRequest(BaseModel):
     seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a 64-bit seed, as torch takes
     n: StrictInt = Field(1, ge=1, le=128)  # choices per prompt (samples; their seeds follow seed)
     stream_options: StreamOptions | None = None
+    user: str | None = None  # metadata, accepted and ignored (as OpenAI's other metadata below)
     # Refused unless at their no-op values (see check_supported).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -96,6 +98,11 @@ class SamplingRequest(BaseModel):
             raise OpenAIError(
                 400, "stream_options is only allowed when stream is true", param="stream_options"
             )
+
+    def ignored_fields(self) -> list[str]:
+        """The request's fields that this server does not know (a misspelt ``max_token``, a
+        vendor's extension), sorted; they change nothing."""
+        return sorted(self.model_extra or ())
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -204,6 +211,10 @@ class ChatCompletionRequest(SamplingRequest):
     functions: list | None = None
     function_call: str | dict | None = None
     response_format: dict | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
 
     def check_supported(self) -> None:
         super().check_supported()

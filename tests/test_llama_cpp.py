@@ -514,7 +514,8 @@ def test_served_logprobs_on_llama_cpp_are_the_slms(slm, llama_server):
     response = httpx.post(f"{llama_server}/v1/completions", json=body, timeout=60)
     logprobs = response.json()["choices"][0]["logprobs"]
     assert logprobs["token_logprobs"] and all(isinstance(lp, float) for lp in logprobs["token_logprobs"])
-    assert all(1 <= len(top) <= 2 for top in logprobs["top_logprobs"])
+    assert all(1 <= len(top) <= 3 for top in logprobs["top_logprobs"])  # the top 2 and the chosen token
+    assert all(token in top for token, top in zip(logprobs["tokens"], logprobs["top_logprobs"]))
 
 
 def test_echo_with_logprobs_on_llama_cpp_scores_the_prompt_like_torch(slm, llama_server):

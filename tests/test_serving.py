@@ -199,12 +199,21 @@ def test_completion_echo_and_logprobs(client, generator):
         row = reference[position - 1]
         assert logprobs.token_logprobs[position] == pytest.approx(float(row[prompt[position]]), abs=1e-4)
         assert max(logprobs.top_logprobs[position].values()) == pytest.approx(float(row.max()), abs=1e-4)
-    assert all(1 <= len(top) <= 2 for top in logprobs.top_logprobs[1:])
+    assert all(1 <= len(top) <= 3 for top in logprobs.top_logprobs[1:])  # the top 2 and the chosen token
+    for token, chosen, top in zip(
+        logprobs.tokens[1:], logprobs.token_logprobs[1:], logprobs.top_logprobs[1:]
+    ):
+        # always there, as OpenAI documents (a likelier token that reads alike keeps its entry)
+        assert top[token] >= chosen - 1e-6
     assert tokens[: len(prompt)] == prompt
     # max_tokens 0 with echo scores the prompt only (what lm-evaluation-harness' loglikelihood asks).
     scored = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=0)
     assert scored.choices[0].text == text and scored.usage.completion_tokens == 0
     assert scored.choices[0].logprobs.token_logprobs == pytest.approx(logprobs.token_logprobs[: len(prompt)])
+    chosen_only = scored.choices[0].logprobs  # logprobs 0: each position's entry is the chosen token alone
+    assert chosen_only.top_logprobs[1:] == [
+        {token: chosen} for token, chosen in zip(chosen_only.tokens[1:], chosen_only.token_logprobs[1:])
+    ]
     streamed = list(
         client.completions.create(model=MODEL, prompt=text, max_tokens=6, echo=True, logprobs=2, stream=True)
     )

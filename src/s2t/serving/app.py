@@ -409,10 +409,13 @@ def create_app(
             offsets.append(offset)
             offset += len(text)
         # A dict keyed by text, as OpenAI's legacy shape has it: tokens that read alike (e.g. partial
-        # UTF-8 bytes) keep the likelier one's entry.
+        # UTF-8 bytes) keep the likelier one's entry. The chosen token is always in it, after the top
+        # ``logprobs`` (so up to logprobs + 1 entries, and one with ``logprobs: 0``), as OpenAI does.
         top = [
-            None if pairs is None else _first_per_key((token_text(t), lp) for t, lp in pairs)
-            for pairs in tops
+            None
+            if pairs is None
+            else _first_per_key((token_text(t), lp) for t, lp in [*pairs, (token, chosen)])
+            for token, chosen, pairs in zip(tokens, logprobs, tops)
         ]
         body = {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
         return body, offset

@@ -637,13 +637,8 @@ def create_app(
         must be the tokenizer's."""
         if isinstance(prompt, str):
             return tokenizer(check_unicode(prompt, param), add_special_tokens=False)["input_ids"], prompt
-        if bad := [t for t in prompt if not 0 <= t < scheduler.vocab_size]:
-            raise OpenAIError(
-                400,
-                f"token id {bad[0]} is outside the vocabulary (0 to {scheduler.vocab_size - 1})",
-                param=param,
-            )
-        return list(prompt), tokenizer.decode(prompt)
+        tokens = checked_tokens(prompt, param)
+        return tokens, tokenizer.decode(tokens)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, connection: HTTPRequest):

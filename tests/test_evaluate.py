@@ -11,6 +11,7 @@ from s2t.api import S2TGenerator
 from s2t.cli import app
 from s2t.data import DatasetUnavailableError
 from s2t.evaluate import EvalConfig, Evaluator, evaluate
+from s2t.grading import grade
 from s2t.reporting.eval_report import markdown_table, summarize
 from s2t.runs import ConfigMismatchError
 
@@ -44,6 +45,8 @@ def test_every_method_problem_pair_is_recorded_and_graded(tmp_path, data_file, g
     assert {r["method"] for r in records} == {"greedy", "s2t", "takeover", "llm", "maj@3"}
     maj = [r for r in records if r["method"] == "maj@3"]
     assert all(len(r["sample_answers"]) == 3 and "pass_at_k" in r for r in maj)
+    for r in maj:  # each sample's text is kept, and its graded answer is the one recorded
+        assert [grade(r["gold"], text).extracted for text in r["sample_texts"]] == r["sample_answers"]
     greedy = payload["methods"]["greedy"]
     assert greedy["n"] == 5 and greedy["mean_llm_forward_tokens"] == 0
     assert payload["methods"]["llm"]["mean_slm_forward_tokens"] == 0

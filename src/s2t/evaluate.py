@@ -548,6 +548,7 @@ class Evaluator:
                     "sample_correct": [g.correct for g in grades],
                     "finish_reason": [s.finish_reason for s in samples],
                     "cost": _sum_costs([s.cost for s in samples]),
+                    "sample_texts": [s.text for s in samples],  # the k answers, in seed order
                 }
 
     def _resolve(self, name: str) -> ResolvedMethod:

@@ -47,7 +47,7 @@ def per_token_time_ratios(records: list[dict]) -> dict[str, float]:
     greedy = by_method.get("greedy", {})
     ratios = {}
     for method, costs in by_method.items():
-        common = costs.keys() & greedy.keys()
+        common = sorted(costs.keys() & greedy.keys())  # one summation order, one figure
         mine = [sum(costs[i][key] for i in common) for key in ("wall_time_s", "generated_tokens")]
         base = [sum(greedy[i][key] for i in common) for key in ("wall_time_s", "generated_tokens")]
         if all(mine) and all(base):

@@ -88,7 +88,7 @@ def summarize(records: list[dict], methods: list[str] | None = None, seed: int =
             "batch_sizes": sorted({r["batch_size"] for r in recs.values() if "batch_size" in r}),
         }
         # on the problems both finished: a method part-way through a run is timed on its own problems
-        timed = set(recs) & set(greedy)
+        timed = sorted(set(recs) & set(greedy))  # sorted: a sum in one order, the same figure on every run
         greedy_time = sum(greedy[i]["cost"]["wall_time_s"] for i in timed)
         own_time = sum(recs[i]["cost"]["wall_time_s"] for i in timed)
         entry["time_ratio_vs_greedy"] = own_time / greedy_time if greedy_time else None

@@ -315,6 +315,19 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
             None,
         ),
         (httpx.post(url, json={**good, "model": "gpt-5"}), 404, "model", "model_not_found"),
+        # the request as a whole is checked before any prompt is read
+        (
+            httpx.post(f"{server}/v1/completions", json={"model": "gpt-5", "prompt": [10**9]}),
+            404,
+            "model",
+            "model_not_found",
+        ),
+        (
+            httpx.post(url, json={**good, "model": "gpt-5", "messages": chat("eggs " * 400)}),
+            404,
+            "model",
+            "model_not_found",
+        ),
         (httpx.post(url, json={**good, "max_tokens": -3}), 400, "max_tokens", None),
         (
             httpx.post(url, json={**good, "messages": chat("eggs " * 400)}),

@@ -354,10 +354,9 @@ def create_app(
         sample: int = 0,
     ) -> Request:
         """The engine's request for one prompt's ``sample``-th choice (``label`` names the prompt in
-        errors: "prompt 2 of 5" in a list); a 4xx for another model, an unsupported parameter, an empty prompt or one that leaves
-        no room in the context (``max_tokens`` 0, echo's scoring only, needs none)."""
-        check_model(body.model)
-        body.check_supported()
+        errors: "prompt 2 of 5" in a list); a 400 for an empty prompt or one that leaves no room in
+        the context (``max_tokens`` 0, echo's scoring only, needs none). The request as a whole is
+        checked first, once (:func:`check_request`)."""
         if not prompt:
             raise OpenAIError(400, f"{label} is empty", param=prompt_param)
         room = context_length - len(prompt)
@@ -378,6 +377,12 @@ def create_app(
         max_new_tokens = max_tokens if max_tokens is not None else min(default_max_tokens, room)
         # max_tokens 0 (echo only) is answered without decoding; Request needs at least one token.
         return Request(prompt, max(1, max_new_tokens), body.temperature, body.top_p, seed, logprobs)
+
+    def check_request(body: SamplingRequest) -> None:
+        """A 4xx for another model or a parameter this server does not implement (once per request,
+        before any prompt is read)."""
+        check_model(body.model)
+        body.check_supported()
 
     def token_bytes(token: int) -> bytes:
         """The bytes a token stands for (byte-level BPE pieces need not be whole UTF-8 characters)."""
@@ -642,6 +647,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, connection: HTTPRequest):
+        check_request(body)
         prompts, given = [], body.prompts()
         for number, prompt in enumerate(given, 1):
             label = f"prompt {number} of {len(given)}" if len(given) > 1 else "the prompt"
@@ -653,6 +659,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, connection: HTTPRequest):
+        check_request(body)
         messages = chat_messages(body.messages)
         prompt = build_chat_prompt(tokenizer, messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

@@ -701,8 +701,9 @@ def test_bad_completion_prompts_get_a_400_naming_the_prompt(server, generator):
     for prompt, says in [
         ([], "empty"),
         ([[1, 2], []], "empty"),
-        ([5, vocab], f"token id {vocab} is outside the vocabulary"),
+        ([5, vocab], f"token id {vocab} in the prompt is outside the vocabulary"),
         ([[5, -1]], "token id -1"),
+        ([[1, 2], [5, vocab]], f"token id {vocab} in prompt 2 of 2 is outside the vocabulary"),
         (["a", [1, 2]], None),  # a list mixing texts and token ids is no prompt shape
         ([1, "2"], None),
     ]:
@@ -712,6 +713,10 @@ def test_bad_completion_prompts_get_a_400_naming_the_prompt(server, generator):
         assert error["param"].startswith("prompt"), error
         assert says is None or says in error["message"], error
     assert httpx.post(url, json={"model": MODEL, "prompt": [[5, 6]], "max_tokens": 2}).status_code == 200
+    lone_surrogate = b'{"model": "%s", "prompt": ["ok", "bad \\ud800"]}' % MODEL.encode()
+    response = httpx.post(url, content=lone_surrogate, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"].startswith("prompt 2 of 2 is not valid Unicode"), response.text
 
 
 def test_vllms_tokenizer_endpoints_serve_lm_evals_remote_tokenizer(server, generator):

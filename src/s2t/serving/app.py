@@ -335,11 +335,12 @@ def create_app(
         check_model(body.model)
         return {"prompt": tokenizer.decode(checked_tokens(body.tokens, "tokens"))}
 
-    def checked_tokens(tokens: list[int], param: str) -> list[int]:
+    def checked_tokens(tokens: list[int], param: str, label: str | None = None) -> list[int]:
         if bad := [t for t in tokens if not 0 <= t < scheduler.vocab_size]:
+            where = f" in {label}" if label else ""
             raise OpenAIError(
                 400,
-                f"token id {bad[0]} is outside the vocabulary (0 to {scheduler.vocab_size - 1})",
+                f"token id {bad[0]}{where} is outside the vocabulary (0 to {scheduler.vocab_size - 1})",
                 param=param,
             )
         return list(tokens)
@@ -637,12 +638,13 @@ def create_app(
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    def tokens_of(prompt: str | list[int], param: str) -> tuple[list[int], str]:
+    def tokens_of(prompt: str | list[int], param: str, label: str) -> tuple[list[int], str]:
         """A prompt's token ids and its text: a text is tokenized (no special tokens added); token ids
-        must be the tokenizer's."""
+        must be the tokenizer's (errors name the prompt by ``label``)."""
         if isinstance(prompt, str):
-            return tokenizer(check_unicode(prompt, param), add_special_tokens=False)["input_ids"], prompt
-        tokens = checked_tokens(prompt, param)
+            text = check_unicode(prompt, param, label)
+            return tokenizer(text, add_special_tokens=False)["input_ids"], prompt
+        tokens = checked_tokens(prompt, param, label)
         return tokens, tokenizer.decode(tokens)
 
     @app.post("/v1/completions")
@@ -651,7 +653,7 @@ def create_app(
         prompts, given = [], body.prompts()
         for number, prompt in enumerate(given, 1):
             label = f"prompt {number} of {len(given)}" if len(given) > 1 else "the prompt"
-            tokens, text = tokens_of(prompt, "prompt")
+            tokens, text = tokens_of(prompt, "prompt", label)
             for sample in range(body.n):
                 request = prepare(body, tokens, "prompt", body.max_tokens, body.logprobs, label, sample)
                 prompts.append((tokens, text, request))

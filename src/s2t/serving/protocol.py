@@ -25,14 +25,17 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def check_unicode(text: str, param: str) -> str:
-    """``text`` if it is valid Unicode; a 400 naming ``param`` if it holds a lone surrogate (JSON's
-    ``"\\ud800"``), which no tokenizer can encode."""
+def check_unicode(text: str, param: str, label: str | None = None) -> str:
+    """``text`` if it is valid Unicode; a 400 naming ``param`` (and ``label``, e.g. "prompt 2 of
+    5", in its message) if it holds a lone surrogate (JSON's ``"\\ud800"``), which no tokenizer can
+    encode."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
         raise OpenAIError(
-            400, f"{param} is not valid Unicode (a lone surrogate at character {error.start})", param=param
+            400,
+            f"{label or param} is not valid Unicode (a lone surrogate at character {error.start})",
+            param=param,
         ) from None
     return text
 
